@@ -1,0 +1,312 @@
+"""Per-architecture adapters: how to run an image tower so that LeGrad can explain it.
+
+An adapter turns an image batch into a sequence of :class:`LayerStep` objects, one per explained
+layer. A step holds the per-head attention output ``O`` of the attention that LeGrad differentiates
+(a leaf tensor that requires grad), the values ``V`` of that attention, and the tower's embedding for
+that layer computed from ``O`` (the autograd graph between the two is the only graph built). The
+heatmap engine (:mod:`legrad.heatmap`) needs nothing else, so a new model family is one new class
+registered with :func:`register_tower`.
+
+All towers are run statelessly from their modules' weights: no hooks, no ``forward`` rebinding, no
+writes, eval semantics whatever the module mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import AttentionOps, attention_ops_for
+from .functional import apply_module, param
+from .posembed import PosEmbedCache
+
+__all__ = [
+    "LayerStep",
+    "TowerAdapter",
+    "OpenClipViTAdapter",
+    "register_tower",
+    "tower_adapter_for",
+    "supported_tower_names",
+    "is_supported_visual",
+    "UNSUPPORTED_HINT",
+]
+
+
+@dataclass
+class LayerStep:
+    """What one explained layer hands to the heatmap engine.
+
+    Attributes:
+        layer: block index (0-based) this step explains.
+        feature: ``[B, E]`` the tower's (un-normalised) embedding for this layer, a function of ``out``.
+        out: ``[B, H, Nq, hd]`` per-head attention output (leaf, ``requires_grad=True``); only the
+            query rows that matter (all rows for self-attention, the contrastive query for poolers).
+        value: ``[B, H, Nk, hd]`` the attention's values (no grad).
+        num_prefix_tokens: leading key columns that are not patch positions (dropped from the map).
+        key_mask: optional ``[B, Nk]`` bool, False for padded keys that must get no relevance.
+    """
+
+    layer: int
+    feature: torch.Tensor
+    out: torch.Tensor
+    value: torch.Tensor
+    num_prefix_tokens: int
+    key_mask: torch.Tensor | None = None
+
+
+class TowerAdapter:
+    """Base class of the per-family adapters.
+
+    Subclasses implement :meth:`matches`, :attr:`depth`, :attr:`patch_size`, :attr:`in_chans`,
+    :attr:`embed_dim` and :meth:`steps`; :attr:`family` names the family in messages and tables.
+    """
+
+    family: ClassVar[str] = "abstract"
+    #: Entry points of :class:`~legrad.LeWrapper` that are valid for this family.
+    entry_points: ClassVar[tuple[str, ...]] = ("compute_legrad",)
+
+    def __init__(self, visual: nn.Module):
+        self.visual = visual
+        self._pos_cache = PosEmbedCache()
+
+    @classmethod
+    def matches(cls, visual: nn.Module) -> bool:
+        """Whether this adapter handles the image tower ``visual``."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> TowerAdapter | None:
+        """The adapter for ``model``'s image tower, or None if this family does not apply.
+
+        The default looks at ``model.visual`` (OpenCLIP); other model libraries override this.
+        """
+        visual = getattr(model, "visual", None)
+        if visual is not None and cls.matches(visual):
+            return cls(visual)
+        return None
+
+    @classmethod
+    def supports_config(cls, model_cfg: dict) -> bool:
+        """Whether an OpenCLIP model config (``open_clip.get_model_config``) builds a tower of this family."""
+        return False
+
+    @property
+    def depth(self) -> int:
+        """Number of transformer blocks."""
+        raise NotImplementedError
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    @property
+    def in_chans(self) -> int:
+        return 3
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the tower's output embedding (must equal the text embedding width)."""
+        raise NotImplementedError
+
+    @property
+    def uses_attention_pooler(self) -> bool:
+        return False
+
+    def param_dtype(self) -> torch.dtype:
+        for p in self.visual.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.float32
+
+    def device(self) -> torch.device:
+        for p in self.visual.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """Patch grid for an input size.
+
+        Raises:
+            ValueError: if the size is not a multiple of the patch size.
+        """
+        ph, pw = self.patch_size
+        if height % ph or width % pw:
+            raise ValueError(
+                f"image size {height}x{width} is not a multiple of the patch size {ph}x{pw}; resize it "
+                f"(e.g. LePreprocess(preprocess, image_size={max(ph, (height // ph) * ph)})) or crop to "
+                f"{(height // ph) * ph}x{(width // pw) * pw}"
+            )
+        return height // ph, width // pw
+
+    def steps(self, image: torch.Tensor, start: int, compute_dtype: torch.dtype) -> Iterator[LayerStep]:
+        """Runs the tower once and yields one :class:`LayerStep` per block from ``start`` to the last.
+
+        Must be called under ``torch.no_grad()``; each step's graph is built under ``enable_grad``.
+
+        Args:
+            image: ``[B, C, H, W]`` already validated, on the tower's device and dtype.
+            start: first explained block (0-based, non-negative).
+            compute_dtype: dtype of the explained layers' graph (float32 for half-precision models).
+        """
+        raise NotImplementedError
+
+
+def _block_attention(blk: nn.Module) -> AttentionOps:
+    return attention_ops_for(blk.attn)
+
+
+class OpenClipViTAdapter(TowerAdapter):
+    """open_clip ``VisionTransformer`` with CLS or average pooling (OpenAI/LAION CLIP, CLIPA, MetaCLIP...).
+
+    Layer feature: ``proj(ln_post(mean over all tokens of block l's output)))``; gradient w.r.t.
+    block l's self-attention probabilities; one prefix (CLS) column dropped.
+    """
+
+    family = "open_clip VisionTransformer (CLS/avg pool)"
+    entry_points = ("compute_legrad", "compute_legrad_clip")
+
+    @classmethod
+    def matches(cls, visual):
+        from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+
+        return (
+            isinstance(visual, VisionTransformer)
+            and getattr(visual, "attn_pool", None) is None
+            and all(isinstance(b, ResidualAttentionBlock) for b in visual.transformer.resblocks)
+        )
+
+    @classmethod
+    def supports_config(cls, model_cfg):
+        v = model_cfg.get("vision_cfg", {})
+        if v.get("timm_model_name") or isinstance(v.get("layers"), (list, tuple)) or v.get("attentional_pool"):
+            return False
+        custom_flags = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
+        return v.get("block_type") != "custom" and not any(v.get(k) for k in custom_flags)
+
+    @property
+    def depth(self):
+        return len(self.visual.transformer.resblocks)
+
+    @property
+    def patch_size(self):
+        ps = self.visual.patch_size
+        return (ps, ps) if isinstance(ps, int) else tuple(ps)
+
+    @property
+    def in_chans(self):
+        return self.visual.conv1.in_channels
+
+    @property
+    def embed_dim(self):
+        proj = self.visual.proj
+        return proj.shape[1] if proj is not None else self.visual.ln_post.normalized_shape[0]
+
+    def _tokens(self, image: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        v = self.visual
+        gh, gw = self.grid_size(image.shape[-2], image.shape[-1])
+        x = F.conv2d(image.to(dtype), param(v.conv1.weight, dtype), param(v.conv1.bias, dtype), stride=v.conv1.stride)
+        x = x.flatten(2).transpose(1, 2)
+        cls_tok = param(v.class_embedding, dtype).reshape(1, 1, -1).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls_tok, x], dim=1)
+        pos = self._pos_cache.get(v.positional_embedding, tuple(v.grid_size), (gh, gw), 1, dtype)
+        x = x + pos
+        # Patch dropout only acts in training mode: eval semantics means it is skipped.
+        return apply_module(v.ln_pre, x)
+
+    @staticmethod
+    def _mlp_hidden(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        mlp = blk.mlp
+        return apply_module(mlp.gelu, apply_module(mlp.c_fc, apply_module(blk.ln_2, x)))
+
+    def _block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        ops = _block_attention(blk)
+        q, k, v = ops.qkv(apply_module(blk.ln_1, x))
+        x = x + apply_module(blk.ls_1, ops.out(ops.attend(q, k, v)))
+        return x + apply_module(blk.ls_2, apply_module(blk.mlp.c_proj, self._mlp_hidden(blk, x)))
+
+    def _head(self, pooled: torch.Tensor) -> torch.Tensor:
+        v = self.visual
+        y = apply_module(v.ln_post, pooled)
+        return y @ param(v.proj, y.dtype) if v.proj is not None else y
+
+    def _explained_block(self, layer: int, blk: nn.Module, x: torch.Tensor):
+        ops = _block_attention(blk)
+        q, k, v = ops.qkv(apply_module(blk.ln_1, x))
+        o = ops.attend(q, k, v).detach().requires_grad_(True)
+        with torch.enable_grad():
+            x1 = x + apply_module(blk.ls_1, ops.out(o))
+            hidden = self._mlp_hidden(blk, x1)
+            # The token mean commutes with c_proj and ls_2 (both linear), so the graph holds the pooled
+            # vector there instead of [B, N, D]: the batched backward then skips one big matmul per prompt.
+            pooled = x1.mean(1) + apply_module(blk.ls_2, apply_module(blk.mlp.c_proj, hidden.mean(1)))
+            feature = self._head(pooled)
+        with torch.no_grad():
+            x_next = x1.detach() + apply_module(blk.ls_2, apply_module(blk.mlp.c_proj, hidden.detach()))
+        return LayerStep(layer=layer, feature=feature, out=o, value=v, num_prefix_tokens=1), x_next
+
+    def steps(self, image, start, compute_dtype):
+        model_dtype = self.param_dtype()
+        x = self._tokens(image, model_dtype)
+        blocks = self.visual.transformer.resblocks
+        for i in range(start):
+            x = self._block(blocks[i], x)
+        x = x.to(compute_dtype)
+        for i in range(start, len(blocks)):
+            step, x = self._explained_block(i, blocks[i], x)
+            yield step
+
+
+_TOWERS: list[type[TowerAdapter]] = [OpenClipViTAdapter]
+
+UNSUPPORTED_HINT = (
+    "LeGrad needs a Vision Transformer image tower with self-attention blocks; ModifiedResNet (RN50...), "
+    "ConvNeXt, FastViT/MobileCLIP-S and Swin towers are not supported."
+)
+
+
+def register_tower(cls: type[TowerAdapter]) -> type[TowerAdapter]:
+    """Class decorator registering a :class:`TowerAdapter` (checked before the built-in ones)."""
+    _TOWERS.insert(0, cls)
+    return cls
+
+
+def supported_tower_names() -> list[str]:
+    """Names of the tower families that have an adapter."""
+    return [t.family for t in _TOWERS]
+
+
+def is_supported_visual(visual: Any) -> bool:
+    """Whether some adapter handles the image tower ``visual``."""
+    return any(_safe_matches(cls, visual) for cls in _TOWERS)
+
+
+def _safe_matches(cls: type[TowerAdapter], visual: Any) -> bool:
+    try:
+        return cls.matches(visual)
+    except ImportError:  # an optional dependency of that family is missing
+        return False
+
+
+def tower_adapter_for(model: Any) -> TowerAdapter:
+    """Builds the adapter for a model's image tower.
+
+    Raises:
+        TypeError: naming the tower and the supported families when none matches.
+    """
+    for cls in _TOWERS:
+        try:
+            adapter = cls.from_model(model)
+        except ImportError:
+            continue
+        if adapter is not None:
+            return adapter
+    tower = getattr(model, "visual", model)
+    raise TypeError(
+        f"unsupported image tower {type(tower).__module__}.{type(tower).__name__}. "
+        f"{UNSUPPORTED_HINT} Supported families: {', '.join(supported_tower_names())}."
+    )

@@ -1,0 +1,284 @@
+"""``LeWrapper``: an OpenCLIP model that can also explain what its image tower sees."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from .heatmap import accumulate_relevance, min_max, upsample
+from .towers import TowerAdapter, tower_adapter_for
+
+__all__ = ["LeWrapper"]
+
+# Attributes that live on the wrapper itself; everything else is the wrapped model's.
+_OWN_ATTRS = frozenset({"_model", "_adapter", "_layer_index", "_tokenizer", "_empty_text_embedding",
+                        "apply_correction", "correction_threshold"})
+
+
+class LeWrapper:
+    """Wraps an OpenCLIP model and adds LeGrad heatmaps, leaving the model untouched.
+
+    Every attribute and method of the wrapped model is reachable through the wrapper (it delegates;
+    nothing is copied): ``encode_image``, ``encode_text``, ``forward``/``__call__``, ``logit_scale``,
+    ``visual``, ``state_dict()`` (same keys as the plain model), ``.to()``/``.eval()``/``.half()`` (which
+    return the wrapper). Heatmaps are computed statelessly from the model's weights: no hooks, no
+    rebinding of ``forward``, no writes, eval semantics whatever ``model.training`` says, and calls
+    from several threads are safe.
+
+    Args:
+        model: an OpenCLIP ``CLIP``/``CustomTextCLIP``/``CoCa`` model with a supported image tower.
+        layer_index: first transformer block used; negative values count from the end (``-2``: the
+            last two blocks).
+        tokenizer: optional tokenizer, used by towers that need an auxiliary prompt (SigLIP's
+            empty-prompt correction).
+        empty_text_embedding: optional precomputed ``[D]`` embedding of that auxiliary prompt.
+        apply_correction: apply the empty-prompt correction on towers that use it.
+        correction_threshold: threshold of that correction.
+
+    Raises:
+        TypeError: if the image tower is not supported (the message lists the supported families).
+        ValueError: if ``layer_index`` is out of range for the tower's depth.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer_index: int = -2,
+        tokenizer: Any = None,
+        empty_text_embedding: torch.Tensor | None = None,
+        apply_correction: bool = True,
+        correction_threshold: float = 0.8,
+    ):
+        if isinstance(model, LeWrapper):
+            model = model.model
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"LeWrapper expects an OpenCLIP model (torch.nn.Module), got {type(model).__name__}")
+        object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_adapter", tower_adapter_for(model))
+        object.__setattr__(self, "_tokenizer", tokenizer)
+        object.__setattr__(self, "_empty_text_embedding", empty_text_embedding)
+        object.__setattr__(self, "apply_correction", bool(apply_correction))
+        object.__setattr__(self, "correction_threshold", float(correction_threshold))
+        self.layer_index = layer_index
+
+    # ------------------------------------------------------------------ delegation
+    @property
+    def model(self) -> nn.Module:
+        """The wrapped (unmodified) model."""
+        return self._model
+
+    @property
+    def adapter(self) -> TowerAdapter:
+        """The tower adapter used for this model's image tower."""
+        return self._adapter
+
+    @property
+    def tower_family(self) -> str:
+        """Human-readable name of the image tower family."""
+        return self._adapter.family
+
+    @property
+    def layer_index(self) -> int:
+        """First explained block (as given: may be negative)."""
+        return self._layer_index
+
+    @layer_index.setter
+    def layer_index(self, value: int) -> None:
+        object.__setattr__(self, "_layer_index", self._checked_layer_index(value))
+
+    def _checked_layer_index(self, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"layer_index must be an int, got {type(value).__name__}")
+        depth = self._adapter.depth
+        if not -depth <= value < depth:
+            raise ValueError(
+                f"layer_index={value} is out of range for an image tower with {depth} blocks; use a value in "
+                f"[{-depth}, {depth - 1}] (e.g. -2 for the last two blocks)"
+            )
+        return value
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails, i.e. for the wrapped model's attributes.
+        model = self.__dict__.get("_model")
+        if model is None:
+            raise AttributeError(name)
+        attr = getattr(model, name)
+        if inspect.ismethod(attr) and attr.__self__ is model:
+            return _rewrap_self(self, model, attr)
+        return attr
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _OWN_ATTRS or isinstance(getattr(type(self), name, None), property):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._model, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if name in _OWN_ATTRS:
+            raise AttributeError(f"cannot delete {name}")
+        delattr(self._model, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._model(*args, **kwargs)
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(dir(self._model)))
+
+    def __repr__(self) -> str:
+        return f"LeWrapper(layer_index={self._layer_index}, tower={self._adapter.family!r},\n  model={self._model!r})"
+
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict) -> None:
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
+
+    # ------------------------------------------------------------------ LeGrad
+    def compute_legrad(
+        self,
+        text_embedding: torch.Tensor,
+        image: torch.Tensor | None = None,
+        *,
+        layer_index: int | None = None,
+        prompt_chunk: int | None = None,
+    ) -> torch.Tensor:
+        """LeGrad heatmaps, one per (image, prompt), for any supported tower.
+
+        Args:
+            text_embedding: ``[P, D]`` prompts shared by all images, or ``[B, P, D]`` per image;
+                normalised embeddings as ``encode_text(..., normalize=True)`` returns (used as given).
+            image: ``[B, C, H, W]`` float images, preprocessed; H and W multiples of the patch size.
+            layer_index: overrides the wrapper's ``layer_index`` for this call.
+            prompt_chunk: prompts per batched backward (bounds memory); default from a memory budget.
+
+        Returns:
+            ``[B, P, H, W]`` float32 heatmaps in [0, 1] on ``image``'s device.
+
+        Raises:
+            TypeError, ValueError: on invalid inputs, before any computation.
+        """
+        adapter = self._adapter
+        image, text, start = self._validate(text_embedding, image, layer_index, prompt_chunk)
+        return self._legrad(adapter, image, text, start, prompt_chunk)
+
+    def compute_legrad_clip(
+        self,
+        text_embedding: torch.Tensor,
+        image: torch.Tensor | None = None,
+        *,
+        layer_index: int | None = None,
+        prompt_chunk: int | None = None,
+    ) -> torch.Tensor:
+        """LeGrad for CLIP ViT towers (CLS or average pooling). Same contract as :meth:`compute_legrad`.
+
+        Raises:
+            TypeError: if the model's tower is not a CLIP-style ViT (use :meth:`compute_legrad`).
+        """
+        self._require_entry_point("compute_legrad_clip")
+        return self.compute_legrad(text_embedding, image, layer_index=layer_index, prompt_chunk=prompt_chunk)
+
+    def _require_entry_point(self, name: str) -> None:
+        if name not in self._adapter.entry_points:
+            valid = ", ".join(self._adapter.entry_points)
+            raise TypeError(
+                f"{name} does not apply to this model's image tower ({self._adapter.family}); use {valid}"
+            )
+
+    def _legrad(self, adapter: TowerAdapter, image: torch.Tensor, text: torch.Tensor, start: int,
+                prompt_chunk: int | None) -> torch.Tensor:
+        out_device = image.device
+        device = adapter.device()
+        param_dtype = adapter.param_dtype()
+        compute_dtype = torch.float32 if param_dtype in (torch.float16, torch.bfloat16) else param_dtype
+        height, width = image.shape[-2:]
+        gh, gw = adapter.grid_size(height, width)
+        with torch.inference_mode(False), torch.no_grad():
+            img = image.to(device=device, dtype=param_dtype)
+            if img.is_inference():
+                img = img.clone()
+            txt = text.detach().to(device=device, dtype=compute_dtype)
+            if txt.is_inference():
+                txt = txt.clone()
+            rel = accumulate_relevance(adapter.steps(img, start, compute_dtype), txt, prompt_chunk)
+            maps = rel.reshape(rel.shape[0], rel.shape[1], gh, gw).float()
+            maps = min_max(upsample(maps, (height, width)))
+        return maps.to(out_device)
+
+    # ------------------------------------------------------------------ validation
+    def _validate(self, text_embedding: Any, image: Any, layer_index: int | None,
+                  prompt_chunk: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        adapter = self._adapter
+        if image is None:
+            raise ValueError(
+                "image is required: pass the preprocessed image batch, e.g. "
+                "compute_legrad(text_embedding, image=preprocess(pil).unsqueeze(0)). (Reusing a previous "
+                "forward's state, as the original LeGrad allowed, is not thread-safe and not supported.)"
+            )
+        if not isinstance(image, torch.Tensor):
+            raise TypeError(f"image must be a torch.Tensor [B, 3, H, W], got {type(image).__name__}")
+        if image.ndim != 4:
+            hint = " (add a batch dimension: image.unsqueeze(0))" if image.ndim == 3 else ""
+            raise ValueError(f"image must be 4-D [B, C, H, W], got shape {tuple(image.shape)}{hint}")
+        if not image.is_floating_point():
+            raise TypeError(
+                f"image must be a float tensor (normalised by the model's preprocess), got {image.dtype}"
+            )
+        if image.shape[1] != adapter.in_chans:
+            raise ValueError(
+                f"image has {image.shape[1]} channels, the model expects {adapter.in_chans} "
+                "(convert the PIL image with .convert('RGB') before preprocessing)"
+            )
+        if image.shape[0] == 0:
+            raise ValueError("image batch is empty")
+        adapter.grid_size(image.shape[-2], image.shape[-1])
+        if not bool(torch.isfinite(image).all()):
+            raise ValueError("image contains NaN or infinite values")
+        if not isinstance(text_embedding, torch.Tensor):
+            raise TypeError(
+                f"text_embedding must be a torch.Tensor [P, D] or [B, P, D], got {type(text_embedding).__name__}"
+            )
+        if not text_embedding.is_floating_point():
+            raise TypeError(f"text_embedding must be a float tensor, got {text_embedding.dtype}")
+        if text_embedding.ndim not in (2, 3):
+            hint = " (for one prompt use text_embedding.unsqueeze(0))" if text_embedding.ndim == 1 else ""
+            raise ValueError(
+                f"text_embedding must be [P, D] or [B, P, D], got shape {tuple(text_embedding.shape)}{hint}"
+            )
+        dim = adapter.embed_dim
+        if text_embedding.shape[-1] != dim:
+            raise ValueError(
+                f"text_embedding width {text_embedding.shape[-1]} does not match the image embedding width "
+                f"{dim}; encode the prompts with the same model's encode_text"
+            )
+        if text_embedding.shape[-2] == 0:
+            raise ValueError("text_embedding holds zero prompts; pass at least one")
+        if text_embedding.ndim == 3 and text_embedding.shape[0] != image.shape[0]:
+            raise ValueError(
+                f"per-image text_embedding [B, P, D] has B={text_embedding.shape[0]} but the image batch has "
+                f"B={image.shape[0]}; pass [P, D] to share prompts across images"
+            )
+        if not bool(torch.isfinite(text_embedding).all()):
+            raise ValueError("text_embedding contains NaN or infinite values")
+        if prompt_chunk is not None and (isinstance(prompt_chunk, bool) or not isinstance(prompt_chunk, int)
+                                         or prompt_chunk < 1):
+            raise ValueError(f"prompt_chunk must be a positive int or None, got {prompt_chunk!r}")
+        li = self._layer_index if layer_index is None else self._checked_layer_index(layer_index)
+        start = li % adapter.depth
+        return image, text_embedding, start
+
+
+def _rewrap_self(wrapper: LeWrapper, model: nn.Module, method: Any) -> Any:
+    """Wraps a bound method of the model so that ``model.eval()``-style chaining returns the wrapper."""
+
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        result = method(*args, **kwargs)
+        return wrapper if result is model else result
+
+    return call
+
