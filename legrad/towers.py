@@ -49,6 +49,10 @@ class LayerStep:
         value: ``[B, H, Nk, hd]`` the attention's values (no grad).
         num_prefix_tokens: leading key columns that are not patch positions (dropped from the map).
         key_mask: optional ``[B, Nk]`` bool, False for padded keys that must get no relevance.
+        query: ``[B, H, Nq, hd]`` queries as the kernel sees them (after any q/k norm or rotary
+            embedding), for :meth:`probs`; None if the adapter does not provide them.
+        key: ``[B, H, Nk, hd]`` keys, likewise.
+        scale: softmax temperature applied to ``query @ key^T`` (default ``hd ** -0.5``).
     """
 
     layer: int
@@ -57,6 +61,22 @@ class LayerStep:
     value: torch.Tensor
     num_prefix_tokens: int
     key_mask: torch.Tensor | None = None
+    query: torch.Tensor | None = None
+    key: torch.Tensor | None = None
+    scale: float | None = None
+
+    def probs(self) -> torch.Tensor:
+        """Post-softmax attention probabilities ``[B, H, Nq, Nk]`` of the explained attention (no grad).
+
+        Used by baselines (raw attention, rollout, CheferCAM) and tests; LeGrad itself never needs them.
+        """
+        if self.query is None or self.key is None:
+            raise NotImplementedError("this tower adapter does not expose queries/keys")
+        scale = self.query.shape[-1] ** -0.5 if self.scale is None else self.scale
+        logits = (self.query * scale) @ self.key.transpose(-1, -2)
+        if self.key_mask is not None:
+            logits = logits.masked_fill(~self.key_mask[:, None, None, :], float("-inf"))
+        return logits.softmax(dim=-1)
 
 
 class TowerAdapter:
@@ -247,7 +267,8 @@ class OpenClipViTAdapter(TowerAdapter):
             feature = self._head(pooled)
         with torch.no_grad():
             x_next = x1.detach() + apply_module(blk.ls_2, apply_module(blk.mlp.c_proj, hidden.detach()))
-        return LayerStep(layer=layer, feature=feature, out=o, value=v, num_prefix_tokens=1), x_next
+        step = LayerStep(layer=layer, feature=feature, out=o, value=v, num_prefix_tokens=1, query=q, key=k)
+        return step, x_next
 
     def steps(self, image, start, compute_dtype):
         model_dtype = self.param_dtype()
