@@ -1,0 +1,231 @@
+"""Train the bundled demo CLIP on synthetic scenes (CPU, deterministic given --seed).
+
+Each step draws a fresh batch of scenes (1-3 objects each) and encodes every phrase of the
+vocabulary. The loss is a multi-positive CLIP loss over (image, phrase) pairs: each object phrase
+of an image must beat, for that image, every phrase not in it (image -> text), and beat, for that
+phrase, every image of the batch not containing it (text -> image). Since all phrases are scored
+every step, the same-colour / same-shape hard negatives are always present.
+
+Example (the bundled checkpoint):
+    OMP_NUM_THREADS=1 python scripts/train_toy_clip.py --seed 0 --steps 2400 \\
+        --out legrad/assets/toy_clip.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from legrad.toy.model import ToyConfig, build_model, known_token_ids, make_tokenizer, save_checkpoint
+from legrad.toy.scenes import VOCABULARY, make_scene
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse command-line arguments."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=2400)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--min-lr", type=float, default=1e-5)
+    p.add_argument("--warmup", type=int, default=150)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--hires-prob", type=float, default=0.25,
+                   help="fraction of scenes rendered at 1.5-3x and downsampled like the preprocess does")
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--eval-scenes", type=int, default=400)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=Path("legrad/assets/toy_clip.pt"))
+    p.add_argument("--snapshots", type=Path, default=None, help="also keep a checkpoint per eval here")
+    p.add_argument("--vision-width", type=int, default=None)
+    p.add_argument("--vision-layers", type=int, default=None)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--patch-size", type=int, default=None)
+    return p.parse_args(argv)
+
+
+def render(scene_rng: np.random.Generator, size: int, hires_prob: float) -> tuple[Image.Image, list[str]]:
+    """Draw one training scene at ``size`` px (sometimes rendered larger and downsampled)."""
+    render_size = size
+    if scene_rng.random() < hires_prob:
+        render_size = int(size * scene_rng.uniform(1.5, 3.0))
+    scene = make_scene(scene_rng, size=render_size)
+    img = scene.image
+    if render_size != size:
+        img = img.resize((size, size), Image.BICUBIC)
+    return img, scene.phrases
+
+
+def to_tensor(images: list[Image.Image], cfg: ToyConfig) -> torch.Tensor:
+    """Stack PIL images into a normalised batch (same maths as the inference preprocess)."""
+    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 255.0
+    x = torch.from_numpy(arr).permute(0, 3, 1, 2)
+    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def multi_positive_loss(logits: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric CLIP loss with several positives per row and column.
+
+    Args:
+        logits: ``[B, V]`` scaled image-phrase similarities.
+        pos: ``[B, V]`` bool, True where phrase v is in image b.
+
+    Returns:
+        ``(image->text, text->image)`` losses averaged over positive pairs.
+    """
+    neg_inf = torch.finfo(logits.dtype).min
+    neg_only = logits.masked_fill(pos, neg_inf)
+    lse_row = torch.logsumexp(neg_only, dim=1, keepdim=True)  # over phrases absent from the image
+    lse_col = torch.logsumexp(neg_only, dim=0, keepdim=True)  # over images without the phrase
+    i2t = torch.logaddexp(logits, lse_row) - logits
+    t2i = torch.logaddexp(logits, lse_col) - logits
+    return i2t[pos].mean(), t2i[pos].mean()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, cfg: ToyConfig, vocab_tokens: torch.Tensor, seed: int, n: int) -> dict[str, float]:
+    """Held-out zero-shot metrics over VOCABULARY on fresh scenes.
+
+    Returns:
+        ``zs_single``: top-1 accuracy on single-object scenes; ``zs_object``: fraction of objects of
+        1-3 object scenes whose phrase outranks every absent phrase; ``zs_scene``: fraction of
+        scenes whose top-k phrases are exactly their k objects.
+    """
+    model.eval()
+    rng = np.random.default_rng([seed, 2])
+    txt = F.normalize(model.encode_text(vocab_tokens), dim=-1)
+    single = [make_scene(rng, size=cfg.image_size, n_objects=1) for _ in range(n // 2)]
+    multi = [make_scene(rng, size=cfg.image_size) for _ in range(n // 2)]
+    out: dict[str, float] = {}
+    sims = F.normalize(model.encode_image(to_tensor([s.image for s in single], cfg)), dim=-1) @ txt.T
+    truth = torch.tensor([VOCABULARY.index(s.phrases[0]) for s in single])
+    out["zs_single"] = (sims.argmax(1) == truth).float().mean().item()
+    sims = F.normalize(model.encode_image(to_tensor([s.image for s in multi], cfg)), dim=-1) @ txt.T
+    hits, scene_hits = 0, 0
+    n_obj = 0
+    for s, row in zip(multi, sims):
+        idx = [VOCABULARY.index(p) for p in s.phrases]
+        mask = torch.zeros(len(VOCABULARY), dtype=torch.bool)
+        mask[idx] = True
+        best_absent = row[~mask].max()
+        ok = row[idx] > best_absent
+        hits += int(ok.sum())
+        n_obj += len(idx)
+        scene_hits += int(ok.all())
+    out["zs_object"] = hits / n_obj
+    out["zs_scene"] = scene_hits / len(multi)
+    model.train()
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Train and save the demo checkpoint."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+
+    overrides = {
+        k: v
+        for k, v in dict(
+            vision_width=args.vision_width,
+            vision_layers=args.vision_layers,
+            image_size=args.image_size,
+            patch_size=args.patch_size,
+        ).items()
+        if v is not None
+    }
+    cfg = ToyConfig(**overrides)
+    tokenizer = make_tokenizer(cfg)
+    token_ids = known_token_ids(tokenizer)
+    # Train on a compact embedding table: token id -> row index (order-preserving, so the
+    # end-of-text token keeps the largest index and open_clip's argmax pooling still finds it).
+    remap = torch.zeros(49408, dtype=torch.long)
+    remap[torch.tensor(token_ids)] = torch.arange(len(token_ids))
+    vocab_tokens = remap[tokenizer(list(VOCABULARY))]
+
+    model = build_model(cfg, vocab_size=len(token_ids))
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"config {cfg}\nparams {n_params / 1e6:.2f}M, kept token rows {len(token_ids)}", flush=True)
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "embedding" in name or "logit_scale" in name else decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
+
+    def lr_at(step: int) -> float:
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        t = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * t))
+
+    scene_rng = np.random.default_rng([args.seed, 1])
+    vocab_index = {p: i for i, p in enumerate(VOCABULARY)}
+    meta_base = {
+        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+    }
+    t0 = time.time()
+    run_loss = None
+    for step in range(args.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        images, pos = [], torch.zeros(args.batch_size, len(VOCABULARY), dtype=torch.bool)
+        for b in range(args.batch_size):
+            img, phrases = render(scene_rng, cfg.image_size, args.hires_prob)
+            images.append(img)
+            pos[b, [vocab_index[p] for p in phrases]] = True
+        x = to_tensor(images, cfg)
+        img_f = F.normalize(model.encode_image(x), dim=-1)
+        txt_f = F.normalize(model.encode_text(vocab_tokens), dim=-1)
+        logits = model.logit_scale.exp() * img_f @ txt_f.T
+        l_i2t, l_t2i = multi_positive_loss(logits, pos)
+        loss = 0.5 * (l_i2t + l_t2i)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        run_loss = loss.item() if run_loss is None else 0.95 * run_loss + 0.05 * loss.item()
+        if step % 20 == 0:
+            print(
+                f"step {step:5d} loss {run_loss:.4f} (i2t {l_i2t.item():.3f} t2i {l_t2i.item():.3f}) "
+                f"scale {model.logit_scale.exp().item():.1f} lr {lr_at(step):.2e} {time.time() - t0:.0f}s",
+                flush=True,
+            )
+        last = step == args.steps - 1
+        if (step + 1) % args.eval_every == 0 or last:
+            metrics = evaluate(model, cfg, vocab_tokens, args.seed, args.eval_scenes)
+            elapsed = time.time() - t0
+            print(f"eval step {step + 1}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+                  + f" ({elapsed:.0f}s)", flush=True)
+            meta = {**meta_base, "trained_steps": step + 1, "train_seconds": round(elapsed), **metrics}
+            save_checkpoint(model, cfg, args.out, token_ids, meta=meta)
+            if args.snapshots is not None:
+                save_checkpoint(model, cfg, args.snapshots / f"step{step + 1:05d}.pt", token_ids, meta=meta)
+    print(f"saved {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB) after {time.time() - t0:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
