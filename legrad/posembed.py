@@ -59,6 +59,13 @@ class PosEmbedCache:
         self._lock = threading.Lock()
         self._max = max_entries
 
+    def __getstate__(self) -> dict:
+        # Locks cannot be pickled or deep-copied; the cached tensors are cheap to rebuild.
+        return {"_max": self._max}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["_max"])
+
     def get(
         self,
         pos: torch.Tensor,

@@ -1,0 +1,48 @@
+"""The aggregation helpers of legrad.heatmap against direct computations."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from legrad.heatmap import layer_relevance, min_max, upsample
+from legrad.towers import LayerStep
+
+
+def test_min_max_per_map_and_constant_maps():
+    maps = torch.stack([torch.arange(12.0).reshape(1, 3, 4), torch.full((1, 3, 4), 5.0)], dim=1)  # [1, 2, 3, 4]
+    out = min_max(maps)
+    torch.testing.assert_close(out[0, 0], torch.arange(12.0).reshape(3, 4) / 11)
+    assert torch.equal(out[0, 1], torch.zeros(3, 4))
+
+
+def test_upsample_is_bilinear_by_patch_size():
+    m = torch.rand(2, 3, 2, 5)
+    out = upsample(m, (16, 40))
+    torch.testing.assert_close(out, F.interpolate(m, scale_factor=8, mode="bilinear", align_corners=False))
+
+
+def test_layer_relevance_equals_explicit_attention_gradient():
+    # A toy "layer": feature = W @ mean over rows of (A V) for explicit A; compare with the dO V^T route.
+    torch.manual_seed(0)
+    b, h, n, d, e, p = 2, 3, 5, 4, 6, 4
+    attn = torch.softmax(torch.randn(b, h, n, n), -1)
+    v = torch.randn(b, h, n, d)
+    w = torch.randn(e, h * d)
+    text = F.normalize(torch.randn(p, e), dim=-1)
+
+    def feature_of(o):
+        return (o.transpose(1, 2).reshape(b, n, h * d).mean(1)) @ w.t()
+
+    expected = torch.zeros(b, p, n - 1)
+    for i in range(p):
+        a = attn.clone().requires_grad_(True)
+        s = (F.normalize(feature_of(a @ v), dim=-1) @ text[i]).sum()
+        (g,) = torch.autograd.grad(s, a)
+        expected[:, i] = g.clamp(min=0).mean(dim=(1, 2))[:, 1:]
+    for chunk in (None, 1, 3):
+        out = (attn @ v).requires_grad_(True)
+        with torch.enable_grad():
+            feature = feature_of(out)
+        step = LayerStep(layer=0, feature=feature, out=out, value=v, num_prefix_tokens=1)
+        torch.testing.assert_close(layer_relevance(step, text, chunk), expected, atol=1e-6, rtol=0)
