@@ -53,6 +53,8 @@ class LayerStep:
             embedding), for :meth:`probs`; None if the adapter does not provide them.
         key: ``[B, H, Nk, hd]`` keys, likewise.
         scale: softmax temperature applied to ``query @ key^T`` (default ``hd ** -0.5``).
+        tokens: ``[B, Nk, C]`` the explained attention's (pre-normed) input tokens; only set by
+            :meth:`TowerAdapter.trace`, where they are part of the graph (GradCAM's activations).
     """
 
     layer: int
@@ -64,6 +66,7 @@ class LayerStep:
     query: torch.Tensor | None = None
     key: torch.Tensor | None = None
     scale: float | None = None
+    tokens: torch.Tensor | None = None
 
     def probs(self) -> torch.Tensor:
         """Post-softmax attention probabilities ``[B, H, Nq, Nk]`` of the explained attention (no grad).
@@ -175,6 +178,29 @@ class TowerAdapter:
         """
         raise NotImplementedError
 
+    def trace(self, image: torch.Tensor, compute_dtype: torch.dtype) -> tuple[list[LayerStep], torch.Tensor]:
+        """Runs the whole tower as ONE differentiable graph (for gradient baselines: GradCAM, CheferCAM).
+
+        Unlike :meth:`steps`, later blocks depend on earlier ones in the graph, and the embedding is the
+        model's own pooled output (what ``encode_image`` returns, un-normalised). Call it under
+        ``torch.no_grad()``; the graph is built under ``enable_grad``.
+
+        Args:
+            image: ``[B, C, H, W]`` already validated, on the tower's device and dtype.
+            compute_dtype: dtype of the graph.
+
+        Returns:
+            ``(steps, embedding)``: one :class:`LayerStep` per block (``out`` and ``tokens`` are non-leaf
+            tensors of the graph, ``feature`` is the embedding) and the ``[B, E]`` embedding.
+
+        Raises:
+            NotImplementedError: if the family has no traced forward.
+        """
+        raise NotImplementedError(
+            f"the {self.family} adapter has no traced forward (TowerAdapter.trace), which gradient "
+            "baselines (GradCAM, CheferCAM) need; LeGrad and the attention baselines still work"
+        )
+
 
 def _block_attention(blk: nn.Module) -> AttentionOps:
     return attention_ops_for(blk.attn)
@@ -269,6 +295,40 @@ class OpenClipViTAdapter(TowerAdapter):
             x_next = x1.detach() + apply_module(blk.ls_2, apply_module(blk.mlp.c_proj, hidden.detach()))
         step = LayerStep(layer=layer, feature=feature, out=o, value=v, num_prefix_tokens=1, query=q, key=k)
         return step, x_next
+
+    def _pooled_output(self, x: torch.Tensor) -> torch.Tensor:
+        # Mirrors VisionTransformer._pool for towers without attn_pool (the only ones this adapter matches).
+        v = self.visual
+        if v.pool_type not in ("tok", "avg"):
+            raise ValueError(f"open_clip pool_type={v.pool_type!r} gives no single image embedding")
+
+        def pool(t):
+            return t[:, 0] if v.pool_type == "tok" else t[:, 1:].mean(1)
+
+        if v.final_ln_after_pool:
+            pooled = apply_module(v.ln_post, pool(x))
+        else:
+            pooled = pool(apply_module(v.ln_post, x))
+        return pooled @ param(v.proj, pooled.dtype) if v.proj is not None else pooled
+
+    def trace(self, image, compute_dtype):
+        # The patch embedding is the graph's only leaf: every later activation is a function of it.
+        x = self._tokens(image, compute_dtype).detach().requires_grad_(True)
+        steps = []
+        with torch.enable_grad():
+            for i, blk in enumerate(self.visual.transformer.resblocks):
+                ops = _block_attention(blk)
+                h = apply_module(blk.ln_1, x)
+                q, k, v = ops.qkv(h)
+                o = ops.attend(q, k, v)
+                x = x + apply_module(blk.ls_1, ops.out(o))
+                x = x + apply_module(blk.ls_2, apply_module(blk.mlp.c_proj, self._mlp_hidden(blk, x)))
+                steps.append(LayerStep(layer=i, feature=x, out=o, value=v.detach(), num_prefix_tokens=1,
+                                       query=q.detach(), key=k.detach(), tokens=h))
+            embedding = self._pooled_output(x)
+        for step in steps:
+            step.feature = embedding
+        return steps, embedding
 
     def steps(self, image, start, compute_dtype):
         model_dtype = self.param_dtype()
