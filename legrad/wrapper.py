@@ -146,6 +146,7 @@ class LeWrapper:
         *,
         layer_index: int | None = None,
         prompt_chunk: int | None = None,
+        **inputs: Any,
     ) -> torch.Tensor:
         """LeGrad heatmaps, one per (image, prompt), for any supported tower.
 
@@ -155,6 +156,8 @@ class LeWrapper:
             image: ``[B, C, H, W]`` float images, preprocessed; H and W multiples of the patch size.
             layer_index: overrides the wrapper's ``layer_index`` for this call.
             prompt_chunk: prompts per batched backward (bounds memory); default from a memory budget.
+            **inputs: extra image inputs of families that need them (Hugging Face ``Siglip2Model``:
+                ``pixel_attention_mask``, ``spatial_shapes``; see :mod:`legrad.hf`).
 
         Returns:
             ``[B, P, H, W]`` float32 heatmaps in [0, 1] on ``image``'s device.
@@ -163,6 +166,11 @@ class LeWrapper:
             TypeError, ValueError: on invalid inputs, before any computation.
         """
         adapter = self._adapter
+        run = getattr(adapter, "run_legrad", None)
+        if run is not None:  # families with their own input format (Hugging Face models: legrad.hf)
+            return run(self, text_embedding, image, layer_index=layer_index, prompt_chunk=prompt_chunk, **inputs)
+        if inputs:
+            raise TypeError(f"compute_legrad got unexpected keyword arguments {sorted(inputs)}")
         image, text, start = self._validate(text_embedding, image, layer_index, prompt_chunk)
         return self._legrad(adapter, image, text, start, prompt_chunk)
 
@@ -238,6 +246,13 @@ class LeWrapper:
         adapter.grid_size(image.shape[-2], image.shape[-1])
         if not bool(torch.isfinite(image).all()):
             raise ValueError("image contains NaN or infinite values")
+        text_embedding, start = self._validate_text(text_embedding, image.shape[0], layer_index, prompt_chunk)
+        return image, text_embedding, start
+
+    def _validate_text(self, text_embedding: Any, batch: int, layer_index: int | None,
+                       prompt_chunk: int | None) -> tuple[torch.Tensor, int]:
+        """Checks the text embeddings (for an image batch of ``batch``) and returns them with the start block."""
+        adapter = self._adapter
         if not isinstance(text_embedding, torch.Tensor):
             raise TypeError(
                 f"text_embedding must be a torch.Tensor [P, D] or [B, P, D], got {type(text_embedding).__name__}"
@@ -257,10 +272,10 @@ class LeWrapper:
             )
         if text_embedding.shape[-2] == 0:
             raise ValueError("text_embedding holds zero prompts; pass at least one")
-        if text_embedding.ndim == 3 and text_embedding.shape[0] != image.shape[0]:
+        if text_embedding.ndim == 3 and text_embedding.shape[0] != batch:
             raise ValueError(
                 f"per-image text_embedding [B, P, D] has B={text_embedding.shape[0]} but the image batch has "
-                f"B={image.shape[0]}; pass [P, D] to share prompts across images"
+                f"B={batch}; pass [P, D] to share prompts across images"
             )
         if not bool(torch.isfinite(text_embedding).all()):
             raise ValueError("text_embedding contains NaN or infinite values")
@@ -269,7 +284,7 @@ class LeWrapper:
             raise ValueError(f"prompt_chunk must be a positive int or None, got {prompt_chunk!r}")
         li = self._layer_index if layer_index is None else self._checked_layer_index(layer_index)
         start = li % adapter.depth
-        return image, text_embedding, start
+        return text_embedding, start
 
 
 def _rewrap_self(wrapper: LeWrapper, model: nn.Module, method: Any) -> Any:
