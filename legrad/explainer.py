@@ -1,0 +1,200 @@
+"""``Explainer``: PIL images + prompts -> LeGrad heatmaps and image-text similarities, for the front ends.
+
+It bundles a loaded model with its preprocess and tokenizer, resizes images with
+:class:`~legrad.preprocess.LePreprocess` (so a heatmap covers the whole image, no crop), and scores
+prompts with the model's own preprocess and ``encode_image`` at its native resolution (the usual CLIP
+similarity). It holds no per-call state: one instance can serve several threads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .loading import TOY_NAME, default_layer_index, load_model, native_image_size
+from .preprocess import LePreprocess
+from .wrapper import LeWrapper
+
+__all__ = ["Explainer", "Explanation", "clean_prompts"]
+
+
+@dataclass
+class Explanation:
+    """Result of :meth:`Explainer.explain`.
+
+    Attributes:
+        maps: ``[B, P, H, W]`` float32 heatmaps in [0, 1] on the CPU, at the explained size.
+        similarity: ``[B, P]`` cosine similarity of each image and prompt embedding.
+        probability: ``[B, P]`` softmax over prompts of the model's scaled similarities (CLIP's zero-shot
+            probabilities).
+        prompts: the ``P`` prompts.
+    """
+
+    maps: torch.Tensor
+    similarity: torch.Tensor
+    probability: torch.Tensor
+    prompts: list[str]
+
+
+def clean_prompts(prompts: Sequence[str] | str) -> list[str]:
+    """Strips prompts and checks there is at least one non-empty prompt.
+
+    Raises:
+        TypeError: if ``prompts`` is not a string or a sequence of strings.
+        ValueError: if no prompt is left after stripping blanks.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, Sequence) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError("prompts must be a list of strings")
+    out = [" ".join(p.split()) for p in prompts]
+    out = [p for p in out if p]
+    if not out:
+        raise ValueError("give at least one non-empty prompt, e.g. -p 'a photo of a cat'")
+    return out
+
+
+class Explainer:
+    """A model ready to explain PIL images.
+
+    Args:
+        model: an OpenCLIP model (or a ``LeWrapper``) with a supported image tower.
+        preprocess: its eval preprocess (PIL -> normalised tensor).
+        tokenizer: its tokenizer (list of str -> ``[N, L]`` token ids).
+        layer_index: default first explained block.
+        name: a display name.
+
+    Raises:
+        TypeError, ValueError: from :class:`~legrad.LeWrapper` for unsupported models or layer indices.
+    """
+
+    def __init__(self, model: Any, preprocess: Callable, tokenizer: Callable, layer_index: int = -2,
+                 name: str = "model"):
+        self.wrapper = model if isinstance(model, LeWrapper) else LeWrapper(model, layer_index=layer_index,
+                                                                            tokenizer=tokenizer)
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.name = name
+        self.native_size = native_image_size(self.wrapper.model)
+
+    @classmethod
+    def load(cls, name: str = TOY_NAME, pretrained: str | None = None, device: str = "cpu",
+             layer_index: int | None = None) -> Explainer:
+        """Loads a model with :func:`legrad.loading.load_model` and wraps it (layer index: the model's default).
+
+        Raises:
+            ModelLoadError: when the model cannot be loaded.
+        """
+        model, preprocess, tokenizer = load_model(name, pretrained, device)
+        li = default_layer_index(name) if layer_index is None else layer_index
+        label = name if pretrained is None else f"{name} ({pretrained})"
+        return cls(model, preprocess, tokenizer, layer_index=li, name=label)
+
+    @property
+    def device(self) -> torch.device:
+        return self.wrapper.adapter.device()
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        return tuple(self.wrapper.adapter.patch_size)
+
+    def check_size(self, size: tuple[int, int] | None) -> tuple[int, int]:
+        """The explained ``(height, width)``: ``size`` or the native size, checked against the patch size.
+
+        Raises:
+            ValueError: if a side is not a multiple of the patch size (the message suggests the nearest).
+        """
+        h, w = self.native_size if size is None else size
+        ph, pw = self.patch_size
+        if h % ph or w % pw or h < ph or w < pw:
+            near_h = max(ph, round(h / ph) * ph)
+            near_w = max(pw, round(w / pw) * pw)
+            suggestion = f"{near_h}" if near_h == near_w else f"{near_h}x{near_w}"
+            raise ValueError(
+                f"image size {h}x{w} is not a multiple of the model's patch size {ph}x{pw}; use e.g. {suggestion}"
+            )
+        return (int(h), int(w))
+
+    def check_layer_index(self, layer_index: int | None) -> int:
+        """The layer index to use (the wrapper's default when None), validated.
+
+        Raises:
+            TypeError, ValueError: if it is not an int in range for this tower.
+        """
+        if layer_index is None:
+            return self.wrapper.layer_index
+        if isinstance(layer_index, bool) or not isinstance(layer_index, int):
+            raise TypeError(f"layer_index must be an int, got {type(layer_index).__name__}")
+        depth = self.wrapper.adapter.depth
+        if not -depth <= layer_index < depth:
+            raise ValueError(
+                f"layer_index={layer_index} is out of range for this model's {depth} image blocks; use a value "
+                f"in [{-depth}, {depth - 1}] (e.g. -2 for the last two blocks)"
+            )
+        return layer_index
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """``[P, D]`` normalised text embeddings on the model's device."""
+        tokens = self.tokenizer(list(prompts)).to(self.device)
+        emb = self.wrapper.model.encode_text(tokens)
+        return torch.nn.functional.normalize(emb.float(), dim=-1)
+
+    @torch.no_grad()
+    def similarity(self, images: Sequence[Image.Image], text_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cosine similarities ``[B, P]`` and zero-shot probabilities ``[B, P]`` (CPU, float32)."""
+        model = self.wrapper.model
+        batch = torch.stack([self.preprocess(im) for im in images]).to(self.device, self._dtype())
+        img = torch.nn.functional.normalize(model.encode_image(batch).float(), dim=-1)
+        cos = img @ text_embedding.float().T
+        scale = getattr(model, "logit_scale", None)
+        scale = scale.exp().float() if isinstance(scale, torch.Tensor) else torch.tensor(100.0)
+        bias = getattr(model, "logit_bias", None)
+        logits = cos * scale + (bias.float() if isinstance(bias, torch.Tensor) else 0.0)
+        return cos.cpu(), logits.softmax(-1).cpu()
+
+    def heatmaps(self, images: Sequence[Image.Image], text_embedding: torch.Tensor,
+                 size: tuple[int, int] | None = None, layer_index: int | None = None) -> torch.Tensor:
+        """``[B, P, H, W]`` heatmaps (CPU float32) of the images resized to ``size`` (native when None)."""
+        h, w = self.check_size(size)
+        prep = LePreprocess(self.preprocess, (h, w))
+        batch = torch.stack([prep(im) for im in images]).to(self.device, self._dtype())
+        maps = self.wrapper.compute_legrad(text_embedding, image=batch, layer_index=layer_index)
+        return maps.float().cpu()
+
+    def explain(self, images: Sequence[Image.Image] | Image.Image, prompts: Sequence[str] | str,
+                size: tuple[int, int] | None = None, layer_index: int | None = None) -> Explanation:
+        """Heatmaps and similarities of every image with every prompt.
+
+        Args:
+            images: RGB PIL images (one or a list).
+            prompts: the prompts.
+            size: explained ``(height, width)``; the model's native size when None.
+            layer_index: first explained block; the explainer's default when None.
+
+        Returns:
+            An :class:`Explanation`.
+
+        Raises:
+            TypeError, ValueError: on bad prompts, size or layer index, before any computation.
+        """
+        if isinstance(images, Image.Image):
+            images = [images]
+        images = [im.convert("RGB") for im in images]
+        if not images:
+            raise ValueError("no images to explain")
+        prompts = clean_prompts(prompts)
+        self.check_size(size)
+        self.check_layer_index(layer_index)
+        text = self.encode_prompts(prompts)
+        cos, prob = self.similarity(images, text)
+        maps = self.heatmaps(images, text, size, layer_index)
+        return Explanation(maps=maps, similarity=cos, probability=prob, prompts=prompts)
+
+    def _dtype(self) -> torch.dtype:
+        dt = self.wrapper.adapter.param_dtype()
+        return dt if dt.is_floating_point else torch.float32

@@ -1,0 +1,295 @@
+"""Model, image and option loading shared by ``playground.py``, the ``legrad`` command line and ``app.py``.
+
+``load_model('toy')`` gives the bundled demo model (offline); any other name is an OpenCLIP model
+whose weights come through ``open_clip`` as usual (download or local checkpoint). Every failure is a
+:class:`ModelLoadError` / :class:`ImageLoadError` with a one-line message, so front ends can print it
+instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+from PIL import Image
+
+__all__ = [
+    "TOY_NAME",
+    "ModelLoadError",
+    "ImageLoadError",
+    "load_model",
+    "resolve_device",
+    "default_layer_index",
+    "default_pretrained",
+    "native_image_size",
+    "load_image",
+    "parse_size",
+    "model_choices",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Name of the bundled demo model in every front end.
+TOY_NAME = "toy"
+
+# Values of ``pretrained`` that mean "random initialisation" for OpenCLIP models.
+_NO_WEIGHTS = {"none", "random", ""}
+
+_URL_TIMEOUT_S = 20.0
+_MAX_URL_BYTES = 64 * 1024 * 1024
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be created or its weights could not be loaded; the message says why and what to do."""
+
+
+class ImageLoadError(ValueError):
+    """An image could not be read (missing, not an image, unreachable URL); the message names it."""
+
+
+def _one_line(exc: BaseException, limit: int = 240) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def resolve_device(device: str | None = "auto") -> str:
+    """``'auto'`` -> ``'cuda'`` when available else ``'cpu'``; other values are checked and returned.
+
+    Raises:
+        ValueError: for ``'cuda'`` without a usable GPU, or an unknown device string.
+    """
+    import torch
+
+    dev = (device or "auto").strip().lower()
+    if dev == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if dev.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but no CUDA GPU is available; use --device cpu")
+        return dev
+    if dev in ("cpu", "mps"):
+        return dev
+    raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda")
+
+
+def default_layer_index(name: str) -> int:
+    """Recommended ``layer_index`` for a model name: the demo model's tuned value, else ``-2``."""
+    if _is_toy(name):
+        try:
+            from legrad.toy import LAYER_INDEX
+        except ImportError:
+            return -2
+        return int(LAYER_INDEX)
+    return -2
+
+
+def default_pretrained(name: str) -> str | None:
+    """The first pretrained tag OpenCLIP lists for ``name`` (None for the demo model or when there is none)."""
+    if _is_toy(name):
+        return None
+    import open_clip
+
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    return tags[0] if tags else None
+
+
+def native_image_size(model: Any) -> tuple[int, int]:
+    """The ``(height, width)`` the model's image tower was built for."""
+    visual = getattr(model, "visual", model)
+    size = getattr(visual, "image_size", None)
+    if size is None:
+        cfg = getattr(visual, "preprocess_cfg", None) or {}
+        size = cfg.get("size", 224)
+    if isinstance(size, int):
+        return (size, size)
+    return (int(size[0]), int(size[1]))
+
+
+def model_choices() -> list[tuple[str, str | None]]:
+    """``(model, pretrained)`` pairs a user can pick: the demo model first, then ``legrad.list_pretrained()``."""
+    from .pretrained import list_pretrained
+
+    return [(TOY_NAME, None), *list_pretrained()]
+
+
+def _is_toy(name: str | None) -> bool:
+    return name is None or name.strip().lower() == TOY_NAME
+
+
+def load_model(
+    name: str = TOY_NAME, pretrained: str | None = None, device: str = "cpu"
+) -> tuple[Any, Callable, Callable]:
+    """Loads a model, its eval preprocess and its tokenizer.
+
+    Args:
+        name: ``'toy'`` for the bundled demo model, or an OpenCLIP model name (``open_clip.list_models()``).
+        pretrained: for OpenCLIP models, a pretrained tag (see ``legrad models``), a local checkpoint path,
+            or ``'none'`` for random weights; None picks the model's first listed tag. For the demo model,
+            None (the bundled checkpoint) or a path to another demo checkpoint.
+        device: ``'cpu'``, ``'cuda'``, ``'cuda:1'`` or ``'auto'``.
+
+    Returns:
+        ``(model, preprocess, tokenizer)``: the model in eval mode on ``device``, its image preprocess
+        (PIL -> ``[3, H, W]`` tensor) and its tokenizer (list of str -> ``[N, L]`` LongTensor).
+
+    Raises:
+        ModelLoadError: unknown or unsupported model, unknown tag, failed download or unreadable checkpoint.
+        ValueError: for an unavailable device.
+    """
+    device = resolve_device(device)
+    if _is_toy(name):
+        return _load_toy(pretrained, device)
+    return _load_open_clip(name.strip(), pretrained, device)
+
+
+def _load_toy(path: str | None, device: str) -> tuple[Any, Callable, Callable]:
+    try:
+        from legrad import toy
+    except ImportError as exc:
+        raise ModelLoadError(f"the bundled demo model is not available in this install ({_one_line(exc)})") from exc
+    if path is not None and str(path).strip().lower() not in _NO_WEIGHTS:
+        if not os.path.isfile(path):
+            raise ModelLoadError(f"demo model checkpoint {path!r} not found; omit --pretrained to use the bundled one")
+        ckpt = path
+    else:
+        ckpt = None
+        bundled = getattr(toy, "CHECKPOINT_PATH", None)
+        if bundled is not None and not os.path.isfile(bundled):
+            raise ModelLoadError(
+                f"the bundled demo model checkpoint is missing ({bundled}); reinstall legrad_torch or use an "
+                "OpenCLIP model with --model"
+            )
+    try:
+        return toy.load_model(device=device, path=ckpt) if ckpt is not None else toy.load_model(device=device)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the demo model checkpoint: {_one_line(exc)}") from exc
+
+
+def _load_open_clip(name: str, pretrained: str | None, device: str) -> tuple[Any, Callable, Callable]:
+    import open_clip
+
+    from .pretrained import supports_model_config
+
+    if name not in open_clip.list_models():
+        close = [m for m in open_clip.list_models() if m.lower() == name.lower()]
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ModelLoadError(
+            f"unknown model {name!r}{hint}; run `legrad models` for the supported models, or use 'toy'"
+        )
+    if not supports_model_config(name):
+        from .towers import supported_tower_names
+
+        raise ModelLoadError(
+            f"model {name!r} has an image tower LeGrad does not support (supported: "
+            f"{', '.join(supported_tower_names())}); run `legrad models` for the supported ones"
+        )
+    if pretrained is None:
+        pretrained = default_pretrained(name)
+        if pretrained is not None:
+            logger.info("using pretrained=%r for %s", pretrained, name)
+    tag = pretrained
+    if tag is not None and tag.strip().lower() in _NO_WEIGHTS:
+        tag = None
+    is_file = tag is not None and os.path.isfile(tag)
+    if tag is not None and not is_file:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if tag.lower() not in (t.lower() for t in tags):
+            looks_like_path = os.sep in tag or tag.endswith((".pt", ".pth", ".bin", ".safetensors"))
+            if looks_like_path:
+                raise ModelLoadError(f"checkpoint file {tag!r} not found")
+            listed = ", ".join(tags) if tags else "none"
+            raise ModelLoadError(
+                f"unknown pretrained tag {tag!r} for {name} (known: {listed}); or pass a local checkpoint path"
+            )
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, device=device)
+    except Exception as exc:
+        if is_file:
+            raise ModelLoadError(f"could not load checkpoint {tag!r} into {name}: {_one_line(exc)}") from exc
+        raise ModelLoadError(
+            f"could not download the {tag!r} weights of {name} ({_one_line(exc, 160)}); check the internet "
+            "connection, or download them once and pass the file with --pretrained PATH"
+        ) from exc
+    try:
+        tokenizer = open_clip.get_tokenizer(name)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the tokenizer of {name}: {_one_line(exc, 160)}") from exc
+    model.eval()
+    return model, preprocess, tokenizer
+
+
+def load_image(source: str | os.PathLike | Image.Image) -> Image.Image:
+    """Reads an image from a path or an http(s) URL (or passes a PIL image through) as RGB.
+
+    Raises:
+        ImageLoadError: if the file is missing or unreadable, the URL cannot be fetched, or the data is
+            not an image.
+    """
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    src = os.fspath(source)
+    if re.match(r"^https?://", src, flags=re.IGNORECASE):
+        try:
+            req = urllib.request.Request(src, headers={"User-Agent": "legrad"})
+            with urllib.request.urlopen(req, timeout=_URL_TIMEOUT_S) as resp:
+                data = resp.read(_MAX_URL_BYTES + 1)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise ImageLoadError(f"could not fetch {src}: {_one_line(getattr(exc, 'reason', exc))}") from exc
+        if len(data) > _MAX_URL_BYTES:
+            raise ImageLoadError(f"{src} is larger than {_MAX_URL_BYTES // 2**20} MiB")
+        return _decode(io.BytesIO(data), src)
+    if not os.path.exists(src):
+        raise ImageLoadError(f"{src}: no such file")
+    if os.path.isdir(src):
+        raise ImageLoadError(f"{src} is a directory, not an image")
+    return _decode(src, src)
+
+
+def _decode(fp: Any, name: str) -> Image.Image:
+    try:
+        with Image.open(fp) as im:
+            im.load()
+            return im.convert("RGB")
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError(f"{name}: image too large ({_one_line(exc, 120)})") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        # PIL raises UnidentifiedImageError (an OSError) for non-images and OSError/SyntaxError for truncated ones.
+        raise ImageLoadError(f"{name}: not a readable image ({_one_line(exc, 120)})") from exc
+
+
+def parse_size(value: Any) -> tuple[int, int] | None:
+    """Parses an image size: ``None``/``''``/``0``/``'native'`` -> None, ``448`` or ``'448'`` -> (448, 448),
+    ``'448x640'`` -> (448, 640) (height x width).
+
+    Raises:
+        ValueError: for anything else or non-positive sizes.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"invalid image size {value!r}")
+    if isinstance(value, (int, float)):
+        if value != int(value):
+            raise ValueError(f"image size must be a whole number of pixels, got {value!r}")
+        value = str(int(value))
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        value = f"{value[0]}x{value[1]}"
+    text = str(value).strip().lower()
+    if text in ("", "0", "native", "none", "auto"):
+        return None
+    m = re.fullmatch(r"(\d+)(?:\s*[x,*]\s*(\d+))?", text)
+    if not m:
+        raise ValueError(f"invalid image size {value!r}; use N (square) or HxW, e.g. 448 or 448x672")
+    h = int(m.group(1))
+    w = int(m.group(2)) if m.group(2) else h
+    if h < 1 or w < 1:
+        raise ValueError(f"image size must be positive, got {value!r}")
+    return (h, w)
