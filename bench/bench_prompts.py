@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
 import statistics
 import subprocess
 import sys
@@ -73,6 +72,14 @@ def time_one(model_name: str, size: int, prompts: list[int], reps: int, batch: i
     return rows
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def _memory_child(model_name: str, size: int, p: int, batch: int, device: str) -> None:
     from legrad import LeWrapper
 
@@ -89,12 +96,16 @@ def _memory_child(model_name: str, size: int, p: int, batch: int, device: str) -
         torch.cuda.synchronize()
         extra = torch.cuda.max_memory_allocated() - base
     else:
-        with open("/proc/self/statm") as f:
-            base = int(f.read().split()[1]) * resource.getpagesize()
-        before_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        import gc
+
+        gc.collect()
+        base = _status_kib("VmRSS")
+        # Writing 5 to clear_refs resets the kernel's peak-RSS counter (VmHWM) to the current RSS,
+        # so the peak below is the call's own, not model construction's.
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
         wrapper.compute_legrad(text, image=image)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        extra = max(peak, before_peak) - base
+        extra = (_status_kib("VmHWM") - base) * 1024
     print(json.dumps({"extra_bytes": extra}))
 
 
