@@ -1,0 +1,332 @@
+"""Baseline explainability methods with LeGrad's contract, for side-by-side comparisons.
+
+Every method takes ``(model, text_embedding, image)`` -- an OpenCLIP model or a
+:class:`~legrad.LeWrapper`, ``[P, D]`` (or ``[B, P, D]``) normalised text embeddings and a
+``[B, C, H, W]`` preprocessed image batch -- and returns ``[B, P, H, W]`` float32 maps in [0, 1]
+(patch-grid relevance, bilinearly upsampled, min-max normalised per (image, prompt), exactly as
+LeGrad's maps are). They run the image tower through the same stateless tower adapters as LeGrad
+(:mod:`legrad.towers`): the model is never modified and calls are thread-safe.
+
+Notation: ``A_l`` is block ``l``'s post-softmax attention ``[heads, N, N]`` (``N`` tokens, the
+prefix/CLS token first), ``E_h`` the mean over heads, ``s = <t, normalize(f(x))>`` the cosine
+similarity of the model's own image embedding ``f(x)`` with the prompt embedding ``t``, and the
+"CLS row" the row of the token the model pools (row 0 for CLS pooling, the mean of the patch rows
+for average pooling, the pooler queries for attention-pooled towers). Prefix columns are dropped
+from every map.
+
+* :func:`raw_attention` -- ``E_h A_L[cls, :]`` of the last block; prompt-independent.
+* :func:`attention_rollout` -- Abnar & Zuidema (2020), "Quantifying Attention Flow in Transformers":
+  ``R = prod_l (0.5 E_h A_l + 0.5 I)`` (later blocks on the left), map ``R[cls, :]``;
+  prompt-independent.
+* :func:`gradcam` -- Selvaraju et al. (2017), "Grad-CAM", on the last block's tokens ``T``
+  ``[N, C]`` (the input of its attention, after the block's pre-norm): ``w_c = mean_n ds/dT[n, c]``
+  over patch tokens, map ``relu(sum_c w_c T[n, c])``.
+* :func:`chefercam` -- Chefer, Gur & Wolf (2021), "Generic Attention-model Explainability for
+  Interpreting Bi-Modal and Encoder-Decoder Transformers": ``R = I``, then for each block
+  ``R <- R + E_h[relu(ds/dA_l * A_l)] R``; map ``R[cls, :]``.
+* :func:`legrad` -- LeGrad itself (:meth:`legrad.LeWrapper.compute_legrad`).
+
+The gradient methods differentiate the model's real image embedding through the whole tower
+(:meth:`~legrad.towers.TowerAdapter.trace`), with ``ds/dA = (ds/dO) V^T`` as in LeGrad.
+
+Example::
+
+    from legrad.baselines import METHODS
+    maps = {name: fn(model, text_embedding, images) for name, fn in METHODS.items()}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .heatmap import min_max, upsample
+from .towers import LayerStep, TowerAdapter
+from .wrapper import LeWrapper
+
+__all__ = [
+    "METHODS",
+    "Method",
+    "attention_rollout",
+    "chefercam",
+    "get_method",
+    "gradcam",
+    "legrad",
+    "raw_attention",
+]
+
+#: A baseline: ``(model, text_embedding [P, D] or [B, P, D], image [B, C, H, W]) -> [B, P, H, W]``.
+Method = Callable[..., torch.Tensor]
+
+
+class _Run:
+    """Validated inputs of one call, moved to the tower's device and compute dtype."""
+
+    def __init__(self, model: Any, text_embedding: Any, image: Any):
+        wrapper = model if isinstance(model, LeWrapper) else LeWrapper(model, layer_index=-1)
+        image, text, _ = wrapper._validate(text_embedding, image, None, None)
+        self.adapter: TowerAdapter = wrapper.adapter
+        self.out_device = image.device
+        self.height, self.width = image.shape[-2:]
+        self.grid = self.adapter.grid_size(self.height, self.width)
+        param_dtype = self.adapter.param_dtype()
+        self.dtype = torch.float32 if param_dtype in (torch.float16, torch.bfloat16) else param_dtype
+        device = self.adapter.device()
+        # Inference tensors cannot join an autograd graph: clone them into normal tensors.
+        with torch.inference_mode(False):
+            self.image = image.detach().to(device=device, dtype=param_dtype).clone()
+            self.text = text.detach().to(device=device, dtype=self.dtype).clone()
+        self.batch = image.shape[0]
+        self.prompts = text.shape[-2]
+
+    def scores(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity ``[B, P]`` of image embeddings ``[B, E]`` with the prompts."""
+        f = F.normalize(embedding, dim=-1)
+        if self.text.ndim == 2:
+            return f @ self.text.t()
+        return torch.einsum("be,bpe->bp", f, self.text)
+
+    def finish(self, rel: torch.Tensor) -> torch.Tensor:
+        """``[B, P, gh * gw]`` (or ``[B, 1, ...]`` for prompt-independent maps) -> ``[B, P, H, W]`` in [0, 1]."""
+        gh, gw = self.grid
+        if rel.shape[-1] != gh * gw:
+            raise RuntimeError(f"relevance has {rel.shape[-1]} patch columns, the grid {gh}x{gw} needs {gh * gw}")
+        # Normalise before casting to float32: min-max amplifies rounding where a map's range is small.
+        maps = rel.reshape(rel.shape[0], rel.shape[1], gh, gw).to(torch.promote_types(rel.dtype, torch.float32))
+        maps = min_max(upsample(maps, (self.height, self.width))).float()
+        if maps.shape[1] != self.prompts:
+            maps = maps.expand(-1, self.prompts, -1, -1).contiguous()
+        return maps.to(self.out_device)
+
+
+def _readout(adapter: TowerAdapter, step: LayerStep, mat: torch.Tensor) -> torch.Tensor:
+    """The pooled token's row of a token-to-token matrix: ``[B, Nq, Nk]`` -> ``[B, Nk]``."""
+    nq, nk = mat.shape[-2:]
+    if nq != nk:  # attention pooler: its queries make the embedding
+        return mat.mean(1)
+    visual = getattr(adapter, "visual", None)
+    avg_pool = getattr(visual, "pool_type", None) == "avg" or getattr(visual, "global_pool", None) == "avg"
+    prefix = step.num_prefix_tokens
+    if avg_pool or prefix == 0:
+        return mat[:, prefix:].mean(1)
+    return mat[:, 0]
+
+
+def _patch_columns(step: LayerStep, rel: torch.Tensor) -> torch.Tensor:
+    """Zeroes padded keys and drops the prefix columns: ``[B, ..., Nk]`` -> ``[B, ..., patches]``."""
+    if step.key_mask is not None:
+        shape = (rel.shape[0],) + (1,) * (rel.ndim - 2) + (rel.shape[-1],)
+        rel = rel * step.key_mask.reshape(shape).to(rel.dtype)
+    return rel[..., step.num_prefix_tokens:]
+
+
+def _attention_steps(run: _Run, start: int) -> Iterator[LayerStep]:
+    # steps() builds a small per-layer graph for LeGrad; the attention baselines just ignore it.
+    return run.adapter.steps(run.image, start, run.dtype)
+
+
+def _check_start(adapter: TowerAdapter, start_layer: int) -> int:
+    if isinstance(start_layer, bool) or not isinstance(start_layer, int):
+        raise TypeError(f"start_layer must be an int, got {type(start_layer).__name__}")
+    depth = adapter.depth
+    if not -depth <= start_layer < depth:
+        raise ValueError(f"start_layer={start_layer} is out of range for {depth} blocks; use a value in [{-depth}, {depth - 1}]")
+    return start_layer % depth
+
+
+def raw_attention(model: Any, text_embedding: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """Raw attention: the last block's attention from the pooled token, averaged over heads.
+
+    ``map = E_h A_L[cls, patches]``. The prompts only set ``P``: the map is the same for all of them.
+
+    Args:
+        model: OpenCLIP model or :class:`~legrad.LeWrapper` with a supported image tower.
+        text_embedding: ``[P, D]`` or ``[B, P, D]`` normalised text embeddings.
+        image: ``[B, C, H, W]`` preprocessed images.
+
+    Returns:
+        ``[B, P, H, W]`` float32 maps in [0, 1].
+
+    Raises:
+        TypeError, ValueError: on invalid inputs, before any computation.
+    """
+    run = _Run(model, text_embedding, image)
+    with torch.inference_mode(False), torch.no_grad():
+        last = None
+        for step in _attention_steps(run, run.adapter.depth - 1):
+            last = step
+        a = last.probs().mean(1)  # [B, Nq, Nk]
+        rel = _patch_columns(last, _readout(run.adapter, last, a))
+        return run.finish(rel[:, None])
+
+
+def attention_rollout(
+    model: Any, text_embedding: torch.Tensor, image: torch.Tensor, *, start_layer: int = 0
+) -> torch.Tensor:
+    """Attention rollout (Abnar & Zuidema, 2020), prompt-independent.
+
+    ``R = (0.5 E_h A_L + 0.5 I) ... (0.5 E_h A_s + 0.5 I)`` over blocks ``s = start_layer .. L``; the
+    identity models the residual connection. An attention pooler after the blocks (non-square
+    attention) multiplies on the left without identity. ``map = R[cls, patches]``.
+
+    Args:
+        model: OpenCLIP model or :class:`~legrad.LeWrapper`.
+        text_embedding: ``[P, D]`` or ``[B, P, D]`` (only ``P`` is used).
+        image: ``[B, C, H, W]`` preprocessed images.
+        start_layer: first block of the product (negative counts from the end); 0 = all blocks.
+
+    Returns:
+        ``[B, P, H, W]`` float32 maps in [0, 1].
+
+    Raises:
+        TypeError, ValueError: on invalid inputs, before any computation.
+    """
+    run = _Run(model, text_embedding, image)
+    start = _check_start(run.adapter, start_layer)
+    with torch.inference_mode(False), torch.no_grad():
+        rollout, last = None, None
+        for step in _attention_steps(run, start):
+            a = step.probs().mean(1).to(torch.float64)  # [B, Nq, Nk]; float64: a long product of matrices
+            if a.shape[-2] == a.shape[-1]:
+                eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+                a = 0.5 * a + 0.5 * eye
+            elif rollout is not None and a.shape[-1] != rollout.shape[-2]:
+                raise NotImplementedError("attention pooler keys do not match the blocks' tokens")
+            rollout = a if rollout is None else a @ rollout
+            last = step
+        rel = _patch_columns(last, _readout(run.adapter, last, rollout))
+        return run.finish(rel[:, None])
+
+
+def _traced_gradients(run: _Run, wanted: Callable[[list[LayerStep]], list[torch.Tensor]]):
+    """Yields ``(p, steps, grads)`` per prompt: gradients of ``s[:, p]`` w.r.t. ``wanted(steps)``."""
+    steps, embedding = run.adapter.trace(run.image, run.dtype)
+    targets = wanted(steps)
+    with torch.enable_grad():
+        # Summing over the batch is exact: each image's score depends only on that image.
+        totals = run.scores(embedding).sum(0).unbind()  # P scalars, indexed with grad enabled
+    for p in range(run.prompts):
+        grads = torch.autograd.grad(totals[p], targets, retain_graph=p < run.prompts - 1)
+        yield p, steps, grads
+
+
+def gradcam(model: Any, text_embedding: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """GradCAM (Selvaraju et al., 2017) on the last block's tokens, for each prompt.
+
+    With ``T`` ``[N, C]`` the last block's attention input (after its pre-norm, the usual ViT target
+    layer: the last block's *output* patch tokens do not reach a CLS-pooled embedding) and ``s`` the
+    prompt's cosine score: ``w_c = mean over patch tokens n of ds/dT[n, c]``,
+    ``map[n] = relu(sum_c w_c T[n, c])``.
+
+    Args:
+        model: OpenCLIP model or :class:`~legrad.LeWrapper` whose adapter implements ``trace``.
+        text_embedding: ``[P, D]`` or ``[B, P, D]`` normalised text embeddings.
+        image: ``[B, C, H, W]`` preprocessed images.
+
+    Returns:
+        ``[B, P, H, W]`` float32 maps in [0, 1].
+
+    Raises:
+        TypeError, ValueError: on invalid inputs, before any computation.
+        NotImplementedError: if the tower adapter has no traced forward.
+    """
+    run = _Run(model, text_embedding, image)
+    rel = torch.zeros(run.batch, run.prompts, run.grid[0] * run.grid[1], dtype=run.dtype, device=run.image.device)
+    with torch.inference_mode(False), torch.no_grad():
+        for p, steps, (grad,) in _traced_gradients(run, lambda steps: [steps[-1].tokens]):
+            last = steps[-1]
+            pre = last.num_prefix_tokens
+            tokens = last.tokens.detach()
+            weights = grad[:, pre:].mean(1)  # [B, C]
+            cam = (tokens[:, pre:] * weights[:, None, :]).sum(-1).clamp_min(0)  # [B, Nk - pre]
+            if last.key_mask is not None:
+                cam = cam * last.key_mask[:, pre:].to(cam.dtype)
+            rel[:, p] = cam
+    return run.finish(rel)
+
+
+def chefercam(
+    model: Any, text_embedding: torch.Tensor, image: torch.Tensor, *, start_layer: int = 0
+) -> torch.Tensor:
+    """CheferCAM: gradient-weighted attention rollout (Chefer, Gur & Wolf, 2021), for each prompt.
+
+    ``R = I``; for blocks ``l = start_layer .. L``: ``Abar_l = E_h[relu(ds/dA_l * A_l)]`` and
+    ``R <- R + Abar_l R``, where ``ds/dA_l`` is the gradient of the prompt's cosine score through the
+    whole tower; ``map = R[cls, patches]``.
+
+    Args:
+        model: OpenCLIP model or :class:`~legrad.LeWrapper` whose adapter implements ``trace``.
+        text_embedding: ``[P, D]`` or ``[B, P, D]`` normalised text embeddings.
+        image: ``[B, C, H, W]`` preprocessed images.
+        start_layer: first block used (negative counts from the end); 0 = all blocks.
+
+    Returns:
+        ``[B, P, H, W]`` float32 maps in [0, 1].
+
+    Raises:
+        TypeError, ValueError: on invalid inputs, before any computation.
+        NotImplementedError: if the tower adapter has no traced forward.
+    """
+    run = _Run(model, text_embedding, image)
+    start = _check_start(run.adapter, start_layer)
+    rel = torch.zeros(run.batch, run.prompts, run.grid[0] * run.grid[1], dtype=torch.float64, device=run.image.device)
+    with torch.inference_mode(False), torch.no_grad():
+        gen = _traced_gradients(run, lambda steps: [s.out for s in steps[start:]])
+        for p, steps, grads in gen:
+            used = steps[start:]
+            r = None
+            for step, d_out in zip(used, grads):
+                grad_attn = d_out @ step.value.to(d_out.dtype).transpose(-1, -2)  # [B, H, Nq, Nk]
+                abar = (grad_attn * step.probs().to(d_out.dtype)).clamp_min(0).mean(1).to(torch.float64)
+                if r is None:
+                    r = torch.eye(abar.shape[-1], dtype=abar.dtype, device=abar.device).expand(run.batch, -1, -1)
+                if abar.shape[-2] == abar.shape[-1]:
+                    r = r + abar @ r
+                else:  # attention pooler: no residual around it
+                    r = abar @ r
+            rel[:, p] = _patch_columns(used[-1], _readout(run.adapter, used[-1], r))
+    return run.finish(rel)
+
+
+def legrad(
+    model: Any, text_embedding: torch.Tensor, image: torch.Tensor, *, layer_index: int | None = None
+) -> torch.Tensor:
+    """LeGrad (Bousselham et al., 2024) through the same interface as the baselines.
+
+    Args:
+        model: OpenCLIP model (wrapped with the default ``layer_index=-2``) or :class:`~legrad.LeWrapper`
+            (its ``layer_index`` is used).
+        text_embedding: ``[P, D]`` or ``[B, P, D]`` normalised text embeddings.
+        image: ``[B, C, H, W]`` preprocessed images.
+        layer_index: overrides the wrapper's first explained block.
+
+    Returns:
+        ``[B, P, H, W]`` float32 maps in [0, 1].
+    """
+    wrapper = model if isinstance(model, LeWrapper) else LeWrapper(model)
+    return wrapper.compute_legrad(text_embedding, image, layer_index=layer_index)
+
+
+#: Every method by name, for :mod:`legrad.benchmark` and user loops.
+METHODS: dict[str, Method] = {
+    "legrad": legrad,
+    "raw_attention": raw_attention,
+    "rollout": attention_rollout,
+    "gradcam": gradcam,
+    "chefercam": chefercam,
+}
+
+
+def get_method(name: str) -> Method:
+    """Looks a method up in :data:`METHODS`.
+
+    Raises:
+        ValueError: naming the known methods when ``name`` is not one of them.
+    """
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
