@@ -46,6 +46,13 @@ def _explicit_mha(mha: torch.nn.MultiheadAttention, x_q: torch.Tensor, x_kv: tor
     return attn, out_fn
 
 
+def _run_block(blk, x: torch.Tensor, batch_first: bool) -> torch.Tensor:
+    """The module's own forward on batch-first tokens (open_clip < 2.26-ish blocks are sequence-first)."""
+    if batch_first:
+        return blk(x)
+    return blk(x.transpose(0, 1)).transpose(0, 1)
+
+
 def openclip_vit_oracle(model, image: torch.Tensor, text: torch.Tensor, layer_index: int) -> torch.Tensor:
     """LeGrad for an open_clip ``VisionTransformer`` (CLS/avg pool), per image, prompt and layer.
 
@@ -62,6 +69,7 @@ def openclip_vit_oracle(model, image: torch.Tensor, text: torch.Tensor, layer_in
     v = model.visual
     blocks = v.transformer.resblocks
     start = layer_index % len(blocks)
+    batch_first = getattr(v.transformer, "batch_first", False)
     ps = v.patch_size[0] if isinstance(v.patch_size, tuple) else v.patch_size
     out = []
     for b in range(image.shape[0]):
@@ -78,7 +86,7 @@ def openclip_vit_oracle(model, image: torch.Tensor, text: torch.Tensor, layer_in
             )
             x = v.ln_pre(x + pos.to(x.dtype))
             for i in range(start):
-                x = blocks[i](x)
+                x = _run_block(blocks[i], x, batch_first)
         per_prompt = torch.zeros(t_b.shape[0], H, W, dtype=torch.float64)
         for i in range(start, len(blocks)):
             blk = blocks[i]
@@ -94,6 +102,6 @@ def openclip_vit_oracle(model, image: torch.Tensor, text: torch.Tensor, layer_in
                 m = m.reshape(1, 1, gh, gw).double()
                 per_prompt[p] += F.interpolate(m, size=(H, W), mode="bilinear", align_corners=False)[0, 0]
             with torch.no_grad():
-                x = blk(x)
+                x = _run_block(blk, x, batch_first)
         out.append(torch.stack([_min_max(per_prompt[p]) for p in range(t_b.shape[0])]))
     return torch.stack(out).float()
