@@ -31,6 +31,7 @@ __all__ = [
     "load_image",
     "parse_size",
     "model_choices",
+    "configure_logging",
 ]
 
 logger = logging.getLogger(__name__)
@@ -198,6 +199,9 @@ def _load_open_clip(name: str, pretrained: str | None, device: str) -> tuple[Any
     tag = pretrained
     if tag is not None and tag.strip().lower() in _NO_WEIGHTS:
         tag = None
+    if tag is None:
+        logger.warning("%s has random weights (pretrained=%r): its heatmaps and scores are meaningless", name,
+                       pretrained)
     is_file = tag is not None and os.path.isfile(tag)
     if tag is not None and not is_file:
         tags = open_clip.list_pretrained_tags_by_model(name)
@@ -209,6 +213,8 @@ def _load_open_clip(name: str, pretrained: str | None, device: str) -> tuple[Any
             raise ModelLoadError(
                 f"unknown pretrained tag {tag!r} for {name} (known: {listed}); or pass a local checkpoint path"
             )
+    if tag is not None and not is_file:
+        _fail_fast_if_offline(name, tag)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, device=device)
     except Exception as exc:
@@ -224,6 +230,57 @@ def _load_open_clip(name: str, pretrained: str | None, device: str) -> tuple[Any
         raise ModelLoadError(f"could not load the tokenizer of {name}: {_one_line(exc, 160)}") from exc
     model.eval()
     return model, preprocess, tokenizer
+
+
+def _weights_cached(pretrained_cfg: dict) -> bool:
+    """Whether open_clip would find these weights in its local caches (Hugging Face Hub or URL cache)."""
+    hub = pretrained_cfg.get("hf_hub", "")
+    if hub:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return False
+        repo_id, filename = os.path.split(hub)
+        candidates = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        if filename.endswith(".bin"):
+            candidates.insert(0, filename[: -len(".bin")] + ".safetensors")
+        return any(isinstance(try_to_load_from_cache(repo_id, f), str) for f in candidates)
+    url = pretrained_cfg.get("url", "")
+    if url:
+        return os.path.isfile(os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url)))
+    return False
+
+
+def _fail_fast_if_offline(name: str, tag: str) -> None:
+    """Raises at once when weights must be downloaded but their host is unreachable.
+
+    Without this, the Hub client retries with backoff for about a minute before giving up. The probe is
+    skipped when a proxy or ``HF_HUB_OFFLINE`` is configured (the clients handle those themselves) and
+    when the weights are already cached.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    import open_clip
+
+    env = {k.lower() for k, v in os.environ.items() if v}
+    if env & {"https_proxy", "http_proxy", "all_proxy", "hf_hub_offline", "transformers_offline"}:
+        return
+    cfg = open_clip.get_pretrained_cfg(name, tag) or {}
+    if not cfg or "file" in cfg or _weights_cached(cfg):
+        return
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    host = urlparse(endpoint if cfg.get("hf_hub") else cfg.get("url", endpoint)).hostname
+    if not host:
+        return
+    try:
+        socket.create_connection((host, 443), timeout=5.0).close()
+    except OSError as exc:
+        raise ModelLoadError(
+            f"cannot download the {tag!r} weights of {name}: {host} is unreachable ({_one_line(exc, 80)}) and "
+            "they are not in the local cache; connect to the internet once, or pass a local checkpoint with "
+            "--pretrained PATH (or use the offline demo model: --model toy)"
+        ) from exc
 
 
 def load_image(source: str | os.PathLike | Image.Image) -> Image.Image:
@@ -293,3 +350,22 @@ def parse_size(value: Any) -> tuple[int, int] | None:
     if h < 1 or w < 1:
         raise ValueError(f"image size must be positive, got {value!r}")
     return (h, w)
+
+
+class _DropOpenClipChatter(logging.Filter):
+    """Drops open_clip's own log lines (it logs download failures and random-init notices on the root
+    logger), which front ends replace by their one-line messages."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "/open_clip/" not in record.pathname.replace("\\", "/")
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """Logging for the front ends (CLI, playground, app): warnings (info with ``verbose``) on stderr, and
+    open_clip's root-logger messages hidden unless ``verbose``. Not for library use."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        for handler in logging.getLogger().handlers:
+            if not any(isinstance(f, _DropOpenClipChatter) for f in handler.filters):
+                handler.addFilter(_DropOpenClipChatter())

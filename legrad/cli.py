@@ -1,0 +1,78 @@
+"""The ``legrad`` command line (also ``python -m legrad``).
+
+Each subcommand lives in its own module exposing ``add_parser(subparsers) -> argparse.ArgumentParser``
+and ``run(args) -> int``. To add one, write the module and append its import path to
+:data:`SUBCOMMAND_MODULES`. Keep heavy imports (torch, open_clip) inside ``run`` so that
+``legrad --help`` and argument errors stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+__all__ = ["SUBCOMMAND_MODULES", "build_parser", "main"]
+
+#: Modules providing the subcommands, in ``--help`` order.
+SUBCOMMAND_MODULES: list[str] = [
+    "legrad.commands.explain",
+    "legrad.commands.models",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every registered subcommand."""
+    from legrad import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="legrad",
+        description="LeGrad explainability heatmaps for OpenCLIP vision-language ViTs.",
+        epilog="Run `legrad COMMAND --help` for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"legrad {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        module = importlib.import_module(name)
+        sub = module.add_parser(subparsers)
+        sub.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line.
+
+    Args:
+        argv: arguments without the program name (``sys.argv[1:]`` when None).
+
+    Returns:
+        The exit status: 0 on success, 1 when something failed, 2 on a usage error, 130 if interrupted.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits on --help/--version/usage errors
+        return int(exc.code or 0)
+    if getattr(args, "_run", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    from legrad.loading import configure_logging
+
+    configure_logging(args.verbose)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"legrad {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # Output piped into e.g. `head`: stop quietly, and keep Python from complaining at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+
+
+if __name__ == "__main__":
+    sys.exit(main())
