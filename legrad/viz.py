@@ -332,7 +332,8 @@ def visualize(
 def _wrap(title: str, width: int = 28) -> str:
     import textwrap
 
-    return "\n".join(textwrap.wrap(title, width)[:3]) or title
+    lines = [wrapped for line in title.splitlines() for wrapped in (textwrap.wrap(line, width) or [""])]
+    return "\n".join(lines[:4])
 
 
 def _atomic_savefig(fig: Any, path: Path, dpi: int) -> None:

@@ -1,0 +1,132 @@
+"""LeGrad playground: explain one image for a few prompts and save a figure.
+
+    python playground.py                      # offline: bundled demo model and a bundled scene
+    python playground.py --model ViT-B-16 --pretrained laion2b_s34b_b88k \\
+        --image http://images.cocodataset.org/val2017/000000039769.jpg \\
+        --prompt "a photo of a cat" --prompt "a remote control" --size 448
+
+Prints each prompt with its image-text similarity and writes ``outputs/playground.png`` (the image,
+then one heatmap overlay per prompt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent
+DEFAULT_OUT = REPO / "outputs" / "playground.png"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="toy", help="'toy' (bundled demo model, default) or an OpenCLIP model name")
+    p.add_argument("--pretrained", default=None, metavar="TAG_OR_PATH",
+                   help="OpenCLIP pretrained tag or checkpoint path (default: the model's first tag)")
+    p.add_argument("--image", default=None, metavar="URL_OR_PATH",
+                   help="image to explain (default: a bundled demo scene)")
+    p.add_argument("--prompt", "-p", dest="prompts", action="append", metavar="TEXT",
+                   help="a prompt (repeat for several; default: the demo scene's objects plus an absent one)")
+    p.add_argument("--size", default=None, metavar="N|HxW",
+                   help="explained size, a multiple of the patch size (default: the model's native size)")
+    p.add_argument("--layer-index", type=int, default=None, help="first explained block (default: the model's)")
+    p.add_argument("--alpha", type=float, default=0.6, help="overlay opacity (default 0.6)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output PNG (default: {DEFAULT_OUT.relative_to(REPO)})")
+    p.add_argument("--show", action="store_true", help="also open a window with the figure")
+    p.add_argument("-v", "--verbose", action="store_true", help="log details")
+    return p.parse_args(argv)
+
+
+def default_scene():
+    """The demo scene: ``(PIL image, phrases of its objects, a phrase of an absent object, label)``."""
+    from legrad.toy import scenes
+
+    scene = scenes.make_scenes(1, seed=3, n_objects=3)[0]
+    label = "demo scene (legrad.toy.make_scenes, seed 3)"
+    phrases = [o.phrase for o in scene.objects]
+    colours = {o.phrase.split()[1] for o in scene.objects}
+    shapes = {o.phrase.split()[2] for o in scene.objects}
+    absent = next(
+        (v for v in scenes.VOCABULARY if v.split()[1] not in colours and v.split()[2] not in shapes),
+        next(v for v in scenes.VOCABULARY if v not in phrases),
+    )
+    return scene.image, phrases, absent, label
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the playground; returns the exit status."""
+    args = parse_args(argv)
+    from legrad.loading import (
+        TOY_NAME,
+        ImageLoadError,
+        ModelLoadError,
+        configure_logging,
+        load_image,
+        parse_size,
+    )
+
+    configure_logging(args.verbose)
+    err = f"{Path(sys.argv[0]).name}: error:"
+    try:
+        size = parse_size(args.size)
+    except ValueError as exc:
+        print(f"{err} {exc}", file=sys.stderr)
+        return 2
+    if not 0.0 <= args.alpha <= 1.0:
+        print(f"{err} --alpha must be in [0, 1], got {args.alpha}", file=sys.stderr)
+        return 2
+
+    import torch
+
+    from legrad.explainer import Explainer
+    from legrad.viz import visualize
+
+    torch.set_grad_enabled(False)
+    prompts = args.prompts
+    if args.image is None:
+        image, phrases, absent, label = default_scene()
+        if not prompts:
+            prompts = [*phrases, absent]
+    else:
+        if not prompts:
+            print(f"{err} give at least one --prompt for your image", file=sys.stderr)
+            return 2
+        try:
+            image = load_image(args.image)
+        except ImageLoadError as exc:
+            print(f"{err} {exc}", file=sys.stderr)
+            return 1
+        label = args.image
+
+    try:
+        explainer = Explainer.load(args.model, args.pretrained, args.device, layer_index=args.layer_index)
+    except (ModelLoadError, ValueError, TypeError) as exc:
+        print(f"{err} {exc}", file=sys.stderr)
+        return 1
+    try:
+        result = explainer.explain(image, prompts, size=size, layer_index=args.layer_index)
+    except (TypeError, ValueError) as exc:
+        print(f"{err} {exc}", file=sys.stderr)
+        return 2
+
+    h, w = explainer.check_size(size)
+    model_label = "toy (bundled demo model)" if explainer.name == TOY_NAME else explainer.name
+    print(f"model: {model_label}, layer_index {explainer.check_layer_index(args.layer_index)}, size {h}x{w}")
+    print(f"image: {label}")
+    width = max(len("prompt"), *(len(p) for p in result.prompts))
+    print(f"  {'prompt':<{width}}  similarity  probability")
+    for p, prompt in enumerate(result.prompts):
+        print(f"  {prompt:<{width}}  {result.similarity[0, p]:>10.3f}  {result.probability[0, p]:>11.3f}")
+
+    titles = [f"{prompt}\nsim {result.similarity[0, p]:.3f}" for p, prompt in enumerate(result.prompts)]
+    visualize(image, result.maps[0], alpha=args.alpha, text_prompts=titles, save_path=args.out,
+              show=True if args.show else False)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
