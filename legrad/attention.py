@@ -9,15 +9,26 @@ attention module type; adding a new module (e.g. open_clip's own ``Attention``) 
 
 from __future__ import annotations
 
+import functools
+import importlib
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import apply_module, param
+from .functional import apply_module, linear, param
 
-__all__ = ["AttentionOps", "attention_ops_for", "merge_heads"]
+__all__ = [
+    "AttentionOps",
+    "attention_ops_for",
+    "merge_heads",
+    "register_attention_ops",
+    "TimmSelfAttentionOps",
+    "LatentPoolOps",
+    "apply_rope",
+    "exact_types",
+]
 
 
 def merge_heads(o: torch.Tensor) -> torch.Tensor:
@@ -41,6 +52,11 @@ class AttentionOps:
 
     def __init__(self, module: nn.Module):
         self.module = module
+
+    @classmethod
+    def handles(cls, module: nn.Module) -> bool:
+        """Whether this implementation knows ``module`` (default: ``isinstance`` of :attr:`module_type`)."""
+        return bool(cls.module_type) and isinstance(module, cls.module_type)
 
     @property
     def num_heads(self) -> int:
@@ -117,6 +133,181 @@ def attention_ops_for(module: nn.Module) -> AttentionOps:
         TypeError: if no implementation knows the module's type.
     """
     for cls in _REGISTRY:
-        if cls.module_type and isinstance(module, cls.module_type):
+        if cls.handles(module):
             return cls(module)
     raise TypeError(f"legrad has no attention adapter for {type(module).__module__}.{type(module).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------- timm
+@functools.cache
+def exact_types(paths: tuple[str, ...]) -> tuple[type, ...]:
+    """Classes named by ``"module.Class"`` paths; those whose module cannot be imported are left out.
+
+    timm is an optional dependency, so its classes are looked up lazily. Callers compare with
+    ``type(m) in exact_types(...)`` (not ``isinstance``): a subclass may change ``forward``, and running
+    it with the parent's maths would be silently wrong.
+    """
+    out = []
+    for path in paths:
+        mod_name, cls_name = path.rsplit(".", 1)
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError:
+            continue
+        cls = getattr(mod, cls_name, None)
+        if isinstance(cls, type):
+            out.append(cls)
+    return tuple(out)
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor, half: bool) -> torch.Tensor:
+    """Rotary embedding of ``x`` ``[..., N, hd]`` with a concatenated ``[sin | cos]`` table ``[N, 2 * hd]``.
+
+    ``half`` selects the rotate-half layout (pairs ``(i, i + hd/2)``); otherwise pairs are interleaved
+    ``(2i, 2i + 1)``. Computed in the wider of the two dtypes, returned in ``x``'s dtype.
+    """
+    sin, cos = table.chunk(2, dim=-1)
+    work = torch.promote_types(x.dtype, table.dtype)
+    xw = x.to(work)
+    if half:
+        a, b = xw.chunk(2, dim=-1)
+        rotated = torch.cat([-b, a], dim=-1)
+    else:
+        rotated = torch.stack([-xw[..., 1::2], xw[..., ::2]], dim=-1).reshape(xw.shape)
+    return (xw * cos.to(work) + rotated * sin.to(work)).to(x.dtype)
+
+
+class TimmSelfAttentionOps(AttentionOps):
+    """timm self-attention: ``Attention`` (ViT, SigLIP, ViTamin, MobileCLIP-B), ``AttentionRope``
+    (PE-Core), ``EvaAttention`` (EVA01/EVA02) and ``RelPosAttention``.
+
+    Rotary tables and additive position biases depend on the input grid, so the tower adapter builds
+    them and passes them in (``rope=``, ``bias=``).
+    """
+
+    _paths: ClassVar[tuple[str, ...]] = (
+        "timm.layers.attention.Attention",
+        "timm.layers.attention.AttentionRope",
+        "timm.models.eva.EvaAttention",
+        "timm.models.vision_transformer_relpos.RelPosAttention",
+    )
+
+    @classmethod
+    def handles(cls, module):
+        return type(module) in exact_types(cls._paths)
+
+    def __init__(self, module: nn.Module):
+        super().__init__(module)
+        qkv = getattr(module, "qkv", None)
+        if qkv is not None and not isinstance(qkv, nn.Linear):
+            raise TypeError(f"legrad supports timm attention with a Linear qkv projection, got {type(qkv).__name__}")
+
+    @property
+    def scale(self) -> float:
+        return float(self.module.scale)
+
+    @property
+    def has_gate(self) -> bool:
+        return getattr(self.module, "gate", None) is not None
+
+    def qkv(self, x_q, x_kv=None, rope: torch.Tensor | None = None):
+        """Per-head ``q, k, v`` ``[B, H, N, hd]`` after q/k norms and rotary embedding (prefix tokens unrotated)."""
+        if x_kv is not None and x_kv is not x_q:
+            raise ValueError("timm self-attention takes one input sequence")
+        m = self.module
+        x = x_q
+        dt = x.dtype
+        b, n, _ = x.shape
+        h, hd = m.num_heads, m.head_dim
+        h_kv = getattr(m, "num_kv_heads", h)
+        if getattr(m, "qkv", None) is not None:
+            bias = param(m.qkv.bias, dt)
+            if getattr(m, "q_bias", None) is not None:  # EvaAttention: q and v biases, k bias fixed at zero
+                bias = torch.cat([param(m.q_bias, dt), param(m.k_bias, dt), param(m.v_bias, dt)])
+            qkv = F.linear(x, param(m.qkv.weight, dt), bias).reshape(b, n, 3, h, hd).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+        else:
+            q = linear(m.q_proj, x).reshape(b, n, h, hd).transpose(1, 2)
+            k = linear(m.k_proj, x).reshape(b, n, h_kv, hd).transpose(1, 2)
+            v = linear(m.v_proj, x).reshape(b, n, h_kv, hd).transpose(1, 2)
+        q, k = apply_module(m.q_norm, q), apply_module(m.k_norm, k)
+        if rope is not None:
+            npt = int(getattr(m, "num_prefix_tokens", 0))
+            half = bool(getattr(m, "rotate_half", False))
+            q = torch.cat([q[:, :, :npt], apply_rope(q[:, :, npt:], rope, half)], dim=2)
+            k = torch.cat([k[:, :, :npt], apply_rope(k[:, :, npt:], rope, half)], dim=2)
+        if h_kv != h:  # grouped-query attention: head i reads kv head i // group
+            k = k.repeat_interleave(h // h_kv, dim=1)
+            v = v.repeat_interleave(h // h_kv, dim=1)
+        return q, k, v
+
+    def attend(self, q, k, v, bias: torch.Tensor | None = None):
+        if bias is not None:
+            bias = bias.to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+
+    def probs(self, q, k, bias: torch.Tensor | None = None):
+        logits = (q * self.scale) @ k.transpose(-1, -2)
+        if bias is not None:
+            logits = logits + bias.to(logits.dtype)
+        return torch.softmax(logits, dim=-1)
+
+    def out(self, o, x_in: torch.Tensor | None = None):
+        """Output projection; ``x_in`` (the attention's input) is needed only by gated attention."""
+        m = self.module
+        y = merge_heads(o)
+        norm = getattr(m, "norm", None)  # scale_norm (EVA02, PE); RelPosAttention has none
+        if norm is not None:
+            y = apply_module(norm, y)
+        if self.has_gate:
+            if x_in is None:
+                raise ValueError("gated timm attention needs its input to compute the gate")
+            y = y * torch.sigmoid(linear(m.gate, x_in.to(y.dtype)))
+        return linear(m.proj, y)
+
+
+class LatentPoolOps(AttentionOps):
+    """timm ``AttentionPoolLatent`` (the ``map`` head of SigLIP/SigLIP2 and PE-Core): learned latent
+    queries attending over the tower's tokens. :meth:`out` is the attention's projection only; the
+    pooler's residual MLP is applied by the tower adapter."""
+
+    _paths: ClassVar[tuple[str, ...]] = ("timm.layers.attention_pool.AttentionPoolLatent",)
+
+    @classmethod
+    def handles(cls, module):
+        return type(module) in exact_types(cls._paths)
+
+    @property
+    def scale(self) -> float:
+        return float(self.module.scale)
+
+    def latent(self, batch: int, dtype: torch.dtype) -> torch.Tensor:
+        """The latent queries ``[B, L, Dl]``."""
+        lat = param(self.module.latent, dtype)
+        return lat.expand(batch, -1, -1)
+
+    def qkv(self, x_q, x_kv=None):
+        """``x_q``: latent queries ``[B, L, Dl]``; ``x_kv``: tokens ``[B, N, C]``."""
+        if x_kv is None:
+            raise ValueError("AttentionPoolLatent needs the tokens as x_kv")
+        m = self.module
+        b, n, _ = x_kv.shape
+        h, hd = m.num_heads, m.head_dim
+        q = apply_module(m.q, x_q.to(x_kv.dtype))
+        q = q.reshape(b, q.shape[1], h, hd).transpose(1, 2)
+        kv = linear(m.kv, x_kv).reshape(b, n, 2, h, hd).permute(2, 0, 3, 1, 4)
+        k, v = kv.unbind(0)
+        return apply_module(m.q_norm, q), apply_module(m.k_norm, k), v
+
+    def attend(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+
+    def probs(self, q, k):
+        return torch.softmax((q * self.scale) @ k.transpose(-1, -2), dim=-1)
+
+    def out(self, o):
+        return apply_module(self.module.proj, merge_heads(o))
+
+
+register_attention_ops(LatentPoolOps)
+register_attention_ops(TimmSelfAttentionOps)

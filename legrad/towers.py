@@ -29,6 +29,7 @@ __all__ = [
     "LayerStep",
     "TowerAdapter",
     "OpenClipViTAdapter",
+    "OpenClipCoCaAdapter",
     "register_tower",
     "tower_adapter_for",
     "supported_tower_names",
@@ -53,6 +54,7 @@ class LayerStep:
             embedding), for :meth:`probs`; None if the adapter does not provide them.
         key: ``[B, H, Nk, hd]`` keys, likewise.
         scale: softmax temperature applied to ``query @ key^T`` (default ``hd ** -0.5``).
+        attn_bias: optional additive logit bias broadcastable to ``[B, H, Nq, Nk]`` (relative positions).
         tokens: ``[B, Nk, C]`` the explained attention's (pre-normed) input tokens; only set by
             :meth:`TowerAdapter.trace`, where they are part of the graph (GradCAM's activations).
     """
@@ -67,6 +69,7 @@ class LayerStep:
     key: torch.Tensor | None = None
     scale: float | None = None
     tokens: torch.Tensor | None = None
+    attn_bias: torch.Tensor | None = None
 
     def probs(self) -> torch.Tensor:
         """Post-softmax attention probabilities ``[B, H, Nq, Nk]`` of the explained attention (no grad).
@@ -77,6 +80,8 @@ class LayerStep:
             raise NotImplementedError("this tower adapter does not expose queries/keys")
         scale = self.query.shape[-1] ** -0.5 if self.scale is None else self.scale
         logits = (self.query * scale) @ self.key.transpose(-1, -2)
+        if self.attn_bias is not None:
+            logits = logits + self.attn_bias.to(logits.dtype)
         if self.key_mask is not None:
             logits = logits.masked_fill(~self.key_mask[:, None, None, :], float("-inf"))
         return logits.softmax(dim=-1)
@@ -92,6 +97,8 @@ class TowerAdapter:
     family: ClassVar[str] = "abstract"
     #: Entry points of :class:`~legrad.LeWrapper` that are valid for this family.
     entry_points: ClassVar[tuple[str, ...]] = ("compute_legrad",)
+    #: Whether LeWrapper applies the empty-prompt correction (SigLIP-style attention-pooled towers).
+    uses_empty_prompt_correction: ClassVar[bool] = False
 
     def __init__(self, visual: nn.Module):
         self.visual = visual
@@ -206,6 +213,14 @@ def _block_attention(blk: nn.Module) -> AttentionOps:
     return attention_ops_for(blk.attn)
 
 
+def _plain_openclip_vit_cfg(v: dict) -> bool:
+    """Whether an open_clip ``vision_cfg`` builds open_clip's own ViT with standard residual blocks."""
+    if v.get("timm_model_name") or isinstance(v.get("layers"), (list, tuple)):
+        return False
+    custom_flags = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
+    return v.get("block_type") in (None, "default") and not any(v.get(k) for k in custom_flags)
+
+
 class OpenClipViTAdapter(TowerAdapter):
     """open_clip ``VisionTransformer`` with CLS or average pooling (OpenAI/LAION CLIP, CLIPA, MetaCLIP...).
 
@@ -229,10 +244,17 @@ class OpenClipViTAdapter(TowerAdapter):
     @classmethod
     def supports_config(cls, model_cfg):
         v = model_cfg.get("vision_cfg", {})
-        if v.get("timm_model_name") or isinstance(v.get("layers"), (list, tuple)) or v.get("attentional_pool"):
-            return False
-        custom_flags = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
-        return v.get("block_type") != "custom" and not any(v.get(k) for k in custom_flags)
+        return _plain_openclip_vit_cfg(v) and not v.get("attentional_pool") and v.get("pool_type", "tok") != "none"
+
+    @classmethod
+    def from_model(cls, model):
+        adapter = super().from_model(model)
+        if adapter is not None and "compute_legrad_coca" not in adapter.entry_points:
+            from open_clip.coca_model import CoCa
+
+            if isinstance(model, CoCa):  # a CoCa model whose image tower pools by CLS token (coca_base)
+                adapter.entry_points = (*adapter.entry_points, "compute_legrad_coca")
+        return adapter
 
     @property
     def depth(self):
@@ -342,7 +364,73 @@ class OpenClipViTAdapter(TowerAdapter):
             yield step
 
 
-_TOWERS: list[type[TowerAdapter]] = [OpenClipViTAdapter]
+class OpenClipCoCaAdapter(OpenClipViTAdapter):
+    """open_clip ``VisionTransformer`` with CoCa's ``AttentionalPooler`` (learned queries over all tokens).
+
+    For each block ``l``: block ``l``'s output -> pooler (``ln_k`` on the tokens, ``ln_q`` on the
+    queries, ``nn.MultiheadAttention``) -> ``ln_post`` -> contrastive query (query 0; the mean of the
+    others for ``pool_type='avg'``) -> ``proj``. The gradient is taken w.r.t. the pooler's attention of
+    the contrastive query; the CLS key column is dropped.
+    """
+
+    family = "open_clip VisionTransformer + attentional pooler (CoCa)"
+    entry_points = ("compute_legrad", "compute_legrad_coca")
+
+    @classmethod
+    def matches(cls, visual):
+        from open_clip.transformer import AttentionalPooler, ResidualAttentionBlock, VisionTransformer
+
+        return (
+            isinstance(visual, VisionTransformer)
+            and type(getattr(visual, "attn_pool", None)) is AttentionalPooler
+            and getattr(visual, "attn_pool_contrastive", None) is None
+            and visual.pool_type in ("tok", "avg")
+            and all(isinstance(b, ResidualAttentionBlock) for b in visual.transformer.resblocks)
+        )
+
+    @classmethod
+    def supports_config(cls, model_cfg):
+        v = model_cfg.get("vision_cfg", {})
+        pool = v.get("attentional_pool")
+        # string values ('parallel', 'cascade') select open_clip's experimental second pooler
+        return _plain_openclip_vit_cfg(v) and bool(pool) and not isinstance(pool, str)
+
+    @property
+    def uses_attention_pooler(self):
+        return True
+
+    def pooler_step(self, layer: int, z: torch.Tensor) -> LayerStep:
+        """The explained pooler on block ``layer``'s output ``z`` ``[B, N, C]``."""
+        vis = self.visual
+        pool = vis.attn_pool
+        ops = attention_ops_for(pool.attn)
+        keys = apply_module(pool.ln_k, z)
+        queries = apply_module(pool.ln_q, param(pool.query, keys.dtype))
+        # ln_post and the projection act per query, so only the contrastive query rows are computed.
+        rows = queries[:1] if vis.pool_type == "tok" else queries[1:]
+        q, k, v = ops.qkv(rows.unsqueeze(0).expand(keys.shape[0], -1, -1), keys)
+        o = ops.attend(q, k, v).detach().requires_grad_(True)
+        with torch.enable_grad():
+            y = apply_module(vis.ln_post, ops.out(o))
+            y = y[:, 0] if vis.pool_type == "tok" else y.mean(1)
+            feature = y @ param(vis.proj, y.dtype) if vis.proj is not None else y
+        return LayerStep(layer=layer, feature=feature, out=o, value=v, num_prefix_tokens=1, query=q, key=k)
+
+    def steps(self, image, start, compute_dtype):
+        x = self._tokens(image, self.param_dtype())
+        blocks = self.visual.transformer.resblocks
+        for i in range(start):
+            x = self._block(blocks[i], x)
+        x = x.to(compute_dtype)
+        for i in range(start, len(blocks)):
+            x = self._block(blocks[i], x)
+            yield self.pooler_step(i, x)
+
+    # The parent's traced forward pools by CLS token; CoCa's pooled output is not traced (yet).
+    trace = TowerAdapter.trace
+
+
+_TOWERS: list[type[TowerAdapter]] = [OpenClipViTAdapter, OpenClipCoCaAdapter]
 
 UNSUPPORTED_HINT = (
     "LeGrad needs a Vision Transformer image tower with self-attention blocks; ModifiedResNet (RN50...), "
@@ -391,3 +479,9 @@ def tower_adapter_for(model: Any) -> TowerAdapter:
         f"unsupported image tower {type(tower).__module__}.{type(tower).__name__}. "
         f"{UNSUPPORTED_HINT} Supported families: {', '.join(supported_tower_names())}."
     )
+
+
+# timm towers live in their own module, which imports the base classes above.
+from .towers_timm import TimmMapAdapter, TimmViTAdapter  # noqa: E402
+
+_TOWERS.extend([TimmViTAdapter, TimmMapAdapter])
