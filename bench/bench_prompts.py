@@ -37,9 +37,11 @@ def _sync(device: str) -> None:
 
 
 def _median_time(fn, reps: int, device: str) -> float:
-    fn()  # warm-up (also fills the positional-embedding cache)
+    """Median wall time of ``reps`` calls (one call, no warm-up, when ``reps`` is 0)."""
+    if reps:
+        fn()
     times = []
-    for _ in range(reps):
+    for _ in range(max(reps, 1)):
         _sync(device)
         t0 = time.perf_counter()
         fn()
@@ -61,14 +63,25 @@ def time_one(model_name: str, size: int, prompts: list[int], reps: int, batch: i
         with torch.no_grad():
             model.encode_image(image)
 
-    base = _median_time(plain, reps, device)
     rows = []
     for p in prompts:
         text = torch.nn.functional.normalize(torch.randn(p, dim, device=device), dim=-1)
-        t = _median_time(lambda text=text: wrapper.compute_legrad(text, image=image), reps, device)
-        # plain forward again so that drift in machine load shows up in the ratio's denominator too
-        base = statistics.median([base, _median_time(plain, max(1, reps // 2), device)])
-        rows.append({"size": size, "P": p, "forward_s": base, "legrad_s": t, "ratio": t / base})
+
+        def explain(text=text):
+            wrapper.compute_legrad(text, image=image)
+
+        plain(), explain()  # warm-up (also fills the positional-embedding cache)
+        # Interleaved pairs: each ratio compares calls made moments apart, which cancels slow drifts
+        # of machine load; the median over pairs discards bursts.
+        base_t, legrad_t, ratios = [], [], []
+        for _ in range(reps):
+            b = _median_time(plain, 0, device)
+            t = _median_time(explain, 0, device)
+            base_t.append(b)
+            legrad_t.append(t)
+            ratios.append(t / b)
+        rows.append({"size": size, "P": p, "forward_s": statistics.median(base_t),
+                     "legrad_s": statistics.median(legrad_t), "ratio": statistics.median(ratios)})
     return rows
 
 
@@ -139,7 +152,7 @@ def main() -> None:
 
     print(f"model={args.model} batch={args.batch} threads={torch.get_num_threads()} device={args.device} "
           f"torch={torch.__version__}")
-    print("| size | P | plain forward (s, median) | LeGrad (s, median) | ratio | extra peak memory (MiB) |")
+    print("| size | P | plain forward (s, median) | LeGrad (s, median) | ratio (median of pairs) | extra peak memory (MiB) |")
     print("|---|---|---|---|---|---|")
     for size in args.sizes:
         for row in time_one(args.model, size, args.prompts, args.reps, args.batch, args.device):
