@@ -222,7 +222,7 @@ def _load_open_clip(name: str, pretrained: str | None, device: str) -> tuple[Any
             raise ModelLoadError(f"could not load checkpoint {tag!r} into {name}: {_one_line(exc)}") from exc
         raise ModelLoadError(
             f"could not download the {tag!r} weights of {name} ({_one_line(exc, 160)}); check the internet "
-            "connection, or download them once and pass the file with --pretrained PATH"
+            "connection, or give a downloaded checkpoint file as pretrained (--pretrained PATH)"
         ) from exc
     try:
         tokenizer = open_clip.get_tokenizer(name)
@@ -278,8 +278,8 @@ def _fail_fast_if_offline(name: str, tag: str) -> None:
     except OSError as exc:
         raise ModelLoadError(
             f"cannot download the {tag!r} weights of {name}: {host} is unreachable ({_one_line(exc, 80)}) and "
-            "they are not in the local cache; connect to the internet once, or pass a local checkpoint with "
-            "--pretrained PATH (or use the offline demo model: --model toy)"
+            "they are not in the local cache; connect to the internet once, or give a local checkpoint file as "
+            "pretrained (--pretrained PATH), or use the offline demo model 'toy'"
         ) from exc
 
 
