@@ -36,7 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
-        module = importlib.import_module(name)
+        try:
+            module = importlib.import_module(name)
+        except ImportError as exc:
+            # One broken or missing command must not take the others down with it.
+            print(f"legrad: warning: command module {name} unavailable ({exc})", file=sys.stderr)
+            continue
         sub = module.add_parser(subparsers)
         sub.set_defaults(_run=module.run)
     return parser
