@@ -108,7 +108,8 @@ def _readout(adapter: TowerAdapter, step: LayerStep, mat: torch.Tensor) -> torch
     if nq != nk:  # attention pooler: its queries make the embedding
         return mat.mean(1)
     visual = getattr(adapter, "visual", None)
-    avg_pool = getattr(visual, "pool_type", None) == "avg" or getattr(visual, "global_pool", None) == "avg"
+    trunk = getattr(adapter, "trunk", None)  # timm towers
+    avg_pool = getattr(visual, "pool_type", None) == "avg" or getattr(trunk, "global_pool", None) == "avg"
     prefix = step.num_prefix_tokens
     if avg_pool or prefix == 0:
         return mat[:, prefix:].mean(1)
@@ -126,6 +127,15 @@ def _patch_columns(step: LayerStep, rel: torch.Tensor) -> torch.Tensor:
 def _attention_steps(run: _Run, start: int) -> Iterator[LayerStep]:
     # steps() builds a small per-layer graph for LeGrad; the attention baselines just ignore it.
     return run.adapter.steps(run.image, start, run.dtype)
+
+
+def _require_self_attention(run: _Run, step: LayerStep, method: str) -> None:
+    nq, nk = step.query.shape[-2], step.key.shape[-2]
+    if nq != nk:
+        raise NotImplementedError(
+            f"{method} needs every block's self-attention, but the {run.adapter.family} adapter explains "
+            "each layer through its attention pooler; use legrad or raw_attention for this model"
+        )
 
 
 def _check_start(adapter: TowerAdapter, start_layer: int) -> int:
@@ -169,8 +179,7 @@ def attention_rollout(
     """Attention rollout (Abnar & Zuidema, 2020), prompt-independent.
 
     ``R = (0.5 E_h A_L + 0.5 I) ... (0.5 E_h A_s + 0.5 I)`` over blocks ``s = start_layer .. L``; the
-    identity models the residual connection. An attention pooler after the blocks (non-square
-    attention) multiplies on the left without identity. ``map = R[cls, patches]``.
+    identity models the residual connection. ``map = R[cls, patches]``.
 
     Args:
         model: OpenCLIP model or :class:`~legrad.LeWrapper`.
@@ -183,18 +192,16 @@ def attention_rollout(
 
     Raises:
         TypeError, ValueError: on invalid inputs, before any computation.
+        NotImplementedError: for towers whose adapter explains layers through an attention pooler.
     """
     run = _Run(model, text_embedding, image)
     start = _check_start(run.adapter, start_layer)
     with torch.inference_mode(False), torch.no_grad():
         rollout, last = None, None
         for step in _attention_steps(run, start):
-            a = step.probs().mean(1).to(torch.float64)  # [B, Nq, Nk]; float64: a long product of matrices
-            if a.shape[-2] == a.shape[-1]:
-                eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-                a = 0.5 * a + 0.5 * eye
-            elif rollout is not None and a.shape[-1] != rollout.shape[-2]:
-                raise NotImplementedError("attention pooler keys do not match the blocks' tokens")
+            _require_self_attention(run, step, "attention rollout")
+            a = step.probs().mean(1).to(torch.float64)  # [B, N, N]; float64: a long product of matrices
+            a = 0.5 * a + 0.5 * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
             rollout = a if rollout is None else a @ rollout
             last = step
         rel = _patch_columns(last, _readout(run.adapter, last, rollout))
@@ -279,14 +286,12 @@ def chefercam(
             used = steps[start:]
             r = None
             for step, d_out in zip(used, grads):
+                _require_self_attention(run, step, "CheferCAM")
                 grad_attn = d_out @ step.value.to(d_out.dtype).transpose(-1, -2)  # [B, H, Nq, Nk]
                 abar = (grad_attn * step.probs().to(d_out.dtype)).clamp_min(0).mean(1).to(torch.float64)
                 if r is None:
                     r = torch.eye(abar.shape[-1], dtype=abar.dtype, device=abar.device).expand(run.batch, -1, -1)
-                if abar.shape[-2] == abar.shape[-1]:
-                    r = r + abar @ r
-                else:  # attention pooler: no residual around it
-                    r = abar @ r
+                r = r + abar @ r
             rel[:, p] = _patch_columns(used[-1], _readout(run.adapter, used[-1], r))
     return run.finish(rel)
 

@@ -205,7 +205,7 @@ class TowerAdapter:
         """
         raise NotImplementedError(
             f"the {self.family} adapter has no traced forward (TowerAdapter.trace), which gradient "
-            "baselines (GradCAM, CheferCAM) need; LeGrad and the attention baselines still work"
+            "baselines (GradCAM, CheferCAM) need; LeGrad and raw attention still work"
         )
 
 

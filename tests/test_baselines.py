@@ -46,8 +46,8 @@ def _inputs(batch=2, prompts=3, dtype=torch.float64, seed=1):
 
 
 # ----------------------------------------------------------------------------- oracle
-def _explicit_forward(model, img):
-    """One image ``[1, 3, H, W]`` (native size) -> (attention inputs h_l, probabilities A_l, embedding)."""
+def _explicit_blocks(model, img):
+    """One image ``[1, 3, H, W]`` (native size) -> (attention inputs h_l, probabilities A_l, last tokens)."""
     v = model.visual
     x = v.conv1(img).flatten(2).transpose(1, 2)
     x = torch.cat([v.class_embedding.reshape(1, 1, -1).to(x.dtype), x], dim=1) + v.positional_embedding
@@ -66,6 +66,13 @@ def _explicit_forward(model, img):
         x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
         hs.append(h)
         attns.append(a)
+    return hs, attns, x
+
+
+def _explicit_forward(model, img):
+    """(attention inputs h_l, probabilities A_l, the model's pooled embedding) of one image."""
+    v = model.visual
+    hs, attns, x = _explicit_blocks(model, img)
     if v.pool_type == "tok":
         pooled = v.ln_post(x)[:, 0]
     else:
@@ -155,6 +162,50 @@ def test_float32_model_close_to_float64(model64):
         a = METHODS[name](model32, text.float(), image.float())
         b = METHODS[name](model64, text, image)
         assert (a - b).abs().max() < 1e-3, name
+
+
+def _tiny_coca(seed=0):
+    cfg = open_clip.get_model_config("coca_ViT-B-32")
+    small = dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1)
+    torch.manual_seed(seed)
+    return open_clip.create_model(
+        "coca_ViT-B-32", pretrained=None, embed_dim=32,
+        vision_cfg={**cfg["vision_cfg"], **dict(image_size=32, patch_size=8, width=64, layers=2, head_width=16,
+                                                attn_pooler_heads=2)},
+        text_cfg={**cfg["text_cfg"], **small}, multimodal_cfg={**cfg["multimodal_cfg"], **small, "attn_pooler_heads": 2},
+    ).eval().double()
+
+
+def test_raw_attention_attention_pooler_oracle():
+    """CoCa: the 'CLS row' is the contrastive pooler query's attention over the last block's tokens."""
+    model = _tiny_coca()
+    image, text = _inputs(batch=2, prompts=2, seed=6)
+    got = raw_attention(model, text, image)
+    pool = model.visual.attn_pool
+    mha = pool.attn
+    nh, d = mha.num_heads, mha.embed_dim // mha.num_heads
+    want = torch.zeros_like(got, dtype=torch.float64)
+    with torch.no_grad():
+        for b in range(2):
+            _, _, x = _explicit_blocks(model, image[b : b + 1])
+            keys = pool.ln_k(x)[0]  # [N, C]
+            query = pool.ln_q(pool.query)[0]  # contrastive query (pool_type 'tok')
+            q = (mha.q_proj_weight @ query + mha.in_proj_bias[: mha.embed_dim]).reshape(nh, d)
+            k = (keys @ mha.k_proj_weight.t() + mha.in_proj_bias[mha.embed_dim : 2 * mha.embed_dim]).reshape(-1, nh, d)
+            probs = torch.stack([torch.softmax(k[:, h] @ q[h] / d**0.5, dim=0) for h in range(nh)])
+            m = _to_map(probs.mean(0)[1:], (4, 4), (32, 32))
+            want[b] = m.expand(2, -1, -1)
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=0)
+
+
+def test_attention_pooler_towers_refuse_block_methods_clearly():
+    model = _tiny_coca()
+    image, text = _inputs(batch=1, prompts=1)
+    with pytest.raises(NotImplementedError, match="attention pooler; use legrad or raw_attention"):
+        attention_rollout(model, text, image)
+    for fn in (gradcam, chefercam):
+        with pytest.raises(NotImplementedError, match="traced forward"):
+            fn(model, text, image)
 
 
 # ----------------------------------------------------------------------------- contract
