@@ -20,6 +20,8 @@ __all__ = ["SUBCOMMAND_MODULES", "build_parser", "main"]
 SUBCOMMAND_MODULES: list[str] = [
     "legrad.commands.explain",
     "legrad.commands.models",
+    "legrad.commands.extract",
+    "legrad.benchmark",
 ]
 
 

@@ -1,0 +1,138 @@
+"""``legrad extract``: heatmaps for a whole dataset, one ``.npz`` per image; resumable; runs under torchrun."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+_EPILOG = """\
+examples:
+  legrad extract images/ --out heatmaps/ -p "a red circle" -p "a blue square"
+  legrad extract val.jsonl --out heatmaps/ --model ViT-B-16 --pretrained laion2b_s34b_b88k \\
+      --prompts-file classes.txt --batch-size 32 --workers 8
+  torchrun --standalone --nproc_per_node=4 -m legrad extract images/ --out heatmaps/ --prompts-file classes.txt
+
+INPUT is a folder (walked recursively, sorted) or a JSONL file with one {"image": path, "prompts": [...]}
+per line (paths relative to the file; lines without "prompts" use -p/--prompts-file).
+Outputs: OUT/<image path>.npz (maps [P, h, w] in [0, 1], prompts, similarity [P], image, image_size,
+input_size, config) and OUT/manifest.jsonl (one line per image: output, prompts, similarities, status,
+error). Rerunning the same command skips images whose output is complete and valid. Unreadable images
+are recorded in the manifest and skipped; the exit status is 1 if any image failed.
+"""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _size(text: str) -> tuple[int, int] | None:
+    from legrad.loading import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _map_size(text: str) -> str | tuple[int, int]:
+    from legrad.extract import _check_map_size
+
+    try:
+        return _check_map_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Registers ``legrad extract``."""
+    p = subparsers.add_parser(
+        "extract",
+        help="heatmaps for a whole dataset (one .npz per image), resumable, distributed with torchrun",
+        description="Explain every image of a folder or JSONL manifest against its prompts; rerun to resume.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("input", metavar="INPUT", help="a folder of images or a .jsonl manifest")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("-p", "--prompt", dest="prompts", action="append", default=None, metavar="PROMPT",
+                   help="a text prompt for every image (repeat for several)")
+    p.add_argument("--prompts-file", default=None, metavar="FILE",
+                   help="one prompt per line (blank lines and # comments ignored), e.g. class names")
+    p.add_argument("--model", default="toy",
+                   help="'toy' (bundled demo model, default) or an OpenCLIP model name (see `legrad models`)")
+    p.add_argument("--pretrained", default=None, metavar="TAG_OR_PATH",
+                   help="pretrained tag or local checkpoint (default: the model's first tag; 'none' = random)")
+    p.add_argument("--size", type=_size, default=None, metavar="N|HxW",
+                   help="explained image size, multiple of the patch size (default: the model's native size)")
+    p.add_argument("--layer-index", type=int, default=None, metavar="K",
+                   help="first explained block, negative counts from the end (default: the model's recommended)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="images per batch (default 8)")
+    p.add_argument("--workers", type=_non_negative_int, default=4, metavar="N",
+                   help="data-loading worker processes per rank (default 4; 0 = load in the main process)")
+    p.add_argument("--map-size", type=_map_size, default="grid", metavar="grid|input|HxW",
+                   help="stored map resolution: the patch grid (default, smallest), the explained input size, or HxW")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16",
+                   help="stored map dtype (default float16)")
+    p.add_argument("--device", default="auto",
+                   help="auto (default), cpu or cuda; under torchrun each rank uses cuda:LOCAL_RANK")
+    p.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+                   help="only the first N images (try settings on a sample; rerun without it to continue)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the extraction; returns 0 if every image has a valid output, 1 if any failed, 2 on bad input.
+
+    Under torchrun only rank 0 returns 1 for failed images (the job's exit status is still non-zero).
+    """
+    from legrad.extract import run as extract
+    from legrad.loading import ModelLoadError
+
+    prog = "legrad extract"
+    # Under torchrun every rank runs this; one copy of each message is enough.
+    talk = os.environ.get("RANK", "0") in ("", "0")
+    try:
+        result = extract(
+            args.input, args.out, args.prompts, prompts_file=args.prompts_file, model=args.model,
+            pretrained=args.pretrained, size=args.size, layer_index=args.layer_index, batch_size=args.batch_size,
+            workers=args.workers, map_size=args.map_size, dtype=args.dtype, device=args.device, limit=args.limit,
+            progress=not args.quiet,
+        )
+    except (TypeError, ValueError) as exc:
+        if talk:
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModelLoadError as exc:
+        if talk:
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    if result.rank == 0:
+        for image, error in result.failures[:10]:
+            print(f"{prog}: failed {image}: {error}", file=sys.stderr)
+        if len(result.failures) > 10:
+            print(f"{prog}: ... and {len(result.failures) - 10} more (status \"error\" in the manifest)",
+                  file=sys.stderr)
+        procs = f" on {result.world_size} processes" if result.world_size > 1 else ""
+        speed = f" ({result.images_per_second:.2f} images/s{procs})" if result.computed else procs
+        print(f"{prog}: {result.total} images: {result.computed} computed, {result.skipped} already done, "
+              f"{result.failed} failed{speed}; manifest: {result.manifest}")
+    # Only rank 0 reports the failure: torchrun then exits non-zero without terminating the other ranks.
+    return 1 if not result.ok and result.rank == 0 else 0
