@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .correction import apply_empty_prompt_correction, resolve_empty_embedding
 from .heatmap import accumulate_relevance, min_max, upsample
 from .towers import TowerAdapter, tower_adapter_for
 
@@ -190,6 +191,49 @@ class LeWrapper:
         self._require_entry_point("compute_legrad_clip")
         return self.compute_legrad(text_embedding, image, layer_index=layer_index, prompt_chunk=prompt_chunk)
 
+    def compute_legrad_coca(
+        self,
+        text_embedding: torch.Tensor,
+        image: torch.Tensor | None = None,
+        *,
+        layer_index: int | None = None,
+        prompt_chunk: int | None = None,
+    ) -> torch.Tensor:
+        """LeGrad for CoCa models (one map per prompt). Same contract as :meth:`compute_legrad`.
+
+        Raises:
+            TypeError: if the model is not an open_clip CoCa (use :meth:`compute_legrad`).
+        """
+        self._require_entry_point("compute_legrad_coca")
+        return self.compute_legrad(text_embedding, image, layer_index=layer_index, prompt_chunk=prompt_chunk)
+
+    def compute_legrad_siglip(
+        self,
+        text_embedding: torch.Tensor,
+        image: torch.Tensor | None = None,
+        *,
+        layer_index: int | None = None,
+        prompt_chunk: int | None = None,
+        apply_correction: bool | None = None,
+        correction_threshold: float | None = None,
+    ) -> torch.Tensor:
+        """LeGrad for attention-pooled towers (SigLIP, SigLIP2, PE-Core). Same contract as :meth:`compute_legrad`.
+
+        Args:
+            apply_correction: overrides the wrapper's ``apply_correction`` for this call.
+            correction_threshold: overrides the wrapper's ``correction_threshold`` for this call.
+
+        Raises:
+            TypeError: if the tower has no SigLIP-style attention pooler (use :meth:`compute_legrad`).
+            ValueError: if the correction is on and neither a tokenizer nor ``empty_text_embedding`` was given.
+        """
+        self._require_entry_point("compute_legrad_siglip")
+        if apply_correction is None and correction_threshold is None:
+            return self.compute_legrad(text_embedding, image, layer_index=layer_index, prompt_chunk=prompt_chunk)
+        image, text, start = self._validate(text_embedding, image, layer_index, prompt_chunk)
+        return self._legrad(self._adapter, image, text, start, prompt_chunk, apply_correction=apply_correction,
+                            correction_threshold=correction_threshold)
+
     def _require_entry_point(self, name: str) -> None:
         if name not in self._adapter.entry_points:
             valid = ", ".join(self._adapter.entry_points)
@@ -198,7 +242,13 @@ class LeWrapper:
             )
 
     def _legrad(self, adapter: TowerAdapter, image: torch.Tensor, text: torch.Tensor, start: int,
-                prompt_chunk: int | None) -> torch.Tensor:
+                prompt_chunk: int | None, *, apply_correction: bool | None = None,
+                correction_threshold: float | None = None) -> torch.Tensor:
+        correct = self.apply_correction if apply_correction is None else bool(apply_correction)
+        threshold = self.correction_threshold if correction_threshold is None else float(correction_threshold)
+        empty = None
+        if correct and adapter.uses_empty_prompt_correction:
+            empty = resolve_empty_embedding(self._model, adapter, self._tokenizer, self._empty_text_embedding)
         out_device = image.device
         device = adapter.device()
         param_dtype = adapter.param_dtype()
@@ -212,7 +262,13 @@ class LeWrapper:
             txt = text.detach().to(device=device, dtype=compute_dtype)
             if txt.is_inference():
                 txt = txt.clone()
+            if empty is not None:  # one extra prompt in the same batched backward
+                e = empty.to(device=device, dtype=compute_dtype)
+                e = e.expand(1, -1) if txt.ndim == 2 else e.expand(txt.shape[0], 1, -1)
+                txt = torch.cat([txt, e], dim=-2)
             rel = accumulate_relevance(adapter.steps(img, start, compute_dtype), txt, prompt_chunk)
+            if empty is not None:
+                rel = apply_empty_prompt_correction(rel[:, :-1], rel[:, -1:], threshold)
             maps = rel.reshape(rel.shape[0], rel.shape[1], gh, gw).float()
             maps = min_max(upsample(maps, (height, width)))
         return maps.to(out_device)

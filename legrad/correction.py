@@ -1,0 +1,93 @@
+"""The empty-prompt correction of attention-pooled (SigLIP-style) towers.
+
+Maps of towers whose embedding comes from an attention pooler (``map`` pool) tend to light up the
+same few tokens whatever the prompt. The correction computes the map of a content-free prompt
+(``"a photo of a"``) alongside the real prompts (one extra prompt in the same batched backward, no
+extra forward), min-max normalises it on the patch grid and zeroes the real maps wherever it exceeds
+a threshold; the wrapper then upsamples and min-max normalises as usual.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["EMPTY_PROMPT", "resolve_empty_embedding", "apply_empty_prompt_correction"]
+
+#: The content-free prompt whose map marks the tokens to suppress.
+EMPTY_PROMPT = "a photo of a"
+
+_HOW = (
+    "pass LeWrapper(model, tokenizer=open_clip.get_tokenizer(model_name)) or "
+    "LeWrapper(model, empty_text_embedding=model.encode_text(tokenizer(['a photo of a']), normalize=True)[0]), "
+    "or turn the correction off with apply_correction=False"
+)
+
+
+def resolve_empty_embedding(
+    model: nn.Module,
+    adapter: Any,
+    tokenizer: Any,
+    embedding: torch.Tensor | None,
+) -> torch.Tensor:
+    """The ``[D]`` embedding of :data:`EMPTY_PROMPT` for the correction.
+
+    An explicit ``embedding`` is used as given; otherwise the prompt is tokenized with ``tokenizer`` and
+    encoded by the model (``encode_text(..., normalize=True)``, or the adapter's ``encode_prompts`` for
+    model families with another text API). Nothing is ever downloaded.
+
+    Raises:
+        ValueError: if neither is available, or the embedding has the wrong shape or width.
+        TypeError: if the explicit embedding is not a float tensor.
+    """
+    dim = adapter.embed_dim
+    if embedding is not None:
+        if not isinstance(embedding, torch.Tensor) or not embedding.is_floating_point():
+            raise TypeError(f"empty_text_embedding must be a float torch.Tensor [D], got {type(embedding).__name__}")
+        emb = embedding.detach().reshape(-1) if embedding.ndim == 2 and embedding.shape[0] == 1 else embedding
+        if emb.ndim != 1 or emb.shape[0] != dim:
+            raise ValueError(
+                f"empty_text_embedding must be [D] with D={dim} (the text embedding width), got shape "
+                f"{tuple(embedding.shape)}"
+            )
+        if not bool(torch.isfinite(emb).all()):
+            raise ValueError("empty_text_embedding contains NaN or infinite values")
+        return emb.detach()
+    if tokenizer is None:
+        raise ValueError(
+            f"this tower ({adapter.family}) applies the empty-prompt correction, which needs the embedding of "
+            f"the prompt {EMPTY_PROMPT!r}: {_HOW}"
+        )
+    encode = getattr(adapter, "encode_prompts", None)
+    with torch.no_grad():
+        if encode is not None:
+            emb = encode(model, tokenizer, [EMPTY_PROMPT])
+        else:
+            tokens = tokenizer([EMPTY_PROMPT])
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+            emb = model.encode_text(tokens.to(device), normalize=True)
+    emb = emb.reshape(-1)
+    if emb.shape[0] != dim:
+        raise ValueError(f"the tokenizer's prompt encodes to width {emb.shape[0]}, the image tower's is {dim}; {_HOW}")
+    return emb
+
+
+def apply_empty_prompt_correction(rel: torch.Tensor, rel_empty: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Zeroes relevance where the empty prompt's min-max normalised relevance exceeds ``threshold``.
+
+    Args:
+        rel: ``[B, P, N]`` relevance of the real prompts on the patch grid (summed over layers).
+        rel_empty: ``[B, 1, N]`` relevance of the empty prompt.
+        threshold: in [0, 1].
+
+    Returns:
+        ``[B, P, N]`` corrected relevance (a new tensor).
+    """
+    lo = rel_empty.amin(dim=-1, keepdim=True)
+    hi = rel_empty.amax(dim=-1, keepdim=True)
+    rng = hi - lo
+    ok = rng > torch.finfo(rel_empty.dtype).tiny
+    normed = torch.where(ok, (rel_empty - lo) / torch.where(ok, rng, torch.ones_like(rng)), torch.zeros_like(rel_empty))
+    return rel.masked_fill(normed > threshold, 0.0)
