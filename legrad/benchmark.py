@@ -315,8 +315,13 @@ def evaluate(
     if len(samples) == 0:
         raise ValueError("no samples to evaluate")
     fr = tuple(DEFAULT_FRACTIONS if fractions is None else fractions)
-    # A wrapper of our own: setting layer_index on the caller's wrapper would change their object.
-    wrapper = LeWrapper(model.model if isinstance(model, LeWrapper) else model, layer_index=layer_index)
+    # A wrapper of our own: setting layer_index on the caller's wrapper would change their object. The
+    # tokenizer lets towers that need the empty-prompt correction (SigLIP-style) build it.
+    if isinstance(model, LeWrapper):
+        wrapper = LeWrapper(model.model, layer_index=layer_index, tokenizer=tokenizer,
+                            apply_correction=model.apply_correction, correction_threshold=model.correction_threshold)
+    else:
+        wrapper = LeWrapper(model, layer_index=layer_index, tokenizer=tokenizer)
     results = {name: MethodResult() for name in names}
 
     indices: Any = range(len(samples))
