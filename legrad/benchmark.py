@@ -59,7 +59,7 @@ logger = logging.getLogger(__name__)
 #: Seed of the default synthetic scenes (not used to train or tune the demo model).
 DEFAULT_SEED = 2025
 #: Default number of synthetic scenes (a few minutes on 2 CPU cores).
-DEFAULT_TOY_LIMIT = 200
+DEFAULT_TOY_LIMIT = 100
 
 
 @dataclass
@@ -404,7 +404,7 @@ def format_table(summaries: dict[str, dict[str, Any]]) -> str:
 # ----------------------------------------------------------------------------- command line
 _EPILOG = """\
 examples:
-  legrad bench                                   # bundled demo model, 200 fresh synthetic scenes
+  legrad bench                                   # bundled demo model, 100 fresh synthetic scenes
   legrad bench --limit 20 --methods legrad rollout --no-perturbation
   legrad bench --data my_dataset --model ViT-B-16 --pretrained laion2b_s34b_b88k --device cuda
 
@@ -548,10 +548,21 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=2, allow_nan=True) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(_strict_json(payload), indent=2, allow_nan=False) + "\n", encoding="utf-8")
         tmp.replace(out)
         print(f"\nresults written to {out}")
     return 0
+
+
+def _strict_json(obj: Any) -> Any:
+    """NaN (not measured) -> null, so that the file is standard JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict_json(v) for v in obj]
+    return obj
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -172,8 +172,9 @@ def test_cli_user_dataset(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "| legrad |" in printed and "| rollout |" in printed and "1 images from" in printed
-    payload = json.loads(out.read_text())
+    payload = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))
     assert payload["config"]["images"] == 1 and payload["methods"]["legrad"]["pairs"] == 1
+    assert payload["methods"]["rollout"]["pos_auc"] is None  # not measured (--no-perturbation)
 
 
 def test_cli_bundled_scenes(tmp_path, capsys):
