@@ -464,7 +464,12 @@ class _TimmTowerAdapter(TowerAdapter):
         return _apply(self.visual.head, y)
 
     def _run(self, image: torch.Tensor, start: int, compute_dtype: torch.dtype):
-        """Yields ``(layer, block, bias, x_in, rope)`` for explained blocks; lower blocks run in the model dtype."""
+        """Embeds the image and runs the blocks below ``start`` (in the model dtype).
+
+        Returns:
+            ``(x, rope, blocks)``: tokens ``[B, N, C]`` entering block ``start``, in ``compute_dtype``; the
+            rotary table (or None); ``(block, attention bias)`` for every block.
+        """
         model_dtype = self.param_dtype()
         grid = self.grid_size(image.shape[-2], image.shape[-1])
         rope, blocks = self._block_inputs(grid, image.device)
