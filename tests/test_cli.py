@@ -165,3 +165,17 @@ def test_help_lists_the_commands(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "explain" in out and "models" in out
+
+
+def test_unreachable_weights_host_fails_fast(tmp_path, monkeypatch):
+    # No proxy, no offline flag, empty cache, a host that cannot resolve: ModelLoadError at once
+    # instead of the Hub client's minute of retries.
+    from legrad.loading import ModelLoadError, load_model
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
+                "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.unreachable.invalid")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+    with pytest.raises(ModelLoadError, match="unreachable"):
+        load_model("ViT-B-32", "laion2b_s34b_b79k", "cpu")

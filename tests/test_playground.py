@@ -1,0 +1,90 @@
+"""Tests of playground.py: the offline default run (subprocess) and its error handling."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from frontend_utils import PYTHON, REPO, subprocess_env, toy_pretrained_args, write_scenes
+from PIL import Image
+
+
+@pytest.fixture(scope="module")
+def playground():
+    sys.path.insert(0, str(REPO))
+    try:
+        import playground as module
+    finally:
+        sys.path.remove(str(REPO))
+    return module
+
+
+def test_default_run_prints_similarities_and_writes_the_figure(tmp_path, playground):
+    pre = toy_pretrained_args(tmp_path)
+    out = tmp_path / "pg.png"
+    res = subprocess.run([PYTHON, "playground.py", "--out", str(out), *pre], capture_output=True, text=True,
+                         timeout=240, env=subprocess_env(), cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+
+    image, phrases, absent, _ = playground.default_scene()
+    prompts = [*phrases, absent]
+    printed = {}
+    for line in res.stdout.splitlines():
+        m = re.match(r"^\s+(.+?)\s+(-?\d+\.\d+)\s+(\d+\.\d+)$", line)
+        if m:
+            printed[m.group(1)] = (float(m.group(2)), float(m.group(3)))
+    assert list(printed) == prompts
+
+    # The printed similarities are the model's cosine similarities, recomputed here from scratch.
+    from legrad.loading import load_model
+
+    model, preprocess, tokenizer = load_model("toy", pre[1] if pre else None, "cpu")
+    with torch.no_grad():
+        img = model.encode_image(preprocess(image).unsqueeze(0))
+        txt = model.encode_text(tokenizer(prompts))
+    cos = (img / img.norm(dim=-1, keepdim=True)) @ (txt / txt.norm(dim=-1, keepdim=True)).T
+    for p, prompt in enumerate(prompts):
+        assert printed[prompt][0] == pytest.approx(float(cos[0, p]), abs=1.5e-3)
+    assert sum(v[1] for v in printed.values()) == pytest.approx(1.0, abs=5e-3)
+
+    with Image.open(out) as fig:
+        assert fig.format == "PNG"
+        # One row: the image and one panel per prompt.
+        assert fig.width > (len(prompts) + 1) * 0.8 * fig.height
+    assert f"wrote {out}" in res.stdout
+
+
+def test_bad_inputs_give_one_line(tmp_path, playground, capsys):
+    pre = toy_pretrained_args(tmp_path)
+    out = tmp_path / "never.png"
+    assert playground.main(["--image", str(tmp_path / "missing.jpg"), "-p", "x", "--out", str(out), *pre]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no such file" in err[0]
+
+    scene, _ = write_scenes(tmp_path, 1)[0]
+    assert playground.main(["--image", str(scene), "--out", str(out), *pre]) == 2
+    assert "--prompt" in capsys.readouterr().err
+
+    assert playground.main(["--image", str(scene), "-p", "x", "--size", "70", "--out", str(out), *pre]) == 2
+    assert "patch size" in capsys.readouterr().err
+
+    assert playground.main(["--model", "ViT-B-16", "--pretrained", str(tmp_path / "nope.pt"), "--out",
+                            str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not found" in err[0]
+    assert not out.exists()
+
+
+def test_custom_image_and_prompts(tmp_path, playground, capsys):
+    pre = toy_pretrained_args(tmp_path)
+    scene, phrases = write_scenes(tmp_path, 1, seed=7)[0]
+    out = tmp_path / "custom.png"
+    assert playground.main(["--image", str(scene), "-p", phrases[0], "-p", "a black star", "--out", str(out),
+                            *pre]) == 0
+    stdout = capsys.readouterr().out
+    assert phrases[0] in stdout and "a black star" in stdout and str(scene) in stdout
+    assert out.is_file()
