@@ -598,7 +598,6 @@ def _extract(ctx: _Dist, explainer: Explainer, tasks: list[ImageTask], out_dir: 
     model = explainer.wrapper.model
     model_dtype = explainer._dtype()
 
-    shard = out_dir / f".manifest.rank{ctx.rank:05d}-of-{ctx.world:05d}.jsonl"
     records: dict[int, dict[str, Any]] = {t.index: _record(t, done[t.index], None) for t in mine if t.index in done}
     failures: list[tuple[str, str]] = []
     computed = 0
@@ -617,21 +616,13 @@ def _extract(ctx: _Dist, explainer: Explainer, tasks: list[ImageTask], out_dir: 
     bar = tqdm(total=len(tasks), initial=g_skipped, unit="img", desc="extract", file=sys.stderr,
                disable=not progress or ctx.rank != 0, dynamic_ncols=True)
     t0 = time.perf_counter()
-    with shard.open("w", encoding="utf-8") as shard_fh, bar, \
-            (logging_redirect_tqdm() if ctx.rank == 0 and progress else contextlib.nullcontext()):
+    with bar, (logging_redirect_tqdm() if ctx.rank == 0 and progress else contextlib.nullcontext()):
 
         def finish(task: ImageTask, sim: list[float] | None, error: str | None) -> None:
-            rec = _record(task, sim, error)
-            records[task.index] = rec
+            records[task.index] = _record(task, sim, error)
             if error is not None:
                 failures.append((task.image, error))
                 logger.warning("failed %s: %s", task.image, error)
-            shard_fh.write(json.dumps({"index": task.index, **rec}) + "\n")
-
-        # Already-done images go into this run's shard too: the manifest is rebuilt from the shards.
-        for t in mine:
-            if t.index in done:
-                shard_fh.write(json.dumps({"index": t.index, **records[t.index]}) + "\n")
 
         batches: Iterator[dict[str, Any]] = iter(loader) if loader is not None else iter(())
         for _ in range(n_steps):
@@ -646,12 +637,17 @@ def _extract(ctx: _Dist, explainer: Explainer, tasks: list[ImageTask], out_dir: 
                                           map_hw, dtype, out_dir, config, finish)
                     computed += n_ok
                     finished += len(batch["pos"])
-                shard_fh.flush()
             # Lock-step count of finished images: keeps rank 0's bar global with plain collectives.
             g_finished, = ctx.reduce([finished])
             bar.update(g_finished)
     seconds = time.perf_counter() - t0
 
+    # This rank's shard, done images included (the manifest is rebuilt from the outputs on every run),
+    # sorted by input position so that rank 0 can merge the shards as streams.
+    shard = out_dir / _shard_name(ctx.rank, ctx.world)
+    with atomic_writer(shard) as fh:
+        for index in sorted(records):
+            fh.write((json.dumps({"index": index, **records[index]}) + "\n").encode("utf-8"))
     g_computed, g_failed = ctx.reduce([computed, len(failures)])
     manifest = out_dir / MANIFEST_NAME
     if ctx.rank == 0:
@@ -713,6 +709,10 @@ def _process_batch(batch: dict[str, Any], todo: list[ImageTask], explainer: Expl
     return n_ok
 
 
+def _shard_name(rank: int, world: int) -> str:
+    return f".manifest.rank{rank:05d}-of-{world:05d}.jsonl"
+
+
 def _remove_stale_temps(out_dir: Path) -> None:
     """Deletes temp files a killed run left behind (``atomic_writer`` names them ``.<name>.<random>.tmp``)."""
     for pattern in ("**/.*.npz.*.tmp", f".{MANIFEST_NAME}.*.tmp"):
@@ -723,7 +723,7 @@ def _remove_stale_temps(out_dir: Path) -> None:
 
 def _merge_shards(out_dir: Path, world: int, manifest: Path) -> list[tuple[str, str]]:
     """Merges the ranks' shards (each in input order) into ``manifest`` atomically; returns the failures."""
-    shards = [out_dir / f".manifest.rank{r:05d}-of-{world:05d}.jsonl" for r in range(world)]
+    shards = [out_dir / _shard_name(r, world) for r in range(world)]
     missing = [str(s) for s in shards if not s.is_file()]
     if missing:
         raise RuntimeError(f"manifest shards missing after the barrier: {missing}; is --out on a filesystem "
