@@ -399,8 +399,8 @@ class OpenClipCoCaAdapter(OpenClipViTAdapter):
     def uses_attention_pooler(self):
         return True
 
-    def pooler_step(self, layer: int, z: torch.Tensor) -> LayerStep:
-        """The explained pooler on block ``layer``'s output ``z`` ``[B, N, C]``."""
+    def _pool_attention(self, z: torch.Tensor):
+        """Pooler queries (contrastive rows only), keys and values on block output ``z``: ``(ops, q, k, v)``."""
         vis = self.visual
         pool = vis.attn_pool
         ops = attention_ops_for(pool.attn)
@@ -409,11 +409,21 @@ class OpenClipCoCaAdapter(OpenClipViTAdapter):
         # ln_post and the projection act per query, so only the contrastive query rows are computed.
         rows = queries[:1] if vis.pool_type == "tok" else queries[1:]
         q, k, v = ops.qkv(rows.unsqueeze(0).expand(keys.shape[0], -1, -1), keys)
+        return ops, q, k, v
+
+    def _pool_output(self, ops: AttentionOps, o: torch.Tensor) -> torch.Tensor:
+        """From the pooler's per-head attention output ``o`` to the image embedding."""
+        vis = self.visual
+        y = apply_module(vis.ln_post, ops.out(o))
+        y = y[:, 0] if vis.pool_type == "tok" else y.mean(1)
+        return y @ param(vis.proj, y.dtype) if vis.proj is not None else y
+
+    def pooler_step(self, layer: int, z: torch.Tensor) -> LayerStep:
+        """The explained pooler on block ``layer``'s output ``z`` ``[B, N, C]``."""
+        ops, q, k, v = self._pool_attention(z)
         o = ops.attend(q, k, v).detach().requires_grad_(True)
         with torch.enable_grad():
-            y = apply_module(vis.ln_post, ops.out(o))
-            y = y[:, 0] if vis.pool_type == "tok" else y.mean(1)
-            feature = y @ param(vis.proj, y.dtype) if vis.proj is not None else y
+            feature = self._pool_output(ops, o)
         return LayerStep(layer=layer, feature=feature, out=o, value=v, num_prefix_tokens=1, query=q, key=k)
 
     def steps(self, image, start, compute_dtype):
@@ -426,7 +436,7 @@ class OpenClipCoCaAdapter(OpenClipViTAdapter):
             x = self._block(blocks[i], x)
             yield self.pooler_step(i, x)
 
-    # The parent's traced forward pools by CLS token; CoCa's pooled output is not traced (yet).
+    # The parent's traced forward pools by CLS token; CoCa's is not offered (gradient baselines refuse CoCa).
     trace = TowerAdapter.trace
 
 

@@ -463,6 +463,30 @@ class _TimmTowerAdapter(TowerAdapter):
         y = apply_module(t.head, y)
         return _apply(self.visual.head, y)
 
+    def _pooled_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The tower's own embedding from the last block's tokens (what ``encode_image`` returns)."""
+        raise NotImplementedError
+
+    def trace(self, image, compute_dtype):
+        grid = self.grid_size(image.shape[-2], image.shape[-1])
+        rope, blocks = self._block_inputs(grid, image.device)
+        # The embedded tokens are the graph's only leaf: every later activation is a function of them.
+        x = self._tokens(image, compute_dtype).detach().requires_grad_(True)
+        npt = self.num_prefix_tokens
+        steps = []
+        with torch.enable_grad():
+            for i, (blk, bias) in enumerate(blocks):
+                h_in, q, k, v, o = blk.attention(x, rope, bias)
+                x = x + blk.attn_residual(blk.ops.out(o, h_in))
+                x = x + blk.mlp_branch(x)
+                steps.append(LayerStep(layer=i, feature=x, out=o, value=v.detach(), num_prefix_tokens=npt,
+                                       query=q.detach(), key=k.detach(), scale=blk.ops.scale, attn_bias=bias,
+                                       tokens=h_in))
+            embedding = self._pooled_output(x)
+        for step in steps:
+            step.feature = embedding
+        return steps, embedding
+
     def _run(self, image: torch.Tensor, start: int, compute_dtype: torch.dtype):
         """Embeds the image and runs the blocks below ``start`` (in the model dtype).
 
@@ -491,6 +515,22 @@ class TimmViTAdapter(_TimmTowerAdapter):
     family = "timm ViT / EVA / ViTamin / MobileCLIP-B (CLS/avg pool)"
     entry_points = ("compute_legrad", "compute_legrad_clip")
     pooled_by_map = False
+
+    def _pooled_output(self, x):
+        t = self.trunk
+        x = apply_module(t.norm, x)
+        npt = self.num_prefix_tokens
+        if t.global_pool == "token":
+            pooled = x[:, 0]
+        else:
+            if not getattr(t, "pool_include_prefix", False):
+                x = x[:, npt:]
+            pooled = x.mean(1)
+            if t.global_pool == "max":
+                pooled = x.amax(1)
+            elif t.global_pool == "avgmax":
+                pooled = 0.5 * (x.amax(1) + pooled)
+        return self._after_pool(pooled)
 
     def steps(self, image, start, compute_dtype):
         x, rope, blocks = self._run(image, start, compute_dtype)
@@ -532,8 +572,8 @@ class TimmMapAdapter(_TimmTowerAdapter):
             return x[:, npt:], 0
         return x, npt
 
-    def pooler_step(self, layer: int, z: torch.Tensor) -> LayerStep:
-        """The explained pooler on block ``layer``'s output ``z`` ``[B, N, C]``."""
+    def _pool_attention(self, z: torch.Tensor):
+        """Pooler queries/keys/values on block output ``z``: ``(ops, q, k, v, prefix tokens among keys)``."""
         pool = self.trunk.attn_pool
         ops = LatentPoolOps(pool)
         keys, npt = self._pool_keys(z)
@@ -548,13 +588,27 @@ class TimmMapAdapter(_TimmTowerAdapter):
         if pool.pool == "token":  # later ops are per latent row: only row 0 reaches the embedding
             latent = latent[:, :1]
         q, k, v = ops.qkv(latent, keys)
+        return ops, q, k, v, npt
+
+    def _pool_output(self, ops: LatentPoolOps, o: torch.Tensor) -> torch.Tensor:
+        """From the pooler's per-head attention output ``o`` to the tower's embedding."""
+        pool = self.trunk.attn_pool
+        y = ops.out(o)
+        if pool.mlp is not None:
+            y = y + apply_mlp(pool.mlp, apply_module(pool.norm, y))
+        y = y[:, 0] if pool.pool == "token" else y.mean(1)
+        return self._after_pool(y)
+
+    def _pooled_output(self, x):
+        ops, q, k, v, _ = self._pool_attention(x)
+        return self._pool_output(ops, ops.attend(q, k, v))
+
+    def pooler_step(self, layer: int, z: torch.Tensor) -> LayerStep:
+        """The explained pooler on block ``layer``'s output ``z`` ``[B, N, C]``."""
+        ops, q, k, v, npt = self._pool_attention(z)
         o = ops.attend(q, k, v).detach().requires_grad_(True)
         with torch.enable_grad():
-            y = ops.out(o)
-            if pool.mlp is not None:
-                y = y + apply_mlp(pool.mlp, apply_module(pool.norm, y))
-            y = y[:, 0] if pool.pool == "token" else y.mean(1)
-            feature = self._after_pool(y)
+            feature = self._pool_output(ops, o)
         return LayerStep(layer=layer, feature=feature, out=o, value=v, num_prefix_tokens=npt, query=q, key=k,
                          scale=ops.scale)
 

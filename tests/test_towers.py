@@ -329,3 +329,23 @@ def test_sweep_builders_keep_timm_classes():
     import timm
 
     assert otm.timm is timm
+
+
+@pytest.mark.parametrize("name", [n for n in FAMILY_SAMPLES if not n.startswith("coca")] + [
+    "ViT-B-16-SigLIP", "vit_medium_patch16_gap_256", "coca_base", "ViT-L-14-CLIPA", "MobileCLIP2-L-14"])
+def test_trace_embedding_is_the_models_own(name):
+    """The traced forward (for gradient baselines) ends in the image tower's own embedding."""
+    model = build_tiny(name, seed=11)
+    adapter = LeWrapper(model).adapter
+    trunk = getattr(model.visual, "trunk", None)
+    h, w = trunk.patch_embed.img_size if trunk is not None else model.visual.image_size
+    image = random_image(2, h, w)
+    with torch.no_grad():
+        steps, embedding = adapter.trace(image, torch.float32)
+        expected = model.visual(image)  # what encode_image returns before its optional normalisation
+        expected = expected[0] if isinstance(expected, tuple) else expected  # CoCa also returns its tokens
+    torch.testing.assert_close(embedding, expected, atol=1e-5, rtol=1e-5)
+    assert [s.layer for s in steps] == list(range(adapter.depth))
+    with torch.enable_grad():
+        grads = torch.autograd.grad(embedding.sum(), [s.out for s in steps])
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
