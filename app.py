@@ -59,9 +59,9 @@ def parse_model_label(label: str | None) -> tuple[str, str | None]:
 
 def split_prompts(text: str | None) -> list[str]:
     """One prompt per line; when the text has a single line, comma-separated prompts."""
-    if not text:
+    lines = [ln.strip() for ln in (text or "").strip().splitlines()]
+    if not lines:
         return []
-    lines = [ln.strip() for ln in text.strip().splitlines()]
     parts = lines if len(lines) > 1 else [p.strip() for p in lines[0].split(",")]
     return [" ".join(p.split()) for p in parts if p.strip()]
 

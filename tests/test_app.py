@@ -1,0 +1,245 @@
+"""Tests of app.py: the prediction function directly, and the page in a real headless browser."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from frontend_utils import PYTHON, REPO, bundled_checkpoint, subprocess_env, tiny_toy_checkpoint, write_scenes
+from PIL import Image
+
+pytest.importorskip("gradio", reason="gradio not installed (pip install -e '.[app]')")
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    sys.path.insert(0, str(REPO))
+    try:
+        import app as module
+    finally:
+        sys.path.remove(str(REPO))
+    if not bundled_checkpoint().is_file():
+        # The trained demo checkpoint is not there: serve a tiny demo-format model under the same entry.
+        from legrad.explainer import Explainer
+
+        module._cache[("toy", None)] = Explainer.load("toy", str(tiny_toy_checkpoint(tmp_path_factory.mktemp("t"))))
+    return module
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    return write_scenes(tmp_path_factory.mktemp("scenes"), 2, seed=9)
+
+
+def _cosines(explainer, image, prompts):
+    # Independent recomputation of CLIP similarities with the plain model.
+    model = explainer.wrapper.model
+    with torch.no_grad():
+        img = model.encode_image(explainer.preprocess(image).unsqueeze(0))
+        txt = model.encode_text(explainer.tokenizer(prompts))
+    return ((img / img.norm(dim=-1, keepdim=True)) @ (txt / txt.norm(dim=-1, keepdim=True)).T)[0]
+
+
+def test_predict_gives_one_captioned_overlay_per_prompt(app, scenes):
+    path, phrases = scenes[0]
+    image = Image.open(path).convert("RGB")
+    prompts = [phrases[0], "a black star"]
+    gallery, status = app.predict(image, "", "\n".join(prompts), app.TOY_LABEL, "", None, 0.6)
+    assert len(gallery) == 2, status
+    cos = _cosines(app.get_explainer("toy", None), image, prompts)
+    for (overlay_img, caption), prompt, c in zip(gallery, prompts, cos):
+        assert isinstance(overlay_img, Image.Image) and overlay_img.size == image.size
+        assert caption.startswith(f"{prompt}: similarity {float(c):.3f}")
+    assert "64x64" in status
+
+
+def test_predict_matches_the_library_overlay(app, scenes):
+    from legrad.viz import overlay
+
+    path, phrases = scenes[1]
+    image = Image.open(path).convert("RGB")
+    gallery, _ = app.predict(None, str(path), phrases[0], app.TOY_LABEL, "128", 1, 0.3)
+    explainer = app.get_explainer("toy", None)
+    maps = explainer.explain(image, [phrases[0]], size=(128, 128), layer_index=1).maps
+    expected = overlay(image, maps[0, 0], alpha=0.3)
+    assert np.array_equal(np.asarray(gallery[0][0]), np.asarray(expected))
+
+
+def test_prompt_splitting(app):
+    assert app.split_prompts("a cat, a dog") == ["a cat", "a dog"]
+    assert app.split_prompts("a cat, sitting\n a dog \n\n") == ["a cat, sitting", "a dog"]
+    assert app.split_prompts("  ") == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompts_text=""), "at least one prompt"),
+        (dict(image=None), "upload an image"),
+        (dict(image=None, image_source="/no/such/image.png"), "no such file"),
+        (dict(size_text="65"), "patch size"),
+        (dict(size_text="big"), "invalid image size"),
+        (dict(layer_index=50), "out of range"),
+        (dict(alpha=2.0), "opacity"),
+    ],
+)
+def test_bad_input_shows_a_message(app, scenes, kwargs, message):
+    args = dict(image=Image.open(scenes[0][0]), image_source="", prompts_text="a red circle",
+                model_label=app.TOY_LABEL, size_text="", layer_index=None, alpha=0.6)
+    args.update(kwargs)
+    gallery, status = app.predict(**args)
+    assert gallery == []
+    assert status.startswith("**Error:**") and message in status
+
+
+def test_unloadable_model_shows_a_message(app, scenes, monkeypatch, tmp_path):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+    label = "ViT-B-32 · laion2b_s34b_b79k"
+    assert label in app.model_labels()
+    gallery, status = app.predict(Image.open(scenes[0][0]), "", "a cat", label, "", None, 0.6)
+    assert gallery == []
+    assert status.startswith(f"**Could not load the model {label}:**") and "Traceback" not in status
+
+
+def test_models_are_cached_and_loaded_once(app, monkeypatch):
+    from legrad.explainer import Explainer
+
+    assert app.get_explainer("toy", None) is app.get_explainer("toy", None)
+    # Several users asking at once for a model not loaded yet: one load, one shared object. (The loader
+    # is replaced by a slow stand-in; the cache and its locking are what is under test.)
+    calls = []
+    sentinel = object()
+
+    def slow_load(cls, name, pretrained, device, layer_index=None):
+        calls.append((name, pretrained))
+        time.sleep(0.3)
+        return sentinel
+
+    monkeypatch.setattr(Explainer, "load", classmethod(slow_load))
+    key = ("ViT-test-only", "tag")
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(app.get_explainer(*key))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    try:
+        assert results == [sentinel] * 4
+        assert calls == [key]
+    finally:
+        app._cache.pop(key, None)
+
+
+def test_concurrent_predictions_are_correct(app, scenes):
+    image = Image.open(scenes[0][0]).convert("RGB")
+    prompt_sets = [["a red circle"], ["a blue square", "a green cross"], ["a white star"], ["a yellow triangle"]]
+    serial = [app.predict(image, "", ", ".join(p), app.TOY_LABEL, "", None, 0.6)[0] for p in prompt_sets]
+    parallel: list = [None] * len(prompt_sets)
+
+    def work(i):
+        parallel[i] = app.predict(image, "", ", ".join(prompt_sets[i]), app.TOY_LABEL, "", None, 0.6)[0]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompt_sets))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for s, p in zip(serial, parallel):
+        assert [c for _, c in s] == [c for _, c in p]
+        for (a, _), (b, _) in zip(s, p):
+            assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+# ---------------------------------------------------------------- end to end in a real browser
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"app exited early with status {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"app did not answer at {url} within {timeout}s")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install -y chromium)")
+@pytest.mark.skipif(importlib.util.find_spec("playwright") is None, reason="playwright not installed (pip install playwright)")
+def test_browser_end_to_end(tmp_path, scenes):
+    from playwright.sync_api import sync_playwright
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/"
+    if bundled_checkpoint().is_file():
+        cmd = [PYTHON, "app.py", "--port", str(port), "--device", "cpu"]
+    else:
+        tiny = tiny_toy_checkpoint(tmp_path)
+        code = ("import sys, app; from legrad.explainer import Explainer; "
+                f"app._cache[('toy', None)] = Explainer.load('toy', {str(tiny)!r}); "
+                f"sys.exit(app.main(['--port', '{port}', '--device', 'cpu']))")
+        cmd = [PYTHON, "-c", code]
+    log = open(tmp_path / "app.log", "w")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        _wait_http(url, proc, timeout=180)
+        path, phrases = scenes[0]
+        prompts = [phrases[0], "a black star"]
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(
+                executable_path=CHROMIUM, headless=True,
+                args=["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                      "--disable-background-networking", "--disable-component-update"],
+            )
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 1000})
+                page.set_default_timeout(60_000)
+                page.goto(url, wait_until="domcontentloaded")
+                page.set_input_files("#image input[type=file]", str(path))
+                page.wait_for_selector("#image img", timeout=30_000)  # upload finished, preview shown
+                page.locator("#prompts textarea").fill("\n".join(prompts))
+                page.locator("#explain").click()
+                page.wait_for_function("document.querySelectorAll('#gallery img').length >= 2", timeout=120_000)
+                page.screenshot(path=str(tmp_path / "app_result.png"), full_page=True)
+                assert page.locator("#gallery img").count() == 2
+                text = page.locator("#gallery").inner_text()
+                for prompt in prompts:
+                    assert f"{prompt}: similarity" in text
+                assert "best match" in page.locator("#status").inner_text()
+            finally:
+                browser.close()
+        assert (tmp_path / "app_result.png").stat().st_size > 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(15)
+        log.close()
