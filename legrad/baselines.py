@@ -243,7 +243,12 @@ def gradcam(model: Any, text_embedding: torch.Tensor, image: torch.Tensor) -> to
     run = _Run(model, text_embedding, image)
     rel = torch.zeros(run.batch, run.prompts, run.grid[0] * run.grid[1], dtype=run.dtype, device=run.image.device)
     with torch.inference_mode(False), torch.no_grad():
-        for p, steps, (grad,) in _traced_gradients(run, lambda steps: [steps[-1].tokens]):
+        def last_block_tokens(steps):
+            if steps[-1].tokens is None:
+                raise NotImplementedError(f"the {run.adapter.family} adapter's trace gives no block tokens")
+            return [steps[-1].tokens]
+
+        for p, steps, (grad,) in _traced_gradients(run, last_block_tokens):
             last = steps[-1]
             pre = last.num_prefix_tokens
             tokens = last.tokens.detach()
@@ -275,19 +280,24 @@ def chefercam(
 
     Raises:
         TypeError, ValueError: on invalid inputs, before any computation.
-        NotImplementedError: if the tower adapter has no traced forward.
+        NotImplementedError: if the tower adapter has no traced forward, or pools with attention (the
+            pooled token's row of ``R`` does not exist there).
     """
     run = _Run(model, text_embedding, image)
     start = _check_start(run.adapter, start_layer)
+    if run.adapter.uses_attention_pooler:
+        raise NotImplementedError(
+            f"CheferCAM reads the pooled token's row of the rollout, which the {run.adapter.family} tower does "
+            "not have (it pools with attention); use legrad, gradcam or raw_attention for this model"
+        )
     rel = torch.zeros(run.batch, run.prompts, run.grid[0] * run.grid[1], dtype=torch.float64, device=run.image.device)
     with torch.inference_mode(False), torch.no_grad():
-        gen = _traced_gradients(run, lambda steps: [s.out for s in steps[start:]])
-        for p, steps, grads in gen:
+        for p, steps, grads in _traced_gradients(run, lambda steps: [s.out for s in steps[start:]]):
             used = steps[start:]
             r = None
             for step, d_out in zip(used, grads):
                 _require_self_attention(run, step, "CheferCAM")
-                grad_attn = d_out @ step.value.to(d_out.dtype).transpose(-1, -2)  # [B, H, Nq, Nk]
+                grad_attn = d_out @ step.value.to(d_out.dtype).transpose(-1, -2)  # [B, H, N, N]
                 abar = (grad_attn * step.probs().to(d_out.dtype)).clamp_min(0).mean(1).to(torch.float64)
                 if r is None:
                     r = torch.eye(abar.shape[-1], dtype=abar.dtype, device=abar.device).expand(run.batch, -1, -1)

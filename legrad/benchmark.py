@@ -296,7 +296,7 @@ def evaluate(
         cannot run on this model (e.g. no traced forward) gets NaNs and an ``error`` entry.
 
     Raises:
-        ValueError: for unknown method names or an empty sample set.
+        ValueError, TypeError: for unknown method names, an empty sample set or bad options, before any work.
     """
     import torch
 
@@ -304,6 +304,8 @@ def evaluate(
     from legrad.baselines import get_method
     from legrad.metrics import (
         DEFAULT_FRACTIONS,
+        check_fractions,
+        check_threshold,
         confusion,
         perturbation_auc,
         perturbation_curve,
@@ -314,7 +316,10 @@ def evaluate(
     fns = {name: get_method(name) for name in names}
     if len(samples) == 0:
         raise ValueError("no samples to evaluate")
-    fr = tuple(DEFAULT_FRACTIONS if fractions is None else fractions)
+    fr = tuple(check_fractions(DEFAULT_FRACTIONS if fractions is None else fractions))
+    check_threshold(threshold)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     # A wrapper of our own: setting layer_index on the caller's wrapper would change their object. The
     # tokenizer lets towers that need the empty-prompt correction (SigLIP-style) build it.
     if isinstance(model, LeWrapper):

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 __all__ = [
     "DEFAULT_FRACTIONS",
     "binarize",
+    "check_fractions",
+    "check_threshold",
     "confusion",
     "miou",
     "miou_from_confusion",
@@ -115,13 +117,19 @@ def binarize(maps: torch.Tensor, threshold: float | str = 0.5) -> torch.Tensor:
         ValueError: for an unknown threshold string.
     """
     maps = _check_map(maps)
+    check_threshold(threshold)
+    if threshold == "mean":
+        return maps >= maps.mean(dim=(-2, -1), keepdim=True)
+    return maps >= threshold
+
+
+def check_threshold(threshold: Any) -> None:
+    """Raises a ValueError/TypeError unless ``threshold`` is a number or ``"mean"``."""
     if isinstance(threshold, str):
         if threshold != "mean":
             raise ValueError(f"threshold must be a number or 'mean', got {threshold!r}")
-        return maps >= maps.mean(dim=(-2, -1), keepdim=True)
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+    elif isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
         raise TypeError(f"threshold must be a number or 'mean', got {type(threshold).__name__}")
-    return maps >= threshold
 
 
 def confusion(maps: torch.Tensor, masks: torch.Tensor, threshold: float | str = 0.5) -> torch.Tensor:
@@ -205,7 +213,8 @@ def pixel_accuracy(
 
 
 # ----------------------------------------------------------------------------- perturbation
-def _check_fractions(fractions: Sequence[float]) -> list[float]:
+def check_fractions(fractions: Sequence[float]) -> list[float]:
+    """The fractions as floats; ValueError unless they increase within [0, 1]."""
     fr = [float(f) for f in fractions]
     if not fr or any(not 0.0 <= f <= 1.0 for f in fr) or any(b <= a for a, b in zip(fr, fr[1:])):
         raise ValueError(f"fractions must be increasing values in [0, 1], got {list(fractions)}")
@@ -308,7 +317,7 @@ def perturbation_curve(
         raise ValueError(
             f"text_embedding {tuple(text_embedding.shape)} does not match maps {tuple(maps.shape)}: one prompt per map"
         )
-    fr = _check_fractions(fractions)
+    fr = check_fractions(fractions)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     _fill_tensor(fill, image.shape[1], image)
@@ -354,7 +363,7 @@ def perturbation_auc(curve: torch.Tensor, fractions: Sequence[float] = DEFAULT_F
     Returns:
         ``[...]`` float64.
     """
-    fr = _check_fractions(fractions)
+    fr = check_fractions(fractions)
     if not isinstance(curve, torch.Tensor) or curve.shape[-1] != len(fr):
         raise ValueError(f"curve must be a tensor [..., {len(fr)}] (one value per fraction)")
     y = curve.double()

@@ -80,8 +80,17 @@ def test_evaluate_skips_methods_the_model_cannot_run(small_toy, monkeypatch):
     assert not math.isnan(res["raw_attention"]["miou"]) and math.isnan(res["raw_attention"]["pos_auc"])
     table = format_table(res)
     assert "| unsupported | n/a |" in table and table.count("\n") == 3
+    scenes = ToyScenes(1, 0, preprocess, 64)
     with pytest.raises(ValueError, match="choose from"):
-        evaluate(model, tokenizer, ToyScenes(1, 0, preprocess, 64), ["nope"])
+        evaluate(model, tokenizer, scenes, ["nope"])
+    with pytest.raises(ValueError, match="'mean'"):
+        evaluate(model, tokenizer, scenes, threshold="median")
+    with pytest.raises(ValueError, match="increasing"):
+        evaluate(model, tokenizer, scenes, fractions=(0.5, 0.1))
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate(model, tokenizer, scenes, batch_size=0)
+    with pytest.raises(ValueError, match="no samples"):
+        evaluate(model, tokenizer, [])
 
 
 # ----------------------------------------------------------------------------- user dataset
