@@ -715,7 +715,7 @@ def _shard_name(rank: int, world: int) -> str:
 
 def _remove_stale_temps(out_dir: Path) -> None:
     """Deletes temp files a killed run left behind (``atomic_writer`` names them ``.<name>.<random>.tmp``)."""
-    for pattern in ("**/.*.npz.*.tmp", f".{MANIFEST_NAME}.*.tmp"):
+    for pattern in ("**/.*.npz.*.tmp", f".{MANIFEST_NAME}.*.tmp", f".{_SHARD_GLOB}.*.tmp"):
         for tmp in out_dir.glob(pattern):
             with contextlib.suppress(OSError):
                 tmp.unlink()
