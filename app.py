@@ -23,6 +23,7 @@ from typing import Any
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 REPO = Path(__file__).resolve().parent
+ASSETS = REPO / "assets"
 TOY_LABEL = "toy: bundled demo model (offline)"
 MAX_PROMPTS = 16
 MAX_CACHED_MODELS = 2
@@ -172,21 +173,23 @@ def predict(
 
 
 def example_rows() -> list[list[str]]:
-    """Examples from the demo scenes (image path, prompts), so the page works offline."""
+    """Examples from the bundled scenes in ``assets/`` (image path, prompts), so the page works offline."""
+    from legrad.loading import absent_phrase, sample_scenes
+
+    rows = [[str(sc.path), ", ".join([*sc.phrases, absent_phrase(sc.phrases)])] for sc in sample_scenes(ASSETS)]
+    if rows:
+        return rows
+    # No assets folder (e.g. app.py copied elsewhere): draw a few scenes with the bundled generator.
     from legrad.toy import scenes
     from legrad.viz import atomic_writer
 
     folder = Path(tempfile.gettempdir()) / "legrad_app_examples"
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
     for i, scene in enumerate(scenes.make_scenes(3, seed=11, n_objects=2)):
         path = folder / f"scene{i}.png"
         with atomic_writer(path) as fh:
             scene.image.save(fh, "PNG")
         phrases = [o.phrase for o in scene.objects]
-        absent = next(v for v in scenes.VOCABULARY if v not in phrases and v.split()[2] not in
-                      {p.split()[2] for p in phrases})
-        rows.append([str(path), ", ".join([*phrases, absent])])
+        rows.append([str(path), ", ".join([*phrases, absent_phrase(phrases)])])
     return rows
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_OUT = REPO / "outputs" / "playground.png"
+ASSETS = REPO / "assets"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,7 +27,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pretrained", default=None, metavar="TAG_OR_PATH",
                    help="OpenCLIP pretrained tag or checkpoint path (default: the model's first tag)")
     p.add_argument("--image", default=None, metavar="URL_OR_PATH",
-                   help="image to explain (default: a bundled demo scene)")
+                   help="image to explain (default: a bundled demo scene from assets/)")
+    p.add_argument("--scene", type=int, default=0, metavar="K",
+                   help="which bundled scene (assets/scenes.json) to use without --image (default 0)")
     p.add_argument("--prompt", "-p", dest="prompts", action="append", metavar="TEXT",
                    help="a prompt (repeat for several; default: the demo scene's objects plus an absent one)")
     p.add_argument("--size", default=None, metavar="N|HxW",
@@ -40,20 +43,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def default_scene():
-    """The demo scene: ``(PIL image, phrases of its objects, a phrase of an absent object, label)``."""
-    from legrad.toy import scenes
+def default_scene(index: int = 0):
+    """A bundled demo scene: ``(PIL image, phrases of its objects, a phrase of an absent object, label)``.
 
-    scene = scenes.make_scenes(1, seed=3, n_objects=3)[0]
-    label = "demo scene (legrad.toy.make_scenes, seed 3)"
-    phrases = [o.phrase for o in scene.objects]
-    colours = {o.phrase.split()[1] for o in scene.objects}
-    shapes = {o.phrase.split()[2] for o in scene.objects}
-    absent = next(
-        (v for v in scenes.VOCABULARY if v.split()[1] not in colours and v.split()[2] not in shapes),
-        next(v for v in scenes.VOCABULARY if v not in phrases),
-    )
-    return scene.image, phrases, absent, label
+    Reads ``assets/scenes.json``; without it, draws a scene with the bundled generator.
+    """
+    from legrad.loading import absent_phrase, load_image, sample_scenes
+
+    scenes = sample_scenes(ASSETS)
+    if scenes:
+        scene = scenes[index % len(scenes)]
+        phrases = list(scene.phrases)
+        return load_image(scene.path), phrases, absent_phrase(phrases), str(scene.path.relative_to(REPO))
+    from legrad.toy.scenes import make_scenes
+
+    drawn = make_scenes(1, seed=3, n_objects=3)[0]
+    phrases = [o.phrase for o in drawn.objects]
+    return drawn.image, phrases, absent_phrase(phrases), "demo scene (legrad.toy.make_scenes, seed 3)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_grad_enabled(False)
     prompts = args.prompts
     if args.image is None:
-        image, phrases, absent, label = default_scene()
+        image, phrases, absent, label = default_scene(args.scene)
         if not prompts:
             prompts = [*phrases, absent]
     else:

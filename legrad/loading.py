@@ -14,7 +14,9 @@ import os
 import re
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -32,6 +34,9 @@ __all__ = [
     "parse_size",
     "model_choices",
     "configure_logging",
+    "SampleScene",
+    "sample_scenes",
+    "absent_phrase",
 ]
 
 logger = logging.getLogger(__name__)
@@ -369,3 +374,47 @@ def configure_logging(verbose: bool = False) -> None:
         for handler in logging.getLogger().handlers:
             if not any(isinstance(f, _DropOpenClipChatter) for f in handler.filters):
                 handler.addFilter(_DropOpenClipChatter())
+
+
+@dataclass(frozen=True)
+class SampleScene:
+    """A demo scene image shipped in the repository's ``assets/`` folder.
+
+    Attributes:
+        path: the PNG file.
+        phrases: the phrases naming its objects (what the demo model knows).
+    """
+
+    path: Path
+    phrases: tuple[str, ...]
+
+
+def sample_scenes(folder: str | os.PathLike) -> list[SampleScene]:
+    """The scenes listed in ``folder/scenes.json`` whose image files exist (empty if there is no list).
+
+    Raises:
+        ValueError: if ``scenes.json`` exists but is malformed.
+    """
+    import json
+
+    folder = Path(folder)
+    index = folder / "scenes.json"
+    if not index.is_file():
+        return []
+    try:
+        entries = json.loads(index.read_text(encoding="utf-8"))["scenes"]
+        scenes = [SampleScene(folder / e["file"], tuple(str(p) for p in e["phrases"])) for e in entries]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{index} is malformed: {_one_line(exc)}") from exc
+    return [s for s in scenes if s.path.is_file()]
+
+
+def absent_phrase(phrases: Sequence[str]) -> str:
+    """A demo-vocabulary phrase sharing neither colour nor shape with ``phrases`` (a contrast prompt)."""
+    from legrad.toy.scenes import VOCABULARY
+
+    words = {w for p in phrases for w in p.split()[1:]}
+    for v in VOCABULARY:
+        if not words & set(v.split()[1:]):
+            return v
+    return next(v for v in VOCABULARY if v not in phrases)

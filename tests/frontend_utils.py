@@ -51,6 +51,23 @@ def write_scenes(folder: Path, n: int, seed: int = 0) -> list[tuple[Path, list[s
     return out
 
 
+def bundled_scenes() -> list[tuple[Path, list[str]]]:
+    """The demo scenes shipped in ``assets/`` as ``(path, phrases)``."""
+    from legrad.loading import sample_scenes
+
+    scenes = sample_scenes(REPO / "assets")
+    assert scenes, "assets/scenes.json and its images are missing"
+    return [(s.path, list(s.phrases)) for s in scenes]
+
+
+def copy_scenes(folder: Path, scenes: list[tuple[Path, list[str]]]) -> list[tuple[Path, list[str]]]:
+    """Copies scene images into ``folder``; returns the copies with their phrases."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return [(Path(shutil.copy(path, folder / path.name)), phrases) for path, phrases in scenes]
+
+
 def subprocess_env() -> dict[str, str]:
     """Environment for front-end subprocesses: one torch thread, headless matplotlib, repo on the path."""
     env = dict(os.environ)

@@ -16,7 +16,14 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
-from frontend_utils import PYTHON, REPO, bundled_checkpoint, subprocess_env, tiny_toy_checkpoint, write_scenes
+from frontend_utils import (
+    PYTHON,
+    REPO,
+    bundled_checkpoint,
+    bundled_scenes,
+    subprocess_env,
+    tiny_toy_checkpoint,
+)
 from PIL import Image
 
 pytest.importorskip("gradio", reason="gradio not installed (pip install -e '.[app]')")
@@ -40,8 +47,8 @@ def app(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def scenes(tmp_path_factory):
-    return write_scenes(tmp_path_factory.mktemp("scenes"), 2, seed=9)
+def scenes():
+    return bundled_scenes()
 
 
 def _cosines(explainer, image, prompts):
@@ -63,7 +70,7 @@ def test_predict_gives_one_captioned_overlay_per_prompt(app, scenes):
     for (overlay_img, caption), prompt, c in zip(gallery, prompts, cos):
         assert isinstance(overlay_img, Image.Image) and overlay_img.size == image.size
         assert caption.startswith(f"{prompt}: similarity {float(c):.3f}")
-    assert "64x64" in status
+    assert "64x64" in status  # the demo model's native size
 
 
 def test_predict_matches_the_library_overlay(app, scenes):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import csv
+import shutil
 import subprocess
 
 import numpy as np
 import pytest
 import torch
-from frontend_utils import PYTHON, REPO, subprocess_env, toy_pretrained_args, write_scenes
+from frontend_utils import PYTHON, REPO, bundled_scenes, copy_scenes, subprocess_env, toy_pretrained_args
 from oracles import openclip_vit_oracle
 from PIL import Image
 
@@ -27,10 +28,13 @@ SLUGS = ["a-red-circle", "a-blue-square"]
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    scenes = write_scenes(root / "images", 3, seed=4)
+    bundled = bundled_scenes()
+    scenes = copy_scenes(root / "images", bundled[:3])
     # A nested folder with a file of the same name: outputs must not collide.
-    nested = write_scenes(root / "images" / "more", 1, seed=5)
-    return root, scenes + nested, toy_pretrained_args(root)
+    nested = root / "images" / "more" / scenes[0][0].name
+    nested.parent.mkdir()
+    shutil.copy(bundled[3][0], nested)
+    return root, [*scenes, (nested, bundled[3][1])], toy_pretrained_args(root)
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +65,11 @@ def test_explain_writes_overlays_maps_and_scores(workspace, batch_run):
     for path, _ in scenes:
         rel = path.relative_to(root / "images").with_suffix("")
         for slug in SLUGS:
-            png = out / rel.parent / f"{rel.name}__{slug}.png"
-            with Image.open(png) as im:
-                assert im.format == "PNG" and im.size == (64, 64)
+            png = out / rel.parent / f"{slugify(rel.name)}__{slug}.png"
+            with Image.open(png) as im, Image.open(path) as src:
+                assert im.format == "PNG" and im.size == src.size  # overlays at the image's own resolution
             m = np.load(png.with_suffix(".npy"))
-            assert m.shape == (64, 64) and m.dtype == np.float32
+            assert m.shape == (64, 64) and m.dtype == np.float32  # maps at the explained (native) size
             assert m.min() >= 0 and m.max() <= 1 and m.max() == pytest.approx(1.0)
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
     with open(out / "scores.csv", newline="") as fh:
@@ -90,7 +94,7 @@ def test_saved_maps_match_the_oracle(workspace, batch_run):
     image = LePreprocess(preprocess, 64)(Image.open(path).convert("RGB")).unsqueeze(0)
     expected = openclip_vit_oracle(model, image, text, default_layer_index("toy"))[0].numpy()
     for p, slug in enumerate(SLUGS):
-        saved = np.load(out / f"{path.stem}__{slug}.npy")
+        saved = np.load(out / f"{slugify(path.stem)}__{slug}.npy")
         np.testing.assert_allclose(saved, expected[p], atol=2e-4)
 
 

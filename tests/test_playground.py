@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from frontend_utils import PYTHON, REPO, subprocess_env, toy_pretrained_args, write_scenes
+from frontend_utils import PYTHON, REPO, bundled_scenes, subprocess_env, toy_pretrained_args
 from PIL import Image
 
 
@@ -65,7 +65,7 @@ def test_bad_inputs_give_one_line(tmp_path, playground, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no such file" in err[0]
 
-    scene, _ = write_scenes(tmp_path, 1)[0]
+    scene, _ = bundled_scenes()[0]
     assert playground.main(["--image", str(scene), "--out", str(out), *pre]) == 2
     assert "--prompt" in capsys.readouterr().err
 
@@ -81,7 +81,7 @@ def test_bad_inputs_give_one_line(tmp_path, playground, capsys):
 
 def test_custom_image_and_prompts(tmp_path, playground, capsys):
     pre = toy_pretrained_args(tmp_path)
-    scene, phrases = write_scenes(tmp_path, 1, seed=7)[0]
+    scene, phrases = bundled_scenes()[2]
     out = tmp_path / "custom.png"
     assert playground.main(["--image", str(scene), "-p", phrases[0], "-p", "a black star", "--out", str(out),
                             *pre]) == 0
