@@ -283,9 +283,11 @@ def _timm_model_info(model_name: str, global_pool: str | None) -> tuple[bool, bo
     Decided from the trunk's classes: the model is built on the meta device (no memory, no weights)
     with a single block, which is enough to see every class the tower uses.
     """
-    import timm
-    from timm.models import model_entrypoint
-
+    try:
+        import timm
+        from timm.models import model_entrypoint
+    except ImportError:  # open_clip can run without timm; its timm towers then cannot be built either
+        return False, False
     try:
         if model_entrypoint(model_name).__module__ not in _TIMM_MODULES:
             return False, False
