@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from legrad import LeWrapper
 from legrad.cli import main as cli_main
 from legrad.explainer import Explainer
 from legrad.extract import MANIFEST_NAME, load_output, run
@@ -198,6 +199,34 @@ def test_jsonl_per_image_prompts(tmp_path, toy, scenes, explainer):
         np.testing.assert_allclose(out["maps"], maps.numpy(), atol=1e-5)
         np.testing.assert_allclose(out["similarity"], sim.numpy(), atol=1e-5)
     assert records[4]["status"] == "error" and "no such file" in records[4]["error"]
+
+
+def test_explainer_model_with_empty_prompt_correction(tmp_path, scenes):
+    """A ready Explainer is accepted; towers with their own LeGrad logic (here SigLIP's empty-prompt
+    correction) go through compute_legrad, so `input` maps equal it exactly."""
+    import open_clip
+    from tiny_towers import build_tiny
+
+    model = build_tiny("ViT-B-16-SigLIP", seed=1)
+    assert LeWrapper(model).adapter.uses_empty_prompt_correction
+
+    def tokenizer(texts):  # deterministic ids in the tiny model's 64-token vocabulary
+        rows = [[(7 * sum(map(ord, w)) % 60) + 2 for w in t.split()][:8] for t in texts]
+        return torch.tensor([r + [0] * (8 - len(r)) for r in rows])
+
+    explainer = Explainer(model, open_clip.image_transform(48, is_train=False), tokenizer, name="tiny-siglip")
+    common = dict(model=explainer, size=48, workers=0, limit=4, progress=False)
+    run(scenes, tmp_path / "input", PROMPTS, map_size="input", dtype="float32", **common)
+    run(scenes, tmp_path / "grid", PROMPTS, **common)
+    text = explainer.encode_prompts(PROMPTS)
+    for rec in manifest(tmp_path / "input")[1:]:
+        image = Image.open(scenes / rec["image"]).convert("RGB")
+        expected = explainer.wrapper.compute_legrad(text, image=LePreprocess(explainer.preprocess, 48)(image)[None])
+        np.testing.assert_allclose(load_output(tmp_path / "input" / rec["output"])["maps"], expected[0].numpy(),
+                                   atol=1e-5)
+        grid = load_output(tmp_path / "grid" / rec["output"])
+        assert grid["maps"].shape == (3, 3, 3) and grid["config"]["model"] == "tiny-siglip"
+        assert float(grid["maps"].min()) == 0.0 and float(grid["maps"].max()) == 1.0
 
 
 # ---------------------------------------------------------------------------------------------- distributed
