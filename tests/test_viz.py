@@ -193,3 +193,18 @@ def test_repo_root_utils_shim(monkeypatch):
 
     assert utils.visualize is visualize
     assert utils.overlay is overlay
+
+
+def test_normalisation_taken_from_the_model_config():
+    import open_clip
+
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    model, _, _ = open_clip.create_model_and_transforms(
+        "ViT-B-16", pretrained=None, embed_dim=32, image_mean=mean, image_std=std,
+        vision_cfg=dict(image_size=16, patch_size=8, width=32, layers=1, head_width=16),
+        text_cfg=dict(width=32, heads=2, layers=1, context_length=8),
+    )
+    img = _random_image(16, 16, seed=8)
+    t = torch.from_numpy(((img / 255.0 - 0.5) / 0.25).transpose(2, 0, 1).copy()).float()
+    out = np.asarray(overlay(t, np.zeros((16, 16)), alpha=0.0, normalization=model))
+    assert np.abs(out.astype(int) - img.astype(int)).max() <= 1
