@@ -145,7 +145,6 @@ def discover(inputs: list[str]) -> tuple[list[_Item], list[str]]:
 def run(args: argparse.Namespace) -> int:
     """Explains every image; returns 0 if all succeeded, 1 if any failed."""
     import numpy as np
-    import torch
     from tqdm import tqdm
 
     from legrad.explainer import Explainer, clean_prompts
@@ -188,8 +187,7 @@ def run(args: argparse.Namespace) -> int:
     for i, prompt in enumerate(prompts):
         slugs.append(_unique(slugify(prompt, 48) or f"prompt{i + 1}", used))
 
-    with torch.inference_mode():
-        text = explainer.encode_prompts(prompts)
+    text = explainer.encode_prompts(prompts)
 
     ok = failed = written = 0
     score_rows: list[tuple[str, str, float, float]] = []
