@@ -58,7 +58,7 @@ def resolve_empty_embedding(
     if tokenizer is None:
         raise ValueError(
             f"this tower ({adapter.family}) applies the empty-prompt correction, which needs the embedding of "
-            f"the prompt {EMPTY_PROMPT!r}: {_HOW}"
+            f"the prompt {EMPTY_PROMPT!r}: {getattr(adapter, 'correction_hint', _HOW)}"
         )
     encode = getattr(adapter, "encode_prompts", None)
     with torch.no_grad():
@@ -70,7 +70,10 @@ def resolve_empty_embedding(
             emb = model.encode_text(tokens.to(device), normalize=True)
     emb = emb.reshape(-1)
     if emb.shape[0] != dim:
-        raise ValueError(f"the tokenizer's prompt encodes to width {emb.shape[0]}, the image tower's is {dim}; {_HOW}")
+        raise ValueError(
+            f"the tokenizer's prompt encodes to width {emb.shape[0]}, the image tower's is {dim}; "
+            f"{getattr(adapter, 'correction_hint', _HOW)}"
+        )
     return emb
 
 

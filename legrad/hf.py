@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention_ops_for, merge_heads
+from .correction import apply_empty_prompt_correction, resolve_empty_embedding
 from .functional import layer_norm, linear
 from .heatmap import accumulate_relevance, min_max, upsample
 from .towers import LayerStep, TowerAdapter, register_tower
@@ -164,7 +165,8 @@ def encode_text(model: nn.Module, tokenizer: Any, texts: str | Sequence[str], **
         tokenizer: its tokenizer or processor (called with ``text=...``).
         texts: one prompt or a list of prompts.
         **tokenizer_kwargs: overrides of the tokenizer call; SigLIP/SigLIP2 default to
-            ``padding="max_length"`` (how they were trained), the others to ``padding=True``.
+            ``padding="max_length"`` with the text tower's context length (how they were trained), the
+            others to ``padding=True``.
 
     Returns:
         ``[P, D]`` float embeddings on the model's device, ready for ``compute_legrad``.
@@ -175,7 +177,10 @@ def encode_text(model: nn.Module, tokenizer: Any, texts: str | Sequence[str], **
     family = _hf_family(model)
     kwargs: dict[str, Any] = {"return_tensors": "pt"}
     if family is not None and issubclass(family, HFSiglipAdapter):
-        kwargs.update(padding="max_length", truncation=True)
+        # SigLIP towers were trained on prompts padded to their full context; SigLIP2's Gemma tokenizer
+        # has no usable model_max_length, so the length comes from the text tower's config.
+        max_len = getattr(getattr(model.config, "text_config", None), "max_position_embeddings", 64)
+        kwargs.update(padding="max_length", truncation=True, max_length=max_len)
     else:
         kwargs.update(padding=True, truncation=True)
     kwargs.update(tokenizer_kwargs)
@@ -241,21 +246,23 @@ class _HFAdapter(TowerAdapter):
         """Patch + position embeddings (+ CLS) ``[B, N, C]`` for a ``[B, C, H, W]`` batch, any size."""
         return self.visual.embeddings(image, interpolate_pos_encoding=True)
 
+    def encode_prompts(self, model: nn.Module, tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
+        """Normalised ``[P, D]`` embeddings of ``prompts`` (used for the empty-prompt correction)."""
+        return encode_text(model, tokenizer, prompts)
+
     def run_legrad(self, wrapper: Any, text_embedding: torch.Tensor, image: Any, *, layer_index: int | None,
-                   prompt_chunk: int | None, **inputs: Any) -> torch.Tensor:
+                   prompt_chunk: int | None, apply_correction: bool | None = None,
+                   correction_threshold: float | None = None, **inputs: Any) -> torch.Tensor:
         """Entry point used by :meth:`LeWrapper.compute_legrad` for transformers models.
 
         Accepts the ``[B, C, H, W]`` ``pixel_values`` tensor or the processor's output (a mapping
-        with ``pixel_values``); other keyword arguments are rejected.
+        with ``pixel_values``). Positional embeddings are always interpolated to the input size, so an
+        ``interpolate_pos_encoding`` keyword is accepted and ignored; other keywords are rejected.
         """
         pixel_values = _pixel_values(image, inputs, allowed=("interpolate_pos_encoding",))
         image, text, start = wrapper._validate(text_embedding, pixel_values, layer_index, prompt_chunk)
-        maps = wrapper._legrad(self, image, text, start, prompt_chunk)
-        return self._correct(wrapper, maps, image, start, prompt_chunk)
-
-    def _correct(self, wrapper: Any, maps: torch.Tensor, image: Any, start: int,
-                 prompt_chunk: int | None) -> torch.Tensor:
-        return maps
+        return wrapper._legrad(self, image, text, start, prompt_chunk, apply_correction=apply_correction,
+                               correction_threshold=correction_threshold)
 
 
 def _pixel_values(image: Any, inputs: dict[str, Any], allowed: Sequence[str] = ()) -> Any:
@@ -315,6 +322,14 @@ class HFSiglipAdapter(_HFAdapter):
     """transformers ``SiglipModel``: attention-pooling head explained at every selected layer."""
 
     family = "transformers SiglipModel (attention-pooling head)"
+    entry_points = ("compute_legrad", "compute_legrad_siglip")
+    uses_empty_prompt_correction = True
+    #: How to provide the correction's prompt embedding (shown when it is missing).
+    correction_hint = (
+        "pass LeWrapper(model, tokenizer=processor) with the model's AutoProcessor or AutoTokenizer, or "
+        "LeWrapper(model, empty_text_embedding=legrad.hf.encode_text(model, processor, 'a photo of a')[0]), "
+        "or turn the correction off with apply_correction=False"
+    )
     hf_classes = _SIGLIP_CLASSES
 
     def _check_layout(self) -> None:
@@ -383,11 +398,13 @@ class HFSiglip2Adapter(HFSiglipAdapter):
         yield from self._run(x, start, compute_dtype, key_mask)
 
     def run_legrad(self, wrapper: Any, text_embedding: torch.Tensor, image: Any, *, layer_index: int | None,
-                   prompt_chunk: int | None, **inputs: Any) -> torch.Tensor | list[torch.Tensor]:
+                   prompt_chunk: int | None, apply_correction: bool | None = None,
+                   correction_threshold: float | None = None, **inputs: Any) -> torch.Tensor | list[torch.Tensor]:
         """LeGrad for NaFlex batches.
 
         ``image`` is the processor output (a mapping with ``pixel_values``, ``pixel_attention_mask`` and
         ``spatial_shapes``) or the ``pixel_values`` tensor with the other two as keyword arguments.
+        The empty-prompt correction is applied per image, on its own patches only.
 
         Returns:
             ``[B, P, H, W]`` when all images share one ``spatial_shapes`` (e.g. ``B == 1``), otherwise a
@@ -395,33 +412,44 @@ class HFSiglip2Adapter(HFSiglipAdapter):
         """
         pixel_values, key_mask, shapes = self._naflex_inputs(image, inputs)
         text, start = wrapper._validate_text(text_embedding, pixel_values.shape[0], layer_index, prompt_chunk)
-        rel = self._relevance((pixel_values, key_mask, shapes), text, start, prompt_chunk)
-        maps = self._maps(rel, shapes, pixel_values.device)
-        return self._correct(wrapper, maps, (pixel_values, key_mask, shapes), start, prompt_chunk)
+        correct = wrapper.apply_correction if apply_correction is None else bool(apply_correction)
+        threshold = wrapper.correction_threshold if correction_threshold is None else float(correction_threshold)
+        empty = None
+        if correct:
+            empty = resolve_empty_embedding(wrapper.model, self, wrapper._tokenizer, wrapper._empty_text_embedding)
+        rel = self._relevance((pixel_values, key_mask, shapes), text, empty, start, prompt_chunk)
+        return self._maps(rel, shapes, pixel_values.device, threshold if empty is not None else None)
 
-    def _relevance(self, image: tuple[torch.Tensor, torch.Tensor, torch.Tensor], text: torch.Tensor, start: int,
-                   prompt_chunk: int | None) -> torch.Tensor:
+    def _relevance(self, image: tuple[torch.Tensor, torch.Tensor, torch.Tensor], text: torch.Tensor,
+                   empty: torch.Tensor | None, start: int, prompt_chunk: int | None) -> torch.Tensor:
+        """``[B, P (+1 for the empty prompt), N]`` summed relevance, from one run of the tower."""
         pixel_values, key_mask, shapes = image
         device = self.device()
         param_dtype = self.param_dtype()
         compute_dtype = torch.float32 if param_dtype in (torch.float16, torch.bfloat16) else param_dtype
         with torch.inference_mode(False), torch.no_grad():
-            px = pixel_values.to(device=device, dtype=param_dtype)
-            px = px.clone() if px.is_inference() else px
-            mask = key_mask.to(device)
-            mask = mask.clone() if mask.is_inference() else mask
-            sh = shapes.to(device)
-            sh = sh.clone() if sh.is_inference() else sh
-            txt = text.detach().to(device=device, dtype=compute_dtype)
-            txt = txt.clone() if txt.is_inference() else txt
+            # Inference tensors cannot join an autograd graph: clone them into normal tensors.
+            px, mask, sh, txt = (
+                t.clone() if t.is_inference() else t
+                for t in (pixel_values.to(device=device, dtype=param_dtype), key_mask.to(device), shapes.to(device),
+                          text.detach().to(device=device, dtype=compute_dtype))
+            )
+            if empty is not None:  # one extra prompt in the same batched backward
+                e = empty.detach().to(device=device, dtype=compute_dtype)
+                e = e.clone() if e.is_inference() else e
+                e = e.expand(1, -1) if txt.ndim == 2 else e.expand(txt.shape[0], 1, -1)
+                txt = torch.cat([txt, e], dim=-2)
             return accumulate_relevance(self.steps((px, mask, sh), start, compute_dtype), txt, prompt_chunk)
 
-    def _maps(self, rel: torch.Tensor, shapes: torch.Tensor, out_device: torch.device
-              ) -> torch.Tensor | list[torch.Tensor]:
+    def _maps(self, rel: torch.Tensor, shapes: torch.Tensor, out_device: torch.device,
+              threshold: float | None) -> torch.Tensor | list[torch.Tensor]:
         ph, pw = self.patch_size
         maps = []
         for b, (gh, gw) in enumerate(shapes.tolist()):
-            m = rel[b, :, : gh * gw].reshape(1, rel.shape[1], gh, gw).float()
+            r = rel[b : b + 1, :, : gh * gw]  # this image's own patches; the padding is dropped
+            if threshold is not None:
+                r = apply_empty_prompt_correction(r[:, :-1], r[:, -1:], threshold)
+            m = r.reshape(1, r.shape[1], gh, gw).float()
             maps.append(min_max(upsample(m, (gh * ph, gw * pw)))[0].to(out_device))
         if len({tuple(m.shape) for m in maps}) == 1:
             return torch.stack(maps)

@@ -216,18 +216,26 @@ class LeWrapper:
         prompt_chunk: int | None = None,
         apply_correction: bool | None = None,
         correction_threshold: float | None = None,
+        **inputs: Any,
     ) -> torch.Tensor:
         """LeGrad for attention-pooled towers (SigLIP, SigLIP2, PE-Core). Same contract as :meth:`compute_legrad`.
 
         Args:
             apply_correction: overrides the wrapper's ``apply_correction`` for this call.
             correction_threshold: overrides the wrapper's ``correction_threshold`` for this call.
+            **inputs: extra image inputs, as for :meth:`compute_legrad` (Hugging Face ``Siglip2Model``).
 
         Raises:
             TypeError: if the tower has no SigLIP-style attention pooler (use :meth:`compute_legrad`).
             ValueError: if the correction is on and neither a tokenizer nor ``empty_text_embedding`` was given.
         """
         self._require_entry_point("compute_legrad_siglip")
+        run = getattr(self._adapter, "run_legrad", None)
+        if run is not None:  # families with their own input format (Hugging Face models: legrad.hf)
+            return run(self, text_embedding, image, layer_index=layer_index, prompt_chunk=prompt_chunk,
+                       apply_correction=apply_correction, correction_threshold=correction_threshold, **inputs)
+        if inputs:
+            raise TypeError(f"compute_legrad_siglip got unexpected keyword arguments {sorted(inputs)}")
         if apply_correction is None and correction_threshold is None:
             return self.compute_legrad(text_embedding, image, layer_index=layer_index, prompt_chunk=prompt_chunk)
         image, text, start = self._validate(text_embedding, image, layer_index, prompt_chunk)

@@ -39,6 +39,10 @@ SQUARE_KINDS = CLIP_KINDS + ["siglip"]
 def make_model(kind: str, seed: int = 0, **vision_overrides):
     """A tiny random-init transformers model of ``kind`` in eval mode, with non-trivial LayerNorms."""
     T = transformers
+    cls_name = {"clip": "CLIPModel", "metaclip2": "MetaClip2Model", "altclip": "AltCLIPModel",
+                "chinese_clip": "ChineseCLIPModel", "siglip": "SiglipModel", "siglip2": "Siglip2Model"}[kind]
+    if not hasattr(T, cls_name):
+        pytest.skip(f"transformers {T.__version__} has no {cls_name}")
     vision = dict(VISION, **vision_overrides)
     torch.manual_seed(seed)
     if kind == "clip":
@@ -167,8 +171,11 @@ def _siglip_head(model, x):
     return a, feature_fn
 
 
-def hf_oracle(model, kind, image, text, layer_index, patch_size=8):
+def hf_oracle(model, kind, image, text, layer_index, patch_size=8, empty=None, threshold=0.8):
     """LeGrad per image, prompt and layer. ``image``: [B, 3, H, W], or a NaFlex dict for siglip2.
+
+    ``empty``: the [D] empty-prompt embedding; when given, each map is zeroed on the patches where the
+    empty prompt's min-max normalised relevance exceeds ``threshold`` (before upsampling).
 
     Returns [B, P, H, W] (a list of [P, H_i, W_i] for NaFlex batches with different sizes).
     """
@@ -180,6 +187,7 @@ def hf_oracle(model, kind, image, text, layer_index, patch_size=8):
     out = []
     for b in range(batch):
         t_b = text[b] if text.ndim == 3 else text
+        prompts = [t_b[p] for p in range(t_b.shape[0])] + ([empty] if empty is not None else [])
         with torch.no_grad():
             if naflex:
                 gh, gw = image["spatial_shapes"][b].tolist()
@@ -189,8 +197,7 @@ def hf_oracle(model, kind, image, text, layer_index, patch_size=8):
                 x = _tokens(model, image[b : b + 1])
             for i in range(start):
                 x = _layer_forward(layers[i], x)
-        H, W = gh * patch_size, gw * patch_size
-        acc = torch.zeros(t_b.shape[0], H, W, dtype=torch.float64)
+        grid = torch.zeros(len(prompts), gh, gw, dtype=torch.float64)
         for i in range(start, len(layers)):
             layer = layers[i]
             if kind in CLIP_KINDS:
@@ -207,14 +214,18 @@ def hf_oracle(model, kind, image, text, layer_index, patch_size=8):
                     x_l = _layer_forward(layer, x)
                 a, feature_fn = _siglip_head(model, x_l)
                 prefix = 0
-            for p in range(t_b.shape[0]):
-                s = (F.normalize(feature_fn(a), dim=-1)[0] * t_b[p].to(a.dtype)).sum()
+            for p, t in enumerate(prompts):
+                s = (F.normalize(feature_fn(a), dim=-1)[0] * t.to(a.dtype)).sum()
                 (g,) = torch.autograd.grad(s, a)
-                m = g.clamp(min=0).mean(dim=(1, 2))[0, prefix:].reshape(1, 1, gh, gw).double()
-                acc[p] += F.interpolate(m, size=(H, W), mode="bilinear", align_corners=False)[0, 0]
+                grid[p] += g.clamp(min=0).mean(dim=(1, 2))[0, prefix:].reshape(gh, gw).double()
             with torch.no_grad():
                 x = _layer_forward(layer, x)
-        out.append(torch.stack([_min_max(acc[p]) for p in range(t_b.shape[0])]).float())
+        if empty is not None:
+            suppress = _min_max(grid[-1]) > threshold
+            grid = grid[:-1].masked_fill(suppress, 0.0)
+        H, W = gh * patch_size, gw * patch_size
+        up = F.interpolate(grid[None], size=(H, W), mode="bilinear", align_corners=False)[0]
+        out.append(torch.stack([_min_max(m) for m in up]).float())
     if len({o.shape for o in out}) == 1:
         return torch.stack(out)
     return out
@@ -354,7 +365,8 @@ def test_siglip2_oracle_forward_matches_padded_model():
 def test_model_left_unchanged(kind):
     model = make_model(kind)
     before = snapshot(model)
-    w = LeWrapper(model)
+    # SigLIP towers also run the text tower once, for the empty-prompt correction.
+    w = LeWrapper(model, tokenizer=_tiny_tokenizer())
     text = unit_text(2, embed_dim(model))
     if kind == "siglip2":
         w.compute_legrad(text, image=naflex_batch([(3, 4), (2, 2)], max_patches=16))
@@ -413,18 +425,19 @@ def test_threads_agree_with_sequential_calls():
         torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", ["clip", "siglip", "siglip2"])
-def test_bfloat16_model(kind):
+def test_half_precision_model(kind, dtype):
     model = make_model(kind)
     text = unit_text(2, embed_dim(model))
     image = naflex_batch([(4, 4)], max_patches=16) if kind == "siglip2" else rand_image(1, 32, 32)
     ref = LeWrapper(model, apply_correction=False).compute_legrad(text, image=image)
-    model = model.to(torch.bfloat16)
+    model = model.to(dtype)
     before = snapshot(model)
     maps = LeWrapper(model, apply_correction=False).compute_legrad(text, image=image)
     assert maps.dtype == torch.float32 and maps.shape == ref.shape and torch.isfinite(maps).all()
     assert maps.min() >= 0 and maps.max() <= 1
-    # bf16 weights and activations perturb the map, but it stays the same map.
+    # Half-precision weights and activations perturb the map, but it stays the same map.
     assert torch.corrcoef(torch.stack([maps.flatten(), ref.flatten()]))[0, 1] > 0.9
     assert_unchanged(before, model)
 
@@ -508,15 +521,16 @@ def test_encode_text_normalises_the_models_own_embedding(kind):
     tok = _tiny_tokenizer()
     prompts = ["a photo of a cat", "dog"]
     emb = encode_text(LeWrapper(model), tok, prompts)
-    padding = "max_length" if kind == "siglip" else True
-    ids = tok(prompts, padding=padding, return_tensors="pt")
+    # SigLIP pads to the text tower's full context (as it was trained), not to the tokenizer's limit.
+    padding = dict(padding="max_length", max_length=TEXT["max_position_embeddings"]) if kind == "siglip" else \
+        dict(padding=True)
+    ids = tok(prompts, return_tensors="pt", **padding)
     args = {k: v for k, v in ids.items() if k in inspect.signature(model.get_text_features).parameters}
     with torch.no_grad():
         expected = F.normalize(pooled_text_features(model.get_text_features(**args)), dim=-1)
     assert emb.shape == (2, embed_dim(model))
     torch.testing.assert_close(emb, expected)
-    if kind == "siglip":
-        assert ids["input_ids"].shape[1] == 8  # SigLIP pads to max_length, as it was trained
+    assert ids["input_ids"].shape[1] == (16 if kind == "siglip" else 7)
 
 
 def test_core_library_works_without_transformers():
@@ -533,3 +547,90 @@ def test_core_library_works_without_transformers():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------ correction
+@pytest.mark.parametrize("layer_index", [-2, 0])
+@pytest.mark.parametrize("threshold", [0.8, 0.4])
+def test_siglip_empty_prompt_correction_matches_oracle(layer_index, threshold):
+    model = make_model("siglip")
+    image, text = rand_image(2, 32, 40), unit_text(3, 32)
+    empty = unit_text(1, 32, seed=9)[0]
+    w = LeWrapper(model, layer_index=layer_index, empty_text_embedding=empty, correction_threshold=threshold)
+    maps = w.compute_legrad(text, image=image)
+    expected = hf_oracle(model, "siglip", image, text, layer_index, empty=empty, threshold=threshold)
+    torch.testing.assert_close(maps, expected, atol=1e-5, rtol=0)
+    # The correction must actually change something here, or this test would prove nothing.
+    assert (maps - hf_oracle(model, "siglip", image, text, layer_index)).abs().max() > 0.05
+    torch.testing.assert_close(w.compute_legrad_siglip(text, image=image), maps, atol=0, rtol=0)
+    off = w.compute_legrad_siglip(text, image=image, apply_correction=False)
+    torch.testing.assert_close(off, hf_oracle(model, "siglip", image, text, layer_index), atol=1e-5, rtol=0)
+
+
+def test_siglip2_correction_is_per_image_on_its_own_patches():
+    model = make_model("siglip2")
+    inputs = naflex_batch([(3, 4), (4, 5)], max_patches=24)
+    text = unit_text(2, 32)
+    empty = unit_text(1, 32, seed=9)[0]
+    w = LeWrapper(model, empty_text_embedding=empty, correction_threshold=0.6)
+    maps = w.compute_legrad(text, image=inputs)
+    expected = hf_oracle(model, "siglip2", inputs, text, -2, empty=empty, threshold=0.6)
+    for got, want in zip(maps, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    off = w.compute_legrad_siglip(text, image=inputs, apply_correction=False)
+    for got, want in zip(off, hf_oracle(model, "siglip2", inputs, text, -2), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["siglip", "siglip2"])
+def test_correction_embedding_from_the_tokenizer(kind):
+    model = make_model(kind)
+    tok = _tiny_tokenizer()
+    from legrad.correction import EMPTY_PROMPT
+
+    empty = encode_text(model, tok, EMPTY_PROMPT)[0]
+    text = unit_text(2, 32)
+    image = naflex_batch([(3, 4)], max_patches=16) if kind == "siglip2" else rand_image(1, 32, 32)
+    via_tokenizer = LeWrapper(model, tokenizer=tok).compute_legrad(text, image=image)
+    via_embedding = LeWrapper(model, empty_text_embedding=empty).compute_legrad(text, image=image)
+    torch.testing.assert_close(via_tokenizer, via_embedding, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["siglip", "siglip2"])
+def test_correction_without_tokenizer_or_embedding_is_a_clear_error(kind):
+    w = LeWrapper(make_model(kind))
+    image = naflex_batch([(3, 4)], max_patches=16) if kind == "siglip2" else rand_image(1, 32, 32)
+    with pytest.raises(ValueError, match="empty-prompt correction.*tokenizer=processor.*AutoProcessor"):
+        w.compute_legrad(unit_text(1, 32), image=image)
+    with pytest.raises(TypeError, match="compute_legrad_siglip does not apply"):
+        LeWrapper(make_model("clip")).compute_legrad_siglip(unit_text(1, 24), image=rand_image(1, 32, 32))
+
+
+# ------------------------------------------------------------------------------------------------ processors
+def _pil(h: int, w: int, seed: int):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy())
+
+
+def test_real_processor_outputs_end_to_end():
+    """Locally built image processors (no download): their BatchFeature goes straight in."""
+    clip = make_model("clip")
+    proc = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    inputs = proc(images=[_pil(50, 90, 0), _pil(64, 64, 1)], return_tensors="pt")
+    text = unit_text(2, 24)
+    maps = LeWrapper(clip).compute_legrad(text, image=inputs)
+    torch.testing.assert_close(maps, hf_oracle(clip, "clip", inputs["pixel_values"], text, -2), atol=1e-5, rtol=0)
+
+    siglip2 = make_model("siglip2")
+    proc2 = transformers.Siglip2ImageProcessor(patch_size=8, max_num_patches=16)
+    inputs2 = proc2(images=[_pil(50, 90, 2), _pil(90, 40, 3), _pil(32, 32, 4)], return_tensors="pt")
+    text2 = unit_text(2, 32)
+    maps2 = LeWrapper(siglip2, apply_correction=False).compute_legrad(text2, image=inputs2)
+    shapes = inputs2["spatial_shapes"].tolist()
+    assert len({tuple(s) for s in shapes}) > 1  # a ragged batch: one map per image at its own size
+    assert [tuple(m.shape) for m in maps2] == [(2, h * 8, w * 8) for h, w in shapes]
+    oracle = hf_oracle(siglip2, "siglip2", dict(inputs2), text2, -2)
+    for got, want in zip(maps2, oracle, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
