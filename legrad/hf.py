@@ -85,7 +85,7 @@ def _hf_family(model: Any) -> type[_HFAdapter] | None:
             return family
     hint = ""
     name = type(model).__name__
-    if "Vision" in name or "Text" in name:
+    if name.endswith(("VisionModel", "TextModel", "VisionModelWithProjection", "TextModelWithProjection")):
         hint = " (a single tower cannot be explained: load the full two-tower model, e.g. CLIPModel)"
     raise TypeError(
         f"unsupported Hugging Face model class {name}{hint}. LeWrapper accepts these transformers classes: "
@@ -171,7 +171,10 @@ def encode_text(model: nn.Module, tokenizer: Any, texts: str | Sequence[str], **
     Returns:
         ``[P, D]`` float embeddings on the model's device, ready for ``compute_legrad``.
     """
-    model = getattr(model, "model", model) if type(model).__name__ == "LeWrapper" else model
+    from .wrapper import LeWrapper  # local: legrad/__init__ imports this module before the wrapper
+
+    if isinstance(model, LeWrapper):
+        model = model.model
     if isinstance(texts, str):
         texts = [texts]
     family = _hf_family(model)
