@@ -171,6 +171,7 @@ def _siglip_head(model, x):
     return a, feature_fn
 
 
+@torch.enable_grad()  # robust to a test that left grad mode off globally
 def hf_oracle(model, kind, image, text, layer_index, patch_size=8, empty=None, threshold=0.8):
     """LeGrad per image, prompt and layer. ``image``: [B, 3, H, W], or a NaFlex dict for siglip2.
 
