@@ -309,6 +309,28 @@ class HFClipAdapter(_HFAdapter):
                          scale=scale)
         return step, x_next
 
+    def trace(self, image: torch.Tensor, compute_dtype: torch.dtype) -> tuple[list[LayerStep], torch.Tensor]:
+        """The whole tower as one graph, for the gradient baselines; the embedding is the model's own
+        ``visual_projection(post_layernorm(CLS))`` (what ``get_image_features`` returns)."""
+        # The embedded tokens are the graph's only leaf: every later activation is a function of them.
+        x = layer_norm(self.visual.pre_layrnorm, self._embed(image)).to(compute_dtype).detach().requires_grad_(True)
+        steps = []
+        with torch.enable_grad():
+            for i, blk in enumerate(self._layers):
+                attn = blk.self_attn
+                h = layer_norm(blk.layer_norm1, x)
+                q, k, v = _self_qkv(attn, h)
+                scale = _attn_scale(attn, q)
+                o = _sdpa(q, k, v, None, scale)
+                x = x + linear(attn.out_proj, merge_heads(o))
+                x = x + _mlp(blk.mlp, layer_norm(blk.layer_norm2, x))
+                steps.append(LayerStep(layer=i, feature=x, out=o, value=v.detach(), num_prefix_tokens=1,
+                                       query=q.detach(), key=k.detach(), scale=scale, tokens=h))
+            embedding = linear(self.model.visual_projection, layer_norm(self.visual.post_layernorm, x[:, 0]))
+        for step in steps:
+            step.feature = embedding
+        return steps, embedding
+
     def steps(self, image: torch.Tensor, start: int, compute_dtype: torch.dtype) -> Iterator[LayerStep]:
         x = layer_norm(self.visual.pre_layrnorm, self._embed(image))
         layers = self._layers

@@ -635,3 +635,57 @@ def test_real_processor_outputs_end_to_end():
     oracle = hf_oracle(siglip2, "siglip2", dict(inputs2), text2, -2)
     for got, want in zip(maps2, oracle, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ open_clip twin
+def _open_clip_twin(hf):
+    """An open_clip CLIP whose image tower holds the HF CLIPModel's weights (an independent implementation)."""
+    import open_clip
+
+    v = VISION
+    twin = open_clip.create_model(
+        "ViT-B-16", pretrained=None, embed_dim=24, force_quick_gelu=True,
+        vision_cfg=dict(image_size=v["image_size"], patch_size=v["patch_size"], width=v["hidden_size"],
+                        layers=v["num_hidden_layers"], head_width=v["hidden_size"] // v["num_attention_heads"],
+                        mlp_ratio=v["intermediate_size"] / v["hidden_size"]),
+        text_cfg=dict(width=32, heads=2, layers=1, context_length=8),
+    ).eval()
+    vm, vis = hf.vision_model, twin.visual
+    with torch.no_grad():
+        vis.conv1.weight.copy_(vm.embeddings.patch_embedding.weight)
+        vis.class_embedding.copy_(vm.embeddings.class_embedding)
+        vis.positional_embedding.copy_(vm.embeddings.position_embedding.weight)
+        vis.proj.copy_(hf.visual_projection.weight.t())
+        for dst, src in ((vis.ln_pre, vm.pre_layrnorm), (vis.ln_post, vm.post_layernorm)):
+            dst.load_state_dict(src.state_dict())
+        for blk, layer in zip(vis.transformer.resblocks, vm.encoder.layers, strict=True):
+            a = layer.self_attn
+            blk.attn.in_proj_weight.copy_(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
+            blk.attn.in_proj_bias.copy_(torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]))
+            blk.attn.out_proj.load_state_dict(a.out_proj.state_dict())
+            blk.ln_1.load_state_dict(layer.layer_norm1.state_dict())
+            blk.ln_2.load_state_dict(layer.layer_norm2.state_dict())
+            blk.mlp.c_fc.load_state_dict(layer.mlp.fc1.state_dict())
+            blk.mlp.c_proj.load_state_dict(layer.mlp.fc2.state_dict())
+    return twin
+
+
+def test_open_clip_twin_has_the_same_embedding():
+    hf = make_model("clip")
+    twin = _open_clip_twin(hf)
+    image = rand_image(2, 32, 32)
+    with torch.no_grad():
+        theirs = pooled_text_features(hf.get_image_features(pixel_values=image))
+        torch.testing.assert_close(twin.encode_image(image), theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["legrad", "raw_attention", "rollout", "gradcam", "chefercam"])
+def test_hf_clip_equals_its_open_clip_twin(method):
+    """LeGrad and the baselines give the same maps on an HF CLIPModel and on open_clip holding its weights."""
+    from legrad import baselines
+
+    hf = make_model("clip")
+    twin = _open_clip_twin(hf)
+    image, text = rand_image(2, 32, 32), unit_text(3, 24)
+    fn = baselines.get_method(method)
+    torch.testing.assert_close(fn(LeWrapper(hf), text, image), fn(LeWrapper(twin), text, image), atol=1e-5, rtol=0)
