@@ -85,12 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{err} --alpha must be in [0, 1], got {args.alpha}", file=sys.stderr)
         return 2
 
-    import torch
 
     from legrad.explainer import Explainer
     from legrad.viz import visualize
 
-    torch.set_grad_enabled(False)
     prompts = args.prompts
     if args.image is None:
         image, phrases, absent, label = default_scene(args.scene)
