@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from .explainer import Explainer, clean_prompts
-from .heatmap import accumulate_relevance, min_max, upsample
+from .heatmap import min_max
 from .loading import TOY_NAME, load_image, parse_size, resolve_device
 from .preprocess import LePreprocess
 from .viz import atomic_writer
@@ -350,38 +350,23 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- compute
-def _own_engine(adapter: Any) -> bool:
-    """Families whose maps need LeWrapper's own logic (custom inputs or the empty-prompt correction)."""
-    return getattr(adapter, "run_legrad", None) is not None or bool(getattr(adapter, "uses_empty_prompt_correction", False))
-
-
 def _heatmaps(wrapper: Any, image: torch.Tensor, text: torch.Tensor, start: int,
               map_hw: tuple[int, int]) -> torch.Tensor:
     """``[B, P, h, w]`` float32 maps in [0, 1] at ``map_hw``.
 
-    They equal ``compute_legrad`` at the input size up to the final resize: the summed relevance on the
-    patch grid is resized bilinearly to ``map_hw`` (a no-op at grid size) and min-max normalised, so a
-    grid map upsampled to the input size and min-max normalised again is exactly ``compute_legrad``'s map.
+    At the patch grid they are ``compute_legrad(..., output_size='grid')``: upsampled bilinearly to the
+    input size and min-max normalised again they are exactly ``compute_legrad``'s maps. Families with
+    their own input handling (``run_legrad``) only return input-size maps, which are resized here.
     """
     adapter = wrapper.adapter
-    if _own_engine(adapter):
+    if getattr(adapter, "run_legrad", None) is not None:
         maps = wrapper.compute_legrad(text, image=image, layer_index=start)
         if tuple(maps.shape[-2:]) != tuple(map_hw):
             maps = min_max(F.interpolate(maps, size=map_hw, mode="bilinear", antialias=True, align_corners=False))
         return maps.float()
-    height, width = image.shape[-2:]
-    gh, gw = adapter.grid_size(height, width)
-    device = adapter.device()
-    param_dtype = adapter.param_dtype()
-    compute_dtype = torch.float32 if param_dtype in (torch.float16, torch.bfloat16) else param_dtype
-    with torch.inference_mode(False), torch.no_grad():
-        img = image.to(device=device, dtype=param_dtype)
-        txt = text.to(device=device, dtype=compute_dtype)
-        rel = accumulate_relevance(adapter.steps(img, start, compute_dtype), txt)
-        rel = rel.reshape(rel.shape[0], rel.shape[1], gh, gw).float()
-        if (gh, gw) != tuple(map_hw):
-            rel = upsample(rel, map_hw)
-        return min_max(rel)
+    grid = adapter.grid_size(*image.shape[-2:])
+    output_size = "grid" if tuple(map_hw) == tuple(grid) else tuple(map_hw)
+    return wrapper.compute_legrad(text, image=image, layer_index=start, output_size=output_size)
 
 
 class _PromptTable:

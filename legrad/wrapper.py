@@ -147,6 +147,7 @@ class LeWrapper:
         *,
         layer_index: int | None = None,
         prompt_chunk: int | None = None,
+        output_size: str | tuple[int, int] | None = None,
         **inputs: Any,
     ) -> torch.Tensor:
         """LeGrad heatmaps, one per (image, prompt), for any supported tower.
@@ -157,11 +158,14 @@ class LeWrapper:
             image: ``[B, C, H, W]`` float images, preprocessed; H and W multiples of the patch size.
             layer_index: overrides the wrapper's ``layer_index`` for this call.
             prompt_chunk: prompts per batched backward (bounds memory); default from a memory budget.
+            output_size: None for the input size ``[H, W]``; ``"grid"`` for the patch grid ``[gh, gw]``
+                (min-max normalised there, no upsampling: upsampling it bilinearly and min-max
+                normalising again gives the default output); ``(h, w)`` for that size (bilinear).
             **inputs: extra image inputs of families that need them (Hugging Face ``Siglip2Model``:
                 ``pixel_attention_mask``, ``spatial_shapes``; see :mod:`legrad.hf`).
 
         Returns:
-            ``[B, P, H, W]`` float32 heatmaps in [0, 1] on ``image``'s device.
+            ``[B, P, H, W]`` float32 heatmaps in [0, 1] on ``image``'s device (or at ``output_size``).
 
         Raises:
             TypeError, ValueError: on invalid inputs, before any computation.
@@ -169,11 +173,14 @@ class LeWrapper:
         adapter = self._adapter
         run = getattr(adapter, "run_legrad", None)
         if run is not None:  # families with their own input format (Hugging Face models: legrad.hf)
+            if output_size is not None:
+                raise TypeError(f"output_size is not supported for {adapter.family}; resize the returned maps")
             return run(self, text_embedding, image, layer_index=layer_index, prompt_chunk=prompt_chunk, **inputs)
         if inputs:
             raise TypeError(f"compute_legrad got unexpected keyword arguments {sorted(inputs)}")
+        out_hw = _checked_output_size(output_size)
         image, text, start = self._validate(text_embedding, image, layer_index, prompt_chunk)
-        return self._legrad(adapter, image, text, start, prompt_chunk)
+        return self._legrad(adapter, image, text, start, prompt_chunk, output_size=out_hw)
 
     def compute_legrad_clip(
         self,
@@ -182,6 +189,7 @@ class LeWrapper:
         *,
         layer_index: int | None = None,
         prompt_chunk: int | None = None,
+        output_size: str | tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """LeGrad for CLIP ViT towers (CLS or average pooling). Same contract as :meth:`compute_legrad`.
 
@@ -189,7 +197,8 @@ class LeWrapper:
             TypeError: if the model's tower is not a CLIP-style ViT (use :meth:`compute_legrad`).
         """
         self._require_entry_point("compute_legrad_clip")
-        return self.compute_legrad(text_embedding, image, layer_index=layer_index, prompt_chunk=prompt_chunk)
+        return self.compute_legrad(text_embedding, image, layer_index=layer_index, prompt_chunk=prompt_chunk,
+                                   output_size=output_size)
 
     def compute_legrad_coca(
         self,
@@ -198,6 +207,7 @@ class LeWrapper:
         *,
         layer_index: int | None = None,
         prompt_chunk: int | None = None,
+        output_size: str | tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """LeGrad for CoCa models (one map per prompt). Same contract as :meth:`compute_legrad`.
 
@@ -205,7 +215,8 @@ class LeWrapper:
             TypeError: if the model is not an open_clip CoCa (use :meth:`compute_legrad`).
         """
         self._require_entry_point("compute_legrad_coca")
-        return self.compute_legrad(text_embedding, image, layer_index=layer_index, prompt_chunk=prompt_chunk)
+        return self.compute_legrad(text_embedding, image, layer_index=layer_index, prompt_chunk=prompt_chunk,
+                                   output_size=output_size)
 
     def compute_legrad_siglip(
         self,
@@ -216,6 +227,7 @@ class LeWrapper:
         prompt_chunk: int | None = None,
         apply_correction: bool | None = None,
         correction_threshold: float | None = None,
+        output_size: str | tuple[int, int] | None = None,
         **inputs: Any,
     ) -> torch.Tensor:
         """LeGrad for attention-pooled towers (SigLIP, SigLIP2, PE-Core). Same contract as :meth:`compute_legrad`.
@@ -232,15 +244,19 @@ class LeWrapper:
         self._require_entry_point("compute_legrad_siglip")
         run = getattr(self._adapter, "run_legrad", None)
         if run is not None:  # families with their own input format (Hugging Face models: legrad.hf)
+            if output_size is not None:
+                raise TypeError(f"output_size is not supported for {self._adapter.family}; resize the returned maps")
             return run(self, text_embedding, image, layer_index=layer_index, prompt_chunk=prompt_chunk,
                        apply_correction=apply_correction, correction_threshold=correction_threshold, **inputs)
         if inputs:
             raise TypeError(f"compute_legrad_siglip got unexpected keyword arguments {sorted(inputs)}")
         if apply_correction is None and correction_threshold is None:
-            return self.compute_legrad(text_embedding, image, layer_index=layer_index, prompt_chunk=prompt_chunk)
+            return self.compute_legrad(text_embedding, image, layer_index=layer_index, prompt_chunk=prompt_chunk,
+                                       output_size=output_size)
+        out_hw = _checked_output_size(output_size)
         image, text, start = self._validate(text_embedding, image, layer_index, prompt_chunk)
         return self._legrad(self._adapter, image, text, start, prompt_chunk, apply_correction=apply_correction,
-                            correction_threshold=correction_threshold)
+                            correction_threshold=correction_threshold, output_size=out_hw)
 
     def _require_entry_point(self, name: str) -> None:
         if name not in self._adapter.entry_points:
@@ -251,7 +267,8 @@ class LeWrapper:
 
     def _legrad(self, adapter: TowerAdapter, image: torch.Tensor, text: torch.Tensor, start: int,
                 prompt_chunk: int | None, *, apply_correction: bool | None = None,
-                correction_threshold: float | None = None) -> torch.Tensor:
+                correction_threshold: float | None = None,
+                output_size: str | tuple[int, int] | None = None) -> torch.Tensor:
         correct = self.apply_correction if apply_correction is None else bool(apply_correction)
         threshold = self.correction_threshold if correction_threshold is None else float(correction_threshold)
         empty = None
@@ -278,7 +295,9 @@ class LeWrapper:
             if empty is not None:
                 rel = apply_empty_prompt_correction(rel[:, :-1], rel[:, -1:], threshold)
             maps = rel.reshape(rel.shape[0], rel.shape[1], gh, gw).float()
-            maps = min_max(upsample(maps, (height, width)))
+            if output_size != "grid":
+                maps = upsample(maps, (height, width) if output_size is None else output_size)
+            maps = min_max(maps)
         return maps.to(out_device)
 
     # ------------------------------------------------------------------ validation
@@ -349,6 +368,15 @@ class LeWrapper:
         li = self._layer_index if layer_index is None else self._checked_layer_index(layer_index)
         start = li % adapter.depth
         return text_embedding, start
+
+
+def _checked_output_size(output_size: Any) -> str | tuple[int, int] | None:
+    if output_size is None or output_size == "grid":
+        return output_size
+    if (isinstance(output_size, (tuple, list)) and len(output_size) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in output_size)):
+        return (int(output_size[0]), int(output_size[1]))
+    raise ValueError(f"output_size must be None, 'grid' or a (height, width) of positive ints, got {output_size!r}")
 
 
 def _rewrap_self(wrapper: LeWrapper, model: nn.Module, method: Any) -> Any:

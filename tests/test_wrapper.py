@@ -358,3 +358,23 @@ def test_unsupported_tower_raises_type_error(name):
 def test_wrong_model_type():
     with pytest.raises(TypeError, match="OpenCLIP model"):
         LeWrapper("ViT-B-16")
+
+
+def test_output_size_grid_and_explicit():
+    model = make_tiny_vit()
+    w = LeWrapper(model)
+    image, text = rand_image(2, 32, 48), unit_text(3)
+    full = w.compute_legrad(text, image=image)
+    grid = w.compute_legrad(text, image=image, output_size="grid")
+    assert grid.shape == (2, 3, 4, 6)
+    flat = grid.flatten(2)
+    torch.testing.assert_close(flat.amax(-1), torch.ones(2, 3))
+    # the grid maps are the same maps before upsampling: upsample + min-max reproduces the default
+    from legrad.heatmap import min_max, upsample
+
+    torch.testing.assert_close(min_max(upsample(grid, (32, 48))), full, atol=1e-6, rtol=0)
+    torch.testing.assert_close(w.compute_legrad(text, image=image, output_size=(32, 48)), full, atol=0, rtol=0)
+    assert w.compute_legrad(text, image=image, output_size=(10, 7)).shape == (2, 3, 10, 7)
+    for bad in ("input", (0, 4), (3.0, 4), 5):
+        with pytest.raises(ValueError, match="output_size"):
+            w.compute_legrad(text, image=image, output_size=bad)
