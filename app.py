@@ -11,6 +11,7 @@ loaded shows a message in the page). Loaded models are cached; requests are serv
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 import tempfile
@@ -219,8 +220,8 @@ def build_demo():
                 alpha = gr.Slider(0.0, 1.0, value=0.6, step=0.05, label="Overlay opacity", elem_id="alpha")
                 button = gr.Button("Explain", variant="primary", elem_id="explain")
             with gr.Column():
-                gallery = gr.Gallery(label="Heatmaps", columns=2, format="png", elem_id="gallery",
-                                     interactive=False)
+                lossless = {"format": "png"} if "format" in inspect.signature(gr.Gallery).parameters else {}
+                gallery = gr.Gallery(label="Heatmaps", columns=2, elem_id="gallery", interactive=False, **lossless)
                 status = gr.Markdown(elem_id="status")
         gr.Examples(example_rows(), inputs=[image, prompts], label="Demo scenes (bundled model)")
         model.change(default_layer_for, inputs=model, outputs=layer, queue=False)
@@ -262,8 +263,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"app.py: error: {exc}", file=sys.stderr)
             return 1
     demo = build_demo()
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, ssr_mode=False,
-                show_error=False, quiet=False)
+    # Server-side rendering (Gradio 5+) would need Node.js; keep the plain server.
+    extra = {"ssr_mode": False} if "ssr_mode" in inspect.signature(demo.launch).parameters else {}
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=False, **extra)
     return 0
 
 

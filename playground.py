@@ -85,7 +85,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{err} --alpha must be in [0, 1], got {args.alpha}", file=sys.stderr)
         return 2
 
-
     from legrad.explainer import Explainer
     from legrad.viz import visualize
 
