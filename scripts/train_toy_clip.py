@@ -42,6 +42,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--hires-prob", type=float, default=0.25,
                    help="fraction of scenes rendered at 1.5-3x and downsampled like the preprocess does")
+    p.add_argument("--mean-weight", type=float, default=0.0,
+                   help="weight of the same loss on the mean of all final tokens (ln_post + proj)")
+    p.add_argument("--deep-layers", type=str, default="",
+                   help="comma-separated blocks whose mean token (ln_post + proj) also gets the loss")
+    p.add_argument("--deep-weight", type=float, default=0.0, help="loss weight per --deep-layers block")
+    p.add_argument("--patch-dropout", type=float, default=0.0, help="training-time patch dropout")
+    p.add_argument("--init", type=Path, default=None, help="start from this checkpoint (experiments)")
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--eval-scenes", type=int, default=400)
     p.add_argument("--threads", type=int, default=1)
@@ -92,6 +99,26 @@ def multi_positive_loss(logits: torch.Tensor, pos: torch.Tensor) -> tuple[torch.
     i2t = torch.logaddexp(logits, lse_row) - logits
     t2i = torch.logaddexp(logits, lse_col) - logits
     return i2t[pos].mean(), t2i[pos].mean()
+
+
+def encode_image_all(
+    model: torch.nn.Module, x: torch.Tensor, deep_layers: tuple[int, ...] = ()
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The model's image embedding (CLS token), the embedding of the mean of all final tokens, and
+    the mean-token embeddings after the blocks in ``deep_layers`` (all through ``ln_post`` and ``proj``).
+
+    The first equals ``model.encode_image(x)`` for CLS pooling.
+    """
+    visual = model.visual
+    tokens = visual._embeds(x)
+    deep = []
+    for i, blk in enumerate(visual.transformer.resblocks):
+        tokens = blk(tokens)
+        if i in deep_layers:
+            deep.append(visual.ln_post(tokens.mean(dim=1)) @ visual.proj)
+    cls_f = visual.ln_post(tokens[:, 0]) @ visual.proj
+    mean_f = visual.ln_post(tokens.mean(dim=1)) @ visual.proj
+    return cls_f, mean_f, deep
 
 
 @torch.no_grad()
@@ -157,6 +184,20 @@ def main(argv: list[str] | None = None) -> None:
     vocab_tokens = remap[tokenizer(list(VOCABULARY))]
 
     model = build_model(cfg, vocab_size=len(token_ids))
+    if args.init is not None:
+        from legrad.toy.model import load_checkpoint
+
+        init, init_cfg, _ = load_checkpoint(args.init)
+        if init_cfg != cfg:
+            raise SystemExit(f"--init checkpoint has config {init_cfg}, expected {cfg}")
+        state = init.state_dict()
+        state["token_embedding.weight"] = state["token_embedding.weight"][torch.tensor(token_ids)]
+        model.load_state_dict(state)
+    if args.patch_dropout > 0:
+        from open_clip.transformer import PatchDropout
+
+        model.visual.patch_dropout = PatchDropout(args.patch_dropout)  # identity in eval mode
+    deep_layers = tuple(int(i) for i in args.deep_layers.split(",") if i.strip())
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"config {cfg}\nparams {n_params / 1e6:.2f}M, kept token rows {len(token_ids)}", flush=True)
@@ -184,6 +225,10 @@ def main(argv: list[str] | None = None) -> None:
         "seed": args.seed,
         "batch_size": args.batch_size,
         "steps": args.steps,
+        "mean_weight": args.mean_weight,
+        "deep_layers": list(deep_layers),
+        "deep_weight": args.deep_weight,
+        "patch_dropout": args.patch_dropout,
     }
     t0 = time.time()
     run_loss = None
@@ -196,11 +241,17 @@ def main(argv: list[str] | None = None) -> None:
             images.append(img)
             pos[b, [vocab_index[p] for p in phrases]] = True
         x = to_tensor(images, cfg)
-        img_f = F.normalize(model.encode_image(x), dim=-1)
+        cls_f, mean_f, deep_f = encode_image_all(model, x, deep_layers)
         txt_f = F.normalize(model.encode_text(vocab_tokens), dim=-1)
-        logits = model.logit_scale.exp() * img_f @ txt_f.T
-        l_i2t, l_t2i = multi_positive_loss(logits, pos)
+        scale = model.logit_scale.exp()
+        l_i2t, l_t2i = multi_positive_loss(scale * F.normalize(cls_f, dim=-1) @ txt_f.T, pos)
         loss = 0.5 * (l_i2t + l_t2i)
+        if args.mean_weight > 0:
+            m_i2t, m_t2i = multi_positive_loss(scale * F.normalize(mean_f, dim=-1) @ txt_f.T, pos)
+            loss = loss + args.mean_weight * 0.5 * (m_i2t + m_t2i)
+        for f in deep_f:
+            d_i2t, d_t2i = multi_positive_loss(scale * F.normalize(f, dim=-1) @ txt_f.T, pos)
+            loss = loss + args.deep_weight * 0.5 * (d_i2t + d_t2i)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -12,7 +12,7 @@ def test_vocabulary_covers_every_colour_and_shape():
     assert len(SHAPES) >= 4 and {"circle", "square", "triangle"} <= set(SHAPES)
     assert len(COLOURS) >= 6
     assert len(VOCABULARY) == len(set(VOCABULARY)) == len(SHAPES) * len(COLOURS)
-    assert "a red circle" in VOCABULARY and "an orange star" in VOCABULARY
+    assert "a red circle" in VOCABULARY and "an orange star" in VOCABULARY and "a pink cross" in VOCABULARY
     assert phrase_for("blue", "cross") == "a blue cross"
 
 

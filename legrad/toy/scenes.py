@@ -35,8 +35,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "green": (35, 165, 55),
     "blue": (35, 75, 220),
     "purple": (135, 50, 185),
-    "white": (248, 248, 248),
-    "black": (15, 15, 15),
+    "cyan": (30, 200, 215),
+    "pink": (245, 120, 195),
 }
 
 
@@ -59,9 +59,11 @@ VOCABULARY: tuple[str, ...] = tuple(phrase_for(c, s) for c in COLOURS for s in S
 
 _MIN_OBJECTS, _MAX_OBJECTS = 1, 3
 # Object radius (half-extent of its bounding circle) as a fraction of the image side.
-_MIN_RADIUS, _MAX_RADIUS = 0.09, 0.21
+_MIN_RADIUS, _MAX_RADIUS = 0.10, 0.21
+# Triangles and stars fill less of their bounding circle; draw them larger so areas are comparable.
+_SHAPE_SCALE = {"triangle": 1.15, "star": 1.15}
 _COLOUR_JITTER = 12
-_BG_LEVEL = (95, 170)  # background grey level range, away from black and white objects
+_BG_LEVEL = (95, 170)  # neutral grey background; every object colour is saturated
 _BG_TINT = 14
 _MAX_NOISE = 6.0
 
@@ -199,18 +201,19 @@ def make_scene(
     kinds: list[tuple[str, str]] = []
     margin = max(1.0, 0.03 * size)
     for _ in range(n_objects):
+        while True:
+            kind = (colours[int(rng.integers(len(colours)))], SHAPES[int(rng.integers(len(SHAPES)))])
+            if kind not in kinds:
+                break
+        scale = _SHAPE_SCALE.get(kind[1], 1.0)
         for _attempt in range(100):
-            r = rng.uniform(_MIN_RADIUS, _MAX_RADIUS) * size
+            r = rng.uniform(_MIN_RADIUS, _MAX_RADIUS) * size * scale
             cx = rng.uniform(r + 1, size - r - 1)
             cy = rng.uniform(r + 1, size - r - 1)
             if all(math.hypot(cx - x, cy - y) >= r + q + margin for x, y, q in placed):
                 break
         else:  # could not place another object; keep the scene smaller
             break
-        while True:
-            kind = (colours[int(rng.integers(len(colours)))], SHAPES[int(rng.integers(len(SHAPES)))])
-            if kind not in kinds:
-                break
         placed.append((cx, cy, r))
         kinds.append(kind)
 
