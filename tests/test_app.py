@@ -26,6 +26,8 @@ from frontend_utils import (
 )
 from PIL import Image
 
+from legrad.loading import absent_phrase
+
 pytest.importorskip("gradio", reason="gradio not installed (pip install -e '.[app]')")
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -63,7 +65,7 @@ def _cosines(explainer, image, prompts):
 def test_predict_gives_one_captioned_overlay_per_prompt(app, scenes):
     path, phrases = scenes[0]
     image = Image.open(path).convert("RGB")
-    prompts = [phrases[0], "a black star"]
+    prompts = [phrases[0], absent_phrase(phrases)]
     gallery, status = app.predict(image, "", "\n".join(prompts), app.TOY_LABEL, "", None, 0.6)
     assert len(gallery) == 2, status
     cos = _cosines(app.get_explainer("toy", None), image, prompts)
@@ -154,7 +156,7 @@ def test_models_are_cached_and_loaded_once(app, monkeypatch):
 
 def test_concurrent_predictions_are_correct(app, scenes):
     image = Image.open(scenes[0][0]).convert("RGB")
-    prompt_sets = [["a red circle"], ["a blue square", "a green cross"], ["a white star"], ["a yellow triangle"]]
+    prompt_sets = [["a red circle"], ["a blue square", "a green cross"], ["a pink star"], ["a yellow triangle"]]
     serial = [app.predict(image, "", ", ".join(p), app.TOY_LABEL, "", None, 0.6)[0] for p in prompt_sets]
     parallel: list = [None] * len(prompt_sets)
 
@@ -216,7 +218,7 @@ def test_browser_end_to_end(tmp_path, scenes):
     try:
         _wait_http(url, proc, timeout=180)
         path, phrases = scenes[0]
-        prompts = [phrases[0], "a black star"]
+        prompts = [phrases[0], absent_phrase(phrases)]
         with sync_playwright() as pw:
             browser = pw.chromium.launch(
                 executable_path=CHROMIUM, headless=True,
