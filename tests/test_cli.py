@@ -183,3 +183,38 @@ def test_unreachable_weights_host_fails_fast(tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
     with pytest.raises(ModelLoadError, match="unreachable"):
         load_model("ViT-B-32", "laion2b_s34b_b79k", "cpu")
+
+
+def test_interrupted_run_leaves_only_complete_files(workspace, tmp_path):
+    import signal
+    import time
+
+    root, scenes, pre = workspace
+    src = tmp_path / "many"
+    src.mkdir()
+    for i in range(40):
+        shutil.copy(scenes[i % len(scenes)][0], src / f"img{i:02d}.png")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([PYTHON, "-m", "legrad", "explain", str(src), "-p", PROMPTS[0], "--out", str(out),
+                             "--batch-size", "1", "--save-maps", *pre], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=subprocess_env(), cwd=REPO)
+    try:
+        deadline = time.monotonic() + 180
+        while not list(out.glob("*.png")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    pngs = list(out.glob("*.png"))
+    assert 0 < len(pngs) < 40
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    for png in pngs:
+        with Image.open(png) as im:
+            im.load()  # fully decodable: no truncated file under a final name
+        assert np.load(png.with_suffix(".npy")).shape == (64, 64) or not png.with_suffix(".npy").exists()
