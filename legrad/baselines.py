@@ -37,6 +37,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -335,13 +336,32 @@ METHODS: dict[str, Method] = {
 }
 
 
+#: Keyword that ``"name@K"`` sets for the methods that have a first block.
+_LAYER_KEYWORD = {"legrad": "layer_index", "rollout": "start_layer", "chefercam": "start_layer"}
+
+
 def get_method(name: str) -> Method:
-    """Looks a method up in :data:`METHODS`.
+    """Looks a method up in :data:`METHODS`; ``"name@K"`` fixes its first block to ``K``.
+
+    ``legrad@-2`` is LeGrad with ``layer_index=-2``, ``rollout@3``/``chefercam@3`` start at block 3.
 
     Raises:
         ValueError: naming the known methods when ``name`` is not one of them.
     """
-    try:
-        return METHODS[name]
-    except KeyError:
+    if not isinstance(name, str):
+        raise TypeError(f"method name must be a str, got {type(name).__name__}")
+    base, sep, layer = name.partition("@")
+    fn = METHODS.get(base)
+    if fn is None:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
+    if not sep:
+        return fn
+    keyword = _LAYER_KEYWORD.get(base)
+    try:
+        value = int(layer)
+    except ValueError:
+        value = None
+    if keyword is None or value is None:
+        options = ", ".join(f"{k}@K" for k in _LAYER_KEYWORD)
+        raise ValueError(f"invalid method {name!r}: a first block can be given as {options} (K an integer)")
+    return functools.partial(fn, **{keyword: value})

@@ -280,7 +280,8 @@ def evaluate(
         model: OpenCLIP model (or :class:`~legrad.LeWrapper`) in eval mode, on ``device``.
         tokenizer: list of str -> token tensor, for ``model.encode_text``.
         samples: sequence of :class:`Sample` (e.g. :class:`ToyScenes`, :class:`FolderDataset`).
-        methods: names in :data:`legrad.baselines.METHODS` (default: all).
+        methods: names in :data:`legrad.baselines.METHODS`, or ``"name@K"`` (see
+            :func:`legrad.baselines.get_method`); default: all.
         layer_index: LeGrad's first explained block.
         threshold: binarisation threshold for mIoU / pixel accuracy (a number or ``"mean"``).
         perturbation: also compute the perturbation curves (the slow part).
@@ -466,7 +467,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer-index", type=int, default=None,
                    help="LeGrad's first explained block (default: the demo model's tuned value, else -2)")
     p.add_argument("--methods", nargs="+", default=None, metavar="NAME",
-                   help="methods to compare (default: all of legrad raw_attention rollout gradcam chefercam)")
+                   help="methods to compare (default: all of legrad raw_attention rollout gradcam chefercam); "
+                   "legrad@K, rollout@K, chefercam@K start at block K")
     p.add_argument("--limit", type=_positive_int, default=None,
                    help=f"number of images (default: {DEFAULT_TOY_LIMIT} synthetic scenes, or the whole dataset)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the synthetic scenes")
@@ -485,7 +487,7 @@ def run(args: argparse.Namespace) -> int:
     """Runs the benchmark from parsed arguments; prints the table, writes JSON. Returns the exit status."""
     import torch
 
-    from legrad.baselines import METHODS
+    from legrad.baselines import METHODS, get_method
     from legrad.loading import (
         ImageLoadError,
         ModelLoadError,
@@ -495,10 +497,12 @@ def run(args: argparse.Namespace) -> int:
     )
 
     methods = args.methods or list(METHODS)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        print(f"legrad bench: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}", file=sys.stderr)
-        return 2
+    for m in methods:
+        try:
+            get_method(m)
+        except ValueError as exc:
+            print(f"legrad bench: {exc}", file=sys.stderr)
+            return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

@@ -250,6 +250,16 @@ def test_accepts_wrapper_and_inference_tensors(model64):
         torch.testing.assert_close(METHODS[name](wrapper, txt_inf, img_inf), METHODS[name](model64, text, image))
 
 
+def test_method_at_layer(model64):
+    image, text = _inputs(batch=1, prompts=2)
+    torch.testing.assert_close(get_method("legrad@-1")(model64, text, image),
+                               LeWrapper(model64).compute_legrad(text, image, layer_index=-1))
+    torch.testing.assert_close(get_method("chefercam@1")(model64, text, image),
+                               chefercam(model64, text, image, start_layer=1))
+    torch.testing.assert_close(get_method("rollout@-1")(model64, text, image),
+                               attention_rollout(model64, text, image, start_layer=2))
+
+
 def test_legrad_entry_matches_wrapper(model64):
     image, text = _inputs(batch=1, prompts=2)
     wrapper = LeWrapper(model64, layer_index=0)
@@ -309,6 +319,10 @@ def test_bad_inputs(model64):
         chefercam(model64, text, image, start_layer=1.0)
     with pytest.raises(ValueError, match="choose from"):
         get_method("gradcam++")
+    with pytest.raises(ValueError, match="legrad@K"):
+        get_method("gradcam@1")
+    with pytest.raises(ValueError, match="K an integer"):
+        get_method("legrad@last")
     with pytest.raises(TypeError, match="torch.nn.Module"):
         gradcam("not a model", text, image)
     assert get_method("chefercam") is chefercam

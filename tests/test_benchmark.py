@@ -74,12 +74,13 @@ def test_evaluate_skips_methods_the_model_cannot_run(small_toy, monkeypatch):
         raise NotImplementedError("no traced forward")
 
     monkeypatch.setitem(baselines.METHODS, "unsupported", unsupported)
-    res = evaluate(model, tokenizer, ToyScenes(1, 0, preprocess, 64), ["unsupported", "raw_attention"],
+    res = evaluate(model, tokenizer, ToyScenes(1, 0, preprocess, 64), ["unsupported", "raw_attention", "legrad@-1"],
                    perturbation=False)
+    assert res["legrad@-1"]["pairs"] == res["raw_attention"]["pairs"] > 0
     assert res["unsupported"]["error"] == "no traced forward" and math.isnan(res["unsupported"]["miou"])
     assert not math.isnan(res["raw_attention"]["miou"]) and math.isnan(res["raw_attention"]["pos_auc"])
     table = format_table(res)
-    assert "| unsupported | n/a |" in table and table.count("\n") == 3
+    assert "| unsupported | n/a |" in table and table.count("\n") == 4
     scenes = ToyScenes(1, 0, preprocess, 64)
     with pytest.raises(ValueError, match="choose from"):
         evaluate(model, tokenizer, scenes, ["nope"])
