@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=2400)
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop after this many steps (same schedule as --steps; reproduces a snapshot)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--min-lr", type=float, default=1e-5)
@@ -58,15 +60,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vision-layers", type=int, default=None)
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--patch-size", type=int, default=None)
+    p.add_argument("--pos-embed", choices=["learnable", "sin_cos_2d"], default=None)
+    p.add_argument("--curriculum-steps", type=int, default=0,
+                   help="first steps draw larger objects (--curriculum-radius), which makes shapes easier")
+    p.add_argument("--curriculum-radius", type=str, default="0.16,0.30")
     return p.parse_args(argv)
 
 
-def render(scene_rng: np.random.Generator, size: int, hires_prob: float) -> tuple[Image.Image, list[str]]:
+def render(
+    scene_rng: np.random.Generator,
+    size: int,
+    hires_prob: float,
+    radius_range: tuple[float, float] | None = None,
+) -> tuple[Image.Image, list[str]]:
     """Draw one training scene at ``size`` px (sometimes rendered larger and downsampled)."""
     render_size = size
     if scene_rng.random() < hires_prob:
         render_size = int(size * scene_rng.uniform(1.5, 3.0))
-    scene = make_scene(scene_rng, size=render_size)
+    scene = make_scene(scene_rng, size=render_size, radius_range=radius_range)
     img = scene.image
     if render_size != size:
         img = img.resize((size, size), Image.BICUBIC)
@@ -171,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
             vision_layers=args.vision_layers,
             image_size=args.image_size,
             patch_size=args.patch_size,
+            pos_embed_type=args.pos_embed,
         ).items()
         if v is not None
     }
@@ -197,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         from open_clip.transformer import PatchDropout
 
         model.visual.patch_dropout = PatchDropout(args.patch_dropout)  # identity in eval mode
+    curriculum_radius = tuple(float(v) for v in args.curriculum_radius.split(","))
     deep_layers = tuple(int(i) for i in args.deep_layers.split(",") if i.strip())
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
@@ -225,19 +238,24 @@ def main(argv: list[str] | None = None) -> None:
         "seed": args.seed,
         "batch_size": args.batch_size,
         "steps": args.steps,
+        "stop_after": args.stop_after,
         "mean_weight": args.mean_weight,
         "deep_layers": list(deep_layers),
         "deep_weight": args.deep_weight,
         "patch_dropout": args.patch_dropout,
+        "curriculum_steps": args.curriculum_steps,
+        "curriculum_radius": args.curriculum_radius,
     }
     t0 = time.time()
     run_loss = None
-    for step in range(args.steps):
+    n_run = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
+    for step in range(n_run):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         images, pos = [], torch.zeros(args.batch_size, len(VOCABULARY), dtype=torch.bool)
         for b in range(args.batch_size):
-            img, phrases = render(scene_rng, cfg.image_size, args.hires_prob)
+            img, phrases = render(scene_rng, cfg.image_size, args.hires_prob,
+                                  curriculum_radius if step < args.curriculum_steps else None)
             images.append(img)
             pos[b, [vocab_index[p] for p in phrases]] = True
         x = to_tensor(images, cfg)
@@ -265,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"scale {model.logit_scale.exp().item():.1f} lr {lr_at(step):.2e} {time.time() - t0:.0f}s",
                 flush=True,
             )
-        last = step == args.steps - 1
+        last = step == n_run - 1
         if (step + 1) % args.eval_every == 0 or last:
             metrics = evaluate(model, cfg, vocab_tokens, args.seed, args.eval_scenes)
             elapsed = time.time() - t0

@@ -57,6 +57,8 @@ class ToyConfig:
         vision_width: Image transformer width.
         vision_layers: Image transformer blocks.
         vision_head_width: Width per attention head in the image tower.
+        pos_embed_type: open_clip image position embedding, ``"learnable"`` or ``"sin_cos_2d"``
+            (fixed 2-D sine-cosine table).
         text_width: Text transformer width.
         text_heads: Text transformer heads.
         text_layers: Text transformer blocks.
@@ -71,6 +73,7 @@ class ToyConfig:
     vision_width: int = 128
     vision_layers: int = 6
     vision_head_width: int = 32
+    pos_embed_type: str = "learnable"
     text_width: int = 128
     text_heads: int = 4
     text_layers: int = 3
@@ -103,6 +106,7 @@ def build_model(cfg: ToyConfig, vocab_size: int | None = None) -> torch.nn.Modul
         width=cfg.vision_width,
         layers=cfg.vision_layers,
         head_width=cfg.vision_head_width,
+        pos_embed_type=cfg.pos_embed_type,
     )
     text_cfg = dict(
         context_length=cfg.context_length,

@@ -178,13 +178,15 @@ def make_scene(
     rng: np.random.Generator | int,
     size: int = 64,
     n_objects: int | None = None,
+    radius_range: tuple[float, float] | None = None,
 ) -> Scene:
     """Draw one random scene.
 
     Args:
         rng: A numpy Generator (advanced in place) or an integer seed.
         size: Side of the square image in pixels.
-        n_objects: Number of objects; random in 1..3 when None.
+        n_objects: Number of objects; random in 1..3 when None (fewer if they do not fit).
+        radius_range: Object radius range as fractions of ``size``; (0.10, 0.21) when None.
 
     Returns:
         The scene, with objects sorted left to right and distinct phrases.
@@ -196,6 +198,7 @@ def make_scene(
     if not _MIN_OBJECTS <= n_objects <= _MAX_OBJECTS:
         raise ValueError(f"n_objects must be in [{_MIN_OBJECTS}, {_MAX_OBJECTS}], got {n_objects}")
 
+    lo, hi = (_MIN_RADIUS, _MAX_RADIUS) if radius_range is None else radius_range
     colours = list(COLOURS)
     placed: list[tuple[float, float, float]] = []
     kinds: list[tuple[str, str]] = []
@@ -207,7 +210,7 @@ def make_scene(
                 break
         scale = _SHAPE_SCALE.get(kind[1], 1.0)
         for _attempt in range(100):
-            r = rng.uniform(_MIN_RADIUS, _MAX_RADIUS) * size * scale
+            r = rng.uniform(lo, hi) * size * scale
             cx = rng.uniform(r + 1, size - r - 1)
             cy = rng.uniform(r + 1, size - r - 1)
             if all(math.hypot(cx - x, cy - y) >= r + q + margin for x, y, q in placed):
