@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from legrad.commands.argtypes import positive_int
+
 __all__ = [
     "DEFAULT_SEED",
     "FolderDataset",
@@ -424,14 +426,6 @@ pixels removed) and writes the full results, mean curves included, as JSON.
 """
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _threshold(text: str) -> float | str:
@@ -469,15 +463,15 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", nargs="+", default=None, metavar="NAME",
                    help="methods to compare (default: all of legrad raw_attention rollout gradcam chefercam); "
                    "legrad@K, rollout@K, chefercam@K start at block K")
-    p.add_argument("--limit", type=_positive_int, default=None,
+    p.add_argument("--limit", type=positive_int, default=None,
                    help=f"number of images (default: {DEFAULT_TOY_LIMIT} synthetic scenes, or the whole dataset)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the synthetic scenes")
     p.add_argument("--threshold", type=_threshold, default=0.5,
                    help="binarisation threshold for mIoU/pixel accuracy, or 'mean' (default: 0.5)")
     p.add_argument("--no-perturbation", action="store_true", help="skip the perturbation test (much faster)")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward in the perturbation test")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward in the perturbation test")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--json", default=os.path.join("outputs", "bench_localization.json"), metavar="PATH",
                    help="where to write the results (default: outputs/bench_localization.json; '-' to skip)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

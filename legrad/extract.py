@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .explainer import Explainer, clean_prompts
 from .heatmap import min_max
-from .loading import TOY_NAME, load_image, parse_size, resolve_device
+from .loading import IMAGE_EXTENSIONS, TOY_NAME, load_image, parse_size, resolve_device
 from .preprocess import LePreprocess
 from .viz import atomic_writer
 
@@ -53,7 +53,6 @@ MANIFEST_NAME = "manifest.jsonl"
 FORMAT_VERSION = 1
 
 # Image file extensions found when walking a folder (same set as `legrad explain`).
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
 _NPZ_KEYS = frozenset({"maps", "prompts", "similarity", "image", "image_size", "input_size", "config"})
 _DTYPES = {"float16": np.float16, "float32": np.float32}
 _PROMPT_CHUNK = 256  # prompts per text-encoder batch

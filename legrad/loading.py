@@ -44,6 +44,9 @@ logger = logging.getLogger(__name__)
 #: Name of the bundled demo model in every front end.
 TOY_NAME = "toy"
 
+#: File suffixes treated as images when walking folders.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
+
 # Values of ``pretrained`` that mean "random initialisation" for OpenCLIP models.
 _NO_WEIGHTS = {"none", "random", ""}
 

@@ -9,7 +9,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
+from legrad.commands.argtypes import image_size, positive_int, unit_float
+from legrad.loading import IMAGE_EXTENSIONS
 
 _EPILOG = """\
 examples:
@@ -24,33 +25,10 @@ is 1 if any image failed.
 """
 
 
-def _size(text: str) -> tuple[int, int] | None:
-    from legrad.loading import parse_size
-
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
-def _unit_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    return value
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -70,15 +48,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="'toy' (bundled demo model, default) or an OpenCLIP model name (see `legrad models`)")
     p.add_argument("--pretrained", default=None, metavar="TAG_OR_PATH",
                    help="pretrained tag or local checkpoint (default: the model's first tag; 'none' = random)")
-    p.add_argument("--size", type=_size, default=None, metavar="N|HxW",
+    p.add_argument("--size", type=image_size, default=None, metavar="N|HxW",
                    help="explained image size, multiple of the patch size (default: the model's native size)")
     p.add_argument("--layer-index", type=int, default=None, metavar="K",
                    help="first explained block, negative counts from the end (default: the model's recommended)")
-    p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="images per batch (default 8)")
+    p.add_argument("--batch-size", type=positive_int, default=8, metavar="N", help="images per batch (default 8)")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:i]")
     p.add_argument("--out", default="outputs", metavar="DIR", help="output folder (default: outputs)")
     p.add_argument("--save-maps", action="store_true", help="also save the raw maps as .npy")
-    p.add_argument("--alpha", type=_unit_float, default=0.6, help="heatmap opacity in the overlays (default 0.6)")
+    p.add_argument("--alpha", type=unit_float, default=0.6, help="heatmap opacity in the overlays (default 0.6)")
     p.add_argument("--colormap", default="jet", help="matplotlib colormap (default jet)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p

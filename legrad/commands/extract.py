@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from legrad.commands.argtypes import image_size, non_negative_int, positive_int
+
 _EPILOG = """\
 examples:
   legrad extract images/ --out heatmaps/ -p "a red circle" -p "a blue square"
@@ -22,33 +24,10 @@ are recorded in the manifest and skipped; the exit status is 1 if any image fail
 """
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
 
 
-def _size(text: str) -> tuple[int, int] | None:
-    from legrad.loading import parse_size
-
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _map_size(text: str) -> str | tuple[int, int]:
@@ -79,12 +58,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="'toy' (bundled demo model, default) or an OpenCLIP model name (see `legrad models`)")
     p.add_argument("--pretrained", default=None, metavar="TAG_OR_PATH",
                    help="pretrained tag or local checkpoint (default: the model's first tag; 'none' = random)")
-    p.add_argument("--size", type=_size, default=None, metavar="N|HxW",
+    p.add_argument("--size", type=image_size, default=None, metavar="N|HxW",
                    help="explained image size, multiple of the patch size (default: the model's native size)")
     p.add_argument("--layer-index", type=int, default=None, metavar="K",
                    help="first explained block, negative counts from the end (default: the model's recommended)")
-    p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="images per batch (default 8)")
-    p.add_argument("--workers", type=_non_negative_int, default=4, metavar="N",
+    p.add_argument("--batch-size", type=positive_int, default=8, metavar="N", help="images per batch (default 8)")
+    p.add_argument("--workers", type=non_negative_int, default=4, metavar="N",
                    help="data-loading worker processes per rank (default 4; 0 = load in the main process)")
     p.add_argument("--map-size", type=_map_size, default="grid", metavar="grid|input|HxW",
                    help="stored map resolution: the patch grid (default, smallest), the explained input size, or HxW")
@@ -92,7 +71,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="stored map dtype (default float16)")
     p.add_argument("--device", default="auto",
                    help="auto (default), cpu or cuda; under torchrun each rank uses cuda:LOCAL_RANK")
-    p.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--limit", type=positive_int, default=None, metavar="N",
                    help="only the first N images (try settings on a sample; rerun without it to continue)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
