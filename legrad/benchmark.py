@@ -269,6 +269,7 @@ def evaluate(
     *,
     layer_index: int = -2,
     threshold: float | str = 0.5,
+    pointing_tolerance: int = 0,
     perturbation: bool = True,
     fractions: Sequence[float] | None = None,
     fill: float = 0.0,
@@ -286,6 +287,7 @@ def evaluate(
             :func:`legrad.baselines.get_method`); default: all.
         layer_index: LeGrad's first explained block.
         threshold: binarisation threshold for mIoU / pixel accuracy (a number or ``"mean"``).
+        pointing_tolerance: pointing-game tolerance in pixels (0: the maximum must be inside the mask).
         perturbation: also compute the perturbation curves (the slow part).
         fractions: removed-pixel fractions (default 0, 0.1, ..., 0.9).
         fill: replacement value of removed pixels in the preprocessed space (0 = the dataset mean).
@@ -323,6 +325,8 @@ def evaluate(
     check_threshold(threshold)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if isinstance(pointing_tolerance, bool) or not isinstance(pointing_tolerance, int) or pointing_tolerance < 0:
+        raise ValueError(f"pointing_tolerance must be a non-negative int, got {pointing_tolerance!r}")
     # A wrapper of our own: setting layer_index on the caller's wrapper would change their object. The
     # tokenizer lets towers that need the empty-prompt correction (SigLIP-style) build it.
     if isinstance(model, LeWrapper):
@@ -356,7 +360,7 @@ def evaluate(
                 continue
             res.seconds += time.perf_counter() - t0
             res.images += 1
-            res.hits.extend(pointing_game(maps[0], masks).tolist())
+            res.hits.extend(pointing_game(maps[0], masks, pointing_tolerance).tolist())
             counts = confusion(maps[0], masks, threshold).sum(0)
             res.counts = counts if res.counts is None else res.counts + counts
             if perturbation:
@@ -468,6 +472,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the synthetic scenes")
     p.add_argument("--threshold", type=_threshold, default=0.5,
                    help="binarisation threshold for mIoU/pixel accuracy, or 'mean' (default: 0.5)")
+    p.add_argument("--pointing-tolerance", type=int, default=0, metavar="PX",
+                   help="pointing game: also a hit within PX pixels of the mask (default: 0, strictly inside)")
     p.add_argument("--no-perturbation", action="store_true", help="skip the perturbation test (much faster)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward in the perturbation test")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
@@ -526,7 +532,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         summaries = evaluate(
             model, tokenizer, samples, methods, layer_index=layer_index, threshold=args.threshold,
-            perturbation=not args.no_perturbation, batch_size=args.batch_size, device=device,
+            pointing_tolerance=args.pointing_tolerance, perturbation=not args.no_perturbation, batch_size=args.batch_size, device=device,
             progress=not args.no_progress,
         )
     except (ImageLoadError, ValueError) as exc:
@@ -536,14 +542,16 @@ def run(args: argparse.Namespace) -> int:
     pairs = next(iter(summaries.values()))["pairs"]
     pretrained = args.pretrained or ("bundled" if args.model == "toy" else "default")
     print(f"{samples.describe()}, {pairs} (image, prompt, mask) pairs; model {args.model} ({pretrained}), "
-          f"layer_index {layer_index}, threshold {args.threshold}, {elapsed:.0f} s\n")
+          f"layer_index {layer_index}, threshold {args.threshold}, pointing tolerance {args.pointing_tolerance} px, "
+          f"{elapsed:.0f} s\n")
     print(format_table(summaries))
     if args.json and args.json != "-":
         payload = {
             "config": {
                 "data": args.data or "synthetic", "model": args.model, "pretrained": args.pretrained,
                 "layer_index": layer_index, "images": len(samples), "pairs": pairs, "seed": None if args.data else args.seed,
-                "threshold": args.threshold, "perturbation": not args.no_perturbation, "device": device,
+                "threshold": args.threshold, "pointing_tolerance": args.pointing_tolerance,
+                "perturbation": not args.no_perturbation, "device": device,
                 "seconds": round(elapsed, 1),
             },
             "methods": summaries,

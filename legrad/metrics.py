@@ -79,7 +79,15 @@ def _check_pair(maps: Any, masks: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return maps, masks.to(maps.device)
 
 
-def pointing_game(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+def _dilate(masks: torch.Tensor, radius: int) -> torch.Tensor:
+    """Pixels within Euclidean distance ``radius`` of a mask pixel, ``[..., H, W]`` bool."""
+    r = torch.arange(-radius, radius + 1, device=masks.device, dtype=torch.float32)
+    disk = ((r[:, None] ** 2 + r[None, :] ** 2) <= radius**2).float()[None, None]
+    flat = masks.reshape(-1, 1, *masks.shape[-2:]).float()
+    return (F.conv2d(flat, disk, padding=radius) > 0.5).reshape(masks.shape)
+
+
+def pointing_game(maps: torch.Tensor, masks: torch.Tensor, tolerance: int = 0) -> torch.Tensor:
     """Pointing game: whether the map's maximum falls inside the mask.
 
     Ties at the maximum count as a random pick among them: the result is the fraction of the maximal
@@ -88,6 +96,8 @@ def pointing_game(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     Args:
         maps: ``[..., H, W]`` float maps.
         masks: ``[..., H, W]`` boolean masks.
+        tolerance: also a hit within this many pixels (Euclidean) of the mask; Zhang et al. use 15 px
+            at ImageNet resolution. 0 (default): strictly inside.
 
     Returns:
         ``[...]`` float64 hit scores in [0, 1]; NaN where the mask is empty (no object to point at),
@@ -97,10 +107,13 @@ def pointing_game(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         TypeError, ValueError: on invalid inputs.
     """
     maps, masks = _check_pair(maps, masks)
-    flat, inside = maps.flatten(-2), masks.flatten(-2)
+    if isinstance(tolerance, bool) or not isinstance(tolerance, int) or tolerance < 0:
+        raise ValueError(f"tolerance must be a non-negative int (pixels), got {tolerance!r}")
+    target = _dilate(masks, tolerance) if tolerance else masks
+    flat, inside = maps.flatten(-2), target.flatten(-2)
     top = flat == flat.max(dim=-1, keepdim=True).values
     hits = (top & inside).sum(-1).double() / top.sum(-1).double()
-    return torch.where(inside.any(-1), hits, torch.full_like(hits, math.nan))
+    return torch.where(masks.flatten(-2).any(-1), hits, torch.full_like(hits, math.nan))
 
 
 def binarize(maps: torch.Tensor, threshold: float | str = 0.5) -> torch.Tensor:

@@ -47,6 +47,21 @@ def test_pointing_game_ties_and_constant_map():
     assert pointing_game(torch.full((3, 3), 0.3), mask).item() == pytest.approx(2 / 9)
 
 
+def test_pointing_game_tolerance():
+    maps = torch.zeros(2, 5, 5)
+    maps[:, 0, 0] = 1.0
+    masks = torch.zeros(2, 5, 5, dtype=torch.bool)
+    masks[0, 0, 2] = True  # 2 px to the right of the maximum
+    masks[1, 1, 1] = True  # sqrt(2) px diagonally
+    assert pointing_game(maps, masks).tolist() == [0.0, 0.0]
+    assert pointing_game(maps, masks, tolerance=1).tolist() == [0.0, 0.0]
+    assert pointing_game(maps, masks, tolerance=2).tolist() == [1.0, 1.0]
+    # Empty masks stay NaN whatever the tolerance.
+    assert math.isnan(pointing_game(maps[:1], torch.zeros(1, 5, 5, dtype=torch.bool), tolerance=3).item())
+    with pytest.raises(ValueError, match="tolerance"):
+        pointing_game(maps, masks, tolerance=-1)
+
+
 def test_pointing_game_empty_mask_is_nan_and_batched_shape():
     maps = torch.zeros(2, 3, 4, 4)
     maps[..., 1, 2] = 1.0
