@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from legrad.commands.argtypes import positive_int
+from legrad.commands.argtypes import non_negative_int, positive_int
 
 __all__ = [
     "DEFAULT_SEED",
@@ -472,7 +472,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the synthetic scenes")
     p.add_argument("--threshold", type=_threshold, default=0.5,
                    help="binarisation threshold for mIoU/pixel accuracy, or 'mean' (default: 0.5)")
-    p.add_argument("--pointing-tolerance", type=int, default=0, metavar="PX",
+    p.add_argument("--pointing-tolerance", type=non_negative_int, default=0, metavar="PX",
                    help="pointing game: also a hit within PX pixels of the mask (default: 0, strictly inside)")
     p.add_argument("--no-perturbation", action="store_true", help="skip the perturbation test (much faster)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward in the perturbation test")
