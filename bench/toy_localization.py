@@ -4,9 +4,13 @@ On N fresh held-out scenes, every object's phrase is used as a prompt; a heatmap
 * pointing game: the heatmap's argmax pixel lies inside the object's mask;
 * IoU: pixels with heatmap >= 0.5 vs the object's mask (mIoU: mean over objects).
 
+* patch pointing game: the patch holding the argmax pixel overlaps the object (the pixel-level
+  game also fails when the map peaks on a patch only partly covered by the object).
+
 Methods: LeGrad at the given ``layer_index`` and at -2 (and every index with ``--sweep``), a centred
-Gaussian, and the last block's CLS attention averaged over heads (both text-independent); an
-"oracle" row thresholds the object mask pooled to the patch grid, the best a patch-level map gets.
+Gaussian, and the last block's CLS attention averaged over heads (both text-independent), LeGrad on
+the same architecture with random weights; an "oracle" row thresholds the object mask pooled to
+the patch grid, the best a patch-level map gets.
 
 Example:
     python bench/toy_localization.py --n 500 --seed 1000
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +31,7 @@ import torch.nn.functional as F
 
 from legrad import LeWrapper
 from legrad.toy import LAYER_INDEX, VOCABULARY, Scene, load_model, make_scenes
+from legrad.toy.model import CHECKPOINT_PATH, build_model, load_checkpoint
 
 
 @dataclass
@@ -33,13 +39,16 @@ class Tally:
     """Per-object results of one method."""
 
     hits: list[bool] = field(default_factory=list)
+    patch_hits: list[bool] = field(default_factory=list)
     ious: list[float] = field(default_factory=list)
     shared: list[bool] = field(default_factory=list)
 
-    def add(self, heatmap: np.ndarray, mask: np.ndarray, shared_colour: bool) -> None:
+    def add(self, heatmap: np.ndarray, mask: np.ndarray, shared_colour: bool, patch: int) -> None:
         """Score one ``(H, W)`` heatmap in [0, 1] against a boolean mask."""
         y, x = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
         self.hits.append(bool(mask[y, x]))
+        py, px = (y // patch) * patch, (x // patch) * patch
+        self.patch_hits.append(bool(mask[py : py + patch, px : px + patch].any()))
         pred = heatmap >= 0.5
         self.ious.append(float((pred & mask).sum() / max(1, (pred | mask).sum())))
         self.shared.append(shared_colour)
@@ -47,7 +56,7 @@ class Tally:
     def summary(self) -> dict[str, float]:
         """Pointing game and mIoU, overall and on objects sharing their colour with another one."""
         hits, ious, shared = np.array(self.hits), np.array(self.ious), np.array(self.shared)
-        out = {"pg": hits.mean(), "miou": ious.mean()}
+        out = {"pg": hits.mean(), "miou": ious.mean(), "pg_patch": np.mean(self.patch_hits)}
         out["pg_shared"] = hits[shared].mean() if shared.any() else float("nan")
         out["miou_shared"] = ious[shared].mean() if shared.any() else float("nan")
         return out
@@ -105,6 +114,9 @@ def run(
 ) -> dict[str, dict[str, float]]:
     """Score every method on ``n`` fresh scenes; returns ``{method: summary}``."""
     model, preprocess, tokenizer = load_model(path=checkpoint)
+    torch.manual_seed(0)
+    random_model = build_model(load_checkpoint(CHECKPOINT_PATH if checkpoint is None else checkpoint)[1]).eval()
+    random_wrapper = LeWrapper(random_model)
     size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
     patch = model.visual.patch_size[0] if isinstance(model.visual.patch_size, tuple) else model.visual.patch_size
     wrapper = LeWrapper(model)
@@ -114,7 +126,8 @@ def run(
     index = {p: i for i, p in enumerate(VOCABULARY)}
 
     tallies: dict[str, Tally] = {f"LeGrad layer_index={li}": Tally() for li in layer_indices}
-    for name in ("centred Gaussian", "CLS attention (last block)", "oracle (patch-grid mask)"):
+    random_name = f"LeGrad layer_index={LAYER_INDEX}, random-init weights"
+    for name in (random_name, "centred Gaussian", "CLS attention (last block)", "oracle (patch-grid mask)"):
         tallies[name] = Tally()
     gauss = gaussian_map(size)
     t0 = time.time()
@@ -125,6 +138,12 @@ def run(
         ids = [[index[p] for p in s.phrases] + [index[s.phrases[-1]]] * (3 - len(s.objects)) for s in batch]
         text = vocab[torch.tensor(ids)]  # [B, 3, D]
         attn = to_pixels(cls_attention(model, images), size).numpy()
+        with torch.no_grad():
+            random_text = random_model.encode_text(tokenizer([s.phrases[min(k, len(s.phrases) - 1)] for s in batch
+                                                              for k in range(3)]), normalize=True)
+        random_maps = random_wrapper.compute_legrad(
+            random_text.reshape(len(batch), 3, -1), image=images, layer_index=LAYER_INDEX
+        ).numpy()
         per_layer = {
             li: wrapper.compute_legrad(text, image=images, layer_index=li).numpy() for li in layer_indices
         }
@@ -132,10 +151,11 @@ def run(
             for k, obj in enumerate(s.objects):
                 shared = shares_colour(s, k)
                 for li in layer_indices:
-                    tallies[f"LeGrad layer_index={li}"].add(per_layer[li][b, k], obj.mask, shared)
-                tallies["centred Gaussian"].add(gauss, obj.mask, shared)
-                tallies["CLS attention (last block)"].add(attn[b], obj.mask, shared)
-                tallies["oracle (patch-grid mask)"].add(oracle_map(obj.mask, patch), obj.mask, shared)
+                    tallies[f"LeGrad layer_index={li}"].add(per_layer[li][b, k], obj.mask, shared, patch)
+                tallies[random_name].add(random_maps[b, k], obj.mask, shared, patch)
+                tallies["centred Gaussian"].add(gauss, obj.mask, shared, patch)
+                tallies["CLS attention (last block)"].add(attn[b], obj.mask, shared, patch)
+                tallies["oracle (patch-grid mask)"].add(oracle_map(obj.mask, patch), obj.mask, shared, patch)
         log(f"  {start + len(batch)}/{n} scenes ({time.time() - t0:.0f}s)")
     return {name: t.summary() for name, t in tallies.items()}
 
@@ -143,12 +163,13 @@ def run(
 def format_table(results: dict[str, dict[str, float]], n_objects: int, n_shared: int) -> str:
     """A markdown table of the results."""
     lines = [
-        f"| method | pointing game | mIoU | PG, shared colour ({n_shared}) | mIoU, shared colour |",
-        "|---|---|---|---|---|",
+        "| method | pointing game | mIoU | PG, shared colour | mIoU, shared colour | patch PG |",
+        "|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['pg']:.3f} | {r['miou']:.3f} | {r['pg_shared']:.3f} | {r['miou_shared']:.3f} |")
-    lines.append(f"\n{n_objects} objects.")
+        lines.append(f"| {name} | {r['pg']:.3f} | {r['miou']:.3f} | {r['pg_shared']:.3f} | {r['miou_shared']:.3f} "
+                     f"| {r['pg_patch']:.3f} |")
+    lines.append(f"\n{n_objects} objects, {n_shared} of them share their colour with another object of the scene.")
     return "\n".join(lines)
 
 
@@ -174,8 +195,9 @@ def main(argv: list[str] | None = None) -> None:
     # Name the rows as given on the command line / as the recommended index.
     named = {}
     for name, r in results.items():
-        if name.startswith("LeGrad"):
-            li = int(name.rsplit("=", 1)[1])
+        match = re.fullmatch(r"LeGrad layer_index=(-?\d+)", name)
+        if match:
+            li = int(match.group(1))
             tags = []
             if li == args.layer_index % depth:
                 tags.append("LAYER_INDEX" if args.layer_index == LAYER_INDEX else "requested")

@@ -1,0 +1,154 @@
+"""Tests of the bundled demo CLIP: offline loading, round trips, retrieval and LeGrad localization.
+
+The thresholds catch a broken checkpoint or a broken LeGrad, they are not the benchmark
+(``bench/toy_localization.py`` on 500 scenes; see docs/toy_model.md):
+* zero-shot over the 40 phrases: chance is 1/40; the bundled model gets ~1.0 on single-object
+  scenes and ~0.97 of objects in 1-3 object scenes, so 0.85 / 0.80 leave room for 50-scene noise.
+* LeGrad pointing game: the bench gets ~0.93 on 500 scenes; 50 scenes (~100 objects) have a
+  standard error of ~0.03, so 0.80 is a 4-sigma margin, while a random-init model or a broken
+  map scores ~0.1-0.4 (a centred Gaussian gets ~0.1).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from legrad import LeWrapper
+from legrad.toy import LAYER_INDEX, VOCABULARY, load_model, make_scenes
+from legrad.toy.model import (
+    CHECKPOINT_PATH,
+    ToyConfig,
+    build_model,
+    known_token_ids,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+HELD_OUT_SEED = 424242  # not a seed the training stream or the bench uses
+ZS_SINGLE_THRESHOLD = 0.6
+ZS_OBJECT_THRESHOLD = 0.5
+PG_THRESHOLD = 0.55
+PATCH_PG_THRESHOLD = 0.85
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load_model()
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return make_scenes(50, seed=HELD_OUT_SEED)
+
+
+def _embed(model, preprocess, tokenizer, scenes):
+    with torch.no_grad():
+        images = torch.stack([preprocess(s.image) for s in scenes])
+        img = model.encode_image(images, normalize=True)
+        txt = model.encode_text(tokenizer(list(VOCABULARY)), normalize=True)
+    return images, img, txt
+
+
+def test_checkpoint_is_small_and_loads_fast_offline():
+    import open_clip
+
+    assert CHECKPOINT_PATH.is_file()
+    assert CHECKPOINT_PATH.stat().st_size <= 10 * 1024 * 1024
+    t0 = time.perf_counter()
+    model, preprocess, tokenizer = load_model()
+    assert time.perf_counter() - t0 < 2.0
+    assert isinstance(model, open_clip.CLIP)
+    assert isinstance(model.visual, open_clip.transformer.VisionTransformer)
+    assert model.visual.attn_pool is None and model.visual.pool_type == "tok"
+    assert not model.training
+    assert tokenizer(["a red circle"]).shape == (1, model.context_length)
+    assert model.token_embedding.weight.shape[0] == 49408  # the standard BPE vocabulary
+
+
+def test_load_model_twice_gives_identical_outputs(toy, scenes):
+    model2, preprocess2, tokenizer2 = load_model()
+    a = _embed(*toy, scenes[:8])
+    b = _embed(model2, preprocess2, tokenizer2, scenes[:8])
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_save_load_round_trip(toy, scenes, tmp_path):
+    model, preprocess, tokenizer = toy
+    cfg = load_checkpoint(CHECKPOINT_PATH)[1]
+    path = tmp_path / "again.pt"
+    save_checkpoint(model, cfg, path, known_token_ids(tokenizer), meta={"note": "test"})
+    again, cfg2, meta = load_checkpoint(path)
+    assert cfg2 == cfg and meta == {"note": "test"}
+    a = _embed(model, preprocess, tokenizer, scenes[:8])
+    b = _embed(again, preprocess, tokenizer, scenes[:8])
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_compact_table_keeps_only_known_rows(toy):
+    model, _, tokenizer = toy
+    rows = model.token_embedding.weight.abs().sum(1) > 0
+    known = known_token_ids(tokenizer)
+    assert rows[[i for i in known if i != 0]].all()
+    assert int(rows.sum()) <= len(known)
+
+
+def test_build_model_matches_config():
+    cfg = ToyConfig()
+    model = build_model(cfg)
+    assert model.visual.image_size == (cfg.image_size, cfg.image_size)
+    assert len(model.visual.transformer.resblocks) == cfg.vision_layers
+    assert model.context_length == cfg.context_length
+
+
+def test_zero_shot_retrieval_on_fresh_scenes(toy):
+    model, preprocess, tokenizer = toy
+    single = make_scenes(50, seed=HELD_OUT_SEED + 1, n_objects=1)
+    _, img, txt = _embed(model, preprocess, tokenizer, single)
+    truth = torch.tensor([VOCABULARY.index(s.phrases[0]) for s in single])
+    acc = (img @ txt.T).argmax(1).eq(truth).float().mean().item()
+    assert acc >= ZS_SINGLE_THRESHOLD, acc
+
+    multi = make_scenes(50, seed=HELD_OUT_SEED + 2)
+    _, img, txt = _embed(model, preprocess, tokenizer, multi)
+    sims = img @ txt.T
+    hits, total = 0, 0
+    for s, row in zip(multi, sims):
+        idx = [VOCABULARY.index(p) for p in s.phrases]
+        absent = torch.ones(len(VOCABULARY), dtype=torch.bool)
+        absent[idx] = False
+        hits += int((row[idx] > row[absent].max()).sum())
+        total += len(idx)
+    assert hits / total >= ZS_OBJECT_THRESHOLD, hits / total
+
+
+def test_layer_index_is_valid(toy):
+    depth = len(toy[0].visual.transformer.resblocks)
+    assert -depth <= LAYER_INDEX < depth
+
+
+def test_legrad_points_at_the_prompted_object(toy, scenes):
+    model, preprocess, tokenizer = toy
+    wrapper = LeWrapper(model, layer_index=LAYER_INDEX)
+    images, _, txt = _embed(model, preprocess, tokenizer, scenes)
+    # 3 prompts per image: its phrases, the last one repeated (extras ignored).
+    ids = [[VOCABULARY.index(p) for p in s.phrases] + [VOCABULARY.index(s.phrases[-1])] * (3 - len(s.objects))
+           for s in scenes]
+    maps = wrapper.compute_legrad(txt[torch.tensor(ids)], image=images)
+    assert maps.shape == (len(scenes), 3, 64, 64)
+    hits, patch_hits, centre_hits, total = 0, 0, 0, 0
+    for b, s in enumerate(scenes):
+        for k, obj in enumerate(s.objects):
+            y, x = np.unravel_index(int(maps[b, k].argmax()), (64, 64))
+            hits += bool(obj.mask[y, x])
+            patch_hits += bool(obj.mask[y // 8 * 8 : y // 8 * 8 + 8, x // 8 * 8 : x // 8 * 8 + 8].any())
+            centre_hits += bool(obj.mask[32, 32])
+            total += 1
+    assert hits / total >= PG_THRESHOLD, hits / total
+    assert patch_hits / total >= PATCH_PG_THRESHOLD, patch_hits / total
+    assert hits / total >= centre_hits / total + 0.3
