@@ -1,4 +1,4 @@
-"""Helpers shared by the front-end tests (CLI, playground, app): the demo model and scene images."""
+"""Helpers shared by the front-end tests (CLI, playground, app): the bundled demo scenes, subprocess setup."""
 
 from __future__ import annotations
 
@@ -7,48 +7,6 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def bundled_checkpoint() -> Path:
-    from legrad.toy import CHECKPOINT_PATH
-
-    return Path(CHECKPOINT_PATH)
-
-
-def toy_pretrained_args(tmp_root: Path) -> list[str]:
-    """``[]`` when the bundled demo checkpoint exists, else ``['--pretrained', tiny]`` with a tiny
-    random-init demo-format checkpoint (so the front ends run the same code path while the trained
-    checkpoint is not there)."""
-    if bundled_checkpoint().is_file():
-        return []
-    return ["--pretrained", str(tiny_toy_checkpoint(tmp_root))]
-
-
-def tiny_toy_checkpoint(tmp_root: Path) -> Path:
-    import torch
-
-    from legrad.toy.model import ToyConfig, build_model, known_token_ids, make_tokenizer, save_checkpoint
-
-    path = tmp_root / "tiny_toy.pt"
-    if not path.exists():
-        torch.manual_seed(0)
-        cfg = ToyConfig(embed_dim=32, vision_width=32, vision_layers=2, vision_head_width=16, text_width=32,
-                        text_heads=2, text_layers=1)
-        save_checkpoint(build_model(cfg), cfg, path, known_token_ids(make_tokenizer(cfg)))
-    return path
-
-
-def write_scenes(folder: Path, n: int, seed: int = 0) -> list[tuple[Path, list[str]]]:
-    """Writes ``n`` demo scenes as PNGs; returns ``(path, phrases)`` per scene."""
-    from legrad.toy.scenes import make_scenes
-
-    folder.mkdir(parents=True, exist_ok=True)
-    out = []
-    for i, scene in enumerate(make_scenes(n, seed=seed)):
-        path = folder / f"scene{i}.png"
-        scene.image.save(path)
-        out.append((path, [o.phrase for o in scene.objects]))
-    return out
 
 
 def bundled_scenes() -> list[tuple[Path, list[str]]]:

@@ -19,10 +19,8 @@ import torch
 from frontend_utils import (
     PYTHON,
     REPO,
-    bundled_checkpoint,
     bundled_scenes,
     subprocess_env,
-    tiny_toy_checkpoint,
 )
 from PIL import Image
 
@@ -34,17 +32,12 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
+def app():
     sys.path.insert(0, str(REPO))
     try:
         import app as module
     finally:
         sys.path.remove(str(REPO))
-    if not bundled_checkpoint().is_file():
-        # The trained demo checkpoint is not there: serve a tiny demo-format model under the same entry.
-        from legrad.explainer import Explainer
-
-        module._cache[("toy", None)] = Explainer.load("toy", str(tiny_toy_checkpoint(tmp_path_factory.mktemp("t"))))
     return module
 
 
@@ -204,14 +197,7 @@ def test_browser_end_to_end(tmp_path, scenes):
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}/"
-    if bundled_checkpoint().is_file():
-        cmd = [PYTHON, "app.py", "--port", str(port), "--device", "cpu"]
-    else:
-        tiny = tiny_toy_checkpoint(tmp_path)
-        code = ("import sys, app; from legrad.explainer import Explainer; "
-                f"app._cache[('toy', None)] = Explainer.load('toy', {str(tiny)!r}); "
-                f"sys.exit(app.main(['--port', '{port}', '--device', 'cpu']))")
-        cmd = [PYTHON, "-c", code]
+    cmd = [PYTHON, "app.py", "--port", str(port), "--device", "cpu"]
     log = open(tmp_path / "app.log", "w")
     proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)

@@ -9,7 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from frontend_utils import PYTHON, REPO, bundled_scenes, copy_scenes, subprocess_env, toy_pretrained_args
+from frontend_utils import PYTHON, REPO, bundled_scenes, copy_scenes, subprocess_env
 from oracles import openclip_vit_oracle
 from PIL import Image
 
@@ -34,23 +34,23 @@ def workspace(tmp_path_factory):
     nested = root / "images" / "more" / scenes[0][0].name
     nested.parent.mkdir()
     shutil.copy(bundled[3][0], nested)
-    return root, [*scenes, (nested, bundled[3][1])], toy_pretrained_args(root)
+    return root, [*scenes, (nested, bundled[3][1])]
 
 
 @pytest.fixture(scope="module")
 def batch_run(workspace):
     """One real `python -m legrad explain` run over a folder with a broken file, plus a missing file."""
-    root, scenes, pre = workspace
+    root, scenes = workspace
     (root / "images" / "broken.png").write_bytes(b"this is not a png")
     out = root / "out"
     res = _legrad("explain", str(root / "images"), str(root / "missing.jpg"), "-p", PROMPTS[0], "-p", PROMPTS[1],
-                  "--out", str(out), "--save-maps", "--batch-size", "2", *pre)
+                  "--out", str(out), "--save-maps", "--batch-size", "2")
     (root / "images" / "broken.png").unlink()
     return res, out
 
 
 def test_explain_batch_reports_and_skips_bad_inputs(workspace, batch_run):
-    root, scenes, _ = workspace
+    root, scenes = workspace
     res, out = batch_run
     # Failures are reported, the rest is processed, and the exit status says something failed.
     assert res.returncode == 1, res.stderr
@@ -60,7 +60,7 @@ def test_explain_batch_reports_and_skips_bad_inputs(workspace, batch_run):
 
 
 def test_explain_writes_overlays_maps_and_scores(workspace, batch_run):
-    root, scenes, _ = workspace
+    root, scenes = workspace
     res, out = batch_run
     for path, _ in scenes:
         rel = path.relative_to(root / "images").with_suffix("")
@@ -82,12 +82,12 @@ def test_explain_writes_overlays_maps_and_scores(workspace, batch_run):
 
 def test_saved_maps_match_the_oracle(workspace, batch_run):
     # The raw maps written by the CLI equal an explicit-autograd LeGrad of the same model on the same input.
-    root, scenes, pre = workspace
+    root, scenes = workspace
     _, out = batch_run
     from legrad.loading import default_layer_index, load_model
     from legrad.preprocess import LePreprocess
 
-    model, preprocess, tokenizer = load_model("toy", pre[1] if pre else None, "cpu")
+    model, preprocess, tokenizer = load_model("toy", None, "cpu")
     with torch.no_grad():
         text = torch.nn.functional.normalize(model.encode_text(tokenizer(PROMPTS)), dim=-1)
     path = scenes[1][0]
@@ -110,9 +110,9 @@ def test_models_lists_bundled_and_openclip_pairs(capsys):
 def test_usage_and_model_errors_are_one_line(workspace, capsys):
     from legrad.cli import main
 
-    root, scenes, pre = workspace
+    root, scenes = workspace
     img = str(scenes[0][0])
-    assert main(["explain", img, "-p", "x", "--size", "60", "--out", str(root / "e"), *pre]) == 2
+    assert main(["explain", img, "-p", "x", "--size", "60", "--out", str(root / "e")]) == 2
     err = capsys.readouterr().err
     assert "multiple of the model's patch size" in err and "use e.g. 64" in err
 
@@ -120,10 +120,10 @@ def test_usage_and_model_errors_are_one_line(workspace, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown model 'ViT-Nope-16'" in err[0]
 
-    assert main(["explain", img, "-p", "x", "--layer-index", "99", "--out", str(root / "e"), *pre]) == 2
+    assert main(["explain", img, "-p", "x", "--layer-index", "99", "--out", str(root / "e")]) == 2
     assert "layer_index=99 is out of range" in capsys.readouterr().err
 
-    assert main(["explain", img, "-p", "  ", "--out", str(root / "e"), *pre]) == 2
+    assert main(["explain", img, "-p", "  ", "--out", str(root / "e")]) == 2
     assert "non-empty prompt" in capsys.readouterr().err
 
     assert main(["explain", img]) == 2  # argparse: -p is required
@@ -134,7 +134,7 @@ def test_usage_and_model_errors_are_one_line(workspace, capsys):
 def test_download_failure_is_one_clear_line(workspace, capsys, monkeypatch):
     from legrad.cli import main
 
-    root, scenes, _ = workspace
+    root, scenes = workspace
     # Offline hub: the download fails at once (this machine may or may not have internet).
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -189,14 +189,14 @@ def test_interrupted_run_leaves_only_complete_files(workspace, tmp_path):
     import signal
     import time
 
-    root, scenes, pre = workspace
+    root, scenes = workspace
     src = tmp_path / "many"
     src.mkdir()
     for i in range(40):
         shutil.copy(scenes[i % len(scenes)][0], src / f"img{i:02d}.png")
     out = tmp_path / "out"
     proc = subprocess.Popen([PYTHON, "-m", "legrad", "explain", str(src), "-p", PROMPTS[0], "--out", str(out),
-                             "--batch-size", "1", "--save-maps", *pre], stdout=subprocess.PIPE,
+                             "--batch-size", "1", "--save-maps"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=subprocess_env(), cwd=REPO)
     try:
         deadline = time.monotonic() + 180

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from frontend_utils import PYTHON, REPO, bundled_scenes, subprocess_env, toy_pretrained_args
+from frontend_utils import PYTHON, REPO, bundled_scenes, subprocess_env
 from PIL import Image
 
 from legrad.loading import absent_phrase
@@ -25,9 +25,8 @@ def playground():
 
 
 def test_default_run_prints_similarities_and_writes_the_figure(tmp_path, playground):
-    pre = toy_pretrained_args(tmp_path)
     out = tmp_path / "pg.png"
-    res = subprocess.run([PYTHON, "playground.py", "--out", str(out), *pre], capture_output=True, text=True,
+    res = subprocess.run([PYTHON, "playground.py", "--out", str(out)], capture_output=True, text=True,
                          timeout=240, env=subprocess_env(), cwd=REPO)
     assert res.returncode == 0, res.stderr
     assert "Traceback" not in res.stderr
@@ -44,7 +43,7 @@ def test_default_run_prints_similarities_and_writes_the_figure(tmp_path, playgro
     # The printed similarities are the model's cosine similarities, recomputed here from scratch.
     from legrad.loading import load_model
 
-    model, preprocess, tokenizer = load_model("toy", pre[1] if pre else None, "cpu")
+    model, preprocess, tokenizer = load_model("toy", None, "cpu")
     with torch.no_grad():
         img = model.encode_image(preprocess(image).unsqueeze(0))
         txt = model.encode_text(tokenizer(prompts))
@@ -61,17 +60,16 @@ def test_default_run_prints_similarities_and_writes_the_figure(tmp_path, playgro
 
 
 def test_bad_inputs_give_one_line(tmp_path, playground, capsys):
-    pre = toy_pretrained_args(tmp_path)
     out = tmp_path / "never.png"
-    assert playground.main(["--image", str(tmp_path / "missing.jpg"), "-p", "x", "--out", str(out), *pre]) == 1
+    assert playground.main(["--image", str(tmp_path / "missing.jpg"), "-p", "x", "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no such file" in err[0]
 
     scene, _ = bundled_scenes()[0]
-    assert playground.main(["--image", str(scene), "--out", str(out), *pre]) == 2
+    assert playground.main(["--image", str(scene), "--out", str(out)]) == 2
     assert "--prompt" in capsys.readouterr().err
 
-    assert playground.main(["--image", str(scene), "-p", "x", "--size", "70", "--out", str(out), *pre]) == 2
+    assert playground.main(["--image", str(scene), "-p", "x", "--size", "70", "--out", str(out)]) == 2
     assert "patch size" in capsys.readouterr().err
 
     assert playground.main(["--model", "ViT-B-16", "--pretrained", str(tmp_path / "nope.pt"), "--out",
@@ -82,12 +80,10 @@ def test_bad_inputs_give_one_line(tmp_path, playground, capsys):
 
 
 def test_custom_image_and_prompts(tmp_path, playground, capsys):
-    pre = toy_pretrained_args(tmp_path)
     scene, phrases = bundled_scenes()[2]
     out = tmp_path / "custom.png"
     other = absent_phrase(phrases)
-    assert playground.main(["--image", str(scene), "-p", phrases[0], "-p", other, "--out", str(out),
-                            *pre]) == 0
+    assert playground.main(["--image", str(scene), "-p", phrases[0], "-p", other, "--out", str(out)]) == 0
     stdout = capsys.readouterr().out
     assert phrases[0] in stdout and other in stdout and str(scene) in stdout
     assert out.is_file()
