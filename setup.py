@@ -32,7 +32,7 @@ setup(
     extras_require={
         "dev": ["pytest>=7", "ruff>=0.5", "timm>=0.9"],
         "hf": ["transformers>=4.50,<6"],
-        "app": ["gradio>=4.44,<7"],
+        "app": ["gradio>=5,<7"],
         "e2e": ["playwright>=1.40,<2"],
     },
     entry_points={"console_scripts": ["legrad=legrad.cli:main"]},
