@@ -19,6 +19,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--patch-size", type=int, default=None)
     p.add_argument("--pos-embed", choices=["learnable", "sin_cos_2d"], default=None)
+    p.add_argument("--pool-type", choices=["tok", "avg"], default=None,
+                   help="image pooling: CLS token or mean of the patch tokens")
     p.add_argument("--curriculum-steps", type=int, default=0,
                    help="first steps draw larger objects (--curriculum-radius), which makes shapes easier")
     p.add_argument("--curriculum-radius", type=str, default="0.16,0.30")
@@ -115,10 +118,11 @@ def multi_positive_loss(logits: torch.Tensor, pos: torch.Tensor) -> tuple[torch.
 def encode_image_all(
     model: torch.nn.Module, x: torch.Tensor, deep_layers: tuple[int, ...] = ()
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """The model's image embedding (CLS token), the embedding of the mean of all final tokens, and
-    the mean-token embeddings after the blocks in ``deep_layers`` (all through ``ln_post`` and ``proj``).
+    """The model's image embedding (its own pooling), the embedding of the mean of all final tokens,
+    and the mean-token embeddings after the blocks in ``deep_layers`` (all through ``ln_post`` and
+    ``proj``).
 
-    The first equals ``model.encode_image(x)`` for CLS pooling.
+    The first equals ``model.encode_image(x)``.
     """
     visual = model.visual
     tokens = visual._embeds(x)
@@ -127,7 +131,10 @@ def encode_image_all(
         tokens = blk(tokens)
         if i in deep_layers:
             deep.append(visual.ln_post(tokens.mean(dim=1)) @ visual.proj)
-    cls_f = visual.ln_post(tokens[:, 0]) @ visual.proj
+    if visual.pool_type == "avg":  # open_clip normalises every token, then averages the patch tokens
+        cls_f = visual.ln_post(tokens)[:, 1:].mean(dim=1) @ visual.proj
+    else:
+        cls_f = visual.ln_post(tokens[:, 0]) @ visual.proj
     mean_f = visual.ln_post(tokens.mean(dim=1)) @ visual.proj
     return cls_f, mean_f, deep
 
@@ -183,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
             image_size=args.image_size,
             patch_size=args.patch_size,
             pos_embed_type=args.pos_embed,
+            pool_type=args.pool_type,
         ).items()
         if v is not None
     }
@@ -200,10 +208,16 @@ def main(argv: list[str] | None = None) -> None:
         from legrad.toy.model import load_checkpoint
 
         init, init_cfg, _ = load_checkpoint(args.init)
-        if init_cfg != cfg:
+        # A fixed sine-cosine position table is rebuilt for any grid, so such a checkpoint may be
+        # continued at another image size (the patch embedding and blocks do not depend on it).
+        resizable = cfg.pos_embed_type == "sin_cos_2d" and init_cfg.pos_embed_type == "sin_cos_2d"
+        # The pooling has no weights of its own, so it may change too.
+        comparable = replace(init_cfg, pool_type=cfg.pool_type)
+        if replace(comparable, image_size=cfg.image_size) != cfg or (comparable != cfg and not resizable):
             raise SystemExit(f"--init checkpoint has config {init_cfg}, expected {cfg}")
         state = init.state_dict()
         state["token_embedding.weight"] = state["token_embedding.weight"][torch.tensor(token_ids)]
+        state["visual.positional_embedding"] = model.visual.positional_embedding.detach().clone()
         model.load_state_dict(state)
     if args.patch_dropout > 0:
         from open_clip.transformer import PatchDropout
@@ -245,6 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         "patch_dropout": args.patch_dropout,
         "curriculum_steps": args.curriculum_steps,
         "curriculum_radius": args.curriculum_radius,
+        "init": None if args.init is None else str(args.init),
     }
     t0 = time.time()
     run_loss = None

@@ -41,9 +41,13 @@ def toy():
     return load_model()
 
 
+def _side(model) -> int:
+    return model.visual.image_size[0]
+
+
 @pytest.fixture(scope="module")
-def scenes():
-    return make_scenes(50, seed=HELD_OUT_SEED)
+def scenes(toy):
+    return make_scenes(50, seed=HELD_OUT_SEED, size=_side(toy[0]))
 
 
 def _embed(model, preprocess, tokenizer, scenes):
@@ -109,13 +113,13 @@ def test_build_model_matches_config():
 
 def test_zero_shot_retrieval_on_fresh_scenes(toy):
     model, preprocess, tokenizer = toy
-    single = make_scenes(50, seed=HELD_OUT_SEED + 1, n_objects=1)
+    single = make_scenes(50, seed=HELD_OUT_SEED + 1, size=_side(model), n_objects=1)
     _, img, txt = _embed(model, preprocess, tokenizer, single)
     truth = torch.tensor([VOCABULARY.index(s.phrases[0]) for s in single])
     acc = (img @ txt.T).argmax(1).eq(truth).float().mean().item()
     assert acc >= ZS_SINGLE_THRESHOLD, acc
 
-    multi = make_scenes(50, seed=HELD_OUT_SEED + 2)
+    multi = make_scenes(50, seed=HELD_OUT_SEED + 2, size=_side(model))
     _, img, txt = _embed(model, preprocess, tokenizer, multi)
     sims = img @ txt.T
     hits, total = 0, 0
@@ -141,14 +145,16 @@ def test_legrad_points_at_the_prompted_object(toy, scenes):
     ids = [[VOCABULARY.index(p) for p in s.phrases] + [VOCABULARY.index(s.phrases[-1])] * (3 - len(s.objects))
            for s in scenes]
     maps = wrapper.compute_legrad(txt[torch.tensor(ids)], image=images)
-    assert maps.shape == (len(scenes), 3, 64, 64)
+    side, patch = _side(model), model.visual.patch_size[0]
+    assert maps.shape == (len(scenes), 3, side, side)
     hits, patch_hits, centre_hits, total = 0, 0, 0, 0
     for b, s in enumerate(scenes):
         for k, obj in enumerate(s.objects):
-            y, x = np.unravel_index(int(maps[b, k].argmax()), (64, 64))
+            y, x = np.unravel_index(int(maps[b, k].argmax()), (side, side))
+            py, px = y // patch * patch, x // patch * patch
             hits += bool(obj.mask[y, x])
-            patch_hits += bool(obj.mask[y // 8 * 8 : y // 8 * 8 + 8, x // 8 * 8 : x // 8 * 8 + 8].any())
-            centre_hits += bool(obj.mask[32, 32])
+            patch_hits += bool(obj.mask[py : py + patch, px : px + patch].any())
+            centre_hits += bool(obj.mask[side // 2, side // 2])
             total += 1
     assert hits / total >= PG_THRESHOLD, hits / total
     assert patch_hits / total >= PATCH_PG_THRESHOLD, patch_hits / total

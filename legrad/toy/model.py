@@ -59,6 +59,8 @@ class ToyConfig:
         vision_head_width: Width per attention head in the image tower.
         pos_embed_type: open_clip image position embedding, ``"learnable"`` or ``"sin_cos_2d"``
             (fixed 2-D sine-cosine table).
+        pool_type: open_clip image pooling, ``"tok"`` (CLS token) or ``"avg"`` (mean of the patch
+            tokens, the feature LeGrad scores at every block).
         text_width: Text transformer width.
         text_heads: Text transformer heads.
         text_layers: Text transformer blocks.
@@ -74,6 +76,7 @@ class ToyConfig:
     vision_layers: int = 6
     vision_head_width: int = 32
     pos_embed_type: str = "learnable"
+    pool_type: str = "tok"
     text_width: int = 128
     text_heads: int = 4
     text_layers: int = 3
@@ -107,6 +110,7 @@ def build_model(cfg: ToyConfig, vocab_size: int | None = None) -> torch.nn.Modul
         layers=cfg.vision_layers,
         head_width=cfg.vision_head_width,
         pos_embed_type=cfg.pos_embed_type,
+        pool_type=cfg.pool_type,
     )
     text_cfg = dict(
         context_length=cfg.context_length,
