@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--snapshots", type=Path, default=None, help="also keep a checkpoint per eval here")
     p.add_argument("--vision-width", type=int, default=None)
     p.add_argument("--vision-layers", type=int, default=None)
+    p.add_argument("--vision-head-width", type=int, default=None, help="width per image attention head")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--patch-size", type=int, default=None)
     p.add_argument("--pos-embed", choices=["learnable", "sin_cos_2d"], default=None)
@@ -187,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         for k, v in dict(
             vision_width=args.vision_width,
             vision_layers=args.vision_layers,
+            vision_head_width=args.vision_head_width,
             image_size=args.image_size,
             patch_size=args.patch_size,
             pos_embed_type=args.pos_embed,
