@@ -30,8 +30,15 @@ import torch
 import torch.nn.functional as F
 
 from legrad import LeWrapper
-from legrad.toy import LAYER_INDEX, VOCABULARY, Scene, load_model, make_scenes
-from legrad.toy.model import CHECKPOINT_PATH, build_model, load_checkpoint
+from legrad.toy import LAYER_INDEX, VOCABULARY, Scene, make_scenes
+from legrad.toy.model import (
+    CHECKPOINT_PATH,
+    ToyConfig,
+    build_model,
+    load_checkpoint,
+    make_preprocess,
+    make_tokenizer,
+)
 
 
 @dataclass
@@ -105,24 +112,28 @@ def shares_colour(scene: Scene, k: int) -> bool:
 
 
 def run(
+    model: torch.nn.Module,
+    cfg: ToyConfig,
     n: int,
     seed: int,
     layer_indices: list[int],
-    checkpoint: str | None = None,
     batch_size: int = 50,
     log: Callable[[str], None] = print,
-) -> dict[str, dict[str, float]]:
-    """Score every method on ``n`` fresh scenes; returns ``{method: summary}``."""
-    model, preprocess, tokenizer = load_model(path=checkpoint)
+) -> tuple[dict[str, dict[str, float]], list[Scene]]:
+    """Score every method on ``n`` fresh scenes for the demo-architecture ``model`` built from ``cfg``.
+
+    Returns:
+        ``({method: summary}, scenes)``.
+    """
+    preprocess, tokenizer = make_preprocess(cfg), make_tokenizer(cfg)
     torch.manual_seed(0)
-    random_model = build_model(load_checkpoint(CHECKPOINT_PATH if checkpoint is None else checkpoint)[1]).eval()
-    random_wrapper = LeWrapper(random_model)
-    size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
-    patch = model.visual.patch_size[0] if isinstance(model.visual.patch_size, tuple) else model.visual.patch_size
-    wrapper = LeWrapper(model)
+    random_model = build_model(cfg).eval()
+    size, patch = cfg.image_size, cfg.patch_size
+    wrapper, random_wrapper = LeWrapper(model), LeWrapper(random_model)
     scenes = make_scenes(n, seed=seed, size=size)
     with torch.no_grad():
         vocab = model.encode_text(tokenizer(list(VOCABULARY)), normalize=True)
+        random_vocab = random_model.encode_text(tokenizer(list(VOCABULARY)), normalize=True)
     index = {p: i for i, p in enumerate(VOCABULARY)}
 
     tallies: dict[str, Tally] = {f"LeGrad layer_index={li}": Tally() for li in layer_indices}
@@ -135,17 +146,13 @@ def run(
         batch = scenes[start : start + batch_size]
         images = torch.stack([preprocess(s.image) for s in batch])
         # Every image gets 3 prompts (its phrases, the last one repeated); extras are ignored.
-        ids = [[index[p] for p in s.phrases] + [index[s.phrases[-1]]] * (3 - len(s.objects)) for s in batch]
-        text = vocab[torch.tensor(ids)]  # [B, 3, D]
+        ids = torch.tensor(
+            [[index[p] for p in s.phrases] + [index[s.phrases[-1]]] * (3 - len(s.objects)) for s in batch]
+        )
         attn = to_pixels(cls_attention(model, images), size).numpy()
-        with torch.no_grad():
-            random_text = random_model.encode_text(tokenizer([s.phrases[min(k, len(s.phrases) - 1)] for s in batch
-                                                              for k in range(3)]), normalize=True)
-        random_maps = random_wrapper.compute_legrad(
-            random_text.reshape(len(batch), 3, -1), image=images, layer_index=LAYER_INDEX
-        ).numpy()
+        random_maps = random_wrapper.compute_legrad(random_vocab[ids], image=images, layer_index=LAYER_INDEX).numpy()
         per_layer = {
-            li: wrapper.compute_legrad(text, image=images, layer_index=li).numpy() for li in layer_indices
+            li: wrapper.compute_legrad(vocab[ids], image=images, layer_index=li).numpy() for li in layer_indices
         }
         for b, s in enumerate(batch):
             for k, obj in enumerate(s.objects):
@@ -157,7 +164,7 @@ def run(
                 tallies["CLS attention (last block)"].add(attn[b], obj.mask, shared, patch)
                 tallies["oracle (patch-grid mask)"].add(oracle_map(obj.mask, patch), obj.mask, shared, patch)
         log(f"  {start + len(batch)}/{n} scenes ({time.time() - t0:.0f}s)")
-    return {name: t.summary() for name, t in tallies.items()}
+    return {name: t.summary() for name, t in tallies.items()}, scenes
 
 
 def format_table(results: dict[str, dict[str, float]], n_objects: int, n_shared: int) -> str:
@@ -185,13 +192,13 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    model, _, _ = load_model(path=args.checkpoint)
-    depth = len(model.visual.transformer.resblocks)
+    model, cfg, _ = load_checkpoint(CHECKPOINT_PATH if args.checkpoint is None else args.checkpoint)
+    depth = cfg.vision_layers
     indices = list(range(depth)) if args.sweep else [args.layer_index]
     wanted = [i % depth for i in [args.layer_index, -2]]
     indices = sorted(set(indices) | set(wanted))
     t0 = time.time()
-    results = run(args.n, args.seed, indices, args.checkpoint)
+    results, scenes = run(model, cfg, args.n, args.seed, indices)
     # Name the rows as given on the command line / as the recommended index.
     named = {}
     for name, r in results.items():
@@ -205,7 +212,6 @@ def main(argv: list[str] | None = None) -> None:
                 tags.append("-2")
             name = name + (f" ({', '.join(tags)})" if tags else "")
         named[name] = r
-    scenes = make_scenes(args.n, seed=args.seed, size=model.visual.image_size[0])
     n_objects = sum(len(s.objects) for s in scenes)
     n_shared = sum(shares_colour(s, k) for s in scenes for k in range(len(s.objects)))
     print(f"\n{args.n} scenes, seed {args.seed}, {depth} blocks, {time.time() - t0:.0f}s\n")

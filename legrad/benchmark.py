@@ -311,6 +311,7 @@ def evaluate(
         DEFAULT_FRACTIONS,
         check_fractions,
         check_threshold,
+        check_tolerance,
         confusion,
         perturbation_auc,
         perturbation_curve,
@@ -325,8 +326,7 @@ def evaluate(
     check_threshold(threshold)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if isinstance(pointing_tolerance, bool) or not isinstance(pointing_tolerance, int) or pointing_tolerance < 0:
-        raise ValueError(f"pointing_tolerance must be a non-negative int, got {pointing_tolerance!r}")
+    check_tolerance(pointing_tolerance)
     # A wrapper of our own: setting layer_index on the caller's wrapper would change their object. The
     # tokenizer lets towers that need the empty-prompt correction (SigLIP-style) build it.
     if isinstance(model, LeWrapper):
@@ -430,8 +430,6 @@ pixels removed) and writes the full results, mean curves included, as JSON.
 """
 
 
-
-
 def _threshold(text: str) -> float | str:
     if text.strip().lower() == "mean":
         return "mean"
@@ -532,7 +530,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         summaries = evaluate(
             model, tokenizer, samples, methods, layer_index=layer_index, threshold=args.threshold,
-            pointing_tolerance=args.pointing_tolerance, perturbation=not args.no_perturbation, batch_size=args.batch_size, device=device,
+            pointing_tolerance=args.pointing_tolerance, perturbation=not args.no_perturbation,
+            batch_size=args.batch_size, device=device,
             progress=not args.no_progress,
         )
     except (ImageLoadError, ValueError) as exc:

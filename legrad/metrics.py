@@ -34,6 +34,7 @@ __all__ = [
     "binarize",
     "check_fractions",
     "check_threshold",
+    "check_tolerance",
     "confusion",
     "miou",
     "miou_from_confusion",
@@ -107,8 +108,7 @@ def pointing_game(maps: torch.Tensor, masks: torch.Tensor, tolerance: int = 0) -
         TypeError, ValueError: on invalid inputs.
     """
     maps, masks = _check_pair(maps, masks)
-    if isinstance(tolerance, bool) or not isinstance(tolerance, int) or tolerance < 0:
-        raise ValueError(f"tolerance must be a non-negative int (pixels), got {tolerance!r}")
+    check_tolerance(tolerance)
     target = _dilate(masks, tolerance) if tolerance else masks
     flat, inside = maps.flatten(-2), target.flatten(-2)
     top = flat == flat.max(dim=-1, keepdim=True).values
@@ -134,6 +134,12 @@ def binarize(maps: torch.Tensor, threshold: float | str = 0.5) -> torch.Tensor:
     if threshold == "mean":
         return maps >= maps.mean(dim=(-2, -1), keepdim=True)
     return maps >= threshold
+
+
+def check_tolerance(tolerance: Any) -> None:
+    """Raises a ValueError unless ``tolerance`` is a non-negative int (pixels)."""
+    if isinstance(tolerance, bool) or not isinstance(tolerance, int) or tolerance < 0:
+        raise ValueError(f"tolerance must be a non-negative int (pixels), got {tolerance!r}")
 
 
 def check_threshold(threshold: Any) -> None:

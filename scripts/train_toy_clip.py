@@ -19,7 +19,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import replace
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -210,16 +210,18 @@ def main(argv: list[str] | None = None) -> None:
         from legrad.toy.model import load_checkpoint
 
         init, init_cfg, _ = load_checkpoint(args.init)
-        # A fixed sine-cosine position table is rebuilt for any grid, so such a checkpoint may be
-        # continued at another image size (the patch embedding and blocks do not depend on it).
-        resizable = cfg.pos_embed_type == "sin_cos_2d" and init_cfg.pos_embed_type == "sin_cos_2d"
-        # The pooling has no weights of its own, so it may change too.
-        comparable = replace(init_cfg, pool_type=cfg.pool_type)
-        if replace(comparable, image_size=cfg.image_size) != cfg or (comparable != cfg and not resizable):
+        # The pooling has no weights of its own, and a fixed sine-cosine position table is rebuilt for
+        # any grid, so those may differ from the checkpoint's; nothing else may.
+        allowed = {"pool_type"}
+        if cfg.pos_embed_type == init_cfg.pos_embed_type == "sin_cos_2d":
+            allowed.add("image_size")
+        differing = {f.name for f in fields(cfg) if getattr(cfg, f.name) != getattr(init_cfg, f.name)}
+        if differing - allowed:
             raise SystemExit(f"--init checkpoint has config {init_cfg}, expected {cfg}")
         state = init.state_dict()
         state["token_embedding.weight"] = state["token_embedding.weight"][torch.tensor(token_ids)]
-        state["visual.positional_embedding"] = model.visual.positional_embedding.detach().clone()
+        if init_cfg.image_size != cfg.image_size:  # the sin-cos table of the new grid
+            state["visual.positional_embedding"] = model.visual.positional_embedding.detach().clone()
         model.load_state_dict(state)
     if args.patch_dropout > 0:
         from open_clip.transformer import PatchDropout

@@ -90,6 +90,8 @@ def test_evaluate_skips_methods_the_model_cannot_run(small_toy, monkeypatch):
         evaluate(model, tokenizer, scenes, fractions=(0.5, 0.1))
     with pytest.raises(ValueError, match="batch_size"):
         evaluate(model, tokenizer, scenes, batch_size=0)
+    with pytest.raises(ValueError, match="tolerance"):
+        evaluate(model, tokenizer, scenes, pointing_tolerance=-1)
     with pytest.raises(ValueError, match="no samples"):
         evaluate(model, tokenizer, [])
 

@@ -8,7 +8,8 @@ The thresholds catch a broken checkpoint or a broken LeGrad, they are not the be
   for 50-scene noise while staying far above chance.
 * LeGrad pointing game: the bench gets 0.88 (pixel) and 0.93 (patch) on 500 scenes (0.91 / 0.96 on
   these 50 scenes); 50 scenes (~100 objects) have a standard error of ~0.035, so 0.75 / 0.85 are
-  >= 3-sigma margins, while a random-init model scores ~0.28 / ~0.40 and a centred Gaussian ~0.08 / ~0.25.
+  >= 3-sigma margins, while random-init models score 0.13-0.28 / ~0.39 (two draws) and a centred
+  Gaussian ~0.08 / ~0.25.
 """
 
 from __future__ import annotations

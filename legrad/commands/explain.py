@@ -25,12 +25,6 @@ is 1 if any image failed.
 """
 
 
-
-
-
-
-
-
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Registers ``legrad explain``."""
     p = subparsers.add_parser(

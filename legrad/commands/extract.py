@@ -24,12 +24,6 @@ are recorded in the manifest and skipped; the exit status is 1 if any image fail
 """
 
 
-
-
-
-
-
-
 def _map_size(text: str) -> str | tuple[int, int]:
     from legrad.extract import _check_map_size
 
