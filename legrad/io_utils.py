@@ -67,6 +67,8 @@ def check_regular_file(path: str | os.PathLike, what: str = "file") -> os.stat_r
     """
     try:
         st = os.stat(path)
+    except FileNotFoundError:
+        raise ValueError(f"{what} {os.fspath(path)!r}: no such file") from None
     except OSError as exc:
         raise ValueError(f"{what} {os.fspath(path)!r}: {exc.strerror or exc}") from None
     if not stat.S_ISREG(st.st_mode):

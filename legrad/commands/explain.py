@@ -9,7 +9,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from legrad.commands.argtypes import image_size, positive_int, unit_float
+from legrad.commands.argtypes import unit_float
+from legrad.commands.options import add_device_option, add_model_options, add_quiet_option
 from legrad.loading import IMAGE_EXTENSIONS
 
 _EPILOG = """\
@@ -38,21 +39,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="image files, http(s) URLs, or directories (walked recursively for images)")
     p.add_argument("-p", "--prompt", dest="prompts", action="append", required=True, metavar="PROMPT",
                    help="a text prompt (repeat for several)")
-    p.add_argument("--model", default="toy",
-                   help="'toy' (bundled demo model, default) or an OpenCLIP model name (see `legrad models`)")
-    p.add_argument("--pretrained", default=None, metavar="TAG_OR_PATH",
-                   help="pretrained tag or local checkpoint (default: the model's first tag; 'none' = random)")
-    p.add_argument("--size", type=image_size, default=None, metavar="N|HxW",
-                   help="explained image size, multiple of the patch size (default: the model's native size)")
-    p.add_argument("--layer-index", type=int, default=None, metavar="K",
-                   help="first explained block, negative counts from the end (default: the model's recommended)")
-    p.add_argument("--batch-size", type=positive_int, default=8, metavar="N", help="images per batch (default 8)")
-    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:i]")
+    add_model_options(p)
+    add_device_option(p)
     p.add_argument("--out", default="outputs", metavar="DIR", help="output folder (default: outputs)")
     p.add_argument("--save-maps", action="store_true", help="also save the raw maps as .npy")
     p.add_argument("--alpha", type=unit_float, default=0.6, help="heatmap opacity in the overlays (default 0.6)")
     p.add_argument("--colormap", default="jet", help="matplotlib colormap (default jet)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_quiet_option(p)
     return p
 
 
