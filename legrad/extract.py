@@ -758,10 +758,20 @@ def _process_batch(batch: dict[str, Any], todo: list[ImageTask], explainer: Expl
         maps = _heatmaps(explainer.wrapper, batch["heat"].to(device, non_blocking=True), text, start, map_hw)
         maps = maps.cpu().numpy()
         sims = [(table[r.to(device)] @ emb[b]).cpu().numpy().astype(np.float32) for b, r in enumerate(rows)]
-    except (RuntimeError, ValueError) as exc:  # e.g. out of memory: report these images, go on
-        msg = "explaining failed: " + " ".join(str(exc).split())[:240]
-        for t in items:
-            finish(t, None, msg)
+    except (RuntimeError, ValueError, MemoryError) as exc:  # e.g. out of memory
+        if len(items) > 1:
+            # Each image alone: one that cannot be explained must not cost the rest of its batch.
+            del exc
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            return sum(
+                _process_batch({"pos": [pos], "heat": batch["heat"][b:b + 1], "clip": batch["clip"][b:b + 1],
+                                "sizes": batch["sizes"][b:b + 1], "sources": batch["sources"][b:b + 1]},
+                               todo, explainer, model, model_dtype, device, prompts, start, map_hw, dtype,
+                               out_dir, config, finish)
+                for b, pos in enumerate(batch["pos"]))
+        msg = "explaining failed: " + (" ".join(str(exc).split())[:240] or type(exc).__name__)
+        finish(items[0], None, msg)
         return 0
     n_ok = 0
     for b, t in enumerate(items):

@@ -361,6 +361,36 @@ def test_changed_sources_are_explained_again(tmp_path, toy, scenes, explainer):
     assert (third.computed, third.skipped) == (0, 4)
 
 
+def test_failing_image_costs_only_itself(tmp_path, toy, scenes, explainer, monkeypatch):
+    import legrad.extract as extract_mod
+
+    data = tmp_path / "data"
+    data.mkdir()
+    names = [f"scene{i:02d}.png" for i in (1, 2, 4, 5, 7)]
+    for name in names:
+        shutil.copy(scenes / name, data / name)
+    marked = LePreprocess(explainer.preprocess, (64, 64))(Image.open(data / names[2]).convert("RGB"))
+    original = extract_mod._heatmaps
+
+    def heatmaps(wrapper, image, *args, **kwargs):
+        if any(torch.equal(x.cpu(), marked) for x in image):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(wrapper, image, *args, **kwargs)
+
+    monkeypatch.setattr(extract_mod, "_heatmaps", heatmaps)
+    result = run(data, tmp_path / "out", PROMPTS, model=toy[0], pretrained=toy[1], workers=0, batch_size=4,
+                 dtype="float32", progress=False)
+    assert (result.computed, result.failed) == (4, 1)
+    records = manifest(tmp_path / "out")
+    assert [r["status"] for r in records] == ["ok", "ok", "error", "ok", "ok"]
+    assert "out of memory" in records[2]["error"]
+    for rec in records[:2] + records[3:]:
+        maps, sim = expected_maps(explainer, data / rec["image"], PROMPTS)
+        stored = load_output(tmp_path / "out" / rec["output"])
+        np.testing.assert_allclose(renormalised(stored["maps"], (64, 64)).numpy(), maps.numpy(), atol=2e-5)
+        np.testing.assert_allclose(stored["similarity"], sim.numpy(), atol=1e-5)
+
+
 @pytest.fixture
 def deadline():
     """Fails a test that blocks (e.g. opening a FIFO) instead of hanging the suite."""
