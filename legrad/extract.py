@@ -7,7 +7,8 @@
   image-text cosine similarities, ``status`` (``"ok"`` or ``"error"``) and the error message.
 
 Rerunning the same command skips every image whose ``.npz`` exists and validates (readable, same prompts,
-same settings, right shapes), so an interrupted run continues where it stopped. Launched by ``torchrun``
+same settings, right shapes, same source file: size and mtime, else content hash), so an interrupted run
+continues where it stopped and a changed image is explained again. Launched by ``torchrun``
 (``WORLD_SIZE`` > 1 in the environment), each rank takes the images ``rank::world_size`` of the input
 list, uses ``cuda:LOCAL_RANK`` when CUDA is available (NCCL) or the CPU (gloo), writes its own manifest
 shard, and rank 0 merges the shards after a barrier. Per-image results do not depend on the number of
@@ -39,24 +40,26 @@ from torch.utils.data import DataLoader, Dataset
 
 from .explainer import Explainer, clean_prompts
 from .heatmap import min_max
+from .io_utils import atomic_writer, check_regular_file, read_regular_file
 from .loading import IMAGE_EXTENSIONS, TOY_NAME, load_image, parse_size, resolve_device
 from .preprocess import LePreprocess
-from .viz import atomic_writer
 
-__all__ = ["ImageTask", "ExtractResult", "discover", "load_output", "output_name", "run", "MANIFEST_NAME"]
+__all__ = ["ImageTask", "ExtractResult", "check_map_size", "default_workers", "discover", "load_output", "output_name",
+           "run", "MANIFEST_NAME"]
 
 logger = logging.getLogger(__name__)
 
 #: File name of the merged manifest inside the output folder.
 MANIFEST_NAME = "manifest.jsonl"
 #: Version of the per-image ``.npz`` layout (stored in each file's config; a mismatch means recompute).
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the source file's size, mtime and hash are stored (key "source")
 
 # Image file extensions found when walking a folder (same set as `legrad explain`).
-_NPZ_KEYS = frozenset({"maps", "prompts", "similarity", "image", "image_size", "input_size", "config"})
+_NPZ_KEYS = frozenset({"maps", "prompts", "similarity", "image", "image_size", "input_size", "config", "source"})
 _DTYPES = {"float16": np.float16, "float32": np.float32}
 _PROMPT_CHUNK = 256  # prompts per text-encoder batch
 _SHARD_GLOB = ".manifest.rank*.jsonl"
+_MAX_TEXT_BYTES = 1 << 30  # manifests and prompt files: 1 GiB is millions of lines; more is a mistake
 
 
 @dataclass(frozen=True)
@@ -124,9 +127,11 @@ def output_name(key: str) -> str:
 
 
 def _read_prompts_file(path: str | os.PathLike) -> list[str]:
+    # A FIFO or a device here would block or stream forever: regular files only, opened non-blocking.
+    data = read_regular_file(path, "the prompts file", _MAX_TEXT_BYTES)
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise ValueError(f"cannot read the prompts file {os.fspath(path)!r}: {exc}") from None
     # One prompt per line; blank lines and '#' comments let users annotate class lists.
     return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
@@ -163,9 +168,10 @@ def _read_jsonl(path: Path, prompts: list[str] | None) -> list[tuple[str, str, s
     base = path.parent
     entries: list[tuple[str, str, str, list[str]]] = []
     seen: dict[str, int] = {}
+    data = read_regular_file(path, "the manifest", _MAX_TEXT_BYTES)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
         raise ValueError(f"cannot read the manifest {str(path)!r}: {exc}") from None
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
@@ -198,7 +204,7 @@ def _read_jsonl(path: Path, prompts: list[str] | None) -> list[tuple[str, str, s
             raise ValueError(f"{where}: image {image!r} is listed again (first on line {seen[key]}); put all "
                              "its prompts on one line")
         seen[key] = lineno
-        is_url = re.match(r"^https?://", image, flags=re.IGNORECASE) is not None
+        is_url = _is_url(image)
         entries.append((image, image if is_url or Path(image).is_absolute() else str(base / image), key, own))
     return entries
 
@@ -236,6 +242,9 @@ def discover(input_path: str | os.PathLike, prompts: Sequence[str] | None = None
         entries = _read_jsonl(src, glob_prompts)
         if not entries:
             raise ValueError(f"the manifest {str(src)!r} lists no image")
+    elif src.exists():
+        check_regular_file(src, "INPUT")  # raises: a FIFO, device or socket, named as such
+        raise ValueError(f"INPUT {str(src)!r} is not a folder or a regular file")
     else:
         raise ValueError(f"INPUT {str(src)!r} does not exist; pass a folder of images or a .jsonl manifest")
     if limit is not None:
@@ -250,8 +259,9 @@ def load_output(path: str | os.PathLike) -> dict[str, Any]:
     Returns:
         ``maps`` ``[P, h, w]`` (float16/32 in [0, 1]), ``prompts`` (list of P str), ``similarity`` ``[P]``
         float32 cosine similarities, ``image`` (str, as in the manifest), ``image_size`` and ``input_size``
-        (``(height, width)`` of the original and of the explained image) and ``config`` (dict of the
-        settings that produced it).
+        (``(height, width)`` of the original and of the explained image), ``config`` (dict of the
+        settings that produced it) and ``source`` (dict ``size``, ``mtime_ns``, ``sha256`` of the image
+        file as it was read; None for URLs).
 
     Raises:
         OSError, ValueError, KeyError: if the file is missing, truncated or not such an output.
@@ -265,6 +275,7 @@ def load_output(path: str | os.PathLike) -> dict[str, Any]:
             "image_size": tuple(int(v) for v in z["image_size"]),
             "input_size": tuple(int(v) for v in z["input_size"]),
             "config": json.loads(str(z["config"][()])),
+            "source": json.loads(str(z["source"][()])),
         }
 
 
@@ -281,6 +292,8 @@ def _valid_similarities(path: Path, task: ImageTask, config: dict, map_hw: tuple
                 return None
             if [str(p) for p in z["prompts"].tolist()] != list(task.prompts):
                 return None
+            if not _source_unchanged(task.path, json.loads(str(z["source"][()]))):
+                return None
             sim = z["similarity"]
             maps = z["maps"]  # decompressing checks the zip CRC: a damaged file fails here
             p = len(task.prompts)
@@ -291,6 +304,47 @@ def _valid_similarities(path: Path, task: ImageTask, config: dict, map_hw: tuple
             return [float(s) for s in sim]
     except Exception:  # any unreadable or malformed file simply means "not done": recompute it
         return None
+
+
+def _is_url(path: str) -> bool:
+    return re.match(r"^https?://", path, flags=re.IGNORECASE) is not None
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    h.update(read_regular_file(path, "image"))
+    return h.hexdigest()
+
+
+def _source_record(path: str) -> dict[str, Any] | None:
+    """Size, mtime and SHA-256 of an image file, read before it is decoded (None for URLs).
+
+    Raises:
+        ValueError: if ``path`` is missing or not a regular file (a FIFO would block the loader).
+    """
+    if _is_url(path):
+        return None
+    st = check_regular_file(path, "image")
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(path)}
+
+
+def _source_unchanged(path: str, stored: Any) -> bool:
+    """Whether the image file is still the one an output was computed from.
+
+    Size and mtime equal: unchanged (no read, so resuming stays cheap). Same size but another mtime
+    (a touch, a copy): the content hash decides. A URL has nothing to compare.
+    """
+    if _is_url(path):
+        return stored is None
+    if not isinstance(stored, dict):
+        return False
+    try:
+        st = check_regular_file(path, "image")
+        if st.st_size != stored.get("size"):
+            return False
+        return st.st_mtime_ns == stored.get("mtime_ns") or _sha256(path) == stored.get("sha256")
+    except (ValueError, OSError):
+        return False
 
 
 def _write_output(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -329,12 +383,14 @@ class _ImageDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         task = self.tasks[i]
         try:
+            # Recorded before decoding: if the file changes meanwhile, the next resume sees a mismatch.
+            source = _source_record(task.path)
             image = load_image(task.path)
             return {"pos": i, "heat": self.heat_transform(image), "clip": self.clip_transform(image),
-                    "size": (image.height, image.width), "error": None}
+                    "size": (image.height, image.width), "source": source, "error": None}
         except Exception as exc:  # one bad image must not kill the batch: report it instead
             msg = " ".join(str(exc).split()) or type(exc).__name__
-            return {"pos": i, "heat": None, "clip": None, "size": None, "error": msg[:300]}
+            return {"pos": i, "heat": None, "clip": None, "size": None, "source": None, "error": msg[:300]}
 
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -344,6 +400,7 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         "heat": torch.stack([it["heat"] for it in ok]) if ok else None,
         "clip": torch.stack([it["clip"] for it in ok]) if ok else None,
         "sizes": [it["size"] for it in ok],
+        "sources": [it["source"] for it in ok],
         "errors": [(it["pos"], it["error"]) for it in items if it["error"] is not None],
     }
 
@@ -451,7 +508,15 @@ class _Dist:
 
 
 # ---------------------------------------------------------------------------------------------- options
-def _check_map_size(map_size: Any) -> str | tuple[int, int]:
+def check_map_size(map_size: Any) -> str | tuple[int, int]:
+    """Validates a stored map size: ``'grid'``, ``'input'`` or ``N``/``(H, W)``/``'HxW'``.
+
+    Returns:
+        ``'grid'``, ``'input'`` or ``(H, W)``.
+
+    Raises:
+        ValueError: for anything else.
+    """
     if isinstance(map_size, str) and map_size.strip().lower() in ("grid", "input"):
         return map_size.strip().lower()
     try:
@@ -463,8 +528,32 @@ def _check_map_size(map_size: Any) -> str | tuple[int, int]:
     return hw
 
 
-def _check_options(batch_size: int, workers: int, dtype: str, limit: int | None) -> None:
-    for name, value, low in (("batch_size", batch_size, 1), ("workers", workers, 0)):
+def default_workers() -> int:
+    """DataLoader workers per process when none are asked for: from the cores this process may use.
+
+    The cores (``os.sched_getaffinity`` where available, so CPU sets and container limits count) are
+    shared by the ``LOCAL_WORLD_SIZE`` processes of a torchrun node. One core stays with the process
+    that runs the model; with 2 cores or fewer per process, images are decoded in the main process
+    (PyTorch warns about more workers than cores). At most 4: decoding rarely needs more.
+
+    Returns:
+        An int in [0, 4].
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS, Windows
+        cores = os.cpu_count() or 1
+    try:
+        local_world = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    except ValueError:
+        local_world = 1
+    per_process = cores // local_world
+    return 0 if per_process <= 2 else min(4, per_process - 1)
+
+
+def _check_options(batch_size: int, workers: int | None, dtype: str, limit: int | None) -> None:
+    checks = [("batch_size", batch_size, 1)] + ([("workers", workers, 0)] if workers is not None else [])
+    for name, value, low in checks:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
@@ -485,7 +574,7 @@ def run(
     size: int | tuple[int, int] | str | None = None,
     layer_index: int | None = None,
     batch_size: int = 8,
-    workers: int = 4,
+    workers: int | None = None,
     map_size: str | int | tuple[int, int] = "grid",
     dtype: str = "float16",
     device: str = "auto",
@@ -504,7 +593,8 @@ def run(
         size: explained image size, ``N`` or ``(H, W)`` or ``'HxW'``, multiple of the patch size (default native).
         layer_index: first explained block (default: the model's recommended).
         batch_size: images per batch.
-        workers: DataLoader worker processes decoding and preprocessing images (0: in the main process).
+        workers: DataLoader worker processes decoding and preprocessing images (0: in the main process;
+            None: :func:`default_workers`).
         map_size: stored map resolution: ``'grid'`` (patch grid, default, smallest), ``'input'`` (the
             explained size, equal to ``compute_legrad``) or ``(h, w)``/``'HxW'``.
         dtype: stored map dtype, ``'float16'`` (default) or ``'float32'``.
@@ -520,7 +610,9 @@ def run(
         ModelLoadError: when the model cannot be loaded.
     """
     _check_options(batch_size, workers, dtype, limit)
-    map_spec = _check_map_size(map_size)
+    if workers is None:
+        workers = default_workers()
+    map_spec = check_map_size(map_size)
     size_hw = parse_size(size)
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings, e.g. ['a cat'] (not a single string)")
@@ -666,10 +758,20 @@ def _process_batch(batch: dict[str, Any], todo: list[ImageTask], explainer: Expl
         maps = _heatmaps(explainer.wrapper, batch["heat"].to(device, non_blocking=True), text, start, map_hw)
         maps = maps.cpu().numpy()
         sims = [(table[r.to(device)] @ emb[b]).cpu().numpy().astype(np.float32) for b, r in enumerate(rows)]
-    except (RuntimeError, ValueError) as exc:  # e.g. out of memory: report these images, go on
-        msg = "explaining failed: " + " ".join(str(exc).split())[:240]
-        for t in items:
-            finish(t, None, msg)
+    except (RuntimeError, ValueError, MemoryError) as exc:  # e.g. out of memory
+        if len(items) > 1:
+            # Each image alone: one that cannot be explained must not cost the rest of its batch.
+            del exc
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            return sum(
+                _process_batch({"pos": [pos], "heat": batch["heat"][b:b + 1], "clip": batch["clip"][b:b + 1],
+                                "sizes": batch["sizes"][b:b + 1], "sources": batch["sources"][b:b + 1]},
+                               todo, explainer, model, model_dtype, device, prompts, start, map_hw, dtype,
+                               out_dir, config, finish)
+                for b, pos in enumerate(batch["pos"]))
+        msg = "explaining failed: " + (" ".join(str(exc).split())[:240] or type(exc).__name__)
+        finish(items[0], None, msg)
         return 0
     n_ok = 0
     for b, t in enumerate(items):
@@ -682,6 +784,7 @@ def _process_batch(batch: dict[str, Any], todo: list[ImageTask], explainer: Expl
             "image_size": np.array(batch["sizes"][b], dtype=np.int32),
             "input_size": np.array(config["input_size"], dtype=np.int32),
             "config": np.array(json.dumps(config, sort_keys=True)),
+            "source": np.array(json.dumps(batch["sources"][b], sort_keys=True)),
         }
         try:
             _write_output(out_dir / output_name(t.key), arrays)

@@ -6,27 +6,22 @@ no display needed) unless the caller asks for a window with ``show=True``.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from .io_utils import atomic_writer  # noqa: F401
 from .preprocess import OPENAI_MEAN, OPENAI_STD, normalization_of
 
 __all__ = ["overlay", "visualize", "to_rgb_array", "heatmap_to_array", "colorize", "atomic_writer"]
 
 # Tolerance on the [0, 1] range of heatmaps (float32 round-off of a min-max normalisation).
 _RANGE_EPS = 1e-4
-
-# The process umask, read once at import (reading it means setting it, which is not thread-safe).
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 def _mean_std_of(normalization: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -339,31 +334,3 @@ def _wrap(title: str, width: int = 28) -> str:
 def _atomic_savefig(fig: Any, path: Path, dpi: int) -> None:
     with atomic_writer(path) as fh:
         fig.savefig(fh, format="png", dpi=dpi, bbox_inches="tight")
-
-
-@contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike) -> Iterator[Any]:
-    """Opens a binary temp file next to ``path`` and renames it onto ``path`` only if the block succeeds.
-
-    An interrupted or failing write therefore never leaves a half-written file under ``path``.
-    Parent folders are created.
-
-    Args:
-        path: the destination file.
-
-    Yields:
-        A binary file object to write to.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-        # mkstemp makes owner-only files; give the result the permissions a plain open() would.
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

@@ -218,3 +218,96 @@ def test_interrupted_run_leaves_only_complete_files(workspace, tmp_path):
         with Image.open(png) as im:
             im.load()  # fully decodable: no truncated file under a final name
         assert np.load(png.with_suffix(".npy")).shape == (64, 64) or not png.with_suffix(".npy").exists()
+    # scores.csv has a row for every overlay the interrupted run wrote, and for nothing else.
+    rows = _scores(out)
+    assert sorted(r["overlay"] for r in rows) == sorted(p.name for p in pngs)
+    assert {r["image"] for r in rows} == {str(src / f"{p.name.split('__')[0]}.png") for p in pngs}
+
+
+def _scores(out) -> list[dict]:
+    with open(out / "scores.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_failing_image_costs_only_itself(workspace, batch_run, tmp_path, monkeypatch, capsys):
+    # One image of a batch runs out of memory: the others of its batch are explained all the same.
+    from legrad.cli import main
+    from legrad.explainer import Explainer
+
+    root, scenes = workspace
+    _, ref = batch_run
+    src = tmp_path / "imgs"
+    src.mkdir()
+    names = ["a", "b", "c", "d", "e"]
+    for i, name in enumerate(names):
+        shutil.copy(scenes[i % 3][0], src / f"{name}.png")
+    with Image.open(scenes[0][0]) as im:
+        im.convert("RGB").resize((72, 72)).save(src / "c.png")  # the marked image: 72 px wide
+    original = Explainer.heatmaps
+
+    def heatmaps(self, images, *args, **kwargs):
+        if any(im.width == 72 for im in images):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(Explainer, "heatmaps", heatmaps)
+    out = tmp_path / "out"
+    code = main(["explain", str(src), "-p", PROMPTS[0], "-p", PROMPTS[1], "--out", str(out), "--save-maps",
+                 "--batch-size", "4", "-q"])
+    captured = capsys.readouterr()
+    assert code == 1
+    err = [ln for ln in captured.err.splitlines() if ln.strip()]
+    assert len(err) == 1 and "c.png" in err[0] and "out of memory" in err[0]
+    assert "4 of 5 images explained, 1 failed" in captured.out
+    assert not list(out.glob("c__*"))
+    for i, name in enumerate(names):
+        if name == "c":
+            continue
+        ref_stem = slugify(scenes[i % 3][0].stem)
+        for slug in SLUGS:
+            # Same maps as the unbroken run of these scenes (a batch of 3 after the retry, or of 1).
+            np.testing.assert_allclose(np.load(out / f"{name}__{slug}.npy"), np.load(ref / f"{ref_stem}__{slug}.npy"),
+                                       atol=1e-5)
+    rows = _scores(out)
+    assert sorted(r["overlay"] for r in rows) == sorted(f"{n}__{s}.png" for n in names if n != "c" for s in SLUGS)
+    ref_rows = {(r["image"], r["prompt"]): float(r["similarity"]) for r in _scores(ref)}
+    for r in rows:
+        stem = r["overlay"].split("__")[0]
+        expected = ref_rows[(str(scenes[names.index(stem) % 3][0]), r["prompt"])]
+        assert float(r["similarity"]) == pytest.approx(expected, abs=1e-5)
+
+
+def test_second_run_keeps_the_first_runs_scores(workspace, batch_run, tmp_path, capsys):
+    from legrad.cli import main
+
+    root, scenes = workspace
+    _, first = batch_run
+    out = tmp_path / "out"
+    shutil.copytree(first, out)
+    before = _scores(out)
+    assert len(before) == 2 * len(scenes)
+    again = scenes[1][0]
+    assert main(["explain", str(again), "-p", PROMPTS[0], "-p", "a green star", "--out", str(out), "-q"]) == 0
+    after = _scores(out)
+    # The first run's rows stay, but for the pair explained again; the new pairs are added.
+    assert len(after) == 2 * len(scenes) + 1
+    redone = {(r["image"], r["prompt"]) for r in after[-2:]}
+    assert redone == {(str(again), PROMPTS[0]), (str(again), "a green star")}
+    assert [r for r in before if (r["image"], r["prompt"]) not in redone] == after[:-2]
+    overlays = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert sorted(r["overlay"] for r in after) == overlays  # one row per overlay in the folder
+    # A scores.csv that is not ours is never overwritten: a clear error before any work.
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "scores.csv").write_text("name,value\nx,1\n")
+    assert main(["explain", str(again), "-p", "x", "--out", str(tmp_path / "other"), "-q"]) == 2
+    assert "not a legrad scores file" in capsys.readouterr().err
+    assert (tmp_path / "other" / "scores.csv").read_text() == "name,value\nx,1\n"
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="needs FIFOs")
+def test_fifo_input_is_skipped_not_opened(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.png")
+    items, problems = discover([str(tmp_path / "pipe.png")])
+    assert items == [] and problems == [f"{tmp_path / 'pipe.png'}: not a regular file"]

@@ -328,6 +328,137 @@ def test_killed_run_resumes(tmp_path, toy, scenes):
     assert not list(out.rglob("*.tmp"))
 
 
+def test_changed_sources_are_explained_again(tmp_path, toy, scenes, explainer):
+    data = tmp_path / "data"
+    data.mkdir()
+    names = ["scene01.png", "scene02.png", "scene04.png"]
+    for name in names:
+        shutil.copy(scenes / name, data / name)
+    # A BMP: same file size whatever the pixels, so only the content hash can tell a new picture.
+    Image.open(scenes / "scene05.png").convert("RGB").save(data / "fixed.bmp")
+    out = tmp_path / "out"
+    kwargs = dict(model=toy[0], pretrained=toy[1], workers=0, dtype="float32", progress=False)
+    first = run(data, out, PROMPTS, **kwargs)
+    assert (first.computed, first.skipped) == (4, 0)
+    src = load_output(out / "scene01.png.npz")["source"]
+    assert src["size"] == (data / "scene01.png").stat().st_size and len(src["sha256"]) == 64
+
+    shutil.copy(scenes / "scene07.png", data / "scene01.png")  # same name, other picture
+    os.utime(data / "scene02.png")  # touched only: same bytes
+    size = (data / "fixed.bmp").stat().st_size
+    Image.open(scenes / "scene08.png").convert("RGB").save(data / "fixed.bmp")
+    assert (data / "fixed.bmp").stat().st_size == size
+    stamps = {n: (out / n).stat().st_mtime_ns for n in ("scene02.png.npz", "scene04.png.npz")}
+    second = run(data, out, PROMPTS, **kwargs)
+    assert (second.computed, second.skipped, second.failed) == (2, 2, 0)
+    assert {n: (out / n).stat().st_mtime_ns for n in stamps} == stamps
+    for name, now in (("scene01.png", data / "scene01.png"), ("fixed.bmp", data / "fixed.bmp")):
+        maps, sim = expected_maps(explainer, now, PROMPTS)
+        stored = load_output(out / f"{name}.npz")
+        np.testing.assert_allclose(renormalised(stored["maps"], (64, 64)).numpy(), maps.numpy(), atol=2e-5)
+        np.testing.assert_allclose(stored["similarity"], sim.numpy(), atol=1e-5)
+    third = run(data, out, PROMPTS, **kwargs)  # the touched file, hashed again, is still done
+    assert (third.computed, third.skipped) == (0, 4)
+
+
+def test_failing_image_costs_only_itself(tmp_path, toy, scenes, explainer, monkeypatch):
+    import legrad.extract as extract_mod
+
+    data = tmp_path / "data"
+    data.mkdir()
+    names = [f"scene{i:02d}.png" for i in (1, 2, 4, 5, 7)]
+    for name in names:
+        shutil.copy(scenes / name, data / name)
+    marked = LePreprocess(explainer.preprocess, (64, 64))(Image.open(data / names[2]).convert("RGB"))
+    original = extract_mod._heatmaps
+
+    def heatmaps(wrapper, image, *args, **kwargs):
+        if any(torch.equal(x.cpu(), marked) for x in image):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(wrapper, image, *args, **kwargs)
+
+    monkeypatch.setattr(extract_mod, "_heatmaps", heatmaps)
+    result = run(data, tmp_path / "out", PROMPTS, model=toy[0], pretrained=toy[1], workers=0, batch_size=4,
+                 dtype="float32", progress=False)
+    assert (result.computed, result.failed) == (4, 1)
+    records = manifest(tmp_path / "out")
+    assert [r["status"] for r in records] == ["ok", "ok", "error", "ok", "ok"]
+    assert "out of memory" in records[2]["error"]
+    for rec in records[:2] + records[3:]:
+        maps, sim = expected_maps(explainer, data / rec["image"], PROMPTS)
+        stored = load_output(tmp_path / "out" / rec["output"])
+        np.testing.assert_allclose(renormalised(stored["maps"], (64, 64)).numpy(), maps.numpy(), atol=2e-5)
+        np.testing.assert_allclose(stored["similarity"], sim.numpy(), atol=1e-5)
+
+
+@pytest.fixture
+def deadline():
+    """Fails a test that blocks (e.g. opening a FIFO) instead of hanging the suite."""
+    import signal
+
+    def expire(signum, frame):
+        raise TimeoutError("blocked for 60 s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifos_and_folders_are_refused_never_read(tmp_path, toy, scenes, deadline):
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(scenes / "scene01.png", data / "a.png")
+    os.mkfifo(data / "pipe.png")
+    (data / "folder.png").mkdir()
+    lines = [{"image": name} for name in ("pipe.png", "a.png", "folder.png")]
+    (data / "list.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    result = run(data / "list.jsonl", tmp_path / "out", PROMPTS, model=toy[0], pretrained=toy[1], workers=0,
+                 progress=False)
+    assert (result.computed, result.failed) == (1, 2)
+    records = manifest(tmp_path / "out")
+    assert [r["status"] for r in records] == ["error", "ok", "error"]
+    assert "FIFO" in records[0]["error"] and "directory" in records[2]["error"]
+    # The folder walk skips them; a FIFO as the manifest, the prompts file or INPUT is a clear error.
+    assert [t["image"] for t in manifest(tmp_path / "out")] == ["pipe.png", "a.png", "folder.png"]
+    os.mkfifo(tmp_path / "list.jsonl")
+    os.mkfifo(tmp_path / "classes.txt")
+    with pytest.raises(ValueError, match="FIFO"):
+        run(tmp_path / "list.jsonl", tmp_path / "out2", PROMPTS, workers=0)
+    with pytest.raises(ValueError, match="prompts file .* FIFO"):
+        run(data, tmp_path / "out2", prompts_file=tmp_path / "classes.txt", workers=0)
+    os.mkfifo(tmp_path / "input")
+    with pytest.raises(ValueError, match="INPUT .* FIFO"):
+        run(tmp_path / "input", tmp_path / "out2", PROMPTS, workers=0)
+    assert not (tmp_path / "out2").exists()
+
+
+def test_default_workers_follow_the_cores(tmp_path, toy, scenes, monkeypatch):
+    import warnings
+
+    from legrad.extract import default_workers
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    expected = {1: 0, 2: 0, 3: 2, 4: 3, 5: 4, 64: 4}
+    for cores, workers in expected.items():
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        assert default_workers() == workers, cores
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: 4 processes share the 64 cores
+    assert default_workers() == 4
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert default_workers() == 0
+    # On a 2-core machine (as the DataLoader sees it too) the default run warns about nothing.
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run(scenes, tmp_path / "out", PROMPTS, model=toy[0], pretrained=toy[1], limit=3, progress=False)
+    assert result.computed == 2
+    assert not [w for w in caught if "worker" in str(w.message)], [str(w.message) for w in caught]
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     "kwargs, match",

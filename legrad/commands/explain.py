@@ -9,7 +9,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from legrad.commands.argtypes import image_size, positive_int, unit_float
+from legrad.commands.argtypes import unit_float
+from legrad.commands.options import add_device_option, add_model_options, add_quiet_option
 from legrad.loading import IMAGE_EXTENSIONS
 
 _EPILOG = """\
@@ -19,9 +20,10 @@ examples:
       --pretrained laion2b_s34b_b88k --size 448 --out outputs/cats --save-maps
 
 Outputs are OUT/<image>__<prompt>.png (and .npy with --save-maps: the [H, W] float32 map in [0, 1] at
-the explained size), plus OUT/scores.csv with each image-prompt similarity. Images found by walking a
-directory keep their sub-folder under OUT. Unreadable images are reported and skipped; the exit status
-is 1 if any image failed.
+the explained size), plus OUT/scores.csv with each image-prompt similarity (rows of earlier runs into
+OUT are kept; re-explained pairs are replaced). Images found by walking a directory keep their
+sub-folder under OUT. Unreadable images, and images that cannot be explained (e.g. out of memory),
+are reported and skipped; the exit status is 1 if any image failed.
 """
 
 
@@ -38,21 +40,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="image files, http(s) URLs, or directories (walked recursively for images)")
     p.add_argument("-p", "--prompt", dest="prompts", action="append", required=True, metavar="PROMPT",
                    help="a text prompt (repeat for several)")
-    p.add_argument("--model", default="toy",
-                   help="'toy' (bundled demo model, default) or an OpenCLIP model name (see `legrad models`)")
-    p.add_argument("--pretrained", default=None, metavar="TAG_OR_PATH",
-                   help="pretrained tag or local checkpoint (default: the model's first tag; 'none' = random)")
-    p.add_argument("--size", type=image_size, default=None, metavar="N|HxW",
-                   help="explained image size, multiple of the patch size (default: the model's native size)")
-    p.add_argument("--layer-index", type=int, default=None, metavar="K",
-                   help="first explained block, negative counts from the end (default: the model's recommended)")
-    p.add_argument("--batch-size", type=positive_int, default=8, metavar="N", help="images per batch (default 8)")
-    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:i]")
+    add_model_options(p)
+    add_device_option(p)
     p.add_argument("--out", default="outputs", metavar="DIR", help="output folder (default: outputs)")
     p.add_argument("--save-maps", action="store_true", help="also save the raw maps as .npy")
     p.add_argument("--alpha", type=unit_float, default=0.6, help="heatmap opacity in the overlays (default 0.6)")
     p.add_argument("--colormap", default="jet", help="matplotlib colormap (default jet)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_quiet_option(p)
     return p
 
 
@@ -107,11 +101,64 @@ def discover(inputs: list[str]) -> tuple[list[_Item], list[str]]:
                 problems.append(f"{raw}: no images found in this directory")
             for f in found:
                 add(str(f), str(f.relative_to(root).with_suffix("")))
-        elif os.path.exists(raw):
+        elif os.path.isfile(raw):
             add(raw, Path(raw).stem)
+        elif os.path.exists(raw):
+            # A FIFO would block the loader and a device stream forever: regular files only.
+            problems.append(f"{raw}: not a regular file")
         else:
             problems.append(f"{raw}: no such file or directory")
     return items, problems
+
+
+def _is_memory_error(exc: BaseException) -> bool:
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", ())
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or (oom and isinstance(exc, oom)) or (
+        isinstance(exc, RuntimeError)
+        and any(s in text for s in ("out of memory", "not enough memory", "can't allocate")))
+
+
+def _describe(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())[:200] or type(exc).__name__
+    return f"out of memory ({text})" if _is_memory_error(exc) and "memory" not in text.lower() else text
+
+
+def _release_memory(exc: BaseException) -> None:
+    """After an out-of-memory error, hands cached blocks back so that smaller retries can fit."""
+    if _is_memory_error(exc):
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+# What explaining one batch may raise for reasons of its images (size, memory), not of the program.
+_EXPLAIN_ERRORS = (RuntimeError, ValueError, MemoryError)  # torch.OutOfMemoryError is a RuntimeError
+
+
+def _explain_isolated(explainer, loaded: list, text, size, layer_index) -> list:
+    """Explains a batch; if it fails, each image alone, so that one bad image costs only itself.
+
+    Returns:
+        ``(item, image, (maps [P, H, W], cos [P], prob [P]) or None, error or None)`` per image.
+    """
+    images = [im for _, im in loaded]
+    try:
+        maps = explainer.heatmaps(images, text, size, layer_index).numpy()
+        cos, prob = explainer.similarity(images, text)
+    except _EXPLAIN_ERRORS as exc:
+        _release_memory(exc)
+        if len(loaded) == 1:
+            return [(loaded[0][0], loaded[0][1], None, _describe(exc))]
+        return [r for pair in loaded for r in _explain_isolated(explainer, [pair], text, size, layer_index)]
+    cos, prob = cos.numpy(), prob.numpy()
+    return [(item, image, (maps[b], cos[b], prob[b]), None) for b, (item, image) in enumerate(loaded)]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -119,9 +166,11 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
+    from legrad.commands.scores import ScoresFile
     from legrad.explainer import Explainer, clean_prompts
+    from legrad.io_utils import atomic_writer
     from legrad.loading import ImageLoadError, ModelLoadError, load_image
-    from legrad.viz import atomic_writer, colorize, overlay
+    from legrad.viz import colorize, overlay
 
     prog = "legrad explain"
 
@@ -132,6 +181,13 @@ def run(args: argparse.Namespace) -> int:
         prompts = clean_prompts(args.prompts)
         colorize(np.zeros((1, 1)), args.colormap)
     except (TypeError, ValueError) as exc:
+        error(str(exc))
+        return 2
+    out_dir = Path(args.out)
+    try:
+        # Read before any work: the rows of earlier runs into this folder are kept.
+        scores = ScoresFile(out_dir / "scores.csv")
+    except ValueError as exc:
         error(str(exc))
         return 2
     items, problems = discover(args.inputs)
@@ -153,7 +209,6 @@ def run(args: argparse.Namespace) -> int:
         error(str(exc))
         return 2
 
-    out_dir = Path(args.out)
     slugs: list[str] = []
     used: set[str] = set()
     for i, prompt in enumerate(prompts):
@@ -162,7 +217,17 @@ def run(args: argparse.Namespace) -> int:
     text = explainer.encode_prompts(prompts)
 
     ok = failed = written = 0
-    score_rows: list[tuple[str, str, float, float]] = []
+    scores_failed = False
+
+    def flush_scores() -> None:
+        nonlocal scores_failed
+        try:
+            scores.flush()
+        except OSError as exc:
+            if not scores_failed:
+                bar.write(f"{prog}: could not write {scores.path}: {exc}", file=sys.stderr)
+            scores_failed = True
+
     bar = tqdm(total=len(items), unit="img", disable=args.quiet, file=sys.stderr, desc="explain")
     try:
         for start in range(0, len(items), args.batch_size):
@@ -171,57 +236,41 @@ def run(args: argparse.Namespace) -> int:
             for item in chunk:
                 try:
                     loaded.append((item, load_image(item.source)))
-                except ImageLoadError as exc:
-                    bar.write(f"{prog}: skipped {exc}", file=sys.stderr)
+                except (ImageLoadError, OSError, ValueError, MemoryError) as exc:
+                    msg = str(exc) if isinstance(exc, ImageLoadError) else f"{item.source}: {_describe(exc)}"
+                    bar.write(f"{prog}: skipped {msg}", file=sys.stderr)
                     failed += 1
-            if loaded:
-                images = [im for _, im in loaded]
-                try:
-                    maps = explainer.heatmaps(images, text, size, layer_index).numpy()
-                    cos, prob = explainer.similarity(images, text)
-                except (RuntimeError, ValueError) as exc:  # e.g. out of memory: report, go on with the next batch
-                    for item, _ in loaded:
-                        bar.write(f"{prog}: failed {item.source}: {' '.join(str(exc).split())[:200]}",
-                                  file=sys.stderr)
-                    failed += len(loaded)
-                    bar.update(len(chunk))
+            results = _explain_isolated(explainer, loaded, text, size, layer_index) if loaded else []
+            for item, image, result, err in results:
+                if result is None:
+                    bar.write(f"{prog}: failed {item.source}: {err}", file=sys.stderr)
+                    failed += 1
                     continue
-                for b, (item, image) in enumerate(loaded):
-                    try:
-                        for p, slug in enumerate(slugs):
-                            base = out_dir / f"{item.key}__{slug}"
-                            with atomic_writer(base.with_suffix(".png")) as fh:
-                                overlay(image, maps[b, p], alpha=args.alpha, colormap=args.colormap).save(fh, "PNG")
-                            written += 1
-                            if args.save_maps:
-                                with atomic_writer(base.with_suffix(".npy")) as fh:
-                                    np.save(fh, maps[b, p].astype(np.float32))
-                        for p, prompt in enumerate(prompts):
-                            score_rows.append((item.source, prompt, float(cos[b, p]), float(prob[b, p])))
-                        ok += 1
-                    except OSError as exc:
-                        bar.write(f"{prog}: failed to write outputs for {item.source}: {exc}", file=sys.stderr)
-                        failed += 1
+                maps, cos, prob = result
+                try:
+                    for p, (slug, prompt) in enumerate(zip(slugs, prompts)):
+                        base = out_dir / f"{item.key}__{slug}"
+                        with atomic_writer(base.with_suffix(".png")) as fh:
+                            overlay(image, maps[p], alpha=args.alpha, colormap=args.colormap).save(fh, "PNG")
+                        written += 1
+                        if args.save_maps:
+                            with atomic_writer(base.with_suffix(".npy")) as fh:
+                                np.save(fh, maps[p].astype(np.float32))
+                        # Row per overlay as soon as it exists: scores.csv then describes every overlay.
+                        scores.add(item.source, prompt, float(cos[p]), float(prob[p]),
+                                   base.with_suffix(".png").relative_to(out_dir).as_posix())
+                    ok += 1
+                except (OSError, MemoryError, ValueError) as exc:
+                    bar.write(f"{prog}: failed to write outputs for {item.source}: {_describe(exc)}",
+                              file=sys.stderr)
+                    failed += 1
+            flush_scores()  # after every batch, so that a killed run keeps the rows of what it finished
             bar.update(len(chunk))
     finally:
         bar.close()
+        flush_scores()  # also on Ctrl-C: rows of the overlays written so far
 
-    if score_rows:
-        _write_scores(out_dir / "scores.csv", score_rows, atomic_writer)
     failed += len(problems)
     total = ok + failed
     print(f"{prog}: {ok} of {total} images explained, {failed} failed; {written} overlays written to {out_dir}/")
-    return 1 if failed else 0
-
-
-def _write_scores(path: Path, rows: list[tuple[str, str, float, float]], atomic_writer) -> None:
-    import csv
-    import io
-
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["image", "prompt", "similarity", "probability"])
-    for src, prompt, cos, prob in rows:
-        w.writerow([src, prompt, f"{cos:.6f}", f"{prob:.6f}"])
-    with atomic_writer(path) as fh:
-        fh.write(buf.getvalue().encode("utf-8"))
+    return 1 if failed or scores_failed else 0

@@ -6,7 +6,8 @@ import argparse
 import os
 import sys
 
-from legrad.commands.argtypes import image_size, non_negative_int, positive_int
+from legrad.commands.argtypes import non_negative_int, positive_int
+from legrad.commands.options import add_device_option, add_model_options, add_quiet_option
 
 _EPILOG = """\
 examples:
@@ -25,10 +26,10 @@ are recorded in the manifest and skipped; the exit status is 1 if any image fail
 
 
 def _map_size(text: str) -> str | tuple[int, int]:
-    from legrad.extract import _check_map_size
+    from legrad.extract import check_map_size
 
     try:
-        return _check_map_size(text)
+        return check_map_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -48,26 +49,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="a text prompt for every image (repeat for several)")
     p.add_argument("--prompts-file", default=None, metavar="FILE",
                    help="one prompt per line (blank lines and # comments ignored), e.g. class names")
-    p.add_argument("--model", default="toy",
-                   help="'toy' (bundled demo model, default) or an OpenCLIP model name (see `legrad models`)")
-    p.add_argument("--pretrained", default=None, metavar="TAG_OR_PATH",
-                   help="pretrained tag or local checkpoint (default: the model's first tag; 'none' = random)")
-    p.add_argument("--size", type=image_size, default=None, metavar="N|HxW",
-                   help="explained image size, multiple of the patch size (default: the model's native size)")
-    p.add_argument("--layer-index", type=int, default=None, metavar="K",
-                   help="first explained block, negative counts from the end (default: the model's recommended)")
-    p.add_argument("--batch-size", type=positive_int, default=8, metavar="N", help="images per batch (default 8)")
-    p.add_argument("--workers", type=non_negative_int, default=4, metavar="N",
-                   help="data-loading worker processes per rank (default 4; 0 = load in the main process)")
+    add_model_options(p)
+    p.add_argument("--workers", type=non_negative_int, default=None, metavar="N",
+                   help="data-loading worker processes per rank (default: from the available cores, at most 4, "
+                        "0 on 1-2 cores; 0 = load in the main process)")
     p.add_argument("--map-size", type=_map_size, default="grid", metavar="grid|input|HxW",
                    help="stored map resolution: the patch grid (default, smallest), the explained input size, or HxW")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16",
                    help="stored map dtype (default float16)")
-    p.add_argument("--device", default="auto",
-                   help="auto (default), cpu or cuda; under torchrun each rank uses cuda:LOCAL_RANK")
+    add_device_option(p, "auto (default), cpu or cuda; under torchrun each rank uses cuda:LOCAL_RANK")
     p.add_argument("--limit", type=positive_int, default=None, metavar="N",
                    help="only the first N images (try settings on a sample; rerun without it to continue)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_quiet_option(p)
     return p
 
 
