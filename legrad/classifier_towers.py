@@ -28,8 +28,12 @@ from torch import nn
 from .attention import MultiheadAttentionOps, merge_heads
 from .classifiers import ClassifierAdapter
 from .functional import apply_module, layer_norm, linear, param
+
+# Importing hf here registers its adapters before ours (register_tower puts the latest first): ours must be
+# tried first because the transformers CLIP/SigLIP adapters refuse every other transformers class.
+from .hf import _activation
 from .towers import LayerStep, TowerAdapter, register_tower
-from .towers_timm import _TRUNKS, TimmMapAdapter, TimmViTAdapter, _is, _trunk_problem, eval_view
+from .towers_timm import _TRUNKS, TimmMapAdapter, TimmViTAdapter, _trunk_problem, eval_view
 
 __all__ = [
     "TimmClassifierAdapter",
@@ -340,8 +344,6 @@ class HFViTClassifierAdapter(ClassifierAdapter):
 
     @staticmethod
     def _mlp_hidden(layer: nn.Module, x1: torch.Tensor) -> torch.Tensor:
-        from .hf import _activation
-
         return _activation(layer.mlp.activation_fn, linear(layer.mlp.fc1, layer_norm(layer.layernorm_after, x1)))
 
     def _layer(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

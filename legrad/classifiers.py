@@ -56,6 +56,10 @@ class ClassifierAdapter(TowerAdapter):
     #: Whether ``image`` may be a mapping holding ``pixel_values`` (a Hugging Face processor output).
     accepts_pixel_mapping: ClassVar[bool] = False
 
+    @classmethod
+    def supports_config(cls, model_cfg: dict) -> bool:
+        return False  # OpenCLIP configs build CLIP towers, never classifiers
+
     @property
     def num_classes(self) -> int:
         raise NotImplementedError
