@@ -31,7 +31,8 @@ class LeWrapper:
     from several threads are safe.
 
     Args:
-        model: an OpenCLIP ``CLIP``/``CustomTextCLIP``/``CoCa`` model with a supported image tower.
+        model: an OpenCLIP ``CLIP``/``CustomTextCLIP``/``CoCa`` model with a supported image tower, or a
+            ViT image classifier (timm, torchvision, transformers: see :mod:`legrad.classifiers`).
         layer_index: first transformer block used; negative values count from the end (``-2``: the
             last two blocks).
         tokenizer: optional tokenizer, used by towers that need an auxiliary prompt (SigLIP's
@@ -57,7 +58,9 @@ class LeWrapper:
         if isinstance(model, LeWrapper):
             model = model.model
         if not isinstance(model, nn.Module):
-            raise TypeError(f"LeWrapper expects an OpenCLIP model (torch.nn.Module), got {type(model).__name__}")
+            raise TypeError(
+                f"LeWrapper expects an OpenCLIP model or a ViT classifier (torch.nn.Module), got {type(model).__name__}"
+            )
         object.__setattr__(self, "_model", model)
         object.__setattr__(self, "_adapter", tower_adapter_for(model))
         object.__setattr__(self, "_tokenizer", tokenizer)

@@ -33,6 +33,8 @@ TIMM_KINDS = {
     "vit-in21k": ("vit_base_patch16_224.augreg_in21k", {}),  # keeps its 21843-class head
     "vit-map": ("vit_tiny_patch16_224", dict(num_classes=10, global_pool="map")),
     "eva02": ("eva02_tiny_patch14_224", dict(num_classes=10, patch_size=8)),
+    "deit3": ("deit3_small_patch16_224", dict(num_classes=10)),  # layer scale, no_embed_class
+    "vit-relpos": ("vit_relpos_small_patch16_224", dict(num_classes=10)),
 }
 
 
