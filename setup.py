@@ -30,7 +30,7 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "dev": ["pytest>=7", "ruff>=0.5", "timm>=0.9"],
+        "dev": ["pytest>=7", "ruff>=0.5", "timm>=0.9", "torchcam>=0.5,<0.6"],  # torchcam: reference in tests only
         "hf": ["transformers>=4.50,<6"],
         "app": ["gradio>=5,<7"],
         "e2e": ["playwright>=1.40,<2"],

@@ -6,6 +6,7 @@ Usage::
     maps = model.compute_legrad(text_embedding, image=images)   # [B, P, H, W] in [0, 1]
 """
 
+from . import classifier_towers as _classifier_towers  # noqa: F401  registers the image-classifier adapters
 from . import hf as _hf  # noqa: F401  registers the Hugging Face adapters (transformers is imported lazily)
 from .preprocess import LePreprocess
 from .pretrained import list_pretrained

@@ -16,14 +16,19 @@ batched over prompts (``is_grads_batched``), in chunks whose size bounds the mem
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 
 from .towers import LayerStep
 
-__all__ = ["layer_relevance", "accumulate_relevance", "upsample", "min_max", "DEFAULT_CHUNK_BYTES"]
+__all__ = ["layer_relevance", "accumulate_relevance", "upsample", "min_max", "scores", "Scorer", "DEFAULT_CHUNK_BYTES"]
+
+#: ``scorer(feature [B, E], prompts) -> [B, P]``: a layer's scores, differentiable in ``feature``. The
+#: default is :func:`scores` (cosine with text embeddings); classifiers score class logits
+#: (:func:`legrad.classifiers.logit_scores`, prompts are then class indices).
+Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 #: Default memory budget for one chunk of prompts' attention gradients (bytes).
 DEFAULT_CHUNK_BYTES = 384 * 2**20
@@ -43,24 +48,27 @@ def _prompt_chunk_size(step: LayerStep, num_prompts: int, prompt_chunk: int | No
 def scores(feature: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """Cosine scores ``[B, P]`` of L2-normalised image features ``[B, E]`` against text ``[P, E]``/``[B, P, E]``."""
     f = F.normalize(feature, dim=-1)
+    text = text.to(f.dtype)
     if text.ndim == 2:
         return f @ text.t()
     return torch.einsum("be,bpe->bp", f, text)
 
 
-def layer_relevance(step: LayerStep, text: torch.Tensor, prompt_chunk: int | None = None) -> torch.Tensor:
+def layer_relevance(step: LayerStep, text: torch.Tensor, prompt_chunk: int | None = None,
+                    scorer: Scorer | None = None) -> torch.Tensor:
     """Relevance of each key token for each prompt at one layer.
 
     Args:
         step: the layer's :class:`~legrad.towers.LayerStep`.
         text: ``[P, E]`` or ``[B, P, E]`` text embeddings (used as given), in the step's dtype.
         prompt_chunk: prompts per batched backward; None picks a size from a memory budget.
+        scorer: how ``step.feature`` is scored against ``text``; None for :func:`scores`.
 
     Returns:
         ``[B, P, Nk - num_prefix_tokens]`` mean over heads and query rows of ``relu(ds/dA)``.
     """
     with torch.enable_grad():
-        s = scores(step.feature, text.to(step.feature.dtype))
+        s = (scores if scorer is None else scorer)(step.feature, text)
         total = s.sum(0)  # each image's score depends only on its own tokens
     num_prompts = total.shape[0]
     chunk = _prompt_chunk_size(step, num_prompts, prompt_chunk)
@@ -83,12 +91,12 @@ def layer_relevance(step: LayerStep, text: torch.Tensor, prompt_chunk: int | Non
 
 
 def accumulate_relevance(
-    steps: Iterable[LayerStep], text: torch.Tensor, prompt_chunk: int | None = None
+    steps: Iterable[LayerStep], text: torch.Tensor, prompt_chunk: int | None = None, scorer: Scorer | None = None
 ) -> torch.Tensor:
     """Sum of :func:`layer_relevance` over the explained layers, ``[B, P, num_patches]``."""
     total = None
     for step in steps:
-        rel = layer_relevance(step, text, prompt_chunk)
+        rel = layer_relevance(step, text, prompt_chunk, scorer)
         total = rel if total is None else total + rel
         del step
     if total is None:

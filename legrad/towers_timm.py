@@ -231,9 +231,10 @@ class _Block:
 
 
 # ---------------------------------------------------------------------------------------------- support
-def _trunk_problem(trunk: nn.Module, pooled_by_map: bool | None = None) -> str | None:
-    """Why legrad cannot run this timm trunk (None when it can)."""
-    if not _is(trunk, _TRUNKS):
+def _trunk_problem(trunk: nn.Module, pooled_by_map: bool | None = None,
+                   trunks: tuple[str, ...] = _TRUNKS) -> str | None:
+    """Why legrad cannot run this timm trunk (None when it can); ``trunks``: the accepted classes."""
+    if not _is(trunk, trunks):
         return f"timm {type(trunk).__name__} is not a ViT-style trunk legrad knows"
     if getattr(trunk, "rope_mixed", False):
         return "mixed-mode rotary embeddings are not supported"
@@ -329,6 +330,8 @@ class _TimmTowerAdapter(TowerAdapter):
     """Shared stateless trunk for timm towers; subclasses define what a layer's feature is."""
 
     pooled_by_map: ClassVar[bool] = False
+    #: Trunk attributes holding prefix tokens, in sequence order (DeiT-distilled: cls, dist).
+    prefix_token_names: ClassVar[tuple[str, ...]] = ("cls_token", "reg_token")
 
     @classmethod
     def matches(cls, visual):
@@ -412,7 +415,7 @@ class _TimmTowerAdapter(TowerAdapter):
         x = self._patches(image, dtype, grid)
         b = x.shape[0]
         prefix = []
-        for name in ("cls_token", "reg_token"):
+        for name in self.prefix_token_names:
             tok = getattr(t, name, None)
             if tok is not None:
                 prefix.append(param(tok, dtype).expand(b, -1, -1))

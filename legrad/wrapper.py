@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .correction import apply_empty_prompt_correction, resolve_empty_embedding
-from .heatmap import accumulate_relevance, min_max, upsample
+from .heatmap import Scorer, accumulate_relevance, min_max, upsample
 from .towers import TowerAdapter, tower_adapter_for
 
 __all__ = ["LeWrapper"]
@@ -31,7 +31,8 @@ class LeWrapper:
     from several threads are safe.
 
     Args:
-        model: an OpenCLIP ``CLIP``/``CustomTextCLIP``/``CoCa`` model with a supported image tower.
+        model: an OpenCLIP ``CLIP``/``CustomTextCLIP``/``CoCa`` model with a supported image tower, or a
+            ViT image classifier (timm, torchvision, transformers: see :mod:`legrad.classifiers`).
         layer_index: first transformer block used; negative values count from the end (``-2``: the
             last two blocks).
         tokenizer: optional tokenizer, used by towers that need an auxiliary prompt (SigLIP's
@@ -57,7 +58,9 @@ class LeWrapper:
         if isinstance(model, LeWrapper):
             model = model.model
         if not isinstance(model, nn.Module):
-            raise TypeError(f"LeWrapper expects an OpenCLIP model (torch.nn.Module), got {type(model).__name__}")
+            raise TypeError(
+                f"LeWrapper expects an OpenCLIP model or a ViT classifier (torch.nn.Module), got {type(model).__name__}"
+            )
         object.__setattr__(self, "_model", model)
         object.__setattr__(self, "_adapter", tower_adapter_for(model))
         object.__setattr__(self, "_tokenizer", tokenizer)
@@ -142,9 +145,10 @@ class LeWrapper:
     # ------------------------------------------------------------------ LeGrad
     def compute_legrad(
         self,
-        text_embedding: torch.Tensor,
+        text_embedding: torch.Tensor | None = None,
         image: torch.Tensor | None = None,
         *,
+        target: Any = None,
         layer_index: int | None = None,
         prompt_chunk: int | None = None,
         output_size: str | tuple[int, int] | None = None,
@@ -155,6 +159,10 @@ class LeWrapper:
         Args:
             text_embedding: ``[P, D]`` prompts shared by all images, or ``[B, P, D]`` per image;
                 normalised embeddings as ``encode_text(..., normalize=True)`` returns (used as given).
+                Not for image classifiers.
+            target: image classifiers only (instead of ``text_embedding``): class indices, an int, a
+                sequence of ints or a LongTensor ``[P]`` shared by the batch, or ``[B, P]`` per image;
+                each map explains that class's logit (see :mod:`legrad.classifiers`).
             image: ``[B, C, H, W]`` float images, preprocessed; H and W multiples of the patch size.
             layer_index: overrides the wrapper's ``layer_index`` for this call.
             prompt_chunk: prompts per batched backward (bounds memory); default from a memory budget.
@@ -171,6 +179,16 @@ class LeWrapper:
             TypeError, ValueError: on invalid inputs, before any computation.
         """
         adapter = self._adapter
+        if getattr(adapter, "scores_classes", False):  # image classifiers: class logits instead of text
+            from .classifiers import classifier_legrad
+
+            return classifier_legrad(self, text_embedding, image, target, layer_index=layer_index,
+                                     prompt_chunk=prompt_chunk, output_size=output_size, **inputs)
+        if target is not None:
+            raise TypeError(
+                f"target= selects classes of an image classifier, but this model's tower ({adapter.family}) is "
+                "explained against text: pass text_embedding (e.g. model.encode_text(tokens, normalize=True))"
+            )
         run = getattr(adapter, "run_legrad", None)
         if run is not None:  # families with their own input format (Hugging Face models: legrad.hf)
             if output_size is not None:
@@ -268,7 +286,7 @@ class LeWrapper:
     def _legrad(self, adapter: TowerAdapter, image: torch.Tensor, text: torch.Tensor, start: int,
                 prompt_chunk: int | None, *, apply_correction: bool | None = None,
                 correction_threshold: float | None = None,
-                output_size: str | tuple[int, int] | None = None) -> torch.Tensor:
+                output_size: str | tuple[int, int] | None = None, scorer: Scorer | None = None) -> torch.Tensor:
         correct = self.apply_correction if apply_correction is None else bool(apply_correction)
         threshold = self.correction_threshold if correction_threshold is None else float(correction_threshold)
         empty = None
@@ -284,14 +302,15 @@ class LeWrapper:
             img = image.to(device=device, dtype=param_dtype)
             if img.is_inference():
                 img = img.clone()
-            txt = text.detach().to(device=device, dtype=compute_dtype)
+            # Class indices (classifiers' scorer) keep their integer dtype.
+            txt = text.detach().to(device=device, dtype=compute_dtype if text.is_floating_point() else None)
             if txt.is_inference():
                 txt = txt.clone()
             if empty is not None:  # one extra prompt in the same batched backward
                 e = empty.to(device=device, dtype=compute_dtype)
                 e = e.expand(1, -1) if txt.ndim == 2 else e.expand(txt.shape[0], 1, -1)
                 txt = torch.cat([txt, e], dim=-2)
-            rel = accumulate_relevance(adapter.steps(img, start, compute_dtype), txt, prompt_chunk)
+            rel = accumulate_relevance(adapter.steps(img, start, compute_dtype), txt, prompt_chunk, scorer)
             if empty is not None:
                 rel = apply_empty_prompt_correction(rel[:, :-1], rel[:, -1:], threshold)
             maps = rel.reshape(rel.shape[0], rel.shape[1], gh, gw).float()
@@ -303,6 +322,12 @@ class LeWrapper:
     # ------------------------------------------------------------------ validation
     def _validate(self, text_embedding: Any, image: Any, layer_index: int | None,
                   prompt_chunk: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        image = self._validate_image(image)
+        text_embedding, start = self._validate_text(text_embedding, image.shape[0], layer_index, prompt_chunk)
+        return image, text_embedding, start
+
+    def _validate_image(self, image: Any) -> torch.Tensor:
+        """Checks an image batch ``[B, C, H, W]`` against the tower (channels, patch multiple, finite)."""
         adapter = self._adapter
         if image is None:
             raise ValueError(
@@ -329,8 +354,7 @@ class LeWrapper:
         adapter.grid_size(image.shape[-2], image.shape[-1])
         if not bool(torch.isfinite(image).all()):
             raise ValueError("image contains NaN or infinite values")
-        text_embedding, start = self._validate_text(text_embedding, image.shape[0], layer_index, prompt_chunk)
-        return image, text_embedding, start
+        return image
 
     def _validate_text(self, text_embedding: Any, batch: int, layer_index: int | None,
                        prompt_chunk: int | None) -> tuple[torch.Tensor, int]:

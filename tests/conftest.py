@@ -69,3 +69,7 @@ def _one_thread_is_enough():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(prev)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: slower than ~5 s (full-size models); deselect with -m 'not slow'")
