@@ -55,6 +55,17 @@ URL_FAILED_MSG = ("could not load an image from that URL (unreachable, timed out
 
 logger = logging.getLogger("legrad.app")
 
+# Gallery captions go under each overlay (Gradio draws them over the tile's bottom-right corner), and
+# tiles keep the overlay's aspect ratio instead of cropping it.
+CSS = """
+#gallery .thumbnail-item { aspect-ratio: auto; height: auto; display: flex; flex-direction: column; }
+#gallery .thumbnail-item > img { height: auto; aspect-ratio: auto; object-fit: contain; }
+#gallery .caption-label { position: static; max-width: 100%; white-space: normal; overflow: visible;
+  border: none; border-top: 1px solid var(--border-color-primary); border-radius: 0; opacity: 1; }
+"""
+#: Gradio's example table shows at most this many characters of a text cell.
+EXAMPLE_TEXT_CHARS = 60
+
 _device = "cpu"
 #: Opt-ins set by :func:`main` (and by tests): real paths of shared folders, URL fetching, token limit.
 _allowed_dirs: tuple[str, ...] = ()
@@ -298,11 +309,23 @@ def _upload_path(payload: Any) -> str | None:
     return str(path)
 
 
+def _example_prompts(phrases: list[str]) -> str:
+    """The scene's phrases plus a contrast phrase naming nothing in it, short enough to show in full."""
+    from legrad.loading import absent_phrase
+    from legrad.toy.scenes import VOCABULARY
+
+    words = {w for p in phrases for w in p.split()[1:]}
+    others = sorted((v for v in VOCABULARY if not words & set(v.split()[1:])), key=len)
+    texts = [", ".join([*phrases, v]) for v in [absent_phrase(phrases), *others]]
+    fitting = [t for t in texts if len(t) <= EXAMPLE_TEXT_CHARS]
+    return fitting[0] if fitting else ", ".join(phrases)
+
+
 def example_rows() -> list[list[str]]:
     """Examples from the bundled scenes in ``assets/`` (image path, prompts), so the page works offline."""
-    from legrad.loading import absent_phrase, sample_scenes
+    from legrad.loading import sample_scenes
 
-    rows = [[str(sc.path), ", ".join([*sc.phrases, absent_phrase(sc.phrases)])] for sc in sample_scenes(ASSETS)]
+    rows = [[str(sc.path), _example_prompts(list(sc.phrases))] for sc in sample_scenes(ASSETS)]
     if rows:
         return rows
     # No assets folder (e.g. app.py copied elsewhere): draw a few scenes with the bundled generator.
@@ -314,8 +337,7 @@ def example_rows() -> list[list[str]]:
         path = folder / f"scene{i}.png"
         with atomic_writer(path) as fh:
             scene.image.save(fh, "PNG")
-        phrases = [o.phrase for o in scene.objects]
-        rows.append([str(path), ", ".join([*phrases, absent_phrase(phrases)])])
+        rows.append([str(path), _example_prompts([o.phrase for o in scene.objects])])
     return rows
 
 
@@ -324,7 +346,9 @@ def build_demo():
     import gradio as gr
 
     labels = model_labels()
-    with gr.Blocks(title="LeGrad", analytics_enabled=False) as demo:
+    # Gradio 6 takes css in launch(), older versions in Blocks(); main() passes it to launch.
+    blocks_css = {"css": CSS} if "css" in inspect.signature(gr.Blocks).parameters else {}
+    with gr.Blocks(title="LeGrad", analytics_enabled=False, **blocks_css) as demo:
         gr.Markdown(
             "# LeGrad\nWhere does a vision-language model look for each prompt? Upload an image (or pick an "
             "example), type prompts, press **Explain**. The bundled demo model knows phrases like "
@@ -350,7 +374,8 @@ def build_demo():
                 button = gr.Button("Explain", variant="primary", elem_id="explain")
             with gr.Column():
                 lossless = {"format": "png"} if "format" in inspect.signature(gr.Gallery).parameters else {}
-                gallery = gr.Gallery(label="Heatmaps", columns=2, elem_id="gallery", interactive=False, **lossless)
+                gallery = gr.Gallery(label="Heatmaps", columns=2, elem_id="gallery", interactive=False,
+                                     object_fit="contain", height="auto", **lossless)
                 status = gr.Markdown(elem_id="status")
         gr.Examples(example_rows(), inputs=[image, prompts], label="Demo scenes (bundled model)")
         model.change(default_layer_for, inputs=model, outputs=layer, queue=False)
@@ -411,7 +436,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     demo = build_demo()
     # Server-side rendering (Gradio 5+) would need Node.js; keep the plain server.
-    extra = {"ssr_mode": False} if "ssr_mode" in inspect.signature(demo.launch).parameters else {}
+    launch_params = inspect.signature(demo.launch).parameters
+    extra = {"ssr_mode": False} if "ssr_mode" in launch_params else {}
+    if "css" in launch_params:
+        extra["css"] = CSS
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=False,
                 max_file_size=int(args.max_upload_mb * 2**20), **extra)
     return 0

@@ -147,6 +147,7 @@ class _PinnedConnection(http.client.HTTPConnection):
     def __init__(self, host: str, port: int, ip: str, dog: _Watchdog, tls: ssl.SSLContext | None):
         super().__init__(host, port, timeout=dog.remaining())
         self._ip, self._dog, self._tls = ip, dog, tls
+        self.pinned_sock: socket.socket | None = None  # http.client drops .sock early on HTTP/1.0 replies
 
     def connect(self) -> None:
         sock = socket.create_connection((self._ip, self.port), timeout=self._dog.remaining())
@@ -154,7 +155,7 @@ class _PinnedConnection(http.client.HTTPConnection):
         if self._tls is not None:
             sock = self._tls.wrap_socket(sock, server_hostname=self.host)
             self._dog.watch(sock)
-        self.sock = sock
+        self.sock = self.pinned_sock = sock
 
 
 def fetch_url(
@@ -241,7 +242,7 @@ def _one_request(url: str, dog: _Watchdog, check: Callable[[str], bool], allow_p
             raise ImageTooLargeError(f"the image is larger than {max_bytes / 2**20:g} MiB")
         chunks, total = [], 0
         while True:
-            conn.sock.settimeout(dog.remaining())
+            conn.pinned_sock.settimeout(dog.remaining())
             chunk = resp.read1(65536)
             if not chunk:
                 break
