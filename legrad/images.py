@@ -168,6 +168,8 @@ def decode_image(fp: Any, name: str, max_pixels: int | None = MAX_IMAGE_PIXELS) 
         raise
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"{name}: image is too large to decode (limit {limit}): {_one_line(exc)}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageLoadError(f"{name}: not a readable image (unknown or unsupported format)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         # UnidentifiedImageError (an OSError) for non-images; OSError/SyntaxError/EOFError for truncated ones.
         raise ImageLoadError(f"{name}: not a readable image ({_one_line(exc, 120)})") from None

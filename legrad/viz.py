@@ -84,7 +84,9 @@ def to_rgb_array(image: Any, normalization: Any = None) -> np.ndarray:
 
 def _to_rgb_array(image: Any, normalization: Any = None) -> np.ndarray:
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+        from .images import to_rgb  # 16-bit and float modes scaled by their range, alpha over white
+
+        return np.asarray(to_rgb(image), dtype=np.uint8).copy()
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is a hard dependency
@@ -186,8 +188,9 @@ def fit_for_display(image: Any, max_side: int | None = DISPLAY_MAX_SIDE, normali
         factor = max(image.size) // max_side
         try:
             image = image.reduce(factor)
-        except ValueError:  # modes Pillow cannot reduce (e.g. palette) go through the array path
-            pass
+        except ValueError:  # modes Pillow cannot average ("1", "P", "I;16"): pick pixels instead
+            image = image.resize((max(1, image.width // factor), max(1, image.height // factor)),
+                                 Image.Resampling.NEAREST)
     rgb = to_rgb_array(image, normalization)
     h, w = rgb.shape[:2]
     if max_side is None or max(h, w) <= max_side:

@@ -274,6 +274,28 @@ def test_huge_size_is_refused_at_once_and_the_next_request_works(app, scenes):
     assert explainer.max_tokens == 128 * 128
 
 
+def test_explainer_token_limit(app):
+    from legrad.explainer import MAX_TOKENS, Explainer
+
+    base = app.get_explainer("toy", None)
+    assert base.patch_size == (8, 8) and base.max_tokens == MAX_TOKENS
+    assert base.check_size((1024, 1024)) == (1024, 1024)  # the demo model stays usable at 1024 px
+    with pytest.raises(ValueError, match="patch tokens"):
+        base.check_size((1032, 1024))
+    small = Explainer(base.wrapper, base.preprocess, base.tokenizer, max_tokens=8 * 9)
+    assert small.check_size((64, 72)) == (64, 72)  # 8 x 9 = 72 tokens: at the limit
+    with pytest.raises(ValueError, match="73|80"):
+        small.check_size((64, 80))
+    unlimited = Explainer(base.wrapper, base.preprocess, base.tokenizer, max_tokens=None)
+    assert unlimited.check_size((8000, 8000)) == (8000, 8000)  # a check only: no work is done
+    with pytest.raises(TypeError):
+        base.check_size(("64", 64))
+    with pytest.raises(ValueError):
+        base.check_size((0, 64))
+    with pytest.raises(ValueError, match="max_tokens"):
+        Explainer(base.wrapper, base.preprocess, base.tokenizer, max_tokens=0)
+
+
 def test_uploads_are_read_with_limits_and_never_named(app, scenes, tmp_path):
     # Gradio hands predict the path of its cached upload.
     upload_dir = tmp_path / "gradio" / "0123abcd"
