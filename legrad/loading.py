@@ -304,9 +304,10 @@ def parse_size(value: Any) -> tuple[int, int] | None:
     text = str(value).strip().lower()
     if text in ("", "0", "native", "none", "auto"):
         return None
-    m = re.fullmatch(r"(\d+)(?:\s*[x,*]\s*(\d+))?", text)
+    m = re.fullmatch(r"(\d{1,9})(?:\s*[x,*]\s*(\d{1,9}))?", text) if len(text) <= 32 else None
     if not m:
-        raise ValueError(f"invalid image size {value!r}; use N (square) or HxW, e.g. 448 or 448x672")
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise ValueError(f"invalid image size {shown}; use N (square) or HxW, e.g. 448 or 448x672")
     h = int(m.group(1))
     w = int(m.group(2)) if m.group(2) else h
     if h < 1 or w < 1:
