@@ -6,12 +6,18 @@
 
 Real OpenCLIP models are listed too; their weights download on first use (a model that cannot be
 loaded shows a message in the page). Loaded models are cached; requests are served by Gradio's queue.
+
+What a visitor can make the server do is limited (see docs/app.md): by default only uploads and the
+bundled examples are explained; ``--allow-dir DIR`` lets the "URL / path" box read images inside DIR,
+``--allow-urls`` lets it fetch public http(s) URLs (never loopback/private addresses).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
+import logging
 import os
 import sys
 import tempfile
@@ -27,19 +33,59 @@ REPO = Path(__file__).resolve().parent
 ASSETS = REPO / "assets"
 TOY_LABEL = "toy: bundled demo model (offline)"
 MAX_PROMPTS = 16
+MAX_PROMPT_CHARS = 200
+MAX_PROMPTS_TEXT = 8000
+MAX_SIZE_TEXT = 24
 MAX_CACHED_MODELS = 2
+#: Default upload limit (``--max-upload-mb``).
+MAX_UPLOAD_MB = 25
+#: Largest image decoded for a visitor (pixels), from uploads, shared folders and URLs alike.
+MAX_IMAGE_PIXELS = 40_000_000
+#: Largest URL download for a visitor (bytes), when ``--allow-urls`` is on.
+MAX_URL_BYTES = 20 * 1024 * 1024
+#: Total time for a URL download for a visitor (seconds).
+URL_DEADLINE_S = 15.0
+
+NO_SOURCE_MSG = ("this server reads no paths or URLs: upload the image instead (the server's operator can "
+                 "enable them with --allow-dir / --allow-urls)")
+NO_PATH_MSG = "that path is not available: this server only reads images inside the folders it shares"
+NO_URL_MSG = "this server does not fetch URLs: upload the image instead (the operator can enable --allow-urls)"
+URL_FAILED_MSG = ("could not load an image from that URL (unreachable, timed out, HTTP error or not an image); "
+                  "try uploading it instead")
+
+logger = logging.getLogger("legrad.app")
+
+# Gallery captions go under each overlay (Gradio draws them over the tile's bottom-right corner), and
+# tiles keep the overlay's aspect ratio instead of cropping it.
+CSS = """
+#gallery .thumbnail-item { aspect-ratio: auto; height: auto; display: flex; flex-direction: column; }
+#gallery .thumbnail-item > img { height: auto; aspect-ratio: auto; object-fit: contain; }
+#gallery .caption-label { position: static; max-width: 100%; white-space: normal; overflow: visible;
+  border: none; border-top: 1px solid var(--border-color-primary); border-radius: 0; opacity: 1; }
+"""
+#: Gradio's example table shows at most this many characters of a text cell.
+EXAMPLE_TEXT_CHARS = 60
 
 _device = "cpu"
+#: Opt-ins set by :func:`main` (and by tests): real paths of shared folders, URL fetching, token limit.
+_allowed_dirs: tuple[str, ...] = ()
+_allow_urls = False
+_max_tokens: int | None = None
 _cache: OrderedDict[tuple[str, str | None], Any] = OrderedDict()
 _cache_lock = threading.Lock()
 _load_locks: dict[tuple[str, str | None], threading.Lock] = {}
 
 
-def model_labels() -> list[str]:
-    """Dropdown entries: the demo model first, then ``model · pretrained`` for each supported OpenCLIP pair."""
+@functools.lru_cache(maxsize=1)
+def _labels() -> tuple[str, ...]:
     from legrad.pretrained import list_pretrained
 
-    return [TOY_LABEL, *(f"{m} · {t}" for m, t in list_pretrained())]
+    return (TOY_LABEL, *(f"{m} · {t}" for m, t in list_pretrained()))
+
+
+def model_labels() -> list[str]:
+    """Dropdown entries: the demo model first, then ``model · pretrained`` for each supported OpenCLIP pair."""
+    return list(_labels())
 
 
 def parse_model_label(label: str | None) -> tuple[str, str | None]:
@@ -87,7 +133,8 @@ def get_explainer(name: str, pretrained: str | None):
         with _cache_lock:
             if key in _cache:
                 return _cache[key]
-        explainer = Explainer.load(name, pretrained, _device)
+        kwargs = {} if _max_tokens is None else {"max_tokens": _max_tokens}
+        explainer = Explainer.load(name, pretrained, _device, **kwargs)
         with _cache_lock:
             _cache[key] = explainer
             while len(_cache) > MAX_CACHED_MODELS:
@@ -102,6 +149,69 @@ def default_layer_for(label: str | None) -> int:
     return default_layer_index(parse_model_label(label)[0])
 
 
+def allowed_path(text: str) -> str:
+    """The real path of a visitor's path if it lies inside a shared folder (``--allow-dir``).
+
+    Relative paths are taken inside the first shared folder. Symbolic links are resolved first, so a
+    link pointing out of the folder is refused like any outside path.
+
+    Raises:
+        ValueError: with the same message for every refused path (nothing is revealed about it).
+    """
+    if not _allowed_dirs or "\0" in text:
+        raise ValueError(NO_PATH_MSG)
+    candidate = text if os.path.isabs(text) else os.path.join(_allowed_dirs[0], text)
+    real = os.path.realpath(candidate)
+    for root in _allowed_dirs:
+        if os.path.commonpath([real, root]) == root:
+            return real
+    raise ValueError(NO_PATH_MSG)
+
+
+def read_visitor_image(image: Any, image_source: str | None):
+    """The image a visitor gave: an upload (file path from Gradio, PIL image or array) or, when the
+    server allows it, a path in a shared folder or a URL. Messages never name server paths.
+
+    Raises:
+        ValueError: no image, a refused source, or an unreadable image (an ``ImageLoadError``).
+    """
+    from legrad.fetch import URLRefusedError
+    from legrad.images import ImageTooLargeError
+    from legrad.loading import ImageLoadError, load_image
+
+    if image is None:
+        text = (image_source or "").strip()
+        if not text:
+            raise ValueError("upload an image, or paste an image URL or path")
+        if len(text) > 2048:
+            raise ValueError("the image URL / path is too long")
+        if text.lower().startswith(("http://", "https://")):
+            if not _allow_urls:
+                raise ValueError(NO_URL_MSG)
+            try:
+                return load_image(text, name="the URL", max_pixels=MAX_IMAGE_PIXELS, allow_private_urls=False,
+                                  url_deadline_s=URL_DEADLINE_S, max_url_bytes=MAX_URL_BYTES)
+            except (URLRefusedError, ImageTooLargeError):
+                raise
+            except ImageLoadError:
+                raise ValueError(URL_FAILED_MSG) from None
+        if not _allowed_dirs:
+            raise ValueError(NO_SOURCE_MSG if not _allow_urls else NO_PATH_MSG)
+        return load_image(allowed_path(text), name=repr(text), max_pixels=MAX_IMAGE_PIXELS)
+    if isinstance(image, (str, os.PathLike)):
+        # An upload: Gradio hands over the path of its own cached copy; do not show it to anyone.
+        return load_image(image, name="the uploaded image", max_pixels=MAX_IMAGE_PIXELS)
+    if not hasattr(image, "convert"):
+        import numpy as np
+        from PIL import Image
+
+        arr = np.asarray(image)
+        if arr.ndim not in (2, 3) or arr.size == 0:
+            raise ValueError("the uploaded image is empty or not an image")
+        image = Image.fromarray(arr)
+    return load_image(image, name="the uploaded image")
+
+
 def predict(
     image: Any,
     image_source: str | None,
@@ -113,9 +223,12 @@ def predict(
 ) -> tuple[list[tuple[Any, str]], str]:
     """The app's prediction: one overlay per prompt, captioned with the prompt and its similarity.
 
+    Everything cheap is validated first (prompts, size, layer, opacity, model choice, the size against
+    the model's token limit); the image is read only then, and the model runs last.
+
     Args:
-        image: uploaded PIL image (or None).
-        image_source: a URL or path, used when no image is uploaded.
+        image: the upload: the path of Gradio's cached copy, a PIL image or an array (or None).
+        image_source: a URL or path, used when no image is uploaded and the server allows it.
         prompts_text: prompts, one per line or comma-separated.
         model_label: a :func:`model_labels` entry.
         size_text: explained size, ``N`` or ``HxW``; blank for the model's native size.
@@ -126,24 +239,21 @@ def predict(
         ``(gallery, status)``: ``[(overlay PIL image, caption), ...]`` and a Markdown status line. Bad
         input or a model that cannot be loaded gives an empty gallery and the reason in ``status``.
     """
-    from legrad.loading import ImageLoadError, ModelLoadError, load_image, parse_size
-    from legrad.viz import overlay
+    from legrad.loading import ImageLoadError, ModelLoadError, parse_size
+    from legrad.viz import fit_for_display, overlay
 
     try:
+        if prompts_text is not None and len(prompts_text) > MAX_PROMPTS_TEXT:
+            raise ValueError(f"the prompts are too long (at most {MAX_PROMPTS_TEXT} characters in all)")
         prompts = split_prompts(prompts_text)
         if not prompts:
             raise ValueError("enter at least one prompt (one per line, or comma-separated)")
         if len(prompts) > MAX_PROMPTS:
             raise ValueError(f"at most {MAX_PROMPTS} prompts at once, got {len(prompts)}")
-        if image is None:
-            if not image_source or not image_source.strip():
-                raise ValueError("upload an image, or paste an image URL or path")
-            image = load_image(image_source.strip())
-        elif not hasattr(image, "convert"):
-            from PIL import Image
-
-            image = Image.fromarray(image)
-        image = image.convert("RGB")
+        if any(len(p) > MAX_PROMPT_CHARS for p in prompts):
+            raise ValueError(f"each prompt must be at most {MAX_PROMPT_CHARS} characters")
+        if size_text is not None and len(str(size_text)) > MAX_SIZE_TEXT:
+            raise ValueError("invalid image size; use N (square) or HxW, e.g. 448 or 448x672")
         size = parse_size(size_text)
         if layer_index is not None and layer_index != "":
             if float(layer_index) != int(float(layer_index)):
@@ -154,30 +264,68 @@ def predict(
         alpha = float(alpha)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"opacity must be in [0, 1], got {alpha}")
+        if model_label and model_label not in _labels() and model_label.strip().lower() != "toy":
+            raise ValueError("unknown model choice; pick one from the list")
         name, pretrained = parse_model_label(model_label)
         explainer = get_explainer(name, pretrained)
-        result = explainer.explain(image, prompts, size=size, layer_index=layer_index)
+        h, w = explainer.check_size(size)
+        layer = explainer.check_layer_index(layer_index)
+        picture = read_visitor_image(image, image_source)
+        result = explainer.explain(picture, prompts, size=size, layer_index=layer_index)
+        shown = fit_for_display(picture)
     except ModelLoadError as exc:
         return [], f"**Could not load the model {model_label}:** {exc}"
-    except (ImageLoadError, ValueError, TypeError) as exc:
+    except (ImageLoadError, ValueError, TypeError, OverflowError) as exc:
         return [], f"**Error:** {exc}"
+    except MemoryError:
+        return [], "**Error:** the server ran out of memory for this request; try a smaller image size"
+    except Exception as exc:  # a clear line instead of Gradio's generic error; details go to the log
+        logger.exception("explanation failed")
+        return [], f"**Error:** the explanation failed ({type(exc).__name__}); try a smaller size or another image"
 
     gallery = []
     for p, prompt in enumerate(result.prompts):
         caption = f"{prompt}: similarity {result.similarity[0, p]:.3f} (p={result.probability[0, p]:.2f})"
-        gallery.append((overlay(image, result.maps[0, p], alpha=alpha), caption))
-    h, w = explainer.check_size(size)
+        gallery.append((overlay(shown, result.maps[0, p], alpha=alpha), caption))
     best = result.prompts[int(result.similarity[0].argmax())]
-    status = (f"{explainer.name}, layer index {explainer.check_layer_index(layer_index)}, {h}x{w} px: "
-              f"best match *{best}*.")
+    status = f"{explainer.name}, layer index {layer}, {h}x{w} px: best match *{best}*."
     return gallery, status
+
+
+def _upload_path(payload: Any) -> str | None:
+    """Replaces ``gr.Image.preprocess``: hands over the cached upload's path without opening it.
+
+    Gradio's own preprocessing decodes the whole file with Pillow (no pixel limit, 16-bit images
+    clipped, a generic error for a bad file); :func:`read_visitor_image` does that with limits instead.
+    Gradio has already checked that the path is one of its uploads.
+    """
+    import gradio as gr
+
+    if payload is None:
+        return None
+    path = getattr(payload, "path", None)
+    if not path or str(getattr(payload, "url", "") or "").startswith("data:"):
+        raise gr.Error("the image did not arrive as a file upload; upload it again")
+    return str(path)
+
+
+def _example_prompts(phrases: list[str]) -> str:
+    """The scene's phrases plus a contrast phrase naming nothing in it, short enough to show in full."""
+    from legrad.loading import absent_phrase
+    from legrad.toy.scenes import VOCABULARY
+
+    words = {w for p in phrases for w in p.split()[1:]}
+    others = sorted((v for v in VOCABULARY if not words & set(v.split()[1:])), key=len)
+    texts = [", ".join([*phrases, v]) for v in [absent_phrase(phrases), *others]]
+    fitting = [t for t in texts if len(t) <= EXAMPLE_TEXT_CHARS]
+    return fitting[0] if fitting else ", ".join(phrases)
 
 
 def example_rows() -> list[list[str]]:
     """Examples from the bundled scenes in ``assets/`` (image path, prompts), so the page works offline."""
-    from legrad.loading import absent_phrase, sample_scenes
+    from legrad.loading import sample_scenes
 
-    rows = [[str(sc.path), ", ".join([*sc.phrases, absent_phrase(sc.phrases)])] for sc in sample_scenes(ASSETS)]
+    rows = [[str(sc.path), _example_prompts(list(sc.phrases))] for sc in sample_scenes(ASSETS)]
     if rows:
         return rows
     # No assets folder (e.g. app.py copied elsewhere): draw a few scenes with the bundled generator.
@@ -189,8 +337,7 @@ def example_rows() -> list[list[str]]:
         path = folder / f"scene{i}.png"
         with atomic_writer(path) as fh:
             scene.image.save(fh, "PNG")
-        phrases = [o.phrase for o in scene.objects]
-        rows.append([str(path), ", ".join([*phrases, absent_phrase(phrases)])])
+        rows.append([str(path), _example_prompts([o.phrase for o in scene.objects])])
     return rows
 
 
@@ -199,7 +346,9 @@ def build_demo():
     import gradio as gr
 
     labels = model_labels()
-    with gr.Blocks(title="LeGrad", analytics_enabled=False) as demo:
+    # Gradio 6 takes css in launch(), older versions in Blocks(); main() passes it to launch.
+    blocks_css = {"css": CSS} if "css" in inspect.signature(gr.Blocks).parameters else {}
+    with gr.Blocks(title="LeGrad", analytics_enabled=False, **blocks_css) as demo:
         gr.Markdown(
             "# LeGrad\nWhere does a vision-language model look for each prompt? Upload an image (or pick an "
             "example), type prompts, press **Explain**. The bundled demo model knows phrases like "
@@ -207,9 +356,13 @@ def build_demo():
         )
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], elem_id="image")
-                source = gr.Textbox(label="...or an image URL / path", placeholder="https://... or /path/to/image.jpg",
-                                    elem_id="image-source")
+                image = gr.Image(type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"],
+                                 elem_id="image")
+                image.preprocess = _upload_path
+                hint = " or ".join(([ "https://..."] if _allow_urls else [])
+                                   + (["a file name in the shared folder"] if _allowed_dirs else []))
+                source = gr.Textbox(label="...or an image URL / path", placeholder=hint, elem_id="image-source",
+                                    visible=bool(hint))
                 prompts = gr.Textbox(label="Prompts (one per line, or comma-separated)", lines=4,
                                      placeholder="a red circle\na blue square", elem_id="prompts")
                 model = gr.Dropdown(labels, value=labels[0], label="Model", elem_id="model")
@@ -221,7 +374,8 @@ def build_demo():
                 button = gr.Button("Explain", variant="primary", elem_id="explain")
             with gr.Column():
                 lossless = {"format": "png"} if "format" in inspect.signature(gr.Gallery).parameters else {}
-                gallery = gr.Gallery(label="Heatmaps", columns=2, elem_id="gallery", interactive=False, **lossless)
+                gallery = gr.Gallery(label="Heatmaps", columns=2, elem_id="gallery", interactive=False,
+                                     object_fit="contain", height="auto", **lossless)
                 status = gr.Markdown(elem_id="status")
         gr.Examples(example_rows(), inputs=[image, prompts], label="Demo scenes (bundled model)")
         model.change(default_layer_for, inputs=model, outputs=layer, queue=False)
@@ -239,18 +393,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     p.add_argument("--preload", action="store_true", help="load the demo model before serving")
     p.add_argument("--share", action="store_true", help="also create a public gradio.live link (needs internet)")
+    p.add_argument("--allow-dir", action="append", default=[], metavar="DIR",
+                   help="let visitors name image files inside DIR in the URL / path box (repeatable; default: "
+                        "no server paths are read)")
+    p.add_argument("--allow-urls", action="store_true",
+                   help="let visitors give http(s) image URLs, fetched by the server (public addresses only, "
+                        f"{URL_DEADLINE_S:g} s, {MAX_URL_BYTES // 2**20} MiB at most)")
+    p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB,
+                   help=f"largest upload in MiB (default {MAX_UPLOAD_MB})")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="largest patch-token count per explained image (default legrad.explainer.MAX_TOKENS, "
+                        "16384: 1024 px on the demo model)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
 
     from legrad.loading import ModelLoadError, configure_logging, resolve_device
 
     configure_logging(args.verbose)
-    global _device
+    global _device, _allowed_dirs, _allow_urls, _max_tokens
     try:
         _device = resolve_device(args.device)
+        _allowed_dirs = tuple(_shared_folder(d) for d in args.allow_dir)
+        if args.max_upload_mb <= 0:
+            raise ValueError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+        if args.max_tokens is not None and args.max_tokens < 1:
+            raise ValueError(f"--max-tokens must be positive, got {args.max_tokens}")
     except ValueError as exc:
         print(f"app.py: error: {exc}", file=sys.stderr)
         return 2
+    _allow_urls = bool(args.allow_urls)
+    _max_tokens = args.max_tokens
     try:
         import gradio  # noqa: F401
     except ImportError:
@@ -264,9 +436,25 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     demo = build_demo()
     # Server-side rendering (Gradio 5+) would need Node.js; keep the plain server.
-    extra = {"ssr_mode": False} if "ssr_mode" in inspect.signature(demo.launch).parameters else {}
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=False, **extra)
+    launch_params = inspect.signature(demo.launch).parameters
+    extra = {"ssr_mode": False} if "ssr_mode" in launch_params else {}
+    if "css" in launch_params:
+        extra["css"] = CSS
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=False,
+                max_file_size=int(args.max_upload_mb * 2**20), **extra)
     return 0
+
+
+def _shared_folder(path: str) -> str:
+    """The real path of an ``--allow-dir`` folder.
+
+    Raises:
+        ValueError: if it is not an existing directory.
+    """
+    real = os.path.realpath(path)
+    if not os.path.isdir(real):
+        raise ValueError(f"--allow-dir {path!r} is not a directory")
+    return real
 
 
 if __name__ == "__main__":

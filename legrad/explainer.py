@@ -19,7 +19,11 @@ from .loading import TOY_NAME, default_layer_index, load_model, native_image_siz
 from .preprocess import LePreprocess
 from .wrapper import LeWrapper
 
-__all__ = ["Explainer", "Explanation", "clean_prompts"]
+__all__ = ["Explainer", "Explanation", "clean_prompts", "MAX_TOKENS"]
+
+#: Default largest number of patch tokens per explained image: a 128x128 patch grid, i.e. the demo
+#: model (patch 8) at 1024 px or ViT-B-16 at 2048 px. Attention work grows with its square.
+MAX_TOKENS = 128 * 128
 
 
 @dataclass
@@ -67,24 +71,32 @@ class Explainer:
         tokenizer: its tokenizer (list of str -> ``[N, L]`` token ids).
         layer_index: default first explained block.
         name: a display name.
+        max_tokens: largest patch-token count (``(H / patch) * (W / patch)``) :meth:`check_size`
+            accepts; None for no limit.
 
     Raises:
         TypeError, ValueError: from :class:`~legrad.LeWrapper` for unsupported models or layer indices.
     """
 
     def __init__(self, model: Any, preprocess: Callable, tokenizer: Callable, layer_index: int = -2,
-                 name: str = "model"):
+                 name: str = "model", max_tokens: int | None = MAX_TOKENS):
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                       or max_tokens < 1):
+            raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
         self.wrapper = model if isinstance(model, LeWrapper) else LeWrapper(model, layer_index=layer_index,
                                                                             tokenizer=tokenizer)
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.name = name
+        self.max_tokens = max_tokens
         self.native_size = native_image_size(self.wrapper.model)
 
     @classmethod
     def load(cls, name: str = TOY_NAME, pretrained: str | None = None, device: str = "cpu",
-             layer_index: int | None = None) -> Explainer:
+             layer_index: int | None = None, max_tokens: int | None = MAX_TOKENS) -> Explainer:
         """Loads a model with :func:`legrad.loading.load_model` and wraps it (layer index: the model's default).
+
+        ``max_tokens``: see the class arguments.
 
         Raises:
             ModelLoadError: when the model cannot be loaded.
@@ -92,7 +104,7 @@ class Explainer:
         model, preprocess, tokenizer = load_model(name, pretrained, device)
         li = default_layer_index(name) if layer_index is None else layer_index
         label = name if pretrained is None else f"{name} ({pretrained})"
-        return cls(model, preprocess, tokenizer, layer_index=li, name=label)
+        return cls(model, preprocess, tokenizer, layer_index=li, name=label, max_tokens=max_tokens)
 
     @property
     def device(self) -> torch.device:
@@ -103,19 +115,35 @@ class Explainer:
         return tuple(self.wrapper.adapter.patch_size)
 
     def check_size(self, size: tuple[int, int] | None) -> tuple[int, int]:
-        """The explained ``(height, width)``: ``size`` or the native size, checked against the patch size.
+        """The explained ``(height, width)``: ``size`` or the native size, checked against the patch size
+        and the token limit (``max_tokens``), before any work.
 
         Raises:
-            ValueError: if a side is not a multiple of the patch size (the message suggests the nearest).
+            TypeError: if ``size`` is not None or a pair of ints.
+            ValueError: if a side is not a positive multiple of the patch size (the message suggests the
+                nearest valid size), or the size has more patch tokens than ``max_tokens``.
         """
+        if size is not None:
+            if (not isinstance(size, (tuple, list)) or len(size) != 2
+                    or any(isinstance(v, bool) or not isinstance(v, int) for v in size)):
+                raise TypeError(f"size must be None or a (height, width) pair of ints, got {size!r}")
         h, w = self.native_size if size is None else size
         ph, pw = self.patch_size
+        if h < 1 or w < 1:
+            raise ValueError(f"image size {h}x{w} must be positive; use e.g. {max(ph, pw)} or leave it native")
         if h % ph or w % pw or h < ph or w < pw:
             near_h = max(ph, round(h / ph) * ph)
             near_w = max(pw, round(w / pw) * pw)
             suggestion = f"{near_h}" if near_h == near_w else f"{near_h}x{near_w}"
             raise ValueError(
                 f"image size {h}x{w} is not a multiple of the model's patch size {ph}x{pw}; use e.g. {suggestion}"
+            )
+        tokens = (h // ph) * (w // pw)
+        if self.max_tokens is not None and tokens > self.max_tokens:
+            side = int(self.max_tokens ** 0.5) * min(ph, pw)
+            raise ValueError(
+                f"image size {h}x{w} needs {tokens} patch tokens, more than the limit of {self.max_tokens} "
+                f"(e.g. {side}x{side} is the largest square); use a smaller size, or raise max_tokens"
             )
         return (int(h), int(w))
 

@@ -3,28 +3,28 @@
 ``load_model('toy')`` gives the bundled demo model (offline); any other name is an OpenCLIP model
 whose weights come through ``open_clip`` as usual (download or local checkpoint). Every failure is a
 :class:`ModelLoadError` / :class:`ImageLoadError` with a one-line message, so front ends can print it
-instead of a traceback.
+instead of a traceback. Images are read by :func:`legrad.images.load_image` (re-exported here): bounded
+work, regular files only, URLs on public addresses only, 16-bit/float/EXIF decoded correctly.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import re
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from .images import MAX_IMAGE_PIXELS, ImageLoadError, ImageTooLargeError, load_image
 
 __all__ = [
     "TOY_NAME",
     "ModelLoadError",
     "ImageLoadError",
+    "ImageTooLargeError",
+    "MAX_IMAGE_PIXELS",
     "load_model",
     "resolve_device",
     "default_layer_index",
@@ -50,16 +50,9 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", 
 # Values of ``pretrained`` that mean "random initialisation" for OpenCLIP models.
 _NO_WEIGHTS = {"none", "random", ""}
 
-_URL_TIMEOUT_S = 20.0
-_MAX_URL_BYTES = 64 * 1024 * 1024
-
 
 class ModelLoadError(RuntimeError):
     """A model could not be created or its weights could not be loaded; the message says why and what to do."""
-
-
-class ImageLoadError(ValueError):
-    """An image could not be read (missing, not an image, unreachable URL); the message names it."""
 
 
 def _one_line(exc: BaseException, limit: int = 240) -> str:
@@ -291,45 +284,6 @@ def _fail_fast_if_offline(name: str, tag: str) -> None:
         ) from exc
 
 
-def load_image(source: str | os.PathLike | Image.Image) -> Image.Image:
-    """Reads an image from a path or an http(s) URL (or passes a PIL image through) as RGB.
-
-    Raises:
-        ImageLoadError: if the file is missing or unreadable, the URL cannot be fetched, or the data is
-            not an image.
-    """
-    if isinstance(source, Image.Image):
-        return source.convert("RGB")
-    src = os.fspath(source)
-    if re.match(r"^https?://", src, flags=re.IGNORECASE):
-        try:
-            req = urllib.request.Request(src, headers={"User-Agent": "legrad"})
-            with urllib.request.urlopen(req, timeout=_URL_TIMEOUT_S) as resp:
-                data = resp.read(_MAX_URL_BYTES + 1)
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise ImageLoadError(f"could not fetch {src}: {_one_line(getattr(exc, 'reason', exc))}") from exc
-        if len(data) > _MAX_URL_BYTES:
-            raise ImageLoadError(f"{src} is larger than {_MAX_URL_BYTES // 2**20} MiB")
-        return _decode(io.BytesIO(data), src)
-    if not os.path.exists(src):
-        raise ImageLoadError(f"{src}: no such file")
-    if os.path.isdir(src):
-        raise ImageLoadError(f"{src} is a directory, not an image")
-    return _decode(src, src)
-
-
-def _decode(fp: Any, name: str) -> Image.Image:
-    try:
-        with Image.open(fp) as im:
-            im.load()
-            return im.convert("RGB")
-    except Image.DecompressionBombError as exc:
-        raise ImageLoadError(f"{name}: image too large ({_one_line(exc, 120)})") from exc
-    except (OSError, ValueError, SyntaxError) as exc:
-        # PIL raises UnidentifiedImageError (an OSError) for non-images and OSError/SyntaxError for truncated ones.
-        raise ImageLoadError(f"{name}: not a readable image ({_one_line(exc, 120)})") from exc
-
-
 def parse_size(value: Any) -> tuple[int, int] | None:
     """Parses an image size: ``None``/``''``/``0``/``'native'`` -> None, ``448`` or ``'448'`` -> (448, 448),
     ``'448x640'`` -> (448, 640) (height x width).
@@ -350,9 +304,10 @@ def parse_size(value: Any) -> tuple[int, int] | None:
     text = str(value).strip().lower()
     if text in ("", "0", "native", "none", "auto"):
         return None
-    m = re.fullmatch(r"(\d+)(?:\s*[x,*]\s*(\d+))?", text)
+    m = re.fullmatch(r"(\d{1,9})(?:\s*[x,*]\s*(\d{1,9}))?", text) if len(text) <= 32 else None
     if not m:
-        raise ValueError(f"invalid image size {value!r}; use N (square) or HxW, e.g. 448 or 448x672")
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise ValueError(f"invalid image size {shown}; use N (square) or HxW, e.g. 448 or 448x672")
     h = int(m.group(1))
     w = int(m.group(2)) if m.group(2) else h
     if h < 1 or w < 1:

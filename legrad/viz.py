@@ -18,7 +18,12 @@ from PIL import Image
 from .io_utils import atomic_writer  # noqa: F401
 from .preprocess import OPENAI_MEAN, OPENAI_STD, normalization_of
 
-__all__ = ["overlay", "visualize", "to_rgb_array", "heatmap_to_array", "colorize", "atomic_writer"]
+__all__ = ["overlay", "visualize", "to_rgb_array", "heatmap_to_array", "colorize", "fit_for_display",
+           "atomic_writer", "DISPLAY_MAX_SIDE"]
+
+#: Longest side of drawn overlays and figure panels; larger images are downscaled for display only
+#: (heatmaps themselves are never resampled by this limit).
+DISPLAY_MAX_SIDE = 2048
 
 # Tolerance on the [0, 1] range of heatmaps (float32 round-off of a min-max normalisation).
 _RANGE_EPS = 1e-4
@@ -64,10 +69,19 @@ def to_rgb_array(image: Any, normalization: Any = None) -> np.ndarray:
         ``[H, W, 3]`` uint8 array.
 
     Raises:
-        TypeError, ValueError: for unsupported types or shapes.
+        TypeError, ValueError: for unsupported types or shapes, or a zero-sized image.
     """
+    rgb = _to_rgb_array(image, normalization)
+    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise ValueError(f"image has zero height or width ({rgb.shape[0]}x{rgb.shape[1]})")
+    return rgb
+
+
+def _to_rgb_array(image: Any, normalization: Any = None) -> np.ndarray:
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+        from .images import to_rgb  # 16-bit and float modes scaled by their range, alpha over white
+
+        return np.asarray(to_rgb(image), dtype=np.uint8).copy()
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is a hard dependency
@@ -124,6 +138,8 @@ def heatmap_to_array(heatmap: Any) -> np.ndarray:
         raise ValueError(
             f"heatmap must be [H, W] (one image, one prompt), got shape {arr.shape}; index it, e.g. maps[0, p]"
         )
+    if arr.size == 0:
+        raise ValueError(f"heatmap has zero height or width {arr.shape}")
     if not np.all(np.isfinite(arr)):
         raise ValueError("heatmap contains NaN or infinite values")
     if arr.size and (arr.min() < -_RANGE_EPS or arr.max() > 1 + _RANGE_EPS):
@@ -135,18 +151,69 @@ def heatmap_to_array(heatmap: Any) -> np.ndarray:
 
 
 def _resize_map(heat: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of a float map (area-averaging where it shrinks), clipped to [0, 1]."""
     if heat.shape == (height, width):
         return heat
-    resized = Image.fromarray(heat).resize((width, height), Image.Resampling.BILINEAR)
-    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+    import cv2
+
+    shrink = height < heat.shape[0] or width < heat.shape[1]
+    resized = cv2.resize(np.ascontiguousarray(heat, dtype=np.float32), (width, height),
+                         interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return np.clip(resized, 0.0, 1.0)
+
+
+def fit_for_display(image: Any, max_side: int | None = DISPLAY_MAX_SIDE, normalization: Any = None) -> np.ndarray:
+    """An image as ``[h, w, 3]`` uint8, downscaled (area averaging) so that its longer side is at most
+    ``max_side``; unchanged when it already fits or ``max_side`` is None.
+
+    Large PIL images are first reduced by an integer factor in Pillow, so a 12000 px original never
+    becomes a full-size array here.
+
+    Args:
+        image: anything :func:`to_rgb_array` accepts.
+        max_side: longest output side in pixels, or None.
+        normalization: see :func:`to_rgb_array`.
+
+    Raises:
+        TypeError, ValueError: as :func:`to_rgb_array`, or for a non-positive ``max_side``.
+    """
+    if max_side is not None and (isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 1):
+        raise ValueError(f"max_side must be a positive int or None, got {max_side!r}")
+    if isinstance(image, Image.Image) and max_side is not None and max(image.size) >= 2 * max_side:
+        factor = max(image.size) // max_side
+        try:
+            image = image.reduce(factor)
+        except ValueError:  # modes Pillow cannot average ("1", "P", "I;16"): pick pixels instead
+            image = image.resize((max(1, image.width // factor), max(1, image.height // factor)),
+                                 Image.Resampling.NEAREST)
+    rgb = to_rgb_array(image, normalization)
+    h, w = rgb.shape[:2]
+    if max_side is None or max(h, w) <= max_side:
+        return rgb
+    import cv2
+
+    scale = max_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
 
 
 def colorize(heat: np.ndarray, colormap: str = "jet") -> np.ndarray:
     """Maps an ``[H, W]`` array in [0, 1] to ``[H, W, 3]`` float RGB in [0, 255] through a matplotlib colormap.
 
+    The colormap's lookup table is indexed the way matplotlib indexes it, so the colours are those of
+    ``matplotlib.colormaps[colormap](heat)`` without its per-pixel RGBA float64 intermediate.
+
     Raises:
         ValueError: if ``colormap`` is not a matplotlib colormap name.
     """
+    lut = _colormap_lut(colormap)
+    n = lut.shape[0]
+    idx = (np.clip(np.asarray(heat, dtype=np.float32), 0.0, 1.0) * np.float32(n)).astype(np.intp)
+    np.minimum(idx, n - 1, out=idx)
+    return lut[idx]
+
+
+def _colormap_lut(colormap: str) -> np.ndarray:
     import matplotlib
 
     try:
@@ -155,7 +222,7 @@ def colorize(heat: np.ndarray, colormap: str = "jet") -> np.ndarray:
         raise ValueError(
             f"unknown colormap {colormap!r}; use a matplotlib name such as 'jet', 'viridis' or 'inferno'"
         ) from None
-    return cmap(heat)[..., :3].astype(np.float64) * 255.0
+    return cmap(np.arange(cmap.N))[:, :3].astype(np.float64) * 255.0
 
 
 def overlay(
@@ -165,10 +232,13 @@ def overlay(
     colormap: str = "jet",
     *,
     normalization: Any = None,
+    max_side: int | None = DISPLAY_MAX_SIDE,
 ) -> Image.Image:
     """Blends a heatmap, coloured by ``colormap``, over an image.
 
-    Each output pixel is ``(1 - alpha) * image + alpha * colormap(heatmap)``.
+    Each output pixel is ``(1 - alpha) * image + alpha * colormap(heatmap)``. Images whose longer side
+    exceeds ``max_side`` are downscaled first (display only: the heatmap given is not changed), so the
+    work and memory of an overlay are bounded whatever the original's size.
 
     Args:
         image: PIL image, ``[H, W, 3]`` uint8 array, or normalised tensor ``[3, H, W]`` / ``[1, 3, H, W]``.
@@ -178,21 +248,30 @@ def overlay(
         colormap: matplotlib colormap name.
         normalization: for tensor images, the preprocess, model or ``(mean, std)`` used to normalise
             them (OpenAI's CLIP mean/std when None).
+        max_side: longest side of the result (``DISPLAY_MAX_SIDE``); None draws at the full size.
 
     Returns:
-        RGB PIL image of the image's size.
+        RGB PIL image of the image's size, or scaled down to fit ``max_side``.
 
     Raises:
         TypeError, ValueError: on invalid inputs.
     """
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
-    rgb = to_rgb_array(image, normalization)
     heat = heatmap_to_array(heatmap)
+    lut = _colormap_lut(colormap)
+    rgb = fit_for_display(image, max_side, normalization)
     heat = _resize_map(heat, rgb.shape[0], rgb.shape[1])
-    color = colorize(heat, colormap)
-    blended = (1.0 - float(alpha)) * rgb.astype(np.float64) + float(alpha) * color
-    return Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
+    out = np.empty_like(rgb)
+    a = float(alpha)
+    # Row blocks keep the float64 temporaries small whatever the image size.
+    step = max(1, (1 << 20) // max(1, rgb.shape[1]))
+    for r in range(0, rgb.shape[0], step):
+        idx = (heat[r:r + step] * np.float32(lut.shape[0])).astype(np.intp)
+        np.minimum(idx, lut.shape[0] - 1, out=idx)
+        blended = (1.0 - a) * rgb[r:r + step].astype(np.float64) + a * lut[idx]
+        out[r:r + step] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    return Image.fromarray(out)
 
 
 def _split_images(image: Any) -> list[Any]:
@@ -291,7 +370,7 @@ def visualize(
             raise ValueError(f"got {len(titles)} text_prompts for {num_prompts} heatmaps per image")
     panels = []
     for img, row in zip(images, maps):
-        rgb = to_rgb_array(img, normalization)
+        rgb = fit_for_display(img, DISPLAY_MAX_SIDE, normalization)
         panels.append((rgb, [overlay(rgb, m, alpha=alpha, colormap=colormap) for m in row]))
 
     do_show = _should_show(show, save_path)

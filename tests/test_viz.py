@@ -13,7 +13,15 @@ import torch
 from PIL import Image
 
 from legrad.preprocess import OPENAI_MEAN, OPENAI_STD
-from legrad.viz import atomic_writer, overlay, visualize
+from legrad.viz import (
+    DISPLAY_MAX_SIDE,
+    atomic_writer,
+    colorize,
+    fit_for_display,
+    overlay,
+    to_rgb_array,
+    visualize,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -208,3 +216,67 @@ def test_normalisation_taken_from_the_model_config():
     t = torch.from_numpy(((img / 255.0 - 0.5) / 0.25).transpose(2, 0, 1).copy()).float()
     out = np.asarray(overlay(t, np.zeros((16, 16)), alpha=0.0, normalization=model))
     assert np.abs(out.astype(int) - img.astype(int)).max() <= 1
+
+
+# ---------------------------------------------------------------- bounded display size
+
+
+def test_colorize_matches_matplotlib_exactly():
+    heat = np.random.default_rng(9).random((37, 23)).astype(np.float32)
+    heat[0, :4] = [0.0, 1.0, 0.5, 1 / 256]
+    for name in ("jet", "viridis", "inferno"):
+        ref = matplotlib.colormaps[name](heat)[..., :3] * 255.0
+        assert np.array_equal(colorize(heat, name), ref)
+
+
+def test_large_images_are_drawn_at_a_bounded_size():
+    img = np.full((100, 4100, 3), (10, 200, 90), dtype=np.uint8)
+    heat = np.zeros((4, 8), dtype=np.float32)
+    heat[:, 4:] = 1.0
+    out = overlay(img, heat, alpha=0.5)
+    assert out.size == (DISPLAY_MAX_SIDE, round(100 * DISPLAY_MAX_SIDE / 4100))
+    arr = np.asarray(out, dtype=np.float64)
+    assert np.allclose(arr[10, 5], 0.5 * np.array([10, 200, 90]) + 0.5 * _cmap_rgb(0.0), atol=0.5)
+    assert np.allclose(arr[10, -5], 0.5 * np.array([10, 200, 90]) + 0.5 * _cmap_rgb(1.0), atol=0.5)
+    # max_side=None keeps the full size; the map given is never modified.
+    before = heat.copy()
+    assert overlay(img, heat, max_side=None).size == (4100, 100)
+    assert np.array_equal(heat, before)
+
+
+def test_downscaling_averages_areas():
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 256, size=(64, 96, 3), dtype=np.uint8)
+    got = fit_for_display(img, max_side=48).astype(np.float64)
+    # Independent reference: mean over each 2x2 block.
+    ref = img.astype(np.float64).reshape(32, 2, 48, 2, 3).mean(axis=(1, 3))
+    assert got.shape == (32, 48, 3)
+    assert np.abs(got - ref).max() <= 1.0
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "P", "I;16"])
+def test_huge_pil_images_never_become_full_size_arrays(mode):
+    import tracemalloc
+
+    big = Image.new(mode, (12000, 12000), 1)
+    tracemalloc.start()
+    try:
+        out = overlay(big, np.zeros((8, 8)), alpha=0.3)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out.size == (2048, 2048)
+    assert peak < 150_000_000  # numpy allocations; a full-size RGB array alone would be 432 MB
+
+
+def test_16bit_images_are_scaled_for_display():
+    raw = np.array([[0, 65535], [32768, 1000]], dtype=np.uint16)
+    arr = to_rgb_array(Image.fromarray(raw))
+    assert arr[0, 1, 0] == 255 and arr[1, 0, 0] == 128 and arr[1, 1, 0] == 4
+
+
+def test_zero_sized_inputs_are_value_errors():
+    with pytest.raises(ValueError, match="zero"):
+        overlay(np.zeros((0, 4, 3), np.uint8), np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="zero"):
+        overlay(np.zeros((4, 4, 3), np.uint8), np.zeros((0, 2)))
