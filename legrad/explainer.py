@@ -4,6 +4,10 @@ It bundles a loaded model with its preprocess and tokenizer, resizes images with
 :class:`~legrad.preprocess.LePreprocess` (so a heatmap covers the whole image, no crop), and scores
 prompts with the model's own preprocess and ``encode_image`` at its native resolution (the usual CLIP
 similarity). It holds no per-call state: one instance can serve several threads.
+
+Image classifiers (``timm:``/``torchvision:``/``hf:`` models, see :mod:`legrad.classifier_loading`)
+take class targets (indices or names) in place of prompts; their scores are the target's logit and
+softmax probability over all classes, at the model's own preprocessing.
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .classifier_loading import ClassLabels
 from .loading import TOY_NAME, default_layer_index, load_model, native_image_size
 from .preprocess import LePreprocess
 from .wrapper import LeWrapper
 
-__all__ = ["Explainer", "Explanation", "clean_prompts", "MAX_TOKENS"]
+__all__ = ["Explainer", "Explanation", "clean_prompts", "clean_targets", "MAX_TOKENS"]
 
 #: Default largest number of patch tokens per explained image: a 128x128 patch grid, i.e. the demo
 #: model (patch 8) at 1024 px or ViT-B-16 at 2048 px. Attention work grows with its square.
@@ -32,16 +37,19 @@ class Explanation:
 
     Attributes:
         maps: ``[B, P, H, W]`` float32 heatmaps in [0, 1] on the CPU, at the explained size.
-        similarity: ``[B, P]`` cosine similarity of each image and prompt embedding.
-        probability: ``[B, P]`` softmax over prompts of the model's scaled similarities (CLIP's zero-shot
-            probabilities).
-        prompts: the ``P`` prompts.
+        similarity: ``[B, P]`` CLIP models: cosine similarity of each image and prompt embedding;
+            classifiers: the target class's logit.
+        probability: ``[B, P]`` CLIP models: softmax over the prompts of the model's scaled similarities
+            (zero-shot probabilities); classifiers: the target's softmax probability over *all* classes.
+        prompts: the ``P`` prompts; for classifiers, the targets' display labels (``'tabby (281)'``).
+        targets: classifiers: the ``P`` class indices; None for CLIP models.
     """
 
     maps: torch.Tensor
     similarity: torch.Tensor
     probability: torch.Tensor
     prompts: list[str]
+    targets: list[int] | None = None
 
 
 def clean_prompts(prompts: Sequence[str] | str) -> list[str]:
@@ -62,13 +70,39 @@ def clean_prompts(prompts: Sequence[str] | str) -> list[str]:
     return out
 
 
+def clean_targets(targets: Sequence[str | int] | str | int) -> list[str | int]:
+    """Strips class targets (ints, or strings holding an index or a class name), dropping blank ones.
+
+    Raises:
+        TypeError: for a target that is neither an int nor a string.
+        ValueError: if no target is left.
+    """
+    if isinstance(targets, (str, int)):
+        targets = [targets]
+    if not isinstance(targets, Sequence):
+        raise TypeError("targets must be a list of class indices or class names")
+    out: list[str | int] = []
+    for t in targets:
+        if isinstance(t, bool) or not isinstance(t, (str, int)):
+            raise TypeError(f"a class target must be an int or a class name, got {type(t).__name__}")
+        if isinstance(t, str):
+            t = " ".join(t.split())
+            if not t:
+                continue
+        out.append(t)
+    if not out:
+        raise ValueError("give at least one class target, e.g. --target 281 or --target tabby")
+    return out
+
+
 class Explainer:
     """A model ready to explain PIL images.
 
     Args:
         model: an OpenCLIP model (or a ``LeWrapper``) with a supported image tower.
         preprocess: its eval preprocess (PIL -> normalised tensor).
-        tokenizer: its tokenizer (list of str -> ``[N, L]`` token ids).
+        tokenizer: its tokenizer (list of str -> ``[N, L]`` token ids); for an image classifier its
+            :class:`~legrad.classifier_loading.ClassLabels` (None: class indices only).
         layer_index: default first explained block.
         name: a display name.
         max_tokens: largest patch-token count (``(H / patch) * (W / patch)``) :meth:`check_size`
@@ -83,9 +117,11 @@ class Explainer:
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
                                        or max_tokens < 1):
             raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
-        self.wrapper = model if isinstance(model, LeWrapper) else LeWrapper(model, layer_index=layer_index,
-                                                                            tokenizer=tokenizer)
+        self.wrapper = model if isinstance(model, LeWrapper) else LeWrapper(
+            model, layer_index=layer_index, tokenizer=None if isinstance(tokenizer, ClassLabels) else tokenizer)
         self.preprocess = preprocess
+        if self.is_classifier and not isinstance(tokenizer, ClassLabels):
+            tokenizer = ClassLabels(self.wrapper.adapter.num_classes)
         self.tokenizer = tokenizer
         self.name = name
         self.max_tokens = max_tokens
@@ -105,6 +141,16 @@ class Explainer:
         li = default_layer_index(name) if layer_index is None else layer_index
         label = name if pretrained is None else f"{name} ({pretrained})"
         return cls(model, preprocess, tokenizer, layer_index=li, name=label, max_tokens=max_tokens)
+
+    @property
+    def is_classifier(self) -> bool:
+        """Whether the model is an image classifier (class targets instead of text prompts)."""
+        return bool(getattr(self.wrapper.adapter, "scores_classes", False))
+
+    @property
+    def labels(self) -> ClassLabels | None:
+        """A classifier's class names and target resolution; None for CLIP models."""
+        return self.tokenizer if self.is_classifier else None
 
     @property
     def device(self) -> torch.device:
@@ -165,18 +211,42 @@ class Explainer:
             )
         return layer_index
 
+    def clean(self, prompts: Sequence[str | int] | str | int) -> list:
+        """:func:`clean_targets` for classifiers, :func:`clean_prompts` otherwise."""
+        return clean_targets(prompts) if self.is_classifier else clean_prompts(prompts)
+
+    def target_labels(self, targets: torch.Tensor) -> list[str]:
+        """Display labels of class indices ``[P]`` (``'tabby (281)'``)."""
+        return [self.labels.label(int(t)) for t in targets]
+
     @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """``[P, D]`` normalised text embeddings on the model's device."""
+    def encode_prompts(self, prompts: Sequence[str | int]) -> torch.Tensor:
+        """``[P, D]`` normalised text embeddings on the model's device; for classifiers, the ``[P]`` class
+        indices of the targets (indices or names).
+
+        Raises:
+            ValueError: for a classifier target that is out of range or names no class (the message lists
+                close class names).
+        """
+        if self.is_classifier:
+            return self.tokenizer(list(prompts))
         tokens = self.tokenizer(list(prompts)).to(self.device)
         emb = self.wrapper.model.encode_text(tokens)
         return torch.nn.functional.normalize(emb.float(), dim=-1)
 
     @torch.no_grad()
     def similarity(self, images: Sequence[Image.Image], text_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cosine similarities ``[B, P]`` and zero-shot probabilities ``[B, P]`` (CPU, float32)."""
+        """Cosine similarities ``[B, P]`` and zero-shot probabilities ``[B, P]`` (CPU, float32); for
+        classifiers (``text_embedding``: class indices ``[P]``), the targets' logits and their softmax
+        probabilities over all classes."""
         model = self.wrapper.model
         batch = torch.stack([self.preprocess(im) for im in images]).to(self.device, self._dtype())
+        if self.is_classifier:
+            from .classifiers import class_logits
+
+            logits = class_logits(self.wrapper, batch).float().cpu()
+            idx = text_embedding.long().cpu()
+            return logits[:, idx], logits.softmax(-1)[:, idx]
         img = torch.nn.functional.normalize(model.encode_image(batch).float(), dim=-1)
         cos = img @ text_embedding.float().T
         scale = getattr(model, "logit_scale", None)
@@ -191,16 +261,19 @@ class Explainer:
         h, w = self.check_size(size)
         prep = LePreprocess(self.preprocess, (h, w))
         batch = torch.stack([prep(im) for im in images]).to(self.device, self._dtype())
-        maps = self.wrapper.compute_legrad(text_embedding, image=batch, layer_index=layer_index)
+        if self.is_classifier:
+            maps = self.wrapper.compute_legrad(image=batch, target=text_embedding, layer_index=layer_index)
+        else:
+            maps = self.wrapper.compute_legrad(text_embedding, image=batch, layer_index=layer_index)
         return maps.float().cpu()
 
-    def explain(self, images: Sequence[Image.Image] | Image.Image, prompts: Sequence[str] | str,
+    def explain(self, images: Sequence[Image.Image] | Image.Image, prompts: Sequence[str | int] | str | int,
                 size: tuple[int, int] | None = None, layer_index: int | None = None) -> Explanation:
         """Heatmaps and similarities of every image with every prompt.
 
         Args:
             images: RGB PIL images (one or a list).
-            prompts: the prompts.
+            prompts: the prompts; for classifiers, class targets (ints, or class indices/names as str).
             size: explained ``(height, width)``; the model's native size when None.
             layer_index: first explained block; the explainer's default when None.
 
@@ -215,12 +288,15 @@ class Explainer:
         images = [im.convert("RGB") for im in images]
         if not images:
             raise ValueError("no images to explain")
-        prompts = clean_prompts(prompts)
+        prompts = self.clean(prompts)
         self.check_size(size)
         self.check_layer_index(layer_index)
         text = self.encode_prompts(prompts)
         cos, prob = self.similarity(images, text)
         maps = self.heatmaps(images, text, size, layer_index)
+        if self.is_classifier:
+            return Explanation(maps=maps, similarity=cos, probability=prob, prompts=self.target_labels(text),
+                               targets=[int(t) for t in text])
         return Explanation(maps=maps, similarity=cos, probability=prob, prompts=prompts)
 
     def _dtype(self) -> torch.dtype:

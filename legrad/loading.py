@@ -1,7 +1,8 @@
 """Model, image and option loading shared by ``playground.py``, the ``legrad`` command line and ``app.py``.
 
-``load_model('toy')`` gives the bundled demo model (offline); any other name is an OpenCLIP model
-whose weights come through ``open_clip`` as usual (download or local checkpoint). Every failure is a
+``load_model('toy')`` gives the bundled demo model (offline); ``timm:``, ``torchvision:`` and ``hf:``
+names give ViT image classifiers (:mod:`legrad.classifier_loading`); any other name is an OpenCLIP
+model whose weights come through ``open_clip`` as usual (download or local checkpoint). Every failure is a
 :class:`ModelLoadError` / :class:`ImageLoadError` with a one-line message, so front ends can print it
 instead of a traceback. Images are read by :func:`legrad.images.load_image` (re-exported here): bounded
 work, regular files only, URLs on public addresses only, 16-bit/float/EXIF decoded correctly.
@@ -92,8 +93,11 @@ def default_layer_index(name: str) -> int:
 
 
 def default_pretrained(name: str) -> str | None:
-    """The first pretrained tag OpenCLIP lists for ``name`` (None for the demo model or when there is none)."""
-    if _is_toy(name):
+    """The first pretrained tag OpenCLIP lists for ``name`` (None for the demo model, classifiers (their
+    library picks its default weights) or when there is none)."""
+    from .classifier_loading import is_classifier_name
+
+    if _is_toy(name) or is_classifier_name(name):
         return None
     import open_clip
 
@@ -105,6 +109,10 @@ def native_image_size(model: Any) -> tuple[int, int]:
     """The ``(height, width)`` the model's image tower was built for."""
     visual = getattr(model, "visual", model)
     size = getattr(visual, "image_size", None)
+    if size is None:  # timm models: their patch embedding's size; transformers: the config's
+        size = getattr(getattr(visual, "patch_embed", None), "img_size", None)
+    if size is None and getattr(getattr(model, "config", None), "image_size", None) is not None:
+        size = model.config.image_size
     if size is None:
         cfg = getattr(visual, "preprocess_cfg", None) or {}
         size = cfg.get("size", 224)
@@ -130,15 +138,20 @@ def load_model(
     """Loads a model, its eval preprocess and its tokenizer.
 
     Args:
-        name: ``'toy'`` for the bundled demo model, or an OpenCLIP model name (``open_clip.list_models()``).
-        pretrained: for OpenCLIP models, a pretrained tag (see ``legrad models``), a local checkpoint path,
+        name: ``'toy'`` for the bundled demo model, an image classifier ``timm:ARCH[.TAG]``,
+            ``torchvision:NAME`` or ``hf:REPO_OR_DIR`` (see :mod:`legrad.classifier_loading`), or an
+            OpenCLIP model name (``open_clip.list_models()``).
+        pretrained: for classifiers, see :mod:`legrad.classifier_loading` (``'none'``: random weights);
+            for OpenCLIP models, a pretrained tag (see ``legrad models``), a local checkpoint path,
             or ``'none'`` for random weights; None picks the model's first listed tag. For the demo model,
             None (the bundled checkpoint) or a path to another demo checkpoint.
         device: ``'cpu'``, ``'cuda'``, ``'cuda:1'`` or ``'auto'``.
 
     Returns:
         ``(model, preprocess, tokenizer)``: the model in eval mode on ``device``, its image preprocess
-        (PIL -> ``[3, H, W]`` tensor) and its tokenizer (list of str -> ``[N, L]`` LongTensor).
+        (PIL -> ``[3, H, W]`` tensor) and its tokenizer (list of str -> ``[N, L]`` LongTensor); for a
+        classifier, the third item is its :class:`~legrad.classifier_loading.ClassLabels` (class
+        indices or names -> ``[P]`` LongTensor of class indices).
 
     Raises:
         ModelLoadError: unknown or unsupported model, unknown tag, failed download or unreadable checkpoint.
@@ -147,6 +160,10 @@ def load_model(
     device = resolve_device(device)
     if _is_toy(name):
         return _load_toy(pretrained, device)
+    from .classifier_loading import is_classifier_name, load_classifier
+
+    if is_classifier_name(name):
+        return load_classifier(name, pretrained, device)
     return _load_open_clip(name.strip(), pretrained, device)
 
 
@@ -259,9 +276,6 @@ def _fail_fast_if_offline(name: str, tag: str) -> None:
     skipped when a proxy or ``HF_HUB_OFFLINE`` is configured (the clients handle those themselves) and
     when the weights are already cached.
     """
-    import socket
-    from urllib.parse import urlparse
-
     import open_clip
 
     env = {k.lower() for k, v in os.environ.items() if v}
@@ -270,17 +284,33 @@ def _fail_fast_if_offline(name: str, tag: str) -> None:
     cfg = open_clip.get_pretrained_cfg(name, tag) or {}
     if not cfg or "file" in cfg or _weights_cached(cfg):
         return
+    check_download_reachable(None if cfg.get("hf_hub") else cfg.get("url"), f"{tag!r} weights of {name}",
+                             "or use the offline demo model 'toy'")
+
+
+def check_download_reachable(url: str | None, what: str, alternative: str = "or use --pretrained none for random "
+                             "weights") -> None:
+    """Raises :class:`ModelLoadError` at once when ``url``'s host (the Hugging Face Hub when None) is
+    unreachable, instead of letting a download client retry for a minute. No-op when a proxy or an
+    offline mode is configured (the clients handle those themselves).
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    env = {k.lower() for k, v in os.environ.items() if v}
+    if env & {"https_proxy", "http_proxy", "all_proxy", "hf_hub_offline", "transformers_offline"}:
+        return
     endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-    host = urlparse(endpoint if cfg.get("hf_hub") else cfg.get("url", endpoint)).hostname
+    host = urlparse(url or endpoint).hostname
     if not host:
         return
     try:
         socket.create_connection((host, 443), timeout=5.0).close()
     except OSError as exc:
         raise ModelLoadError(
-            f"cannot download the {tag!r} weights of {name}: {host} is unreachable ({_one_line(exc, 80)}) and "
-            "they are not in the local cache; connect to the internet once, or give a local checkpoint file as "
-            "pretrained (--pretrained PATH), or use the offline demo model 'toy'"
+            f"cannot download the {what}: {host} is unreachable ({_one_line(exc, 80)}) and they are not in "
+            "the local cache; connect to the internet once, or give a local checkpoint file as pretrained "
+            f"(--pretrained PATH), {alternative}"
         ) from exc
 
 
