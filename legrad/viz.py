@@ -1,12 +1,15 @@
 """Heatmap overlays and multi-panel figures.
 
 Everything here is headless-safe: figures are built with matplotlib's object API (no pyplot state,
-no display needed) unless the caller asks for a window with ``show=True``.
+no display needed) unless the caller asks for a window with ``show=True``. In notebooks the figures
+render themselves (see `NotebookFigure`).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import io
 import os
 import sys
 import tempfile
@@ -15,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.figure import Figure
 from PIL import Image
 
 from .preprocess import OPENAI_MEAN, OPENAI_STD, normalization_of
 
-__all__ = ["overlay", "visualize", "to_rgb_array", "heatmap_to_array", "colorize", "atomic_writer"]
+__all__ = ["overlay", "visualize", "NotebookFigure", "to_rgb_array", "heatmap_to_array", "colorize", "atomic_writer"]
 
 # Tolerance on the [0, 1] range of heatmaps (float32 round-off of a min-max normalisation).
 _RANGE_EPS = 1e-4
@@ -232,18 +236,96 @@ def _maps_grid(heatmaps: Any, num_images: int) -> np.ndarray:
     return arr
 
 
-def _should_show(show: bool | None, save_path: Any) -> bool:
-    if show is not None:
-        return bool(show)
-    if save_path is not None:
-        return False
+def _notebook_shell() -> Any:
+    """The running IPython kernel shell (Jupyter, JupyterLab, VS Code notebooks), or None.
+
+    IPython is only consulted when something already imported it, so scripts never pay for it.
+    """
+    ipython = sys.modules.get("IPython")
+    if ipython is None:
+        return None
+    try:
+        shell = ipython.get_ipython()
+    except Exception:  # pragma: no cover - a broken IPython install must not break plotting
+        return None
+    # Only kernels (ipykernel's ZMQ shell) have a ``kernel``; a terminal IPython has none.
+    return shell if shell is not None and getattr(shell, "kernel", None) is not None else None
+
+
+class NotebookFigure(Figure):
+    """A matplotlib ``Figure`` that shows itself exactly once in a notebook.
+
+    A figure built without pyplot has no manager, and IPython draws a plain ``Figure`` only when
+    ``%matplotlib inline`` registered a formatter for it. This subclass draws itself instead
+    (``_ipython_display_`` publishes one PNG), with or without the magic, so returning it as a cell's
+    last expression shows it once. After ``show=True`` displayed it, the rest of that same cell does
+    not display it again (the last-expression echo would otherwise duplicate it); later cells do.
+    Everything else is a plain ``Figure`` (``savefig``, axes, ...).
+    """
+
+    def __init__(self, *args: Any, display_dpi: float = 100.0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._display_dpi = float(display_dpi)
+        self._hold_display = False
+
+    def _repr_png_(self) -> bytes:
+        """The figure as PNG bytes (tight bounding box), for IPython and other rich frontends."""
+        buf = io.BytesIO()
+        self.savefig(buf, format="png", dpi=self._display_dpi, bbox_inches="tight")
+        return buf.getvalue()
+
+    def _mimebundle(self) -> dict[str, str]:
+        return {"image/png": base64.b64encode(self._repr_png_()).decode("ascii"), "text/plain": repr(self)}
+
+    def _ipython_display_(self) -> None:
+        """Publishes the PNG once (IPython calls this for ``display(fig)`` and a cell's last expression)."""
+        if self._hold_display:
+            return
+        from IPython.display import display
+
+        display(self._mimebundle(), raw=True)
+
+    def _show_in_notebook(self, shell: Any) -> None:
+        """Displays now and holds further displays until the current cell has finished."""
+        from IPython.display import display
+
+        display(self._mimebundle(), raw=True)
+        self._hold_display = True
+
+        def release(*_: Any) -> None:
+            self._hold_display = False
+            with contextlib.suppress(ValueError):
+                shell.events.unregister("post_run_cell", release)
+
+        try:
+            shell.events.register("post_run_cell", release)
+        except Exception:  # pragma: no cover - no event manager: never hold
+            self._hold_display = False
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_hold_display"] = False
+        return state
+
+
+def _show_mode(show: bool | None, save_path: Any) -> str:
+    """Where to show the figure: ``"notebook"``, ``"window"`` or ``"none"``."""
+    if show is not None and not isinstance(show, bool):
+        raise TypeError(f"show must be True, False or None, got {type(show).__name__}")
+    in_notebook = _notebook_shell() is not None
+    if show:
+        return "notebook" if in_notebook else "window"
+    if show is False or save_path is not None or in_notebook:
+        # In a notebook the returned figure renders itself when it is the cell's last expression.
+        return "none"
     # Auto: only an interactive interpreter with a GUI backend gets a (non-blocking) window, so
-    # scripts, tests and notebooks (which render the returned Figure) never block.
+    # scripts, tests and servers never block.
     import matplotlib
 
     interactive = hasattr(sys, "ps1") or bool(sys.flags.interactive)
     backend = matplotlib.get_backend().lower()
-    return interactive and backend not in {"agg", "pdf", "ps", "svg", "cairo", "template"} and "inline" not in backend
+    gui = backend not in {"agg", "pdf", "ps", "svg", "cairo", "template"} and "inline" not in backend
+    return "window" if interactive and gui else "none"
 
 
 def visualize(
@@ -268,15 +350,23 @@ def visualize(
         alpha: heatmap opacity in [0, 1].
         text_prompts: ``P`` panel titles (the prompts); "prompt 1", ... when None.
         save_path: write the figure there as PNG (parent folders are created).
-        show: open a window with pyplot (``True`` blocks like ``plt.show()``); ``None`` does so only in
-            an interactive interpreter with a GUI backend, and never when ``save_path`` is given.
+        show: ``True``: in a notebook, display the figure inline now; elsewhere open a pyplot window
+            (blocking like ``plt.show()``). ``False``: display nothing. ``None`` (default): a window
+            only in an interactive interpreter with a GUI backend and no ``save_path``; nothing in
+            scripts, tests and servers (they never block) and nothing in notebooks, where the
+            returned figure renders itself as a cell's last expression.
         colormap: matplotlib colormap name.
-        normalization: see :func:`overlay`.
+        normalization: for tensor images, how they were normalised: OpenAI's CLIP mean/std when None
+            (most OpenCLIP models, and the bundled demo model); pass the preprocess, the model or a
+            ``(mean, std)`` pair for models trained with other statistics (e.g. SigLIP's 0.5/0.5),
+            otherwise the colours are off.
         panel_size: panel side in inches.
-        dpi: resolution of the saved PNG.
+        dpi: resolution of the saved PNG and of the notebook image.
 
     Returns:
-        The ``matplotlib.figure.Figure``.
+        A :class:`NotebookFigure` (a ``matplotlib.figure.Figure``). In Jupyter, JupyterLab and VS Code
+        notebooks it shows exactly once, with or without ``%matplotlib inline``: as the cell's last
+        expression, or at the call with ``show=True`` (then not again in that cell).
 
     Raises:
         TypeError, ValueError: on invalid inputs, before drawing.
@@ -299,16 +389,15 @@ def visualize(
         rgb = to_rgb_array(img, normalization)
         panels.append((rgb, [overlay(rgb, m, alpha=alpha, colormap=colormap) for m in row]))
 
-    do_show = _should_show(show, save_path)
+    mode = _show_mode(show, save_path)
     figsize = (panel_size * (num_prompts + 1), (panel_size + 0.35) * len(images))
-    if do_show:
+    if mode == "window":
         import matplotlib.pyplot as plt
 
-        fig = plt.figure(figsize=figsize)
+        fig = plt.figure(figsize=figsize, FigureClass=NotebookFigure, display_dpi=dpi)
     else:
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=figsize)
+        # No pyplot: the figure stays out of pyplot's global state (threads, servers, notebooks).
+        fig = NotebookFigure(figsize=figsize, display_dpi=dpi)
     axes = fig.subplots(len(images), num_prompts + 1, squeeze=False)
     for r, (rgb, overlays) in enumerate(panels):
         axes[r, 0].imshow(rgb)
@@ -322,10 +411,12 @@ def visualize(
 
     if save_path is not None:
         _atomic_savefig(fig, Path(save_path), dpi)
-    if do_show:
+    if mode == "notebook":
+        fig._show_in_notebook(_notebook_shell())
+    elif mode == "window":
         import matplotlib.pyplot as plt
 
-        plt.show(block=True if show else False)
+        plt.show(block=bool(show))
     return fig
 
 
