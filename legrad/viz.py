@@ -371,6 +371,7 @@ def visualize(
     Raises:
         TypeError, ValueError: on invalid inputs, before drawing.
     """
+    mode = _show_mode(show, save_path)
     images = _split_images(image)
     if not images:
         raise ValueError("image batch is empty")
@@ -389,7 +390,6 @@ def visualize(
         rgb = to_rgb_array(img, normalization)
         panels.append((rgb, [overlay(rgb, m, alpha=alpha, colormap=colormap) for m in row]))
 
-    mode = _show_mode(show, save_path)
     figsize = (panel_size * (num_prompts + 1), (panel_size + 0.35) * len(images))
     if mode == "window":
         import matplotlib.pyplot as plt

@@ -208,3 +208,20 @@ def test_normalisation_taken_from_the_model_config():
     t = torch.from_numpy(((img / 255.0 - 0.5) / 0.25).transpose(2, 0, 1).copy()).float()
     out = np.asarray(overlay(t, np.zeros((16, 16)), alpha=0.0, normalization=model))
     assert np.abs(out.astype(int) - img.astype(int)).max() <= 1
+
+
+def test_figure_renders_itself_as_png_outside_pyplot():
+    # What a notebook displays (tests/test_notebooks.py runs real kernels): one PNG of the whole figure.
+    import io
+
+    from legrad.viz import NotebookFigure
+
+    fig = visualize(_random_image(16, 16), np.zeros((2, 16, 16)), dpi=50)
+    assert isinstance(fig, NotebookFigure)
+    with Image.open(io.BytesIO(fig._repr_png_())) as png:
+        assert png.format == "PNG" and png.width > 2 * png.height
+
+
+def test_show_must_be_a_bool_or_none():
+    with pytest.raises(TypeError, match="show"):
+        visualize(_random_image(8, 8), np.zeros((8, 8)), show="yes")
