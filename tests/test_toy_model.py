@@ -1,7 +1,7 @@
 """Tests of the bundled demo CLIP: offline loading, round trips, retrieval and LeGrad localization.
 
 The thresholds catch a broken checkpoint or a broken LeGrad, they are not the benchmark
-(``bench/toy_localization.py`` on 500 scenes; see the README section "The bundled demo model"):
+(``bench/toy_localization.py`` on 500 scenes; see docs/demo_model.md):
 * zero-shot over the 40 phrases: chance is 1/40 (a random-init copy scores 0.00 / 0.03 here); the
   bundled checkpoint gets 0.48 on single-object scenes and 0.20 of objects in 1-3 object scenes
   (held-out, training log; 0.48 / 0.27 on these test scenes), so 0.3 / 0.12 are >= 2-sigma margins

@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 #: Recommended ``layer_index`` for `LeWrapper` on the demo model (chosen with
-#: ``bench/toy_localization.py``; see the README section "The bundled demo model"): LeGrad aggregates the blocks from
+#: ``bench/toy_localization.py``; see docs/demo_model.md): LeGrad aggregates the blocks from
 #: this index to the last one.
 LAYER_INDEX: int = 0
 
