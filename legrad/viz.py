@@ -7,9 +7,7 @@ render themselves (see `NotebookFigure`).
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import io
 import os
 import sys
 import tempfile
@@ -18,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.figure import Figure
 from PIL import Image
 
+from .notebook import NotebookFigure, notebook_shell
 from .preprocess import OPENAI_MEAN, OPENAI_STD, normalization_of
 
 __all__ = ["overlay", "visualize", "NotebookFigure", "to_rgb_array", "heatmap_to_array", "colorize", "atomic_writer"]
@@ -236,83 +234,11 @@ def _maps_grid(heatmaps: Any, num_images: int) -> np.ndarray:
     return arr
 
 
-def _notebook_shell() -> Any:
-    """The running IPython kernel shell (Jupyter, JupyterLab, VS Code notebooks), or None.
-
-    IPython is only consulted when something already imported it, so scripts never pay for it.
-    """
-    ipython = sys.modules.get("IPython")
-    if ipython is None:
-        return None
-    try:
-        shell = ipython.get_ipython()
-    except Exception:  # pragma: no cover - a broken IPython install must not break plotting
-        return None
-    # Only kernels (ipykernel's ZMQ shell) have a ``kernel``; a terminal IPython has none.
-    return shell if shell is not None and getattr(shell, "kernel", None) is not None else None
-
-
-class NotebookFigure(Figure):
-    """A matplotlib ``Figure`` that shows itself exactly once in a notebook.
-
-    A figure built without pyplot has no manager, and IPython draws a plain ``Figure`` only when
-    ``%matplotlib inline`` registered a formatter for it. This subclass draws itself instead
-    (``_ipython_display_`` publishes one PNG), with or without the magic, so returning it as a cell's
-    last expression shows it once. After ``show=True`` displayed it, the rest of that same cell does
-    not display it again (the last-expression echo would otherwise duplicate it); later cells do.
-    Everything else is a plain ``Figure`` (``savefig``, axes, ...).
-    """
-
-    def __init__(self, *args: Any, display_dpi: float = 100.0, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._display_dpi = float(display_dpi)
-        self._hold_display = False
-
-    def _repr_png_(self) -> bytes:
-        """The figure as PNG bytes (tight bounding box), for IPython and other rich frontends."""
-        buf = io.BytesIO()
-        self.savefig(buf, format="png", dpi=self._display_dpi, bbox_inches="tight")
-        return buf.getvalue()
-
-    def _mimebundle(self) -> dict[str, str]:
-        return {"image/png": base64.b64encode(self._repr_png_()).decode("ascii"), "text/plain": repr(self)}
-
-    def _ipython_display_(self) -> None:
-        """Publishes the PNG once (IPython calls this for ``display(fig)`` and a cell's last expression)."""
-        if self._hold_display:
-            return
-        from IPython.display import display
-
-        display(self._mimebundle(), raw=True)
-
-    def _show_in_notebook(self, shell: Any) -> None:
-        """Displays now and holds further displays until the current cell has finished."""
-        from IPython.display import display
-
-        display(self._mimebundle(), raw=True)
-        self._hold_display = True
-
-        def release(*_: Any) -> None:
-            self._hold_display = False
-            with contextlib.suppress(ValueError):
-                shell.events.unregister("post_run_cell", release)
-
-        try:
-            shell.events.register("post_run_cell", release)
-        except Exception:  # pragma: no cover - no event manager: never hold
-            self._hold_display = False
-
-    def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        state["_hold_display"] = False
-        return state
-
-
 def _show_mode(show: bool | None, save_path: Any) -> str:
     """Where to show the figure: ``"notebook"``, ``"window"`` or ``"none"``."""
     if show is not None and not isinstance(show, bool):
         raise TypeError(f"show must be True, False or None, got {type(show).__name__}")
-    in_notebook = _notebook_shell() is not None
+    in_notebook = notebook_shell() is not None
     if show:
         return "notebook" if in_notebook else "window"
     if show is False or save_path is not None or in_notebook:
@@ -412,7 +338,7 @@ def visualize(
     if save_path is not None:
         _atomic_savefig(fig, Path(save_path), dpi)
     if mode == "notebook":
-        fig._show_in_notebook(_notebook_shell())
+        fig.show_in_notebook(notebook_shell())
     elif mode == "window":
         import matplotlib.pyplot as plt
 
