@@ -19,7 +19,7 @@ examples:
 INPUT is a folder (walked recursively, sorted) or a JSONL file with one {"image": path, "prompts": [...]}
 per line (paths relative to the file; lines without "prompts" use -p/--prompts-file).
 Outputs: OUT/<image path>.npz (maps [P, h, w] in [0, 1], prompts, similarity [P], image, image_size,
-input_size, config) and OUT/manifest.jsonl (one line per image: output, prompts, similarities, status,
+input_size, config, source) and OUT/manifest.jsonl (one line per image: output, prompts, similarities, status,
 error). Rerunning the same command skips images whose output is complete and valid. Unreadable images
 are recorded in the manifest and skipped; the exit status is 1 if any image failed.
 """
