@@ -13,8 +13,10 @@ from PIL import Image
 
 from legrad import baselines
 from legrad.baselines import METHODS
-from legrad.benchmark import FolderDataset, ToyScenes, evaluate, format_table, main, preprocess_mask
-from legrad.metrics import miou, pointing_game
+from legrad.benchmark import main
+from legrad.eval.benchmark import evaluate, format_table
+from legrad.eval.datasets import FolderDataset, ToyScenes, preprocess_mask
+from legrad.eval.metrics import miou, pointing_game
 from legrad.toy.model import ToyConfig, build_model, make_preprocess, make_tokenizer
 
 torch.set_num_threads(1)
