@@ -6,8 +6,13 @@ import argparse
 import os
 import sys
 
-from legrad.commands.argtypes import non_negative_int, positive_int
-from legrad.commands.options import add_device_option, add_model_options, add_quiet_option
+from legrad.cli.options import (
+    add_device_option,
+    add_model_options,
+    add_quiet_option,
+    non_negative_int,
+    positive_int,
+)
 
 _EPILOG = """\
 examples:
