@@ -46,13 +46,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def default_scene(index: int = 0):
     """A bundled demo scene: ``(PIL image, phrases of its objects, a phrase of an absent object, label)``.
 
-    Reads ``assets/scenes.json``; without it, draws a scene with the bundled generator.
+    Reads ``assets/scenes.json``; without it, draws a scene with the bundled generator (index 0 only).
+
+    Raises:
+        ValueError: if ``index`` is not one of the bundled scenes.
     """
     from legrad.loading import absent_phrase, load_image, sample_scenes
 
     scenes = sample_scenes(ASSETS)
+    count = len(scenes) if scenes else 1
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
+        raise ValueError(f"--scene must be between 0 and {count - 1} (the bundled demo scenes), got {index!r}")
     if scenes:
-        scene = scenes[index % len(scenes)]
+        scene = scenes[index]
         phrases = list(scene.phrases)
         return load_image(scene.path), phrases, absent_phrase(phrases), str(scene.path.relative_to(REPO))
     from legrad.toy.scenes import make_scenes
@@ -89,8 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     from legrad.viz import visualize
 
     prompts = args.prompts
+    absent = None
     if args.image is None:
-        image, phrases, absent, label = default_scene(args.scene)
+        try:
+            image, phrases, absent, label = default_scene(args.scene)
+        except ValueError as exc:
+            print(f"{err} {exc}", file=sys.stderr)
+            return 2
         if not prompts:
             prompts = [*phrases, absent]
     else:
@@ -110,12 +121,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{err} {exc}", file=sys.stderr)
         return 1
     try:
+        # Checked first: a size over the explainer's bound must not start any work.
+        h, w = explainer.check_size(size)
         result = explainer.explain(image, prompts, size=size, layer_index=args.layer_index)
     except (TypeError, ValueError) as exc:
         print(f"{err} {exc}", file=sys.stderr)
         return 2
 
-    h, w = explainer.check_size(size)
     model_label = "toy (bundled demo model)" if explainer.name == TOY_NAME else explainer.name
     print(f"model: {model_label}, layer_index {explainer.check_layer_index(args.layer_index)}, size {h}x{w}")
     print(f"image: {label}")
@@ -124,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     for p, prompt in enumerate(result.prompts):
         print(f"  {prompt:<{width}}  {result.similarity[0, p]:>10.3f}  {result.probability[0, p]:>11.3f}")
 
-    titles = [f"{prompt}\nsim {result.similarity[0, p]:.3f}" for p, prompt in enumerate(result.prompts)]
+    # The similarity sits beside each map: a map is min-max normalised, so only the similarity
+    # tells a present object from an absent one.
+    titles = [f"{prompt}\nsimilarity {result.similarity[0, p]:.2f}" + ("\n(not in the image)" if prompt == absent else "")
+              for p, prompt in enumerate(result.prompts)]
     visualize(image, result.maps[0], alpha=args.alpha, text_prompts=titles, save_path=args.out,
               show=True if args.show else False)
     print(f"wrote {args.out}")

@@ -1,6 +1,6 @@
 """Localization benchmark: LeGrad vs raw attention, rollout, GradCAM and CheferCAM.
 
-Same program as ``legrad bench`` (see ``legrad/benchmark.py`` for the metrics and the dataset format):
+Same program as ``legrad bench`` (see ``legrad/eval/`` for the metrics and the dataset format):
 
     python bench/localization.py                        # bundled demo model, fresh synthetic scenes
     python bench/localization.py --limit 20 --no-perturbation
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from legrad.benchmark import main
+from legrad.cli.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,7 +13,7 @@ from .pretrained import list_pretrained
 from .towers import LayerStep, TowerAdapter, register_tower, supported_tower_names
 from .wrapper import LeWrapper
 
-__version__ = "0.1.0"
+__version__ = "2.0.0"
 
 __all__ = [
     "LeWrapper",

@@ -1,7 +1,8 @@
 """Heatmap overlays and multi-panel figures.
 
 Everything here is headless-safe: figures are built with matplotlib's object API (no pyplot state,
-no display needed) unless the caller asks for a window with ``show=True``.
+no display needed) unless the caller asks for a window with ``show=True``. In notebooks the figures
+render themselves (see `NotebookFigure`).
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import numpy as np
 from PIL import Image
 
 from .io_utils import atomic_writer  # noqa: F401
+from .notebook import NotebookFigure, notebook_shell
 from .preprocess import OPENAI_MEAN, OPENAI_STD, normalization_of
 
-__all__ = ["overlay", "visualize", "to_rgb_array", "heatmap_to_array", "colorize", "fit_for_display",
-           "atomic_writer", "DISPLAY_MAX_SIDE"]
+__all__ = ["overlay", "visualize", "NotebookFigure", "to_rgb_array", "heatmap_to_array", "colorize",
+           "fit_for_display", "atomic_writer", "DISPLAY_MAX_SIDE"]
 
 #: Longest side of drawn overlays and figure panels; larger images are downscaled for display only
 #: (heatmaps themselves are never resampled by this limit).
@@ -306,18 +308,24 @@ def _maps_grid(heatmaps: Any, num_images: int) -> np.ndarray:
     return arr
 
 
-def _should_show(show: bool | None, save_path: Any) -> bool:
-    if show is not None:
-        return bool(show)
-    if save_path is not None:
-        return False
+def _show_mode(show: bool | None, save_path: Any) -> str:
+    """Where to show the figure: ``"notebook"``, ``"window"`` or ``"none"``."""
+    if show is not None and not isinstance(show, bool):
+        raise TypeError(f"show must be True, False or None, got {type(show).__name__}")
+    in_notebook = notebook_shell() is not None
+    if show:
+        return "notebook" if in_notebook else "window"
+    if show is False or save_path is not None or in_notebook:
+        # In a notebook the returned figure renders itself when it is the cell's last expression.
+        return "none"
     # Auto: only an interactive interpreter with a GUI backend gets a (non-blocking) window, so
-    # scripts, tests and notebooks (which render the returned Figure) never block.
+    # scripts, tests and servers never block.
     import matplotlib
 
     interactive = hasattr(sys, "ps1") or bool(sys.flags.interactive)
     backend = matplotlib.get_backend().lower()
-    return interactive and backend not in {"agg", "pdf", "ps", "svg", "cairo", "template"} and "inline" not in backend
+    gui = backend not in {"agg", "pdf", "ps", "svg", "cairo", "template"} and "inline" not in backend
+    return "window" if interactive and gui else "none"
 
 
 def visualize(
@@ -342,19 +350,28 @@ def visualize(
         alpha: heatmap opacity in [0, 1].
         text_prompts: ``P`` panel titles (the prompts); "prompt 1", ... when None.
         save_path: write the figure there as PNG (parent folders are created).
-        show: open a window with pyplot (``True`` blocks like ``plt.show()``); ``None`` does so only in
-            an interactive interpreter with a GUI backend, and never when ``save_path`` is given.
+        show: ``True``: in a notebook, display the figure inline now; elsewhere open a pyplot window
+            (blocking like ``plt.show()``). ``False``: display nothing. ``None`` (default): a window
+            only in an interactive interpreter with a GUI backend and no ``save_path``; nothing in
+            scripts, tests and servers (they never block) and nothing in notebooks, where the
+            returned figure renders itself as a cell's last expression.
         colormap: matplotlib colormap name.
-        normalization: see :func:`overlay`.
+        normalization: for tensor images, how they were normalised: OpenAI's CLIP mean/std when None
+            (most OpenCLIP models, and the bundled demo model); pass the preprocess, the model or a
+            ``(mean, std)`` pair for models trained with other statistics (e.g. SigLIP's 0.5/0.5),
+            otherwise the colours are off.
         panel_size: panel side in inches.
-        dpi: resolution of the saved PNG.
+        dpi: resolution of the saved PNG and of the notebook image.
 
     Returns:
-        The ``matplotlib.figure.Figure``.
+        A :class:`NotebookFigure` (a ``matplotlib.figure.Figure``). In Jupyter, JupyterLab and VS Code
+        notebooks it shows exactly once, with or without ``%matplotlib inline``: as the cell's last
+        expression, or at the call with ``show=True`` (then not again in that cell).
 
     Raises:
         TypeError, ValueError: on invalid inputs, before drawing.
     """
+    mode = _show_mode(show, save_path)
     images = _split_images(image)
     if not images:
         raise ValueError("image batch is empty")
@@ -373,16 +390,14 @@ def visualize(
         rgb = fit_for_display(img, DISPLAY_MAX_SIDE, normalization)
         panels.append((rgb, [overlay(rgb, m, alpha=alpha, colormap=colormap) for m in row]))
 
-    do_show = _should_show(show, save_path)
     figsize = (panel_size * (num_prompts + 1), (panel_size + 0.35) * len(images))
-    if do_show:
+    if mode == "window":
         import matplotlib.pyplot as plt
 
-        fig = plt.figure(figsize=figsize)
+        fig = plt.figure(figsize=figsize, FigureClass=NotebookFigure, display_dpi=dpi)
     else:
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=figsize)
+        # No pyplot: the figure stays out of pyplot's global state (threads, servers, notebooks).
+        fig = NotebookFigure(figsize=figsize, display_dpi=dpi)
     axes = fig.subplots(len(images), num_prompts + 1, squeeze=False)
     for r, (rgb, overlays) in enumerate(panels):
         axes[r, 0].imshow(rgb)
@@ -396,10 +411,12 @@ def visualize(
 
     if save_path is not None:
         _atomic_savefig(fig, Path(save_path), dpi)
-    if do_show:
+    if mode == "notebook":
+        fig.show_in_notebook(notebook_shell())
+    elif mode == "window":
         import matplotlib.pyplot as plt
 
-        plt.show(block=True if show else False)
+        plt.show(block=bool(show))
     return fig
 
 

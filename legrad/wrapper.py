@@ -34,7 +34,8 @@ class LeWrapper:
         model: an OpenCLIP ``CLIP``/``CustomTextCLIP``/``CoCa`` model with a supported image tower, or a
             ViT image classifier (timm, torchvision, transformers: see :mod:`legrad.classifiers`).
         layer_index: first transformer block used; negative values count from the end (``-2``: the
-            last two blocks).
+            last two blocks). None (default): the model's recommended index if it declares one as
+            an int attribute ``legrad_layer_index`` (the bundled demo model does: 0), else ``-2``.
         tokenizer: optional tokenizer, used by towers that need an auxiliary prompt (SigLIP's
             empty-prompt correction).
         empty_text_embedding: optional precomputed ``[D]`` embedding of that auxiliary prompt.
@@ -49,7 +50,7 @@ class LeWrapper:
     def __init__(
         self,
         model: nn.Module,
-        layer_index: int = -2,
+        layer_index: int | None = None,
         tokenizer: Any = None,
         empty_text_embedding: torch.Tensor | None = None,
         apply_correction: bool = True,
@@ -67,7 +68,7 @@ class LeWrapper:
         object.__setattr__(self, "_empty_text_embedding", empty_text_embedding)
         object.__setattr__(self, "apply_correction", bool(apply_correction))
         object.__setattr__(self, "correction_threshold", float(correction_threshold))
-        self.layer_index = layer_index
+        self.layer_index = getattr(model, "legrad_layer_index", -2) if layer_index is None else layer_index
 
     # ------------------------------------------------------------------ delegation
     @property

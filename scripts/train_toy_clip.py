@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.init is not None:
         from legrad.toy.model import load_checkpoint
 
-        init, init_cfg, _ = load_checkpoint(args.init)
+        # As stored (training normalisation): a rebuilt sin-cos table would drop a folded offset.
+        init, init_cfg, _ = load_checkpoint(args.init, fold=False)
         # The pooling has no weights of its own, and a fixed sine-cosine position table is rebuilt for
         # any grid, so those may differ from the checkpoint's; nothing else may.
         allowed = {"pool_type"}

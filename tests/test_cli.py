@@ -13,7 +13,7 @@ from frontend_utils import PYTHON, REPO, bundled_scenes, copy_scenes, subprocess
 from oracles import openclip_vit_oracle
 from PIL import Image
 
-from legrad.commands.explain import discover, slugify
+from legrad.cli.explain import discover, slugify
 
 
 def _legrad(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:

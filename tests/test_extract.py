@@ -362,7 +362,7 @@ def test_changed_sources_are_explained_again(tmp_path, toy, scenes, explainer):
 
 
 def test_failing_image_costs_only_itself(tmp_path, toy, scenes, explainer, monkeypatch):
-    import legrad.extract as extract_mod
+    import legrad.extract.compute as compute
 
     data = tmp_path / "data"
     data.mkdir()
@@ -370,14 +370,14 @@ def test_failing_image_costs_only_itself(tmp_path, toy, scenes, explainer, monke
     for name in names:
         shutil.copy(scenes / name, data / name)
     marked = LePreprocess(explainer.preprocess, (64, 64))(Image.open(data / names[2]).convert("RGB"))
-    original = extract_mod._heatmaps
+    original = compute.heatmaps
 
     def heatmaps(wrapper, image, *args, **kwargs):
         if any(torch.equal(x.cpu(), marked) for x in image):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return original(wrapper, image, *args, **kwargs)
 
-    monkeypatch.setattr(extract_mod, "_heatmaps", heatmaps)
+    monkeypatch.setattr(compute, "heatmaps", heatmaps)
     result = run(data, tmp_path / "out", PROMPTS, model=toy[0], pretrained=toy[1], workers=0, batch_size=4,
                  dtype="float32", progress=False)
     assert (result.computed, result.failed) == (4, 1)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from legrad.metrics import (
+from legrad.eval.metrics import (
     DEFAULT_FRACTIONS,
     binarize,
     confusion,

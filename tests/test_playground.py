@@ -87,3 +87,32 @@ def test_custom_image_and_prompts(tmp_path, playground, capsys):
     stdout = capsys.readouterr().out
     assert phrases[0] in stdout and other in stdout and str(scene) in stdout
     assert out.is_file()
+
+
+@pytest.mark.parametrize("scene", ["9", "-1", "6"])
+def test_out_of_range_scene_is_an_error(tmp_path, playground, capsys, scene):
+    out = tmp_path / "never.png"
+    assert playground.main(["--scene", scene, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--scene must be between 0 and 5" in err[0]
+    assert not out.exists()
+
+
+def test_size_rejected_by_the_explainer_stops_before_any_work(tmp_path, playground, capsys, monkeypatch):
+    # The explainer's own size check (patch multiple, upper bound) is what decides; playground must
+    # turn its ValueError into one line and exit before explaining anything.
+    from legrad.explainer import Explainer
+
+    def refuse(self, size):
+        raise ValueError(f"image size {size[0]}x{size[1]} is too large")
+
+    def never(*args, **kwargs):
+        raise AssertionError("explain ran")
+
+    monkeypatch.setattr(Explainer, "check_size", refuse)
+    monkeypatch.setattr(Explainer, "explain", never)
+    out = tmp_path / "never.png"
+    assert playground.main(["--size", "40000", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "40000x40000 is too large" in err[0]
+    assert not out.exists()

@@ -1,7 +1,7 @@
 """Tests of the bundled demo CLIP: offline loading, round trips, retrieval and LeGrad localization.
 
 The thresholds catch a broken checkpoint or a broken LeGrad, they are not the benchmark
-(``bench/toy_localization.py`` on 500 scenes; see the README section "The bundled demo model"):
+(``bench/toy_localization.py`` on 500 scenes; see docs/demo_model.md):
 * zero-shot over the 40 phrases: chance is 1/40 (a random-init copy scores 0.00 / 0.03 here); the
   bundled checkpoint gets 0.48 on single-object scenes and 0.20 of objects in 1-3 object scenes
   (held-out, training log; 0.48 / 0.27 on these test scenes), so 0.3 / 0.12 are >= 2-sigma margins
@@ -21,15 +21,25 @@ import pytest
 import torch
 
 from legrad import LeWrapper
-from legrad.toy import LAYER_INDEX, VOCABULARY, load_model, make_scenes
+from legrad.preprocess import OPENAI_MEAN, OPENAI_STD, normalization_of
+from legrad.toy import (
+    LAYER_INDEX,
+    VOCABULARY,
+    create_model_and_transforms,
+    get_tokenizer,
+    load_model,
+    make_scenes,
+)
 from legrad.toy.model import (
     CHECKPOINT_PATH,
     ToyConfig,
     build_model,
+    fold_normalization,
     known_token_ids,
     load_checkpoint,
     save_checkpoint,
 )
+from legrad.viz import to_rgb_array
 
 HELD_OUT_SEED = 424242  # not a seed the training stream or the bench uses
 ZS_SINGLE_THRESHOLD = 0.3
@@ -86,11 +96,11 @@ def test_load_model_twice_gives_identical_outputs(toy, scenes):
 
 def test_save_load_round_trip(toy, scenes, tmp_path):
     model, preprocess, tokenizer = toy
-    cfg = load_checkpoint(CHECKPOINT_PATH)[1]
+    stored, cfg, _ = load_checkpoint(CHECKPOINT_PATH, fold=False)
     path = tmp_path / "again.pt"
-    save_checkpoint(model, cfg, path, known_token_ids(tokenizer), meta={"note": "test"})
+    save_checkpoint(stored, cfg, path, known_token_ids(tokenizer), meta={"note": "test"})
     again, cfg2, meta = load_checkpoint(path)
-    assert cfg2 == cfg and meta == {"note": "test"}
+    assert cfg2 == load_checkpoint(CHECKPOINT_PATH)[1] and meta == {"note": "test"}
     a = _embed(model, preprocess, tokenizer, scenes[:8])
     b = _embed(again, preprocess, tokenizer, scenes[:8])
     for x, y in zip(a, b):
@@ -139,9 +149,77 @@ def test_layer_index_is_valid(toy):
     assert -depth <= LAYER_INDEX < depth
 
 
+def _pixels(scenes) -> torch.Tensor:
+    """Scenes as ``[B, 3, H, W]`` floats in [0, 1], no normalisation."""
+    return torch.stack([torch.from_numpy(np.asarray(s.image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+                        for s in scenes])
+
+
+def _normalise(pixels: torch.Tensor, mean, std) -> torch.Tensor:
+    return (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+@pytest.mark.parametrize("side", [64, 128, 96])
+def test_folded_normalisation_is_exact(toy, scenes, side):
+    # Reference: the weights exactly as trained and stored, fed the training normalisation (0.5 / 0.25).
+    stored, stored_cfg, _ = load_checkpoint(CHECKPOINT_PATH, fold=False)
+    assert stored_cfg.mean == (0.5, 0.5, 0.5) and stored_cfg.std == (0.25, 0.25, 0.25)
+    model, _, tokenizer = toy
+    pixels = torch.nn.functional.interpolate(_pixels(scenes[:6]), size=(side, side), mode="bilinear")
+    old_in = _normalise(pixels, stored_cfg.mean, stored_cfg.std)
+    new_in = _normalise(pixels, OPENAI_MEAN, OPENAI_STD)
+    text = model.encode_text(tokenizer(list(VOCABULARY[:5])), normalize=True).detach()
+    if side == 64:  # the model's own forward only runs at its native size
+        with torch.no_grad():
+            assert torch.allclose(model.encode_image(new_in), stored.encode_image(old_in), atol=1e-5, rtol=0)
+    old_maps = LeWrapper(stored, layer_index=LAYER_INDEX).compute_legrad(text, image=old_in, output_size="grid")
+    new_maps = LeWrapper(model).compute_legrad(text, image=new_in, output_size="grid")
+    assert (new_maps - old_maps).abs().max() <= 1e-5
+
+
+def test_loaded_model_takes_openai_statistics_so_colours_are_true(toy, scenes):
+    model, preprocess, _ = toy
+    assert normalization_of(preprocess) == (tuple(OPENAI_MEAN), tuple(OPENAI_STD))
+    assert load_checkpoint(CHECKPOINT_PATH)[1].mean == tuple(OPENAI_MEAN)
+    for s in scenes[:4]:
+        # visualize's default un-normalisation gives back the scene's pixels (native size: no resize).
+        rgb = to_rgb_array(preprocess(s.image).unsqueeze(0))
+        assert np.abs(rgb.astype(int) - np.asarray(s.image).astype(int)).max() <= 1
+
+
+def test_fold_normalization_rejects_bad_statistics():
+    model = build_model(ToyConfig(vision_layers=1, text_layers=1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="positive"):
+        fold_normalization(model, ToyConfig(), std=(0.2, 0.0, 0.2))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_open_clip_shaped_loaders_match_load_model(toy, scenes):
+    model, preprocess, tokenizer = toy
+    model2, train_tf, preprocess2 = create_model_and_transforms()
+    assert train_tf is preprocess2
+    texts = ["a red circle", "a blue star"]
+    assert torch.equal(get_tokenizer()(texts), tokenizer(texts))
+    image = preprocess(scenes[0].image).unsqueeze(0)
+    assert torch.equal(preprocess2(scenes[0].image).unsqueeze(0), image)
+    with torch.no_grad():
+        assert torch.equal(model2.encode_image(image), model.encode_image(image))
+
+
+def test_lewrapper_defaults_to_the_recommended_layer_index(toy, scenes):
+    model, preprocess, tokenizer = toy
+    assert LeWrapper(model).layer_index == LAYER_INDEX
+    assert LeWrapper(model, layer_index=-2).layer_index == -2  # an explicit index wins
+    # A model that declares nothing gets -2.
+    plain = build_model(ToyConfig(vision_layers=3, text_layers=1)).eval()
+    assert not hasattr(plain, "legrad_layer_index")
+    assert LeWrapper(plain).layer_index == -2
+
+
 def test_legrad_points_at_the_prompted_object(toy, scenes):
     model, preprocess, tokenizer = toy
-    wrapper = LeWrapper(model, layer_index=LAYER_INDEX)
+    wrapper = LeWrapper(model)  # the seed's pattern: no layer_index, the model's recommended one
     images, _, txt = _embed(model, preprocess, tokenizer, scenes)
     # 3 prompts per image: its phrases, the last one repeated (extras ignored).
     ids = [[VOCABULARY.index(p) for p in s.phrases] + [VOCABULARY.index(s.phrases[-1])] * (3 - len(s.objects))

@@ -280,3 +280,20 @@ def test_zero_sized_inputs_are_value_errors():
         overlay(np.zeros((0, 4, 3), np.uint8), np.zeros((2, 2)))
     with pytest.raises(ValueError, match="zero"):
         overlay(np.zeros((4, 4, 3), np.uint8), np.zeros((0, 2)))
+
+
+def test_figure_renders_itself_as_png_outside_pyplot():
+    # What a notebook displays (tests/test_notebooks.py runs real kernels): one PNG of the whole figure.
+    import io
+
+    from legrad.viz import NotebookFigure
+
+    fig = visualize(_random_image(16, 16), np.zeros((2, 16, 16)), dpi=50)
+    assert isinstance(fig, NotebookFigure)
+    with Image.open(io.BytesIO(fig._repr_png_())) as png:
+        assert png.format == "PNG" and png.width > 2 * png.height
+
+
+def test_show_must_be_a_bool_or_none():
+    with pytest.raises(TypeError, match="show"):
+        visualize(_random_image(8, 8), np.zeros((8, 8)), show="yes")

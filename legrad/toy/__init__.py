@@ -3,13 +3,17 @@
 Usage::
 
     from legrad import LeWrapper
-    from legrad.toy import LAYER_INDEX, load_model, make_scenes
+    from legrad.toy import load_model, make_scenes
 
     model, preprocess, tokenizer = load_model()          # offline, plain open_clip CLIP
-    wrapper = LeWrapper(model, layer_index=LAYER_INDEX)
+    wrapper = LeWrapper(model)                           # the model's recommended LAYER_INDEX
     scene = make_scenes(1, seed=0)[0]                    # PIL image, caption, per-object masks
     text = model.encode_text(tokenizer([scene.objects[0].phrase]), normalize=True)
     heatmap = wrapper.compute_legrad(text, image=preprocess(scene.image).unsqueeze(0))
+
+``create_model_and_transforms()`` / ``get_tokenizer()`` give the same in open_clip's shapes
+(``model, _, preprocess = ...``). The loaded model takes OpenAI's CLIP normalisation (the training
+normalisation is folded into its weights, see `legrad.toy.model`).
 
 The scene generator only needs numpy and Pillow; the model parts (`load_model`, `LAYER_INDEX`,
 `ToyConfig`, ...) import torch/open_clip lazily on first access.
@@ -21,7 +25,10 @@ from typing import Any
 
 from .scenes import COLOURS, SHAPES, VOCABULARY, Scene, SceneObject, make_scene, make_scenes, phrase_for
 
-_LAZY = {"load_model", "LAYER_INDEX", "CHECKPOINT_PATH", "ToyConfig", "load_checkpoint"}
+_LAZY = {
+    "load_model", "LAYER_INDEX", "CHECKPOINT_PATH", "ToyConfig", "load_checkpoint", "create_model_and_transforms",
+    "get_tokenizer",
+}
 
 __all__ = [
     "COLOURS",

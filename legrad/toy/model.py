@@ -6,17 +6,24 @@ open_clip's text transformer with its standard BPE tokenizer) trained on `legrad
 The checkpoint stores every weight in fp16 except the token-embedding table, of which only the
 rows for tokens the vocabulary uses (plus the start/end tokens) are kept; the other 49k rows are
 rebuilt as zeros at load time. Prompts made of other words therefore give meaningless embeddings.
+
+The model was trained on images normalised with mean 0.5 / std 0.25 (`ToyConfig`'s defaults, what
+the checkpoint records). At load time that normalisation is folded into the patch embedding
+(`fold_normalization`, exact) so that the loaded model, like most OpenCLIP models, takes images
+normalised with OpenAI's CLIP statistics; tools that assume them (``legrad.viz.visualize``'s
+default un-normalisation) then show true colours.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from legrad.preprocess import OPENAI_MEAN, OPENAI_STD
 from legrad.toy.scenes import VOCABULARY
 
 __all__ = [
@@ -24,6 +31,9 @@ __all__ = [
     "LAYER_INDEX",
     "ToyConfig",
     "build_model",
+    "create_model_and_transforms",
+    "fold_normalization",
+    "get_tokenizer",
     "known_token_ids",
     "load_checkpoint",
     "load_model",
@@ -33,7 +43,7 @@ __all__ = [
 ]
 
 #: Recommended ``layer_index`` for `LeWrapper` on the demo model (chosen with
-#: ``bench/toy_localization.py``; see the README section "The bundled demo model"): LeGrad aggregates the blocks from
+#: ``bench/toy_localization.py``; see docs/demo_model.md): LeGrad aggregates the blocks from
 #: this index to the last one.
 LAYER_INDEX: int = 0
 
@@ -65,8 +75,9 @@ class ToyConfig:
         text_heads: Text transformer heads.
         text_layers: Text transformer blocks.
         context_length: Text context length in tokens.
-        mean: Per-channel normalisation mean.
-        std: Per-channel normalisation std.
+        mean: Per-channel normalisation mean the weights expect (training used 0.5; models from
+            `load_checkpoint` take OpenAI's CLIP mean, see `fold_normalization`).
+        std: Per-channel normalisation std (training used 0.25; OpenAI's after loading).
     """
 
     embed_dim: int = 128
@@ -196,15 +207,70 @@ def save_checkpoint(
     tmp.replace(path)
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ToyConfig, dict]:
+def fold_normalization(
+    model: torch.nn.Module,
+    cfg: ToyConfig,
+    mean: tuple[float, float, float] = OPENAI_MEAN,
+    std: tuple[float, float, float] = OPENAI_STD,
+) -> ToyConfig:
+    """Makes ``model`` take images normalised with ``mean``/``std`` instead of ``cfg``'s, exactly.
+
+    A pixel ``p`` normalised the old way is ``x_old = a * x_new + b`` with ``a = std / cfg.std`` and
+    ``b = (mean - cfg.mean) / cfg.std`` per channel. The patch embedding is linear and has no padding
+    (stride = kernel), so ``conv(x_old) = conv_{W * a}(x_new) + conv_W(b)``, where the second term is
+    the same vector for every patch. open_clip's ``conv1`` has no bias, so that vector is added to
+    the patch rows of the positional embedding (not the CLS row). Resampling the position table for
+    another grid (bicubic, weights summing to one) keeps a constant offset, so the fold stays exact
+    at any input size; a sine-cosine table *rebuilt* for a new grid would lose it (training from a
+    checkpoint therefore loads it unfolded).
+
+    Args:
+        model: an open_clip ``CLIP`` with a ``VisionTransformer`` image tower; modified in place.
+        cfg: its configuration; ``cfg.mean``/``cfg.std`` are the statistics it takes now.
+        mean: the per-channel mean it should take.
+        std: the per-channel std it should take.
+
+    Returns:
+        ``cfg`` with ``mean`` and ``std`` replaced.
+
+    Raises:
+        ValueError: if a std is not positive or the patch embedding has padding or a bias.
+    """
+    old_m = torch.tensor(cfg.mean, dtype=torch.float64)
+    old_s = torch.tensor(cfg.std, dtype=torch.float64)
+    new_m = torch.tensor(mean, dtype=torch.float64)
+    new_s = torch.tensor(std, dtype=torch.float64)
+    if (old_s <= 0).any() or (new_s <= 0).any():
+        raise ValueError(f"normalisation stds must be positive, got {cfg.std} and {std}")
+    conv = model.visual.conv1
+    if conv.bias is not None or any(conv.padding) or tuple(conv.stride) != tuple(conv.kernel_size):
+        raise ValueError("fold_normalization needs a bias-free, unpadded patch embedding (stride = kernel)")
+    scale = new_s / old_s
+    shift = (new_m - old_m) / old_s
+    weight = conv.weight.detach().to(torch.float64)
+    offset = (weight * shift.view(1, -1, 1, 1)).sum(dim=(1, 2, 3))  # [width]
+    pos = model.visual.positional_embedding
+    with torch.no_grad():
+        conv.weight.copy_((weight * scale.view(1, -1, 1, 1)).to(conv.weight.dtype))
+        pos[1:].copy_((pos[1:].to(torch.float64) + offset).to(pos.dtype))
+    return replace(cfg, mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std))
+
+
+def load_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu", fold: bool = True
+) -> tuple[torch.nn.Module, ToyConfig, dict]:
     """Load a checkpoint written by `save_checkpoint`.
 
     Args:
         path: The checkpoint file.
         device: Where to put the model.
+        fold: Fold the training normalisation into the weights so that the model takes OpenAI's CLIP
+            statistics (`fold_normalization`); False gives the weights as stored (for training).
 
     Returns:
-        ``(model, cfg, meta)`` with the model in eval mode, fp32.
+        ``(model, cfg, meta)`` with the model in eval mode, fp32; ``cfg.mean``/``cfg.std`` are the
+        statistics the returned model takes. The model carries ``legrad_layer_index`` (`LAYER_INDEX`),
+        which `legrad.LeWrapper` uses when no ``layer_index`` is given.
     """
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if payload.get("format") != _FORMAT_VERSION:
@@ -217,6 +283,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     state["token_embedding.weight"] = table
     model.load_state_dict(state, strict=True)
     model.eval()
+    if fold and (tuple(cfg.mean), tuple(cfg.std)) != (tuple(OPENAI_MEAN), tuple(OPENAI_STD)):
+        cfg = fold_normalization(model, cfg)
+    # What open_clip's factory records for its models (legrad.viz reads it for normalization=model).
+    model.visual.preprocess_cfg = {"size": cfg.image_size, "mean": cfg.mean, "std": cfg.std}
+    model.legrad_layer_index = LAYER_INDEX
     return model.to(device), cfg, payload["meta"]
 
 
@@ -230,8 +301,35 @@ def load_model(
         path: A checkpoint to load instead of the bundled one.
 
     Returns:
-        ``(model, preprocess, tokenizer)``: a plain ``open_clip.CLIP`` in eval mode, its image
-        preprocess (PIL -> tensor) and its tokenizer (list of str -> LongTensor).
+        ``(model, preprocess, tokenizer)``: a plain ``open_clip.CLIP`` in eval mode that takes images
+        normalised with OpenAI's CLIP mean/std, its image preprocess (PIL -> tensor, those
+        statistics) and its tokenizer (list of str -> LongTensor). ``LeWrapper(model)`` uses the
+        model's recommended ``layer_index`` (`LAYER_INDEX`).
     """
     model, cfg, _ = load_checkpoint(CHECKPOINT_PATH if path is None else path, device)
     return model, make_preprocess(cfg), make_tokenizer(cfg)
+
+
+def create_model_and_transforms(
+    device: str | torch.device = "cpu",
+) -> tuple[torch.nn.Module, Callable, Callable]:
+    """`load_model` in ``open_clip.create_model_and_transforms``'s shape, for open_clip-style code.
+
+    ``model, _, preprocess = create_model_and_transforms()`` then reads like the open_clip original;
+    swapping in a real model is a change of this one line (and of `get_tokenizer`).
+
+    Args:
+        device: Where to put the model.
+
+    Returns:
+        ``(model, preprocess, preprocess)``: the demo model has no training augmentation, so both
+        transforms are the inference preprocess.
+    """
+    model, preprocess, _ = load_model(device)
+    return model, preprocess, preprocess
+
+
+def get_tokenizer() -> Callable:
+    """The bundled demo model's tokenizer (``open_clip.get_tokenizer``'s counterpart): list of str -> LongTensor."""
+    payload = torch.load(CHECKPOINT_PATH, map_location="cpu", weights_only=True)
+    return make_tokenizer(ToyConfig.from_dict(payload["config"]))

@@ -1,9 +1,10 @@
 """The ``legrad`` command line (also ``python -m legrad``).
 
-Each subcommand lives in its own module exposing ``add_parser(subparsers) -> argparse.ArgumentParser``
-and ``run(args) -> int``. To add one, write the module and append its import path to
-:data:`SUBCOMMAND_MODULES`. Keep heavy imports (torch, open_clip) inside ``run`` so that
-``legrad --help`` and argument errors stay fast.
+Each subcommand lives in its own module of this package (``explain``, ``models``, ``extract``, ``bench``)
+exposing ``add_parser(subparsers) -> argparse.ArgumentParser`` and ``run(args) -> int``; the options and
+argparse converters they share are in :mod:`legrad.cli.options`. To add one, write the module and append
+its import path to :data:`SUBCOMMAND_MODULES`. Keep heavy imports (torch, open_clip) inside ``run`` so
+that ``legrad --help`` and argument errors stay fast.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ __all__ = ["SUBCOMMAND_MODULES", "build_parser", "main"]
 
 #: Modules providing the subcommands, in ``--help`` order.
 SUBCOMMAND_MODULES: list[str] = [
-    "legrad.commands.explain",
-    "legrad.commands.models",
-    "legrad.commands.extract",
-    "legrad.benchmark",
+    "legrad.cli.explain",
+    "legrad.cli.models",
+    "legrad.cli.extract",
+    "legrad.cli.bench",
 ]
 
 
@@ -79,7 +80,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
-
-
-if __name__ == "__main__":
-    sys.exit(main())

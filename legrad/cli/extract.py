@@ -6,8 +6,13 @@ import argparse
 import os
 import sys
 
-from legrad.commands.argtypes import non_negative_int, positive_int
-from legrad.commands.options import add_device_option, add_model_options, add_quiet_option
+from legrad.cli.options import (
+    add_device_option,
+    add_model_options,
+    add_quiet_option,
+    non_negative_int,
+    positive_int,
+)
 
 _EPILOG = """\
 examples:
@@ -19,7 +24,7 @@ examples:
 INPUT is a folder (walked recursively, sorted) or a JSONL file with one {"image": path, "prompts": [...]}
 per line (paths relative to the file; lines without "prompts" use -p/--prompts-file).
 Outputs: OUT/<image path>.npz (maps [P, h, w] in [0, 1], prompts, similarity [P], image, image_size,
-input_size, config) and OUT/manifest.jsonl (one line per image: output, prompts, similarities, status,
+input_size, config, source) and OUT/manifest.jsonl (one line per image: output, prompts, similarities, status,
 error). Rerunning the same command skips images whose output is complete and valid. Unreadable images
 are recorded in the manifest and skipped; the exit status is 1 if any image failed.
 """

@@ -9,8 +9,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from legrad.commands.argtypes import unit_float
-from legrad.commands.options import add_device_option, add_model_options, add_quiet_option
+from legrad.cli.options import add_device_option, add_model_options, add_quiet_option, unit_float
 from legrad.loading import IMAGE_EXTENSIONS
 
 _EPILOG = """\
@@ -166,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from legrad.commands.scores import ScoresFile
+    from legrad.cli.scores import ScoresFile
     from legrad.explainer import Explainer, clean_prompts
     from legrad.io_utils import atomic_writer
     from legrad.loading import ImageLoadError, ModelLoadError, load_image

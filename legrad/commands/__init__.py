@@ -1,1 +1,0 @@
-"""Subcommands of the ``legrad`` command line: one module each, registered in ``legrad.cli.SUBCOMMAND_MODULES``."""

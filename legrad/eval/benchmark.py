@@ -1,0 +1,216 @@
+"""Localization benchmark: every explainability method x every metric, as plain numbers and a Markdown table.
+
+Data come from :mod:`legrad.eval.datasets` (the bundled synthetic scenes or a user folder), the methods
+from :mod:`legrad.baselines`, the scores from :mod:`legrad.eval.metrics`: pointing game (mean over
+pairs), mIoU and pixel accuracy of the maps binarised at ``threshold`` (counts summed over the dataset,
+then IoU), and the AUCs of the positive and negative perturbation curves (pixels replaced by the
+dataset mean, i.e. 0 after normalisation, 0..90 % in 10 % steps, scored by the image-text cosine
+similarity).
+
+Python: :func:`evaluate` then :func:`format_table`; command line: ``legrad bench`` (:mod:`legrad.cli.bench`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .datasets import Sample
+
+__all__ = ["MethodResult", "evaluate", "format_table"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MethodResult:
+    """Accumulated scores of one method."""
+
+    hits: list[float] = field(default_factory=list)
+    counts: Any = None  # [4] (TP, FP, FN, TN) summed over pairs
+    pos_auc: list[float] = field(default_factory=list)
+    neg_auc: list[float] = field(default_factory=list)
+    pos_curve: Any = None  # [F] sum over pairs
+    neg_curve: Any = None
+    seconds: float = 0.0
+    images: int = 0
+    error: str | None = None
+
+    def summary(self, fractions: Sequence[float]) -> dict[str, Any]:
+        """Means and dataset-level scores as plain numbers (NaN where not measured)."""
+        from .metrics import miou_from_confusion, pixel_accuracy_from_confusion
+
+        valid = [h for h in self.hits if not math.isnan(h)]
+        n_pairs = len(self.hits)
+        out: dict[str, Any] = {
+            "pairs": n_pairs,
+            "pointing_game": sum(valid) / len(valid) if valid else math.nan,
+            "miou": float(miou_from_confusion(self.counts)) if self.counts is not None else math.nan,
+            "pixel_accuracy": float(pixel_accuracy_from_confusion(self.counts)) if self.counts is not None else math.nan,
+            "pos_auc": sum(self.pos_auc) / len(self.pos_auc) if self.pos_auc else math.nan,
+            "neg_auc": sum(self.neg_auc) / len(self.neg_auc) if self.neg_auc else math.nan,
+            "seconds_per_image": self.seconds / self.images if self.images else math.nan,
+        }
+        if self.pos_curve is not None and self.pos_auc:
+            out["pos_curve"] = {f"{f:g}": float(v) / len(self.pos_auc) for f, v in zip(fractions, self.pos_curve)}
+            out["neg_curve"] = {f"{f:g}": float(v) / len(self.neg_auc) for f, v in zip(fractions, self.neg_curve)}
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Callable,
+    samples: Sequence[Sample],
+    methods: Sequence[str] | None = None,
+    *,
+    layer_index: int = -2,
+    threshold: float | str = 0.5,
+    pointing_tolerance: int = 0,
+    perturbation: bool = True,
+    fractions: Sequence[float] | None = None,
+    fill: float = 0.0,
+    batch_size: int = 64,
+    device: str = "cpu",
+    progress: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Scores every method on every (image, prompt, mask) of ``samples``.
+
+    Args:
+        model: OpenCLIP model (or :class:`~legrad.LeWrapper`) in eval mode, on ``device``.
+        tokenizer: list of str -> token tensor, for ``model.encode_text``.
+        samples: sequence of :class:`Sample` (e.g. :class:`ToyScenes`, :class:`FolderDataset`).
+        methods: names in :data:`legrad.baselines.METHODS`, or ``"name@K"`` (see
+            :func:`legrad.baselines.get_method`); default: all.
+        layer_index: LeGrad's first explained block.
+        threshold: binarisation threshold for mIoU / pixel accuracy (a number or ``"mean"``).
+        pointing_tolerance: pointing-game tolerance in pixels (0: the maximum must be inside the mask).
+        perturbation: also compute the perturbation curves (the slow part).
+        fractions: removed-pixel fractions (default 0, 0.1, ..., 0.9).
+        fill: replacement value of removed pixels in the preprocessed space (0 = the dataset mean).
+        batch_size: images per forward pass in the perturbation test.
+        device: where the images and text go.
+        progress: show a tqdm progress bar (on stderr).
+
+    Returns:
+        ``{method: summary}`` with ``pointing_game``, ``miou``, ``pixel_accuracy`` (fractions in [0, 1]),
+        ``pos_auc``, ``neg_auc``, ``seconds_per_image``, ``pairs`` and the mean curves. A method that
+        cannot run on this model (e.g. no traced forward) gets NaNs and an ``error`` entry.
+
+    Raises:
+        ValueError, TypeError: for unknown method names, an empty sample set or bad options, before any work.
+    """
+    import torch
+
+    from ..baselines import get_method
+    from ..wrapper import LeWrapper
+    from .metrics import (
+        DEFAULT_FRACTIONS,
+        check_fractions,
+        check_threshold,
+        check_tolerance,
+        confusion,
+        perturbation_auc,
+        perturbation_curve,
+        pointing_game,
+    )
+
+    names = list(methods) if methods is not None else _all_methods()
+    fns = {name: get_method(name) for name in names}
+    if len(samples) == 0:
+        raise ValueError("no samples to evaluate")
+    fr = tuple(check_fractions(DEFAULT_FRACTIONS if fractions is None else fractions))
+    check_threshold(threshold)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_tolerance(pointing_tolerance)
+    # A wrapper of our own: setting layer_index on the caller's wrapper would change their object. The
+    # tokenizer lets towers that need the empty-prompt correction (SigLIP-style) build it.
+    if isinstance(model, LeWrapper):
+        wrapper = LeWrapper(model.model, layer_index=layer_index, tokenizer=tokenizer,
+                            apply_correction=model.apply_correction, correction_threshold=model.correction_threshold)
+    else:
+        wrapper = LeWrapper(model, layer_index=layer_index, tokenizer=tokenizer)
+    results = {name: MethodResult() for name in names}
+
+    indices: Any = range(len(samples))
+    if progress:
+        from tqdm.auto import tqdm
+
+        indices = tqdm(indices, desc="legrad bench", unit="image", file=sys.stderr)
+    for i in indices:
+        sample = samples[i]
+        image = sample.image[None].to(device)
+        masks = sample.masks.to(device)
+        with torch.no_grad():
+            text = wrapper.encode_text(tokenizer(sample.prompts).to(device), normalize=True).float()
+        for name, fn in fns.items():
+            res = results[name]
+            if res.error:
+                continue
+            t0 = time.perf_counter()
+            try:
+                maps = fn(wrapper, text, image)  # [1, P, H, W]
+            except NotImplementedError as exc:
+                res.error = str(exc)
+                logger.warning("%s skipped: %s", name, exc)
+                continue
+            res.seconds += time.perf_counter() - t0
+            res.images += 1
+            res.hits.extend(pointing_game(maps[0], masks, pointing_tolerance).tolist())
+            counts = confusion(maps[0], masks, threshold).sum(0)
+            res.counts = counts if res.counts is None else res.counts + counts
+            if perturbation:
+                for positive, aucs in ((True, res.pos_auc), (False, res.neg_auc)):
+                    curve = perturbation_curve(wrapper, image, text, maps, positive=positive, fractions=fr,
+                                               fill=fill, batch_size=batch_size)[0]  # [P, F]
+                    aucs.extend(perturbation_auc(curve, fr).tolist())
+                    total = curve.sum(0)
+                    if positive:
+                        res.pos_curve = total if res.pos_curve is None else res.pos_curve + total
+                    else:
+                        res.neg_curve = total if res.neg_curve is None else res.neg_curve + total
+    return {name: res.summary(fr) for name, res in results.items()}
+
+
+def _all_methods() -> list[str]:
+    from ..baselines import METHODS
+
+    return list(METHODS)
+
+
+_COLUMNS = (
+    ("pointing_game", "pointing game ↑", True),
+    ("miou", "mIoU ↑", True),
+    ("pixel_accuracy", "pixel acc. ↑", True),
+    ("pos_auc", "pos. AUC ↓", False),
+    ("neg_auc", "neg. AUC ↑", False),
+    ("seconds_per_image", "s / image", False),
+)
+
+
+def format_table(summaries: dict[str, dict[str, Any]]) -> str:
+    """Markdown table of :func:`evaluate`'s output: percentages for the localization scores."""
+    head = "| method | " + " | ".join(label for _, label, _ in _COLUMNS) + " |"
+    rule = "|---|" + "---:|" * len(_COLUMNS)
+    lines = [head, rule]
+    for name, s in summaries.items():
+        cells = []
+        for key, _, percent in _COLUMNS:
+            v = s.get(key, math.nan)
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                cells.append("n/a")
+            elif percent:
+                cells.append(f"{100 * v:.1f}")
+            elif key == "seconds_per_image":
+                cells.append(f"{v:.3f}")
+            else:
+                cells.append(f"{v:.4f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

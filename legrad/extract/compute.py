@@ -1,0 +1,155 @@
+"""The model work of ``legrad extract``: prompt embeddings once, then heatmaps and similarities per batch."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..explainer import Explainer
+from ..heatmap import min_max
+from .inputs import ImageTask
+from .store import output_name, write_output
+
+__all__ = ["PROMPT_CHUNK", "PromptTable", "explain_batch", "heatmaps"]
+
+#: Prompts per text-encoder batch.
+PROMPT_CHUNK = 256
+
+#: ``finish(task, similarities or None, error or None)``: reports one image's outcome.
+Finish = Callable[[ImageTask, "list[float] | None", "str | None"], None]
+
+
+class PromptTable:
+    """Normalised text embeddings, encoded once in fixed chunks of the sorted prompt list.
+
+    Chunks are fixed by the global list so that a prompt's embedding is bit-identical on every rank;
+    each rank encodes only the chunks holding prompts it needs.
+
+    Args:
+        explainer: encodes the prompts.
+        all_prompts: every prompt of the job, on all ranks (duplicates allowed).
+        needed: the prompts this rank explains.
+
+    Attributes:
+        table: ``[N, D]`` float32 embeddings (None if nothing is needed).
+        row: prompt -> its row in ``table``.
+    """
+
+    def __init__(self, explainer: Explainer, all_prompts: list[str], needed: set[str]):
+        order = sorted(set(all_prompts))
+        chunks = sorted({i // PROMPT_CHUNK for i, p in enumerate(order) if p in needed})
+        self.row: dict[str, int] = {}
+        pieces = []
+        for c in chunks:
+            names = order[c * PROMPT_CHUNK:(c + 1) * PROMPT_CHUNK]
+            with torch.inference_mode():
+                pieces.append(explainer.encode_prompts(names).float())
+            for name in names:
+                self.row[name] = len(self.row)
+        self.table = torch.cat(pieces).clone() if pieces else None  # clone: out of inference mode
+
+    def rows(self, prompts: Sequence[str]) -> torch.Tensor:
+        """``[P]`` long: the rows of ``prompts`` in :attr:`table`."""
+        return torch.tensor([self.row[p] for p in prompts], dtype=torch.long)
+
+
+def heatmaps(wrapper: Any, image: torch.Tensor, text: torch.Tensor, start: int,
+             map_hw: tuple[int, int]) -> torch.Tensor:
+    """``[B, P, h, w]`` float32 maps in [0, 1] at ``map_hw``.
+
+    At the patch grid they are ``compute_legrad(..., output_size='grid')``: upsampled bilinearly to the
+    input size and min-max normalised again they are exactly ``compute_legrad``'s maps. Families with
+    their own input handling (``run_legrad``) only return input-size maps, which are resized here.
+    """
+    adapter = wrapper.adapter
+    if getattr(adapter, "run_legrad", None) is not None:
+        maps = wrapper.compute_legrad(text, image=image, layer_index=start)
+        if tuple(maps.shape[-2:]) != tuple(map_hw):
+            maps = min_max(F.interpolate(maps, size=map_hw, mode="bilinear", antialias=True, align_corners=False))
+        return maps.float()
+    grid = adapter.grid_size(*image.shape[-2:])
+    output_size = "grid" if tuple(map_hw) == tuple(grid) else tuple(map_hw)
+    return wrapper.compute_legrad(text, image=image, layer_index=start, output_size=output_size)
+
+
+def explain_batch(batch: dict[str, Any], todo: list[ImageTask], explainer: Explainer, model: Any,
+                  model_dtype: torch.dtype, device: torch.device, prompts: PromptTable, start: int,
+                  map_hw: tuple[int, int], dtype: np.dtype, out_dir: Path, config: dict, finish: Finish) -> int:
+    """Explains one batch of decoded images, writes their outputs and reports each through ``finish``.
+
+    Args:
+        batch: a :func:`~legrad.extract.data.collate` batch with at least one decoded image.
+        todo: the tasks ``batch["pos"]`` indexes.
+        explainer, model: the loaded model (``model`` is ``explainer.wrapper.model``).
+        model_dtype: dtype of the images fed to ``model.encode_image``.
+        device: where the model runs.
+        prompts: the encoded prompts.
+        start: first explained block.
+        map_hw: stored map size.
+        dtype: stored map dtype.
+        out_dir: output folder.
+        config: the settings stored in each output.
+        finish: called once per image of the batch.
+
+    Returns:
+        The number of images whose output was written.
+    """
+    items = [todo[p] for p in batch["pos"]]
+    rows = [prompts.rows(t.prompts) for t in items]
+    try:
+        table = prompts.table.to(device)
+        if all(t.prompts == items[0].prompts for t in items):
+            text = table[rows[0].to(device)]  # [P, D], shared
+        else:
+            # Per-image prompt lists: pad each to the longest with its first prompt, drop the padding after.
+            width = max(len(r) for r in rows)
+            padded = torch.stack([torch.cat([r, r[:1].expand(width - len(r))]) for r in rows])
+            text = table[padded.to(device)]  # [B, Pmax, D]
+        with torch.no_grad():
+            emb = model.encode_image(batch["clip"].to(device, model_dtype, non_blocking=True))
+            emb = F.normalize(emb.float(), dim=-1)
+        maps = heatmaps(explainer.wrapper, batch["heat"].to(device, non_blocking=True), text, start, map_hw)
+        maps = maps.cpu().numpy()
+        sims = [(table[r.to(device)] @ emb[b]).cpu().numpy().astype(np.float32) for b, r in enumerate(rows)]
+    except (RuntimeError, ValueError, MemoryError) as exc:  # e.g. out of memory
+        if len(items) > 1:
+            # Each image alone: one that cannot be explained must not cost the rest of its batch.
+            del exc
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            return sum(
+                explain_batch({"pos": [pos], "heat": batch["heat"][b:b + 1], "clip": batch["clip"][b:b + 1],
+                               "sizes": batch["sizes"][b:b + 1], "sources": batch["sources"][b:b + 1]},
+                              todo, explainer, model, model_dtype, device, prompts, start, map_hw, dtype,
+                              out_dir, config, finish)
+                for b, pos in enumerate(batch["pos"]))
+        msg = "explaining failed: " + (" ".join(str(exc).split())[:240] or type(exc).__name__)
+        finish(items[0], None, msg)
+        return 0
+    n_ok = 0
+    for b, t in enumerate(items):
+        p = len(t.prompts)
+        arrays = {
+            "maps": maps[b, :p].astype(dtype),
+            "prompts": np.array(list(t.prompts), dtype=str),
+            "similarity": sims[b],
+            "image": np.array(t.image),
+            "image_size": np.array(batch["sizes"][b], dtype=np.int32),
+            "input_size": np.array(config["input_size"], dtype=np.int32),
+            "config": np.array(json.dumps(config, sort_keys=True)),
+            "source": np.array(json.dumps(batch["sources"][b], sort_keys=True)),
+        }
+        try:
+            write_output(out_dir / output_name(t.key), arrays)
+        except OSError as exc:
+            finish(t, None, f"could not write {output_name(t.key)}: {exc}")
+            continue
+        finish(t, sims[b].tolist(), None)
+        n_ok += 1
+    return n_ok

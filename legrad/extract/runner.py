@@ -1,0 +1,313 @@
+"""The ``legrad extract`` run: options, the resume check, the batch loop and the merged manifest.
+
+Named ``runner`` rather than ``run`` so that the module never shadows :func:`legrad.extract.run`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ..explainer import Explainer
+from ..io_utils import atomic_writer
+from ..loading import TOY_NAME, parse_size
+from ..preprocess import LePreprocess
+from .compute import PromptTable, explain_batch
+from .data import ImageDataset, collate, default_workers
+from .distributed import Dist
+from .inputs import ImageTask, discover, read_prompts_file
+from .store import (
+    DTYPES,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    check_map_size,
+    output_name,
+    record,
+    valid_similarities,
+)
+
+__all__ = ["ExtractResult", "run"]
+
+logger = logging.getLogger(__name__)
+
+_SHARD_GLOB = ".manifest.rank*.jsonl"
+
+
+@dataclass
+class ExtractResult:
+    """Summary of :func:`run` (identical on every rank, except ``failures``).
+
+    Attributes:
+        total: images in the input (after ``limit``).
+        computed: images explained by this run.
+        skipped: images whose valid output already existed.
+        failed: images that could not be read or explained (see the manifest).
+        out_dir: the output folder.
+        manifest: path of ``manifest.jsonl``.
+        seconds: wall time of the extraction loop (after model loading and the resume check).
+        rank: this process's rank.
+        world_size: number of processes.
+        failures: ``(image, error)`` pairs: all of them on rank 0, this rank's own elsewhere.
+    """
+
+    total: int
+    computed: int
+    skipped: int
+    failed: int
+    out_dir: Path
+    manifest: Path
+    seconds: float
+    rank: int = 0
+    world_size: int = 1
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Whether every image has a valid output."""
+        return self.failed == 0
+
+    @property
+    def images_per_second(self) -> float:
+        """Explained images per second over all processes (0 when nothing was computed)."""
+        return self.computed / self.seconds if self.seconds > 0 and self.computed else 0.0
+
+
+def _check_options(batch_size: int, workers: int | None, dtype: str, limit: int | None) -> None:
+    checks = [("batch_size", batch_size, 1)] + ([("workers", workers, 0)] if workers is not None else [])
+    for name, value, low in checks:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def run(
+    input_path: str | os.PathLike,
+    out: str | os.PathLike,
+    prompts: Sequence[str] | None = None,
+    *,
+    prompts_file: str | os.PathLike | None = None,
+    model: str | Explainer = TOY_NAME,
+    pretrained: str | None = None,
+    size: int | tuple[int, int] | str | None = None,
+    layer_index: int | None = None,
+    batch_size: int = 8,
+    workers: int | None = None,
+    map_size: str | int | tuple[int, int] = "grid",
+    dtype: str = "float16",
+    device: str = "auto",
+    limit: int | None = None,
+    progress: bool = True,
+) -> ExtractResult:
+    """Explains every image of a folder or JSONL manifest; resumable; distributed under ``torchrun``.
+
+    Args:
+        input_path: a folder (walked recursively, sorted) or a ``.jsonl`` manifest (see :func:`discover`).
+        out: output folder (``<image>.npz`` per image and ``manifest.jsonl``).
+        prompts: prompts of every image (JSONL lines may carry their own).
+        prompts_file: text file with one more prompt per line (blank lines and ``#`` comments ignored).
+        model: ``'toy'`` (bundled demo model), an OpenCLIP model name, or a ready :class:`~legrad.explainer.Explainer`.
+        pretrained: pretrained tag or checkpoint path (see :func:`legrad.loading.load_model`).
+        size: explained image size, ``N`` or ``(H, W)`` or ``'HxW'``, multiple of the patch size (default native).
+        layer_index: first explained block (default: the model's recommended).
+        batch_size: images per batch.
+        workers: DataLoader worker processes decoding and preprocessing images (0: in the main process;
+            None: :func:`default_workers`).
+        map_size: stored map resolution: ``'grid'`` (patch grid, default, smallest), ``'input'`` (the
+            explained size, equal to ``compute_legrad``) or ``(h, w)``/``'HxW'``.
+        dtype: stored map dtype, ``'float16'`` (default) or ``'float32'``.
+        device: ``'auto'``, ``'cpu'`` or ``'cuda'``; under torchrun ``cuda`` means ``cuda:LOCAL_RANK``.
+        limit: only the first ``limit`` images (to try settings on a sample).
+        progress: show a progress bar (rank 0).
+
+    Returns:
+        An :class:`ExtractResult`.
+
+    Raises:
+        ValueError, TypeError: bad arguments or input (before any work).
+        ModelLoadError: when the model cannot be loaded.
+    """
+    _check_options(batch_size, workers, dtype, limit)
+    if workers is None:
+        workers = default_workers()
+    map_spec = check_map_size(map_size)
+    size_hw = parse_size(size)
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, e.g. ['a cat'] (not a single string)")
+    glob_prompts = list(prompts or [])
+    if prompts_file is not None:
+        glob_prompts += read_prompts_file(prompts_file)
+    tasks = discover(input_path, glob_prompts or None, limit)
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {str(out_dir)!r} exists and is not a folder")
+
+    ctx = Dist.start(device)
+    try:
+        if isinstance(model, Explainer):
+            explainer = model
+        elif isinstance(model, str):
+            explainer = Explainer.load(model, pretrained, ctx.device, layer_index)
+        else:
+            raise TypeError(f"model must be a model name or an Explainer, got {type(model).__name__}")
+        input_hw = explainer.check_size(size_hw)
+        start = explainer.check_layer_index(layer_index) % explainer.wrapper.adapter.depth
+        map_hw = (explainer.wrapper.adapter.grid_size(*input_hw) if map_spec == "grid"
+                  else input_hw if map_spec == "input" else map_spec)
+        config = {
+            "format": FORMAT_VERSION,
+            "model": explainer.name if isinstance(model, Explainer) else model,
+            "pretrained": None if isinstance(model, Explainer) else pretrained,
+            "layer": start,
+            "input_size": list(input_hw),
+            "map_size": map_spec if isinstance(map_spec, str) else list(map_spec),
+            "dtype": dtype,
+        }
+        return _extract(ctx, explainer, tasks, out_dir, config, input_hw, start, map_hw, np.dtype(DTYPES[dtype]),
+                        batch_size, workers, progress)
+    finally:
+        ctx.close()
+
+
+def _extract(ctx: Dist, explainer: Explainer, tasks: list[ImageTask], out_dir: Path, config: dict,
+             input_hw: tuple[int, int], start: int, map_hw: tuple[int, int], dtype: np.dtype,
+             batch_size: int, workers: int, progress: bool) -> ExtractResult:
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mine = tasks[ctx.rank::ctx.world]
+
+    # Resume: outputs that exist and validate are done (checked in threads: zlib releases the GIL).
+    def check(task: ImageTask) -> list[float] | None:
+        return valid_similarities(out_dir / output_name(task.key), task, config, map_hw, dtype)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, 8))) as pool:
+        existing = list(pool.map(check, mine))
+    done = {t.index: sim for t, sim in zip(mine, existing) if sim is not None}
+    todo = [t for t in mine if t.index not in done]
+
+    prompts = PromptTable(explainer, [p for t in tasks for p in t.prompts], {p for t in todo for p in t.prompts})
+    device = explainer.device
+    model = explainer.wrapper.model
+    # Images for the similarity go in the weights' dtype; integer (quantised) weights take float32.
+    param_dtype = explainer.wrapper.adapter.param_dtype()
+    model_dtype = param_dtype if param_dtype.is_floating_point else torch.float32
+
+    records: dict[int, dict[str, Any]] = {t.index: record(t, done[t.index], None) for t in mine if t.index in done}
+    failures: list[tuple[str, str]] = []
+    computed = 0
+
+    loader = None
+    if todo:
+        dataset = ImageDataset(todo, LePreprocess(explainer.preprocess, input_hw), explainer.preprocess)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                            collate_fn=collate, pin_memory=device.type == "cuda")
+    if ctx.rank == 0:
+        _remove_stale_temps(out_dir)  # before the collective below, i.e. before any rank writes
+    n_local = len(loader) if loader is not None else 0
+    n_steps, = ctx.reduce([n_local], op="max")
+    g_skipped, = ctx.reduce([len(done)])
+
+    bar = tqdm(total=len(tasks), initial=g_skipped, unit="img", desc="extract", file=sys.stderr,
+               disable=not progress or ctx.rank != 0, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    with bar, (logging_redirect_tqdm() if ctx.rank == 0 and progress else contextlib.nullcontext()):
+
+        def finish(task: ImageTask, sim: list[float] | None, error: str | None) -> None:
+            records[task.index] = record(task, sim, error)
+            if error is not None:
+                failures.append((task.image, error))
+                logger.warning("failed %s: %s", task.image, error)
+
+        batches: Iterator[dict[str, Any]] = iter(loader) if loader is not None else iter(())
+        for _ in range(n_steps):
+            batch = next(batches, None)
+            finished = 0
+            if batch is not None:
+                for pos, err in batch["errors"]:
+                    finish(todo[pos], None, err)
+                finished += len(batch["errors"])
+                if batch["pos"]:
+                    n_ok = explain_batch(batch, todo, explainer, model, model_dtype, device, prompts, start,
+                                         map_hw, dtype, out_dir, config, finish)
+                    computed += n_ok
+                    finished += len(batch["pos"])
+            # Lock-step count of finished images: keeps rank 0's bar global with plain collectives.
+            g_finished, = ctx.reduce([finished])
+            bar.update(g_finished)
+    seconds = time.perf_counter() - t0
+
+    # This rank's shard, done images included (the manifest is rebuilt from the outputs on every run),
+    # sorted by input position so that rank 0 can merge the shards as streams.
+    shard = out_dir / _shard_name(ctx.rank, ctx.world)
+    with atomic_writer(shard) as fh:
+        for index in sorted(records):
+            fh.write((json.dumps({"index": index, **records[index]}) + "\n").encode("utf-8"))
+    g_computed, g_failed = ctx.reduce([computed, len(failures)])
+    manifest = out_dir / MANIFEST_NAME
+    if ctx.rank == 0:
+        failures = _merge_shards(out_dir, ctx.world, manifest)
+    ctx.barrier()  # the merged manifest exists on every rank's return
+    result = ExtractResult(total=len(tasks), computed=g_computed, skipped=g_skipped, failed=g_failed,
+                           out_dir=out_dir, manifest=manifest, seconds=seconds, rank=ctx.rank,
+                           world_size=ctx.world, failures=failures)
+    logger.info("extract: %d images, %d computed, %d already done, %d failed (%.2f images/s)", result.total,
+                result.computed, result.skipped, result.failed, result.images_per_second)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- shards
+def _shard_name(rank: int, world: int) -> str:
+    return f".manifest.rank{rank:05d}-of-{world:05d}.jsonl"
+
+
+def _remove_stale_temps(out_dir: Path) -> None:
+    """Deletes temp files a killed run left behind (``atomic_writer`` names them ``.<name>.<random>.tmp``)."""
+    for pattern in ("**/.*.npz.*.tmp", f".{MANIFEST_NAME}.*.tmp", f".{_SHARD_GLOB}.*.tmp"):
+        for tmp in out_dir.glob(pattern):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def _merge_shards(out_dir: Path, world: int, manifest: Path) -> list[tuple[str, str]]:
+    """Merges the ranks' shards (each in input order) into ``manifest`` atomically; returns the failures."""
+    shards = [out_dir / _shard_name(r, world) for r in range(world)]
+    missing = [str(s) for s in shards if not s.is_file()]
+    if missing:
+        raise RuntimeError(f"manifest shards missing after the barrier: {missing}; is --out on a filesystem "
+                           "shared by all nodes?")
+    failures: list[tuple[str, str]] = []
+    handles = [s.open(encoding="utf-8") for s in shards]
+    try:
+        streams = [(json.loads(line) for line in fh if line.strip()) for fh in handles]
+        with atomic_writer(manifest) as out:
+            for rec in heapq.merge(*streams, key=lambda r: r["index"]):
+                rec.pop("index")
+                if rec["status"] != "ok":
+                    failures.append((rec["image"], rec["error"]))
+                out.write((json.dumps(rec) + "\n").encode("utf-8"))
+    finally:
+        for fh in handles:
+            fh.close()
+    # Shards of this run, and stale ones of interrupted runs with another world size.
+    for stale in out_dir.glob(_SHARD_GLOB):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+    return failures
