@@ -9,6 +9,8 @@
 * ``hf:REPO_OR_DIR`` -- transformers ``AutoModelForImageClassification.from_pretrained`` of a Hub id
   or a local directory; ``pretrained='none'`` builds the config's model with random weights.
 
+Random weights (``'none'``) are drawn from a fixed seed: the same random model in every run.
+
 Each gives ``(model, preprocess, labels)``: the model in eval mode, a torchvision ``Compose`` built
 from the model's own data config (PIL -> ``[3, H, W]``), and :class:`ClassLabels`, which turns
 targets given as class indices or class names (from the model's metadata) into indices.
@@ -431,4 +433,8 @@ def load_classifier(name: str, pretrained: str | None, device: str) -> tuple[Any
     if not spec:
         raise _error(f"give a model after {prefix}:, e.g. timm:vit_base_patch16_224")
     loader = {"timm": _load_timm, "torchvision": _load_torchvision, "hf": _load_hf}[prefix.lower()]
-    return loader(spec, pretrained, device)
+    # Random initialisation ('none') is seeded, so that a random model is the same in every front end and
+    # run; the caller's global RNG state is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return loader(spec, pretrained, device)

@@ -205,3 +205,13 @@ def test_hf_local_directory(tmp_path):
     assert type(random) is type(ref)
     with pytest.raises(ModelLoadError, match="--pretrained only"):
         load_model(f"hf:{tmp_path}", "some_tag")
+
+
+def test_random_init_is_seeded_and_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a, _, _ = load_model("timm:vit_tiny_patch16_224", "none")
+    assert torch.equal(torch.rand(3), expected_next)
+    b, _, _ = load_model("timm:vit_tiny_patch16_224", "none")
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())

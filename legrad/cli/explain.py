@@ -1,4 +1,5 @@
-"""``legrad explain``: heatmap overlays (and optionally raw maps) for images and prompts."""
+"""``legrad explain``: heatmap overlays (and optionally raw maps) for images and prompts (or, for image
+classifiers, class targets)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ examples:
   legrad explain assets/ -p "a red circle" -p "a blue square"
   legrad explain cat.jpg -p "a cat" -p "a remote control" --model ViT-B-16 \\
       --pretrained laion2b_s34b_b88k --size 448 --out outputs/cats --save-maps
+  legrad explain cat.jpg --model timm:vit_base_patch16_224 --target 281 --target "tiger cat"
+
+Image classifiers (--model timm:ARCH[.TAG], torchvision:NAME, hf:REPO_OR_DIR) take --target (a class
+index or a class name from the model's metadata) instead of -p; their scores.csv similarity is the
+target's logit and probability its softmax probability over all classes.
 
 Outputs are OUT/<image>__<prompt>.png (and .npy with --save-maps: the [H, W] float32 map in [0, 1] at
 the explained size), plus OUT/scores.csv with each image-prompt similarity (rows of earlier runs into
@@ -37,8 +43,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
                    help="image files, http(s) URLs, or directories (walked recursively for images)")
-    p.add_argument("-p", "--prompt", dest="prompts", action="append", required=True, metavar="PROMPT",
-                   help="a text prompt (repeat for several)")
+    p.add_argument("-p", "--prompt", dest="prompts", action="append", metavar="PROMPT",
+                   help="a text prompt (repeat for several); CLIP models")
+    p.add_argument("--target", dest="targets", action="append", metavar="CLASS",
+                   help="a class index or class name (repeat for several); image classifiers (timm:, "
+                        "torchvision:, hf: models)")
     add_model_options(p)
     add_device_option(p)
     p.add_argument("--out", default="outputs", metavar="DIR", help="output folder (default: outputs)")
@@ -165,8 +174,9 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
+    from legrad.classifier_loading import is_classifier_name
     from legrad.cli.scores import ScoresFile
-    from legrad.explainer import Explainer, clean_prompts
+    from legrad.explainer import Explainer, clean_prompts, clean_targets
     from legrad.io_utils import atomic_writer
     from legrad.loading import ImageLoadError, ModelLoadError, load_image
     from legrad.viz import colorize, overlay
@@ -176,8 +186,22 @@ def run(args: argparse.Namespace) -> int:
     def error(msg: str) -> None:
         print(f"{prog}: error: {msg}", file=sys.stderr)
 
+    classifier = is_classifier_name(args.model)
+    if classifier and args.prompts:
+        error(f"{args.model} is an image classifier: give class targets with --target (an index or a class "
+              "name), not text prompts with -p")
+        return 2
+    if not classifier and args.targets:
+        error(f"--target is for image classifiers (--model timm:..., torchvision:..., hf:...); {args.model} "
+              "takes text prompts with -p")
+        return 2
+    if not (args.targets if classifier else args.prompts):
+        error("give class targets with --target" if classifier else
+              "give text prompts with -p (or, with a classifier --model such as timm:vit_base_patch16_224, "
+              "class targets with --target)")
+        return 2
     try:
-        prompts = clean_prompts(args.prompts)
+        prompts = clean_targets(args.targets) if classifier else clean_prompts(args.prompts)
         colorize(np.zeros((1, 1)), args.colormap)
     except (TypeError, ValueError) as exc:
         error(str(exc))
@@ -204,16 +228,17 @@ def run(args: argparse.Namespace) -> int:
     try:
         size = explainer.check_size(args.size)
         layer_index = explainer.check_layer_index(args.layer_index)
+        text = explainer.encode_prompts(prompts)  # classifiers: unknown class names end here
     except (TypeError, ValueError) as exc:
         error(str(exc))
         return 2
+    if explainer.is_classifier:
+        prompts = explainer.target_labels(text)
 
     slugs: list[str] = []
     used: set[str] = set()
     for i, prompt in enumerate(prompts):
         slugs.append(_unique(slugify(prompt, 48) or f"prompt{i + 1}", used))
-
-    text = explainer.encode_prompts(prompts)
 
     ok = failed = written = 0
     scores_failed = False

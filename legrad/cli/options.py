@@ -54,7 +54,8 @@ def image_size(text: str) -> tuple[int, int] | None:
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """``--model``, ``--pretrained``, ``--size``, ``--layer-index`` and ``--batch-size``."""
     p.add_argument("--model", default="toy",
-                   help="'toy' (bundled demo model, default) or an OpenCLIP model name (see `legrad models`)")
+                   help="'toy' (bundled demo model, default), an OpenCLIP model name (see `legrad models`), or an "
+                        "image classifier timm:ARCH[.TAG], torchvision:NAME or hf:REPO_OR_DIR")
     p.add_argument("--pretrained", default=None, metavar="TAG_OR_PATH",
                    help="pretrained tag or local checkpoint (default: the model's first tag; 'none' = random)")
     p.add_argument("--size", type=image_size, default=None, metavar="N|HxW",

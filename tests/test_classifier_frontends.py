@@ -1,0 +1,78 @@
+"""Image classifiers in the front ends: ``legrad explain --target``, the app, the playground and the
+baselines/bench (random-init tiny timm ViT, in-process)."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("timm")
+
+MODEL = "timm:vit_tiny_patch16_224"
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("clf") / "cat photo.png"
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 256, (80, 120, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def explainer():
+    from legrad.explainer import Explainer
+
+    return Explainer.load(MODEL, "none")
+
+
+def test_cli_explain_targets(image_path, tmp_path, explainer, capsys):
+    from legrad.cli import main
+
+    out = tmp_path / "out"
+    code = main(["explain", str(image_path), "--model", MODEL, "--pretrained", "none", "--target", "281",
+                 "--target", "tiger cat", "--target", "tabby", "--size", "64x96", "--out", str(out),
+                 "--save-maps", "-q"])
+    assert code == 0, capsys.readouterr().err
+    names = sorted(p.name for p in out.iterdir())
+    assert "cat-photo__tabby-281.png" in names and "cat-photo__tabby-281-2.png" in names
+    assert "cat-photo__tiger-cat-282.npy" in names
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    assert [r["prompt"] for r in rows] == ["tabby (281)", "tiger cat (282)", "tabby (281)"]
+    # The scores are the model's own logits / softmax probabilities; the maps LeGrad's at 64x96.
+    image = Image.open(image_path).convert("RGB")
+    with torch.no_grad():
+        logits = explainer.wrapper.model(explainer.preprocess(image)[None])[0]
+    assert float(rows[1]["similarity"]) == pytest.approx(float(logits[282]), abs=1e-4)
+    assert float(rows[1]["probability"]) == pytest.approx(float(logits.softmax(-1)[282]), abs=1e-6)
+    want = explainer.explain(image, [282], size=(64, 96)).maps[0, 0].numpy()
+    assert np.allclose(np.load(out / "cat-photo__tiger-cat-282.npy"), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", MODEL, "-p", "a cat"], "image classifier: give class targets with --target"),
+    (["--target", "281"], "--target is for image classifiers"),
+    (["--model", MODEL], "give class targets with --target"),
+    ([], "give text prompts with -p"),
+])
+def test_cli_mixed_up_prompts_and_targets(image_path, tmp_path, capsys, args, message):
+    from legrad.cli import main
+
+    assert main(["explain", str(image_path), "--out", str(tmp_path / "o"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_unknown_class_name(image_path, tmp_path, capsys):
+    from legrad.cli import main
+
+    code = main(["explain", str(image_path), "--model", MODEL, "--pretrained", "none", "--target", "tabbby",
+                 "--out", str(tmp_path / "o"), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "unknown class name 'tabbby'" in err[0] and "'tabby' (281)" in err[0]
