@@ -6,6 +6,11 @@
 
 Real OpenCLIP models are listed too; their weights download on first use (a model that cannot be
 loaded shows a message in the page). Loaded models are cached; requests are served by Gradio's queue.
+``--model NAME`` (repeatable) adds models to the list, e.g. an image classifier:
+
+    python app.py --model timm:vit_base_patch16_224 --target tabby --target 285
+
+With a classifier selected, the prompts box takes class targets (an index or a class name, one per line).
 
 What a visitor can make the server do is limited (see docs/app.md): by default only uploads and the
 bundled examples are explained; ``--allow-dir DIR`` lets the "URL / path" box read images inside DIR,
@@ -71,21 +76,50 @@ _device = "cpu"
 _allowed_dirs: tuple[str, ...] = ()
 _allow_urls = False
 _max_tokens: int | None = None
+#: Operator-added dropdown entries (``--model``), first after the demo model.
+_extra_labels: tuple[str, ...] = ()
 _cache: OrderedDict[tuple[str, str | None], Any] = OrderedDict()
 _cache_lock = threading.Lock()
 _load_locks: dict[tuple[str, str | None], threading.Lock] = {}
 
 
 @functools.lru_cache(maxsize=1)
-def _labels() -> tuple[str, ...]:
+def _openclip_labels() -> tuple[str, ...]:
     from legrad.pretrained import list_pretrained
 
-    return (TOY_LABEL, *(f"{m} · {t}" for m, t in list_pretrained()))
+    return tuple(f"{m} · {t}" for m, t in list_pretrained())
+
+
+def _labels() -> tuple[str, ...]:
+    return (TOY_LABEL, *_extra_labels, *(lb for lb in _openclip_labels() if lb not in _extra_labels))
 
 
 def model_labels() -> list[str]:
-    """Dropdown entries: the demo model first, then ``model · pretrained`` for each supported OpenCLIP pair."""
+    """Dropdown entries: the demo model first, then the operator's ``--model`` entries, then
+    ``model · pretrained`` for each supported OpenCLIP pair."""
     return list(_labels())
+
+
+def model_label(name: str, pretrained: str | None = None) -> str:
+    """The dropdown entry of a model name and pretrained tag (``'timm:vit_base_patch16_224 · none'``)."""
+    return f"{name.strip()} · {pretrained.strip()}" if pretrained else name.strip()
+
+
+def is_classifier_label(label: str | None) -> bool:
+    """Whether a dropdown entry is an image classifier (its prompts box takes class targets)."""
+    from legrad.classifier_loading import is_classifier_name
+
+    try:
+        return is_classifier_name(parse_model_label(label)[0])
+    except ValueError:
+        return False
+
+
+def prompts_box_for(label: str | None) -> dict[str, Any]:
+    """Label and placeholder of the prompts box for a dropdown entry (prompts, or class targets)."""
+    if is_classifier_label(label):
+        return {"label": "Class targets (a class index or name, one per line)", "placeholder": "281\ntiger cat"}
+    return {"label": "Prompts (one per line, or comma-separated)", "placeholder": "a red circle\na blue square"}
 
 
 def parse_model_label(label: str | None) -> tuple[str, str | None]:
@@ -105,12 +139,13 @@ def parse_model_label(label: str | None) -> tuple[str, str | None]:
     return name, (tag or None) if sep else None
 
 
-def split_prompts(text: str | None) -> list[str]:
-    """One prompt per line; when the text has a single line, comma-separated prompts."""
+def split_prompts(text: str | None, one_per_line: bool = False) -> list[str]:
+    """One prompt per line; when the text has a single line, comma-separated prompts (unless
+    ``one_per_line``: class names hold commas, e.g. ``'tabby, tabby cat'``)."""
     lines = [ln.strip() for ln in (text or "").strip().splitlines()]
     if not lines:
         return []
-    parts = lines if len(lines) > 1 else [p.strip() for p in lines[0].split(",")]
+    parts = lines if len(lines) > 1 or one_per_line else [p.strip() for p in lines[0].split(",")]
     return [" ".join(p.split()) for p in parts if p.strip()]
 
 
@@ -221,7 +256,8 @@ def predict(
     layer_index: float | int | None = None,
     alpha: float = 0.6,
 ) -> tuple[list[tuple[Any, str]], str]:
-    """The app's prediction: one overlay per prompt, captioned with the prompt and its similarity.
+    """The app's prediction: one overlay per prompt, captioned with the prompt and its similarity (for an
+    image classifier: one overlay per class target, captioned with the class, its logit and probability).
 
     Everything cheap is validated first (prompts, size, layer, opacity, model choice, the size against
     the model's token limit); the image is read only then, and the model runs last.
@@ -229,7 +265,7 @@ def predict(
     Args:
         image: the upload: the path of Gradio's cached copy, a PIL image or an array (or None).
         image_source: a URL or path, used when no image is uploaded and the server allows it.
-        prompts_text: prompts, one per line or comma-separated.
+        prompts_text: prompts, one per line or comma-separated; class targets one per line for classifiers.
         model_label: a :func:`model_labels` entry.
         size_text: explained size, ``N`` or ``HxW``; blank for the model's native size.
         layer_index: first explained block; None for the model's recommended one.
@@ -245,9 +281,11 @@ def predict(
     try:
         if prompts_text is not None and len(prompts_text) > MAX_PROMPTS_TEXT:
             raise ValueError(f"the prompts are too long (at most {MAX_PROMPTS_TEXT} characters in all)")
-        prompts = split_prompts(prompts_text)
+        classifier = is_classifier_label(model_label)
+        prompts = split_prompts(prompts_text, one_per_line=classifier)
         if not prompts:
-            raise ValueError("enter at least one prompt (one per line, or comma-separated)")
+            raise ValueError("enter at least one class target (an index or a class name, one per line)"
+                             if classifier else "enter at least one prompt (one per line, or comma-separated)")
         if len(prompts) > MAX_PROMPTS:
             raise ValueError(f"at most {MAX_PROMPTS} prompts at once, got {len(prompts)}")
         if any(len(p) > MAX_PROMPT_CHARS for p in prompts):
@@ -270,6 +308,8 @@ def predict(
         explainer = get_explainer(name, pretrained)
         h, w = explainer.check_size(size)
         layer = explainer.check_layer_index(layer_index)
+        if explainer.is_classifier:
+            explainer.encode_prompts(prompts)  # unknown class names fail here, before the image is read
         picture = read_visitor_image(image, image_source)
         result = explainer.explain(picture, prompts, size=size, layer_index=layer_index)
         shown = fit_for_display(picture)
@@ -284,11 +324,12 @@ def predict(
         return [], f"**Error:** the explanation failed ({type(exc).__name__}); try a smaller size or another image"
 
     gallery = []
+    score = "logit" if explainer.is_classifier else "similarity"
     for p, prompt in enumerate(result.prompts):
-        caption = f"{prompt}: similarity {result.similarity[0, p]:.3f} (p={result.probability[0, p]:.2f})"
+        caption = f"{prompt}: {score} {result.similarity[0, p]:.3f} (p={result.probability[0, p]:.2f})"
         gallery.append((overlay(shown, result.maps[0, p], alpha=alpha), caption))
     best = result.prompts[int(result.similarity[0].argmax())]
-    status = f"{explainer.name}, layer index {layer}, {h}x{w} px: best match *{best}*."
+    status = f"{explainer.name}, layer index {layer}, {h}x{w} px: best {'class' if explainer.is_classifier else 'match'} *{best}*."
     return gallery, status
 
 
@@ -341,11 +382,17 @@ def example_rows() -> list[list[str]]:
     return rows
 
 
-def build_demo():
-    """The Gradio Blocks app (not launched)."""
+def build_demo(initial_model: str | None = None, initial_prompts: str = ""):
+    """The Gradio Blocks app (not launched).
+
+    Args:
+        initial_model: the dropdown entry selected at start (the first entry when None).
+        initial_prompts: the prompts box's initial text.
+    """
     import gradio as gr
 
     labels = model_labels()
+    first = initial_model if initial_model in labels else labels[0]
     # Gradio 6 takes css in launch(), older versions in Blocks(); main() passes it to launch.
     blocks_css = {"css": CSS} if "css" in inspect.signature(gr.Blocks).parameters else {}
     with gr.Blocks(title="LeGrad", analytics_enabled=False, **blocks_css) as demo:
@@ -363,12 +410,11 @@ def build_demo():
                                    + (["a file name in the shared folder"] if _allowed_dirs else []))
                 source = gr.Textbox(label="...or an image URL / path", placeholder=hint, elem_id="image-source",
                                     visible=bool(hint))
-                prompts = gr.Textbox(label="Prompts (one per line, or comma-separated)", lines=4,
-                                     placeholder="a red circle\na blue square", elem_id="prompts")
-                model = gr.Dropdown(labels, value=labels[0], label="Model", elem_id="model")
+                prompts = gr.Textbox(lines=4, value=initial_prompts, elem_id="prompts", **prompts_box_for(first))
+                model = gr.Dropdown(labels, value=first, label="Model", elem_id="model")
                 with gr.Row():
                     size = gr.Textbox(label="Image size (N or HxW; blank = native)", value="", elem_id="size")
-                    layer = gr.Number(value=default_layer_for(labels[0]), precision=0, label="Layer index",
+                    layer = gr.Number(value=default_layer_for(first), precision=0, label="Layer index",
                                       elem_id="layer-index")
                 alpha = gr.Slider(0.0, 1.0, value=0.6, step=0.05, label="Overlay opacity", elem_id="alpha")
                 button = gr.Button("Explain", variant="primary", elem_id="explain")
@@ -379,6 +425,7 @@ def build_demo():
                 status = gr.Markdown(elem_id="status")
         gr.Examples(example_rows(), inputs=[image, prompts], label="Demo scenes (bundled model)")
         model.change(default_layer_for, inputs=model, outputs=layer, queue=False)
+        model.change(lambda lb: gr.update(**prompts_box_for(lb)), inputs=model, outputs=prompts, queue=False)
         button.click(predict, inputs=[image, source, prompts, model, size, layer, alpha],
                      outputs=[gallery, status], api_name="explain")
     demo.queue(default_concurrency_limit=2, max_size=32)
@@ -404,14 +451,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=None,
                    help="largest patch-token count per explained image (default legrad.explainer.MAX_TOKENS, "
                         "16384: 1024 px on the demo model)")
+    p.add_argument("--model", action="append", default=[], metavar="NAME",
+                   help="add a model to the list and select it (repeatable): an OpenCLIP name or an image "
+                        "classifier timm:ARCH[.TAG], torchvision:NAME, hf:REPO_OR_DIR")
+    p.add_argument("--pretrained", default=None, metavar="TAG_OR_PATH",
+                   help="pretrained tag or checkpoint of the --model entries ('none': random weights)")
+    p.add_argument("--target", action="append", default=[], metavar="CLASS",
+                   help="initial class target of a classifier --model (repeatable); --prompt for CLIP models")
+    p.add_argument("-p", "--prompt", action="append", default=[], metavar="PROMPT",
+                   help="initial prompt (repeatable)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
 
     from legrad.loading import ModelLoadError, configure_logging, resolve_device
 
     configure_logging(args.verbose)
-    global _device, _allowed_dirs, _allow_urls, _max_tokens
+    global _device, _allowed_dirs, _allow_urls, _max_tokens, _extra_labels
     try:
+        initial = initial_text(args.model, args.target, args.prompt)
         _device = resolve_device(args.device)
         _allowed_dirs = tuple(_shared_folder(d) for d in args.allow_dir)
         if args.max_upload_mb <= 0:
@@ -423,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _allow_urls = bool(args.allow_urls)
     _max_tokens = args.max_tokens
+    _extra_labels = tuple(dict.fromkeys(model_label(m, args.pretrained) for m in args.model))
     try:
         import gradio  # noqa: F401
     except ImportError:
@@ -430,11 +488,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.preload:
         try:
-            get_explainer("toy", None)
+            get_explainer(*parse_model_label(_extra_labels[0] if _extra_labels else TOY_LABEL))
         except ModelLoadError as exc:
             print(f"app.py: error: {exc}", file=sys.stderr)
             return 1
-    demo = build_demo()
+    demo = build_demo(_extra_labels[0] if _extra_labels else None, initial)
     # Server-side rendering (Gradio 5+) would need Node.js; keep the plain server.
     launch_params = inspect.signature(demo.launch).parameters
     extra = {"ssr_mode": False} if "ssr_mode" in launch_params else {}
@@ -443,6 +501,22 @@ def main(argv: list[str] | None = None) -> int:
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=False,
                 max_file_size=int(args.max_upload_mb * 2**20), **extra)
     return 0
+
+
+def initial_text(models: list[str], targets: list[str], prompts: list[str]) -> str:
+    """The prompts box's initial text from ``--target``/``--prompt``, checked against the first ``--model``.
+
+    Raises:
+        ValueError: when targets are given for a CLIP model or prompts for a classifier.
+    """
+    from legrad.classifier_loading import is_classifier_name
+
+    classifier = bool(models) and is_classifier_name(models[0])
+    if targets and not classifier:
+        raise ValueError("--target is for image classifiers (--model timm:..., torchvision:..., hf:...); use -p")
+    if prompts and classifier:
+        raise ValueError(f"{models[0]} is an image classifier: give class targets with --target, not -p")
+    return "\n".join(" ".join(t.split()) for t in (targets or prompts) if t.strip())
 
 
 def _shared_folder(path: str) -> str:

@@ -4,9 +4,11 @@
     python playground.py --model ViT-B-16 --pretrained laion2b_s34b_b88k \\
         --image http://images.cocodataset.org/val2017/000000039769.jpg \\
         --prompt "a photo of a cat" --prompt "a remote control" --size 448
+    python playground.py --model timm:vit_base_patch16_224 --image cat.jpg --target tabby --target 285
 
 Prints each prompt with its image-text similarity and writes ``outputs/playground.png`` (the image,
-then one heatmap overlay per prompt).
+then one heatmap overlay per prompt). Image classifiers (``timm:``, ``torchvision:``, ``hf:`` models) take
+``--target`` (a class index or name) instead of ``--prompt`` and print each target's logit and probability.
 """
 
 from __future__ import annotations
@@ -23,15 +25,18 @@ ASSETS = REPO / "assets"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="toy", help="'toy' (bundled demo model, default) or an OpenCLIP model name")
+    p.add_argument("--model", default="toy", help="'toy' (bundled demo model, default), an OpenCLIP model name, or "
+                   "an image classifier timm:ARCH[.TAG], torchvision:NAME, hf:REPO_OR_DIR")
     p.add_argument("--pretrained", default=None, metavar="TAG_OR_PATH",
-                   help="OpenCLIP pretrained tag or checkpoint path (default: the model's first tag)")
+                   help="pretrained tag or checkpoint path (default: the model's first tag; 'none': random)")
     p.add_argument("--image", default=None, metavar="URL_OR_PATH",
                    help="image to explain (default: a bundled demo scene from assets/)")
     p.add_argument("--scene", type=int, default=0, metavar="K",
                    help="which bundled scene (assets/scenes.json) to use without --image (default 0)")
     p.add_argument("--prompt", "-p", dest="prompts", action="append", metavar="TEXT",
                    help="a prompt (repeat for several; default: the demo scene's objects plus an absent one)")
+    p.add_argument("--target", dest="targets", action="append", metavar="CLASS",
+                   help="a class index or class name of an image classifier --model (repeat for several)")
     p.add_argument("--size", default=None, metavar="N|HxW",
                    help="explained size, a multiple of the patch size (default: the model's native size)")
     p.add_argument("--layer-index", type=int, default=None, help="first explained block (default: the model's)")
@@ -91,10 +96,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{err} --alpha must be in [0, 1], got {args.alpha}", file=sys.stderr)
         return 2
 
+    from legrad.classifier_loading import is_classifier_name
     from legrad.explainer import Explainer
     from legrad.viz import visualize
 
-    prompts = args.prompts
+    classifier = is_classifier_name(args.model)
+    if classifier and args.prompts:
+        print(f"{err} {args.model} is an image classifier: give class targets with --target, not --prompt",
+              file=sys.stderr)
+        return 2
+    if not classifier and args.targets:
+        print(f"{err} --target is for image classifiers (--model timm:..., torchvision:..., hf:...); use --prompt",
+              file=sys.stderr)
+        return 2
+    if classifier and not args.targets:
+        print(f"{err} give at least one --target (a class index or name) for {args.model}", file=sys.stderr)
+        return 2
+    prompts = args.targets if classifier else args.prompts
     absent = None
     if args.image is None:
         try:
@@ -131,14 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     model_label = "toy (bundled demo model)" if explainer.name == TOY_NAME else explainer.name
     print(f"model: {model_label}, layer_index {explainer.check_layer_index(args.layer_index)}, size {h}x{w}")
     print(f"image: {label}")
-    width = max(len("prompt"), *(len(p) for p in result.prompts))
-    print(f"  {'prompt':<{width}}  similarity  probability")
+    head, score = ("target", "logit") if explainer.is_classifier else ("prompt", "similarity")
+    width = max(len(head), *(len(p) for p in result.prompts))
+    print(f"  {head:<{width}}  {score:>10}  probability")
     for p, prompt in enumerate(result.prompts):
         print(f"  {prompt:<{width}}  {result.similarity[0, p]:>10.3f}  {result.probability[0, p]:>11.3f}")
 
     # The similarity sits beside each map: a map is min-max normalised, so only the similarity
     # tells a present object from an absent one.
-    titles = [f"{prompt}\nsimilarity {result.similarity[0, p]:.2f}" + ("\n(not in the image)" if prompt == absent else "")
+    titles = [f"{prompt}\n{score} {result.similarity[0, p]:.2f}" + ("\n(not in the image)" if prompt == absent else "")
               for p, prompt in enumerate(result.prompts)]
     visualize(image, result.maps[0], alpha=args.alpha, text_prompts=titles, save_path=args.out,
               show=True if args.show else False)

@@ -76,3 +76,69 @@ def test_cli_unknown_class_name(image_path, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert "unknown class name 'tabbby'" in err[0] and "'tabby' (281)" in err[0]
+
+
+# ------------------------------------------------------------------------------------------- app
+@pytest.fixture()
+def app(monkeypatch):
+    pytest.importorskip("gradio")
+    from frontend_utils import REPO
+
+    monkeypatch.syspath_prepend(str(REPO))
+    import app as module
+
+    label = module.model_label(MODEL, "none")
+    monkeypatch.setattr(module, "_extra_labels", (label,))
+    return module, label
+
+
+def test_app_classifier_targets(app, image_path, explainer):
+    module, label = app
+    assert module.model_labels()[:2] == [module.TOY_LABEL, label] and module.is_classifier_label(label)
+    assert "Class targets" in module.prompts_box_for(label)["label"]
+    assert "Prompts" in module.prompts_box_for(module.TOY_LABEL)["label"]
+    image = np.asarray(Image.open(image_path).convert("RGB"))
+    # One target per line; a class name may hold a comma.
+    gallery, status = module.predict(image, "", "tabby, tabby cat\n285", label, "64", None, 0.6)
+    assert [c for _, c in gallery][0].startswith("tabby (281): logit "), status
+    assert gallery[1][1].startswith("Egyptian cat (285): logit ")
+    want = explainer.explain(Image.fromarray(image), [281, 285], size=(64, 64))
+    assert f"logit {float(want.similarity[0, 1]):.3f}" in gallery[1][1]
+    assert "best class" in status
+    gallery, status = module.predict(image, "", "tabbby", label, "64", None, 0.6)
+    assert gallery == [] and "unknown class name 'tabbby'" in status and "'tabby' (281)" in status
+    gallery, status = module.predict(image, "", "281", "timm:vit_large_patch16_224 · none", "", None, 0.6)
+    assert gallery == [] and "unknown model choice" in status
+
+
+def test_app_flags(app):
+    module, _ = app
+    assert module.initial_text([MODEL], ["281", " tiger  cat "], []) == "281\ntiger cat"
+    with pytest.raises(ValueError, match="--target is for image classifiers"):
+        module.initial_text([], ["281"], [])
+    with pytest.raises(ValueError, match="image classifier"):
+        module.initial_text([MODEL], [], ["a cat"])
+    assert module.main(["--model", MODEL, "-p", "a cat"]) == 2
+
+
+# ------------------------------------------------------------------------------------ playground
+def test_playground_classifier(tmp_path, image_path, monkeypatch, capsys, explainer):
+    from frontend_utils import REPO
+
+    monkeypatch.syspath_prepend(str(REPO))
+    import playground
+
+    out = tmp_path / "fig.png"
+    code = playground.main(["--model", MODEL, "--pretrained", "none", "--image", str(image_path), "--target",
+                            "tabby", "--target", "7", "--size", "64", "--out", str(out)])
+    text = capsys.readouterr()
+    assert code == 0, text.err
+    assert out.is_file() and "target" in text.out and "logit" in text.out
+    want = explainer.explain(Image.open(image_path).convert("RGB"), [281], size=(64, 64))
+    line = next(ln for ln in text.out.splitlines() if "tabby (281)" in ln)
+    assert float(line.split()[-2]) == pytest.approx(float(want.similarity[0, 0]), abs=1e-3)
+    for args, message in ((["--model", MODEL, "-p", "a cat"], "--target, not --prompt"),
+                          (["--target", "281"], "--target is for image classifiers"),
+                          (["--model", MODEL], "give at least one --target")):
+        assert playground.main([*args, "--out", str(tmp_path / "x.png")]) == 2
+        assert message in capsys.readouterr().err
