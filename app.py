@@ -85,9 +85,9 @@ _load_locks: dict[tuple[str, str | None], threading.Lock] = {}
 
 @functools.lru_cache(maxsize=1)
 def _openclip_labels() -> tuple[str, ...]:
-    from legrad.pretrained import list_pretrained
+    from legrad.frontend.models import TOY_NAME, model_choices
 
-    return tuple(f"{m} · {t}" for m, t in list_pretrained())
+    return tuple(model_label(m, t) for m, t in model_choices() if m != TOY_NAME)
 
 
 def _labels() -> tuple[str, ...]:
@@ -107,7 +107,7 @@ def model_label(name: str, pretrained: str | None = None) -> str:
 
 def is_classifier_label(label: str | None) -> bool:
     """Whether a dropdown entry is an image classifier (its prompts box takes class targets)."""
-    from legrad.classifier_loading import is_classifier_name
+    from legrad.frontend.classifier_models import is_classifier_name
 
     try:
         return is_classifier_name(parse_model_label(label)[0])
@@ -128,7 +128,7 @@ def parse_model_label(label: str | None) -> tuple[str, str | None]:
     Raises:
         ValueError: for an empty model name.
     """
-    from legrad.loading import TOY_NAME
+    from legrad.frontend.models import TOY_NAME
 
     if not label or label == TOY_LABEL or label.strip().lower() == TOY_NAME:
         return TOY_NAME, None
@@ -150,12 +150,12 @@ def split_prompts(text: str | None, one_per_line: bool = False) -> list[str]:
 
 
 def get_explainer(name: str, pretrained: str | None):
-    """The cached :class:`~legrad.explainer.Explainer` for a model, loading it (once) if needed.
+    """The cached :class:`~legrad.frontend.explainer.Explainer` for a model, loading it (once) if needed.
 
     Raises:
         ModelLoadError: when the model cannot be loaded.
     """
-    from legrad.explainer import Explainer
+    from legrad.frontend.explainer import Explainer
 
     key = (name, pretrained)
     with _cache_lock:
@@ -179,7 +179,7 @@ def get_explainer(name: str, pretrained: str | None):
 
 def default_layer_for(label: str | None) -> int:
     """The recommended ``layer_index`` of a dropdown entry."""
-    from legrad.loading import default_layer_index
+    from legrad.frontend.models import default_layer_index
 
     return default_layer_index(parse_model_label(label)[0])
 
@@ -210,9 +210,9 @@ def read_visitor_image(image: Any, image_source: str | None):
     Raises:
         ValueError: no image, a refused source, or an unreadable image (an ``ImageLoadError``).
     """
-    from legrad.fetch import URLRefusedError
-    from legrad.images import ImageTooLargeError
-    from legrad.loading import ImageLoadError, load_image
+    from legrad.frontend.errors import ImageLoadError, ImageTooLargeError
+    from legrad.frontend.fetch import URLRefusedError, is_url
+    from legrad.frontend.images import load_image
 
     if image is None:
         text = (image_source or "").strip()
@@ -220,7 +220,7 @@ def read_visitor_image(image: Any, image_source: str | None):
             raise ValueError("upload an image, or paste an image URL or path")
         if len(text) > 2048:
             raise ValueError("the image URL / path is too long")
-        if text.lower().startswith(("http://", "https://")):
+        if is_url(text):
             if not _allow_urls:
                 raise ValueError(NO_URL_MSG)
             try:
@@ -275,7 +275,8 @@ def predict(
         ``(gallery, status)``: ``[(overlay PIL image, caption), ...]`` and a Markdown status line. Bad
         input or a model that cannot be loaded gives an empty gallery and the reason in ``status``.
     """
-    from legrad.loading import ImageLoadError, ModelLoadError, parse_size
+    from legrad.frontend.errors import ImageLoadError, ModelLoadError
+    from legrad.frontend.options import parse_size
     from legrad.viz import fit_for_display, overlay
 
     try:
@@ -352,7 +353,7 @@ def _upload_path(payload: Any) -> str | None:
 
 def _example_prompts(phrases: list[str]) -> str:
     """The scene's phrases plus a contrast phrase naming nothing in it, short enough to show in full."""
-    from legrad.loading import absent_phrase
+    from legrad.frontend.scenes import absent_phrase
     from legrad.toy.scenes import VOCABULARY
 
     words = {w for p in phrases for w in p.split()[1:]}
@@ -364,14 +365,14 @@ def _example_prompts(phrases: list[str]) -> str:
 
 def example_rows() -> list[list[str]]:
     """Examples from the bundled scenes in ``assets/`` (image path, prompts), so the page works offline."""
-    from legrad.loading import sample_scenes
+    from legrad.frontend.scenes import sample_scenes
 
     rows = [[str(sc.path), _example_prompts(list(sc.phrases))] for sc in sample_scenes(ASSETS)]
     if rows:
         return rows
     # No assets folder (e.g. app.py copied elsewhere): draw a few scenes with the bundled generator.
+    from legrad.frontend.files import atomic_writer
     from legrad.toy import scenes
-    from legrad.viz import atomic_writer
 
     folder = Path(tempfile.gettempdir()) / "legrad_app_examples"
     for i, scene in enumerate(scenes.make_scenes(3, seed=11, n_objects=2)):
@@ -449,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB,
                    help=f"largest upload in MiB (default {MAX_UPLOAD_MB})")
     p.add_argument("--max-tokens", type=int, default=None,
-                   help="largest patch-token count per explained image (default legrad.explainer.MAX_TOKENS, "
+                   help="largest patch-token count per explained image (default legrad.frontend.explainer.MAX_TOKENS, "
                         "16384: 1024 px on the demo model)")
     p.add_argument("--model", action="append", default=[], metavar="NAME",
                    help="add a model to the list and select it (repeatable): an OpenCLIP name or an image "
@@ -463,7 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
 
-    from legrad.loading import ModelLoadError, configure_logging, resolve_device
+    from legrad.frontend.errors import ModelLoadError
+    from legrad.frontend.logs import configure_logging
+    from legrad.frontend.models import resolve_device
 
     configure_logging(args.verbose)
     global _device, _allowed_dirs, _allow_urls, _max_tokens, _extra_labels
@@ -509,7 +512,7 @@ def initial_text(models: list[str], targets: list[str], prompts: list[str]) -> s
     Raises:
         ValueError: when targets are given for a CLIP model or prompts for a classifier.
     """
-    from legrad.classifier_loading import is_classifier_name
+    from legrad.frontend.classifier_models import is_classifier_name
 
     classifier = bool(models) and is_classifier_name(models[0])
     if targets and not classifier:

@@ -56,7 +56,8 @@ def default_scene(index: int = 0):
     Raises:
         ValueError: if ``index`` is not one of the bundled scenes.
     """
-    from legrad.loading import absent_phrase, load_image, sample_scenes
+    from legrad.frontend.images import load_image
+    from legrad.frontend.scenes import absent_phrase, sample_scenes
 
     scenes = sample_scenes(ASSETS)
     count = len(scenes) if scenes else 1
@@ -76,14 +77,11 @@ def default_scene(index: int = 0):
 def main(argv: list[str] | None = None) -> int:
     """Runs the playground; returns the exit status."""
     args = parse_args(argv)
-    from legrad.loading import (
-        TOY_NAME,
-        ImageLoadError,
-        ModelLoadError,
-        configure_logging,
-        load_image,
-        parse_size,
-    )
+    from legrad.frontend.errors import ImageLoadError, ModelLoadError
+    from legrad.frontend.images import load_image
+    from legrad.frontend.logs import configure_logging
+    from legrad.frontend.models import TOY_NAME
+    from legrad.frontend.options import parse_size
 
     configure_logging(args.verbose)
     err = f"{Path(sys.argv[0]).name}: error:"
@@ -96,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{err} --alpha must be in [0, 1], got {args.alpha}", file=sys.stderr)
         return 2
 
-    from legrad.classifier_loading import is_classifier_name
-    from legrad.explainer import Explainer
+    from legrad.frontend.classifier_models import is_classifier_name
+    from legrad.frontend.explainer import Explainer
     from legrad.viz import visualize
 
     classifier = is_classifier_name(args.model)

@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def bundled_scenes() -> list[tuple[Path, list[str]]]:
     """The demo scenes shipped in ``assets/`` as ``(path, phrases)``."""
-    from legrad.loading import sample_scenes
+    from legrad.frontend.scenes import sample_scenes
 
     scenes = sample_scenes(REPO / "assets")
     assert scenes, "assets/scenes.json and its images are missing"

@@ -24,7 +24,7 @@ from frontend_utils import (
 )
 from PIL import Image
 
-from legrad.loading import absent_phrase
+from legrad.frontend.scenes import absent_phrase
 
 pytest.importorskip("gradio", reason="gradio not installed (pip install -e '.[app]')")
 
@@ -125,7 +125,7 @@ def test_unloadable_model_shows_a_message(app, scenes, monkeypatch, tmp_path):
 
 
 def test_models_are_cached_and_loaded_once(app, monkeypatch):
-    from legrad.explainer import Explainer
+    from legrad.frontend.explainer import Explainer
 
     assert app.get_explainer("toy", None) is app.get_explainer("toy", None)
     # Several users asking at once for a model not loaded yet: one load, one shared object. (The loader
@@ -248,7 +248,7 @@ def test_urls_refused_by_default_and_loopback_refused_when_allowed(app, scenes, 
         assert hits == []
         # With the address check standing in for a public host, a closed port, an HTTP error and a
         # non-image all give one message: the app cannot be used to scan ports.
-        monkeypatch.setattr("legrad.fetch.is_public_address", lambda a: a == "127.0.0.1")
+        monkeypatch.setattr("legrad.frontend.fetch.is_public_address", lambda a: a == "127.0.0.1")
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             closed = s.getsockname()[1]
@@ -275,7 +275,7 @@ def test_huge_size_is_refused_at_once_and_the_next_request_works(app, scenes):
 
 
 def test_explainer_token_limit(app):
-    from legrad.explainer import MAX_TOKENS, Explainer
+    from legrad.frontend.explainer import MAX_TOKENS, Explainer
 
     base = app.get_explainer("toy", None)
     assert base.patch_size == (8, 8) and base.max_tokens == MAX_TOKENS

@@ -25,7 +25,7 @@ def image_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def explainer():
-    from legrad.explainer import Explainer
+    from legrad.frontend.explainer import Explainer
 
     return Explainer.load(MODEL, "none")
 

@@ -84,7 +84,7 @@ def test_saved_maps_match_the_oracle(workspace, batch_run):
     # The raw maps written by the CLI equal an explicit-autograd LeGrad of the same model on the same input.
     root, scenes = workspace
     _, out = batch_run
-    from legrad.loading import default_layer_index, load_model
+    from legrad.frontend.models import default_layer_index, load_model
     from legrad.preprocess import LePreprocess
 
     model, preprocess, tokenizer = load_model("toy", None, "cpu")
@@ -174,7 +174,8 @@ def test_help_lists_the_commands(capsys):
 def test_unreachable_weights_host_fails_fast(tmp_path, monkeypatch):
     # No proxy, no offline flag, empty cache, a host that cannot resolve: ModelLoadError at once
     # instead of the Hub client's minute of retries.
-    from legrad.loading import ModelLoadError, load_model
+    from legrad.frontend.errors import ModelLoadError
+    from legrad.frontend.models import load_model
 
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
                 "ALL_PROXY", "all_proxy"):
@@ -232,7 +233,7 @@ def _scores(out) -> list[dict]:
 def test_failing_image_costs_only_itself(workspace, batch_run, tmp_path, monkeypatch, capsys):
     # One image of a batch runs out of memory: the others of its batch are explained all the same.
     from legrad.cli import main
-    from legrad.explainer import Explainer
+    from legrad.frontend.explainer import Explainer
 
     root, scenes = workspace
     _, ref = batch_run

@@ -24,8 +24,8 @@ from PIL import Image
 
 from legrad import LeWrapper
 from legrad.cli import main as cli_main
-from legrad.explainer import Explainer
 from legrad.extract import MANIFEST_NAME, load_output, run
+from legrad.frontend.explainer import Explainer
 from legrad.preprocess import LePreprocess
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]

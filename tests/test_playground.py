@@ -11,7 +11,7 @@ import torch
 from frontend_utils import PYTHON, REPO, bundled_scenes, subprocess_env
 from PIL import Image
 
-from legrad.loading import absent_phrase
+from legrad.frontend.scenes import absent_phrase
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_default_run_prints_similarities_and_writes_the_figure(tmp_path, playgro
     assert list(printed) == prompts
 
     # The printed similarities are the model's cosine similarities, recomputed here from scratch.
-    from legrad.loading import load_model
+    from legrad.frontend.models import load_model
 
     model, preprocess, tokenizer = load_model("toy", None, "cpu")
     with torch.no_grad():
@@ -101,7 +101,7 @@ def test_out_of_range_scene_is_an_error(tmp_path, playground, capsys, scene):
 def test_size_rejected_by_the_explainer_stops_before_any_work(tmp_path, playground, capsys, monkeypatch):
     # The explainer's own size check (patch multiple, upper bound) is what decides; playground must
     # turn its ValueError into one line and exit before explaining anything.
-    from legrad.explainer import Explainer
+    from legrad.frontend.explainer import Explainer
 
     def refuse(self, size):
         raise ValueError(f"image size {size[0]}x{size[1]} is too large")

@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help(sys.stderr)
         return 2
-    from legrad.loading import configure_logging
+    from legrad.frontend.logs import configure_logging
 
     configure_logging(args.verbose)
     try:

@@ -103,13 +103,8 @@ def run(args: argparse.Namespace) -> int:
     from legrad.baselines import METHODS, get_method
     from legrad.eval.benchmark import evaluate, format_table
     from legrad.eval.datasets import FolderDataset, ToyScenes
-    from legrad.loading import (
-        ImageLoadError,
-        ModelLoadError,
-        default_layer_index,
-        load_model,
-        native_image_size,
-    )
+    from legrad.frontend.errors import ImageLoadError, ModelLoadError
+    from legrad.frontend.models import default_layer_index, load_model, native_image_size
 
     methods = args.methods or list(METHODS)
     for m in methods:

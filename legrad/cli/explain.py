@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from legrad.cli.options import add_device_option, add_model_options, add_quiet_option, unit_float
-from legrad.loading import IMAGE_EXTENSIONS
+from legrad.frontend.fetch import is_url
+from legrad.frontend.images import IMAGE_EXTENSIONS
 
 _EPILOG = """\
 examples:
@@ -95,7 +96,7 @@ def discover(inputs: list[str]) -> tuple[list[_Item], list[str]]:
         items.append(_Item(source, _unique("/".join(parts), used)))
 
     for raw in inputs:
-        if re.match(r"^https?://", raw, flags=re.IGNORECASE):
+        if is_url(raw):
             name = raw.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
             add(raw, Path(name).stem or "url")
         elif os.path.isdir(raw):
@@ -174,11 +175,12 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from legrad.classifier_loading import is_classifier_name
     from legrad.cli.scores import ScoresFile
-    from legrad.explainer import Explainer, clean_prompts, clean_targets
-    from legrad.io_utils import atomic_writer
-    from legrad.loading import ImageLoadError, ModelLoadError, load_image
+    from legrad.frontend.classifier_models import is_classifier_name
+    from legrad.frontend.errors import ImageLoadError, ModelLoadError
+    from legrad.frontend.explainer import Explainer, clean_prompts, clean_targets
+    from legrad.frontend.files import atomic_writer
+    from legrad.frontend.images import load_image
     from legrad.viz import colorize, overlay
 
     prog = "legrad explain"

@@ -18,7 +18,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Prints the pairs, the bundled demo model first."""
-    from legrad.loading import TOY_NAME
+    from legrad.frontend.models import TOY_NAME
     from legrad.pretrained import list_pretrained
 
     pairs = list_pretrained()

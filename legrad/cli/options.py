@@ -41,8 +41,8 @@ def unit_float(text: str) -> float:
 
 
 def image_size(text: str) -> tuple[int, int] | None:
-    """``N`` or ``HxW`` (see :func:`legrad.loading.parse_size`)."""
-    from legrad.loading import parse_size
+    """``N`` or ``HxW`` (see :func:`legrad.frontend.options.parse_size`)."""
+    from legrad.frontend.options import parse_size
 
     try:
         return parse_size(text)

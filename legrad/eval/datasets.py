@@ -170,7 +170,7 @@ class FolderDataset:
         import torch
         from PIL import Image
 
-        from legrad.loading import load_image
+        from legrad.frontend.images import load_image
 
         image_path, pairs = self.entries[i]
         image = load_image(image_path)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..explainer import Explainer
+from ..frontend.explainer import Explainer
 from ..heatmap import min_max
 from .inputs import ImageTask
 from .store import output_name, write_output

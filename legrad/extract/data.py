@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from ..loading import load_image
+from ..frontend.images import load_image
 from .inputs import ImageTask
 from .store import source_record
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..loading import resolve_device
+from ..frontend.models import resolve_device
 
 __all__ = ["Dist"]
 

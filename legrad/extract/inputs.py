@@ -9,22 +9,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..explainer import clean_prompts
-from ..io_utils import check_regular_file, read_regular_file
-from ..loading import IMAGE_EXTENSIONS
+from ..frontend.explainer import clean_prompts
+from ..frontend.fetch import is_url
+from ..frontend.files import check_regular_file, read_regular_file
+from ..frontend.images import IMAGE_EXTENSIONS
 
-__all__ = ["ImageTask", "MAX_TEXT_BYTES", "discover", "is_url", "read_prompts_file"]
+__all__ = ["ImageTask", "MAX_TEXT_BYTES", "discover", "read_prompts_file"]
 
 #: Size limit of manifests and prompt files: 1 GiB is millions of lines; more is a mistake.
 MAX_TEXT_BYTES = 1 << 30
-
-_URL = re.compile(r"^https?://", flags=re.IGNORECASE)
-
 
 @dataclass(frozen=True)
 class ImageTask:
@@ -43,11 +40,6 @@ class ImageTask:
     path: str
     key: str
     prompts: tuple[str, ...]
-
-
-def is_url(path: str) -> bool:
-    """Whether an image entry is an http(s) URL rather than a file path."""
-    return _URL.match(path) is not None
 
 
 def read_prompts_file(path: str | os.PathLike) -> list[str]:

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..explainer import Explainer
-from ..io_utils import atomic_writer
-from ..loading import TOY_NAME, parse_size
+from ..frontend.explainer import Explainer
+from ..frontend.files import atomic_writer
+from ..frontend.models import TOY_NAME
+from ..frontend.options import parse_size
 from ..preprocess import LePreprocess
 from .compute import PromptTable, explain_batch
 from .data import ImageDataset, collate, default_workers
@@ -122,8 +123,8 @@ def run(
         out: output folder (``<image>.npz`` per image and ``manifest.jsonl``).
         prompts: prompts of every image (JSONL lines may carry their own).
         prompts_file: text file with one more prompt per line (blank lines and ``#`` comments ignored).
-        model: ``'toy'`` (bundled demo model), an OpenCLIP model name, or a ready :class:`~legrad.explainer.Explainer`.
-        pretrained: pretrained tag or checkpoint path (see :func:`legrad.loading.load_model`).
+        model: ``'toy'`` (bundled demo model), an OpenCLIP model name, or a ready :class:`~legrad.frontend.explainer.Explainer`.
+        pretrained: pretrained tag or checkpoint path (see :func:`legrad.frontend.models.load_model`).
         size: explained image size, ``N`` or ``(H, W)`` or ``'HxW'``, multiple of the patch size (default native).
         layer_index: first explained block (default: the model's recommended).
         batch_size: images per batch.

@@ -1,6 +1,6 @@
 """Bounded, public-address-only HTTP(S) fetching of image URLs.
 
-``fetch_url`` is what :func:`legrad.loading.load_image` uses for ``http(s)://`` sources. Every request:
+``fetch_url`` is what :func:`legrad.frontend.images.load_image` uses for ``http(s)://`` sources. Every request:
 
 * resolves the host itself and connects to the checked IP address (so a second DNS answer cannot
   swap in another address after the check), refusing loopback, private, link-local, multicast,
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import http.client
 import ipaddress
+import re
 import socket
 import ssl
 import threading
@@ -24,9 +25,9 @@ import time
 import urllib.parse
 from collections.abc import Callable
 
-from .images import ImageLoadError, ImageTooLargeError
+from .errors import ImageLoadError, ImageTooLargeError
 
-__all__ = ["URL_DEADLINE_S", "MAX_URL_BYTES", "MAX_REDIRECTS", "URLRefusedError", "is_public_address",
+__all__ = ["URL_DEADLINE_S", "MAX_URL_BYTES", "MAX_REDIRECTS", "URLRefusedError", "is_url", "is_public_address",
            "fetch_url"]
 
 #: Total time allowed for one URL load, redirects included (seconds).
@@ -36,12 +37,21 @@ MAX_URL_BYTES = 32 * 1024 * 1024
 #: Redirects followed before giving up.
 MAX_REDIRECTS = 5
 
+_URL_RE = re.compile(r"^https?://", flags=re.IGNORECASE)
 _REDIRECTS = {301, 302, 303, 307, 308}
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 
 class URLRefusedError(ImageLoadError):
     """A URL was refused by policy (scheme, non-public address, too many redirects) before any data was read."""
+
+
+def is_url(source: str) -> bool:
+    """Whether ``source`` is an ``http(s)://`` URL (any case) rather than a file path.
+
+    The one test every front end uses to tell URLs from paths.
+    """
+    return isinstance(source, str) and _URL_RE.match(source) is not None
 
 
 def is_public_address(address: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:

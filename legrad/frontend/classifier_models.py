@@ -1,6 +1,6 @@
 """Loading ViT image classifiers by name for the front ends: ``timm:``, ``torchvision:`` and ``hf:`` models.
 
-:func:`legrad.loading.load_model` sends names with one of these prefixes here:
+:func:`legrad.frontend.models.load_model` sends names with one of these prefixes here:
 
 * ``timm:ARCH[.TAG]`` -- ``timm.create_model``; ``pretrained``: None (the name's tag, else timm's
   default tag), a tag, a local checkpoint file, or ``'none'`` (random init).
@@ -28,6 +28,9 @@ from typing import Any
 import torch
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
+
+from .downloads import check_download_reachable, hub_cached, weights_cached
+from .errors import ModelLoadError, one_line
 
 __all__ = ["CLASSIFIER_PREFIXES", "ClassLabels", "is_classifier_name", "load_classifier"]
 
@@ -148,15 +151,8 @@ class ClassLabels:
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def _error(msg: str):
-    from .loading import ModelLoadError
-
+def _error(msg: str) -> ModelLoadError:
     return ModelLoadError(msg)
-
-
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _no_weights(pretrained: str | None) -> bool:
@@ -168,12 +164,12 @@ def _looks_like_path(text: str) -> bool:
 
 
 def _check_supported(model: torch.nn.Module, name: str) -> None:
-    from .towers import tower_adapter_for
+    from ..towers import tower_adapter_for
 
     try:
         adapter = tower_adapter_for(model)
     except TypeError as exc:
-        raise _error(f"{name} is not a ViT classifier LeGrad supports ({_one_line(exc, 160)})") from exc
+        raise _error(f"{name} is not a ViT classifier LeGrad supports ({one_line(exc, 160)})") from exc
     if not getattr(adapter, "scores_classes", False):
         raise _error(f"{name} is not an image classifier")
 
@@ -241,8 +237,8 @@ def _load_timm(spec: str, pretrained: str | None, device: str) -> tuple[Any, T.C
         model = timm.create_model(full, pretrained=load, **kwargs)
     except Exception as exc:
         if "pretrained_cfg_overlay" in kwargs:
-            raise _error(f"could not load checkpoint {pretrained!r} into timm:{arch}: {_one_line(exc)}") from exc
-        raise _error(f"could not download the weights of timm:{full} ({_one_line(exc, 160)}); check the "
+            raise _error(f"could not load checkpoint {pretrained!r} into timm:{arch}: {one_line(exc, 200)}") from exc
+        raise _error(f"could not download the weights of timm:{full} ({one_line(exc, 160)}); check the "
                      "internet connection, or give a checkpoint file (--pretrained PATH)") from exc
     model = model.to(device).eval()
     cfg = timm.data.resolve_data_config({}, model=model)
@@ -265,14 +261,12 @@ def _timm_names(model: Any) -> list[str] | None:
         info = ImageNetInfo(subset)
         return [info.index_to_description(i) for i in range(info.num_classes())]
     except Exception as exc:  # metadata is a convenience: never fail the load for it
-        logger.info("no class names for this timm model (%s)", _one_line(exc, 80))
+        logger.info("no class names for this timm model (%s)", one_line(exc, 80))
         return None
 
 
 def _timm_fail_fast(full: str) -> None:
     from timm.models import get_pretrained_cfg
-
-    from .loading import _weights_cached, check_download_reachable
 
     cfg = get_pretrained_cfg(full)
     if cfg is None:
@@ -280,21 +274,13 @@ def _timm_fail_fast(full: str) -> None:
     hub = getattr(cfg, "hf_hub_id", None) or ""
     url = getattr(cfg, "url", None) or ""
     if hub:
-        if _hub_cached(hub, ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")):
+        if hub_cached(hub, ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")):
             return
         check_download_reachable(None, f"weights of timm:{full}")
     elif url:
-        if _weights_cached({"url": url}) or os.path.isfile(_torch_hub_file(url)):
+        if weights_cached({"url": url}) or os.path.isfile(_torch_hub_file(url)):
             return
         check_download_reachable(url, f"weights of timm:{full}")
-
-
-def _hub_cached(repo: str, files: Sequence[str]) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return False
-    return any(isinstance(try_to_load_from_cache(repo, f), str) for f in files)
 
 
 def _torch_hub_file(url: str) -> str:
@@ -304,8 +290,6 @@ def _torch_hub_file(url: str) -> str:
 # -------------------------------------------------------------------------------------- torchvision
 def _load_torchvision(spec: str, pretrained: str | None, device: str) -> tuple[Any, T.Compose, ClassLabels]:
     import torchvision.models as tvm
-
-    from .loading import check_download_reachable
 
     names = tvm.list_models(module=tvm)
     if spec not in names:
@@ -341,8 +325,8 @@ def _load_torchvision(spec: str, pretrained: str | None, device: str) -> tuple[A
             model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
     except Exception as exc:
         if path is not None:
-            raise _error(f"could not load checkpoint {path!r} into torchvision:{spec}: {_one_line(exc)}") from exc
-        raise _error(f"could not download the weights of torchvision:{spec} ({_one_line(exc, 160)}); check the "
+            raise _error(f"could not load checkpoint {path!r} into torchvision:{spec}: {one_line(exc, 200)}") from exc
+        raise _error(f"could not download the weights of torchvision:{spec} ({one_line(exc, 160)}); check the "
                      "internet connection, or give a state-dict file (--pretrained PATH)") from exc
     model = model.to(device).eval()
     size = int(getattr(model, "image_size", 224))
@@ -360,7 +344,7 @@ def _load_torchvision(spec: str, pretrained: str | None, device: str) -> tuple[A
 
 
 def _num_classes(model: Any) -> int:
-    from .towers import tower_adapter_for
+    from ..towers import tower_adapter_for
 
     return int(tower_adapter_for(model).num_classes)
 
@@ -371,8 +355,6 @@ def _load_hf(spec: str, pretrained: str | None, device: str) -> tuple[Any, T.Com
         import transformers
     except ImportError as exc:
         raise _error("hf: models need transformers: pip install legrad_torch[hf]") from exc
-    from .loading import check_download_reachable
-
     local = os.path.isdir(spec)
     if pretrained is not None and not _no_weights(pretrained):
         raise _error("for hf: models give the Hub id or local directory in the name (hf:DIR); --pretrained only "
@@ -381,7 +363,7 @@ def _load_hf(spec: str, pretrained: str | None, device: str) -> tuple[Any, T.Com
         if _looks_like_path(spec) and (spec.startswith((".", os.sep, "~")) or spec.count("/") > 1):
             raise _error(f"model directory {spec!r} not found")
         env = {k.lower() for k, v in os.environ.items() if v}
-        if not env & {"hf_hub_offline", "transformers_offline"} and not _hub_cached(spec, ("config.json",)):
+        if not env & {"hf_hub_offline", "transformers_offline"} and not hub_cached(spec, ("config.json",)):
             check_download_reachable(None, f"Hugging Face model {spec}",
                                      "or save the model to a local directory and use hf:DIR")
     try:
@@ -392,7 +374,7 @@ def _load_hf(spec: str, pretrained: str | None, device: str) -> tuple[Any, T.Com
         else:
             model = transformers.AutoModelForImageClassification.from_pretrained(spec)
     except Exception as exc:
-        raise _error(f"could not load hf:{spec} ({_one_line(exc, 160)})") from exc
+        raise _error(f"could not load hf:{spec} ({one_line(exc, 160)})") from exc
     _check_supported(model, f"hf:{spec}")
     model = model.to(device).eval()
     preprocess = _hf_preprocess(transformers, spec, config)
@@ -406,7 +388,7 @@ def _hf_preprocess(transformers: Any, spec: str, config: Any) -> T.Compose:
     try:
         proc = transformers.AutoImageProcessor.from_pretrained(spec)
     except Exception as exc:
-        logger.warning("no image processor for hf:%s (%s); using ViT defaults", spec, _one_line(exc, 80))
+        logger.warning("no image processor for hf:%s (%s); using ViT defaults", spec, one_line(exc, 80))
         size = int(getattr(config, "image_size", 224))
         return _compose((size, size), None, InterpolationMode.BILINEAR, (0.5,) * 3, (0.5,) * 3)
     size = getattr(proc, "size", None) or {}

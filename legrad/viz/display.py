@@ -1,6 +1,6 @@
 """Figures that show themselves exactly once in Jupyter, JupyterLab and VS Code notebooks.
 
-A figure built with matplotlib's object API (no pyplot, as `legrad.viz` does to stay headless and
+A figure built with matplotlib's object API (no pyplot, as :func:`legrad.viz.visualize` does to stay headless and
 thread-safe) has no pyplot manager, so the inline backend never shows it, and IPython draws a plain
 ``Figure`` returned by a cell only when ``%matplotlib inline`` registered a formatter for it. A
 `NotebookFigure` publishes its own PNG instead, with or without the magic.

@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import re
 import stat
 import warnings
 from typing import Any
@@ -24,9 +23,16 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["MAX_IMAGE_PIXELS", "ImageLoadError", "ImageTooLargeError", "load_image", "decode_image", "to_rgb"]
+from . import fetch
+from .errors import ImageLoadError, ImageTooLargeError, one_line
+
+__all__ = ["MAX_IMAGE_PIXELS", "IMAGE_EXTENSIONS", "ALLOW_PRIVATE_ENV", "ImageLoadError", "ImageTooLargeError",
+           "load_image", "decode_image", "to_rgb"]
 
 logger = logging.getLogger(__name__)
+
+#: File suffixes treated as images when walking folders.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
 
 #: Default largest image (width x height) that :func:`load_image` decodes.
 MAX_IMAGE_PIXELS = 50_000_000
@@ -34,21 +40,7 @@ MAX_IMAGE_PIXELS = 50_000_000
 #: Environment variable that lets :func:`load_image` fetch URLs on private addresses by default.
 ALLOW_PRIVATE_ENV = "LEGRAD_ALLOW_PRIVATE_URLS"
 
-_URL_RE = re.compile(r"^https?://", flags=re.IGNORECASE)
 _U16_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}
-
-
-class ImageLoadError(ValueError):
-    """An image could not be read (missing, not an image, unreachable URL); the message names it."""
-
-
-class ImageTooLargeError(ImageLoadError):
-    """An image (or its download) is larger than the configured limit."""
-
-
-def _one_line(exc: BaseException, limit: int = 160) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_image(
@@ -62,7 +54,7 @@ def load_image(
 ) -> Image.Image:
     """Reads an image from a file path or an ``http(s)`` URL (or converts a PIL image) as upright RGB.
 
-    URLs are fetched with :func:`legrad.fetch.fetch_url`: a total deadline, a byte cap, and no
+    URLs are fetched with :func:`legrad.frontend.fetch.fetch_url`: a total deadline, a byte cap, and no
     connection to loopback/private/link-local/... addresses unless ``allow_private_urls``.
 
     Args:
@@ -73,8 +65,8 @@ def load_image(
         allow_private_urls: allow URLs on non-public addresses (e.g. an intranet server); None reads
             the environment variable ``LEGRAD_ALLOW_PRIVATE_URLS`` (``1``/``true``/``yes`` allow), so a
             command-line operator can opt in; servers pass False.
-        url_deadline_s: total seconds for a URL download (default ``legrad.fetch.URL_DEADLINE_S``).
-        max_url_bytes: largest URL body (default ``legrad.fetch.MAX_URL_BYTES``).
+        url_deadline_s: total seconds for a URL download (default ``legrad.frontend.fetch.URL_DEADLINE_S``).
+        max_url_bytes: largest URL body (default ``legrad.frontend.fetch.MAX_URL_BYTES``).
 
     Returns:
         An RGB PIL image with the EXIF orientation applied.
@@ -88,9 +80,7 @@ def load_image(
         return _upright_rgb(source, name or "image")
     src = os.fspath(source)
     label = name or src
-    if _URL_RE.match(src):
-        from . import fetch
-
+    if fetch.is_url(src):
         if allow_private_urls is None:
             allow_private_urls = os.environ.get(ALLOW_PRIVATE_ENV, "").strip().lower() in ("1", "true", "yes")
         try:
@@ -167,12 +157,12 @@ def decode_image(fp: Any, name: str, max_pixels: int | None = MAX_IMAGE_PIXELS) 
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"{name}: image is too large to decode (limit {limit}): {_one_line(exc)}") from None
+        raise ImageTooLargeError(f"{name}: image is too large to decode (limit {limit}): {one_line(exc, 160)}") from None
     except Image.UnidentifiedImageError:
         raise ImageLoadError(f"{name}: not a readable image (unknown or unsupported format)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         # UnidentifiedImageError (an OSError) for non-images; OSError/SyntaxError/EOFError for truncated ones.
-        raise ImageLoadError(f"{name}: not a readable image ({_one_line(exc, 120)})") from None
+        raise ImageLoadError(f"{name}: not a readable image ({one_line(exc, 120)})") from None
 
 
 def _upright_rgb(im: Image.Image, name: str) -> Image.Image:
@@ -181,7 +171,7 @@ def _upright_rgb(im: Image.Image, name: str) -> Image.Image:
     try:
         im = ImageOps.exif_transpose(im)
     except Exception as exc:  # malformed EXIF must not make a readable image unreadable
-        logger.warning("%s: ignoring unreadable EXIF orientation (%s)", name, _one_line(exc, 80))
+        logger.warning("%s: ignoring unreadable EXIF orientation (%s)", name, one_line(exc, 80))
     return to_rgb(im)
 
 
@@ -209,7 +199,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
     try:
         return im.convert("RGB")
     except (ValueError, OSError) as exc:
-        raise ImageLoadError(f"images of mode {mode!r} cannot be converted to RGB ({_one_line(exc, 80)})") from None
+        raise ImageLoadError(f"images of mode {mode!r} cannot be converted to RGB ({one_line(exc, 80)})") from None
 
 
 def _scale_to_u8(arr: np.ndarray, mode: str) -> np.ndarray:

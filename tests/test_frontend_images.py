@@ -1,4 +1,4 @@
-"""Tests of image reading (legrad.images) and URL fetching (legrad.fetch): bounded work, refused
+"""Tests of image reading (legrad.frontend.images) and URL fetching (legrad.frontend.fetch): bounded work, refused
 addresses, decoding by mode, EXIF orientation."""
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from legrad import fetch
-from legrad.images import ImageLoadError, ImageTooLargeError, load_image, to_rgb
-from legrad.loading import load_image as loading_load_image
+from legrad.frontend import fetch
+from legrad.frontend.images import ImageLoadError, ImageTooLargeError, load_image, to_rgb
 
 
 def _png_bytes(size=(6, 4), colour=(10, 200, 30)) -> bytes:
@@ -85,7 +84,7 @@ def test_loopback_url_is_refused_before_connecting(server):
     with pytest.raises(fetch.URLRefusedError, match="not a public internet address"):
         load_image(f"{base}/img.png", allow_private_urls=False)
     with pytest.raises(fetch.URLRefusedError):
-        loading_load_image(f"http://localhost:{base.rsplit(':', 1)[1]}/img.png", allow_private_urls=False)
+        load_image(f"http://localhost:{base.rsplit(':', 1)[1]}/img.png", allow_private_urls=False)
     assert hits == []  # nothing reached the server
     # The same image is served when private addresses are allowed (the check is what refused it).
     img = load_image(f"{base}/img.png", allow_private_urls=True)

@@ -10,10 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from legrad import classifier_loading as cl
-from legrad.classifier_loading import ClassLabels
-from legrad.explainer import Explainer, clean_targets
-from legrad.loading import ModelLoadError, load_model, native_image_size
+from legrad.frontend import classifier_models as cl
+from legrad.frontend.classifier_models import ClassLabels
+from legrad.frontend.errors import ModelLoadError
+from legrad.frontend.explainer import Explainer, clean_targets
+from legrad.frontend.models import load_model, native_image_size
 
 timm = pytest.importorskip("timm")
 
@@ -108,7 +109,7 @@ def test_unreachable_weights_fail_fast(monkeypatch):
     for var in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
                 "https_proxy", "http_proxy", "all_proxy"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(cl, "_hub_cached", lambda repo, files: False)
+    monkeypatch.setattr(cl, "hub_cached", lambda repo, files: False)
     monkeypatch.setattr(cl, "_torch_hub_file", lambda url: "/nonexistent/weights.pth")
 
     def refuse(*args, **kwargs):

@@ -1,0 +1,56 @@
+"""The demo scenes shipped in the repository's ``assets/`` folder, and contrast prompts for them."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import one_line
+
+__all__ = ["SampleScene", "sample_scenes", "absent_phrase"]
+
+
+@dataclass(frozen=True)
+class SampleScene:
+    """A demo scene image shipped in the repository's ``assets/`` folder.
+
+    Attributes:
+        path: the PNG file.
+        phrases: the phrases naming its objects (what the demo model knows).
+    """
+
+    path: Path
+    phrases: tuple[str, ...]
+
+
+def sample_scenes(folder: str | os.PathLike) -> list[SampleScene]:
+    """The scenes listed in ``folder/scenes.json`` whose image files exist (empty if there is no list).
+
+    Raises:
+        ValueError: if ``scenes.json`` exists but is malformed.
+    """
+    import json
+
+    folder = Path(folder)
+    index = folder / "scenes.json"
+    if not index.is_file():
+        return []
+    try:
+        entries = json.loads(index.read_text(encoding="utf-8"))["scenes"]
+        scenes = [SampleScene(folder / e["file"], tuple(str(p) for p in e["phrases"])) for e in entries]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{index} is malformed: {one_line(exc)}") from exc
+    return [s for s in scenes if s.path.is_file()]
+
+
+def absent_phrase(phrases: Sequence[str]) -> str:
+    """A demo-vocabulary phrase sharing neither colour nor shape with ``phrases`` (a contrast prompt)."""
+    from legrad.toy.scenes import VOCABULARY
+
+    words = {w for p in phrases for w in p.split()[1:]}
+    for v in VOCABULARY:
+        if not words & set(v.split()[1:]):
+            return v
+    return next(v for v in VOCABULARY if v not in phrases)

@@ -1,0 +1,178 @@
+"""Multi-panel figures: each image followed by one heatmap overlay per prompt.
+
+Everything here is headless-safe: figures are built with matplotlib's object API (no pyplot state,
+no display needed) unless the caller asks for a window with ``show=True``. In notebooks the figures
+render themselves (see :class:`~legrad.viz.display.NotebookFigure`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..frontend.files import atomic_writer
+from .display import NotebookFigure, notebook_shell
+from .overlays import DISPLAY_MAX_SIDE, fit_for_display, heatmap_to_array, overlay
+
+__all__ = ["visualize"]
+
+
+def _split_images(image: Any) -> list[Any]:
+    """A single image or a batch (list, or tensor ``[B, 3, H, W]``) -> list of single images."""
+    if isinstance(image, (list, tuple)):
+        return list(image)
+    if hasattr(image, "ndim") and hasattr(image, "detach") and image.ndim == 4:
+        return [image[i] for i in range(image.shape[0])]
+    return [image]
+
+
+def _maps_grid(heatmaps: Any, num_images: int) -> np.ndarray:
+    """Heatmaps as ``[B, P, H, W]`` float32."""
+    if isinstance(heatmaps, (list, tuple)):
+        heatmaps = np.stack([heatmap_to_array(h) for h in heatmaps])
+    if hasattr(heatmaps, "detach"):
+        heatmaps = heatmaps.detach().to("cpu").float().numpy()
+    arr = np.asarray(heatmaps, dtype=np.float32)
+    if arr.ndim == 2:
+        arr = arr[None, None]
+    elif arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4:
+        raise ValueError(f"heatmaps must be [H, W], [P, H, W] or [B, P, H, W], got shape {arr.shape}")
+    if arr.shape[0] != num_images:
+        raise ValueError(
+            f"heatmaps hold {arr.shape[0]} images but {num_images} image(s) were given; pass the batch that "
+            "produced them"
+        )
+    if arr.shape[1] == 0:
+        raise ValueError("heatmaps hold zero prompts")
+    return arr
+
+
+def _show_mode(show: bool | None, save_path: Any) -> str:
+    """Where to show the figure: ``"notebook"``, ``"window"`` or ``"none"``."""
+    if show is not None and not isinstance(show, bool):
+        raise TypeError(f"show must be True, False or None, got {type(show).__name__}")
+    in_notebook = notebook_shell() is not None
+    if show:
+        return "notebook" if in_notebook else "window"
+    if show is False or save_path is not None or in_notebook:
+        # In a notebook the returned figure renders itself when it is the cell's last expression.
+        return "none"
+    # Auto: only an interactive interpreter with a GUI backend gets a (non-blocking) window, so
+    # scripts, tests and servers never block.
+    import matplotlib
+
+    interactive = hasattr(sys, "ps1") or bool(sys.flags.interactive)
+    backend = matplotlib.get_backend().lower()
+    gui = backend not in {"agg", "pdf", "ps", "svg", "cairo", "template"} and "inline" not in backend
+    return "window" if interactive and gui else "none"
+
+
+def visualize(
+    image: Any,
+    heatmaps: Any,
+    alpha: float = 0.6,
+    text_prompts: Sequence[str] | None = None,
+    save_path: str | os.PathLike | None = None,
+    show: bool | None = None,
+    *,
+    colormap: str = "jet",
+    normalization: Any = None,
+    panel_size: float = 2.6,
+    dpi: int = 120,
+) -> Any:
+    """A figure with the original image followed by one overlay panel per prompt (one row per image).
+
+    Args:
+        image: one image (PIL, ``[H, W, 3]`` uint8 array, normalised ``[3, H, W]``/``[1, 3, H, W]``
+            tensor) or a batch (list of those, or a ``[B, 3, H, W]`` tensor).
+        heatmaps: ``[H, W]``, ``[P, H, W]`` or ``[B, P, H, W]`` maps in [0, 1], e.g. ``compute_legrad``'s output.
+        alpha: heatmap opacity in [0, 1].
+        text_prompts: ``P`` panel titles (the prompts); "prompt 1", ... when None.
+        save_path: write the figure there as PNG (parent folders are created).
+        show: ``True``: in a notebook, display the figure inline now; elsewhere open a pyplot window
+            (blocking like ``plt.show()``). ``False``: display nothing. ``None`` (default): a window
+            only in an interactive interpreter with a GUI backend and no ``save_path``; nothing in
+            scripts, tests and servers (they never block) and nothing in notebooks, where the
+            returned figure renders itself as a cell's last expression.
+        colormap: matplotlib colormap name.
+        normalization: for tensor images, how they were normalised: OpenAI's CLIP mean/std when None
+            (most OpenCLIP models, and the bundled demo model); pass the preprocess, the model or a
+            ``(mean, std)`` pair for models trained with other statistics (e.g. SigLIP's 0.5/0.5),
+            otherwise the colours are off.
+        panel_size: panel side in inches.
+        dpi: resolution of the saved PNG and of the notebook image.
+
+    Returns:
+        A :class:`NotebookFigure` (a ``matplotlib.figure.Figure``). In Jupyter, JupyterLab and VS Code
+        notebooks it shows exactly once, with or without ``%matplotlib inline``: as the cell's last
+        expression, or at the call with ``show=True`` (then not again in that cell).
+
+    Raises:
+        TypeError, ValueError: on invalid inputs, before drawing.
+    """
+    mode = _show_mode(show, save_path)
+    images = _split_images(image)
+    if not images:
+        raise ValueError("image batch is empty")
+    maps = _maps_grid(heatmaps, len(images))
+    num_prompts = maps.shape[1]
+    if text_prompts is None:
+        titles = [f"prompt {i + 1}" for i in range(num_prompts)]
+    else:
+        if isinstance(text_prompts, str):
+            text_prompts = [text_prompts]
+        titles = [str(t) for t in text_prompts]
+        if len(titles) != num_prompts:
+            raise ValueError(f"got {len(titles)} text_prompts for {num_prompts} heatmaps per image")
+    panels = []
+    for img, row in zip(images, maps):
+        rgb = fit_for_display(img, DISPLAY_MAX_SIDE, normalization)
+        panels.append((rgb, [overlay(rgb, m, alpha=alpha, colormap=colormap) for m in row]))
+
+    figsize = (panel_size * (num_prompts + 1), (panel_size + 0.35) * len(images))
+    if mode == "window":
+        import matplotlib.pyplot as plt
+
+        fig = plt.figure(figsize=figsize, FigureClass=NotebookFigure, display_dpi=dpi)
+    else:
+        # No pyplot: the figure stays out of pyplot's global state (threads, servers, notebooks).
+        fig = NotebookFigure(figsize=figsize, display_dpi=dpi)
+    axes = fig.subplots(len(images), num_prompts + 1, squeeze=False)
+    for r, (rgb, overlays) in enumerate(panels):
+        axes[r, 0].imshow(rgb)
+        axes[r, 0].set_title("image", fontsize=10)
+        for c, (ov, title) in enumerate(zip(overlays, titles), start=1):
+            axes[r, c].imshow(ov)
+            axes[r, c].set_title(_wrap(title), fontsize=10)
+        for ax in axes[r]:
+            ax.axis("off")
+    fig.tight_layout()
+
+    if save_path is not None:
+        _atomic_savefig(fig, Path(save_path), dpi)
+    if mode == "notebook":
+        fig.show_in_notebook(notebook_shell())
+    elif mode == "window":
+        import matplotlib.pyplot as plt
+
+        plt.show(block=bool(show))
+    return fig
+
+
+def _wrap(title: str, width: int = 28) -> str:
+    import textwrap
+
+    lines = [wrapped for line in title.splitlines() for wrapped in (textwrap.wrap(line, width) or [""])]
+    return "\n".join(lines[:4])
+
+
+def _atomic_savefig(fig: Any, path: Path, dpi: int) -> None:
+    with atomic_writer(path) as fh:
+        fig.savefig(fh, format="png", dpi=dpi, bbox_inches="tight")
