@@ -147,6 +147,19 @@ class TowerAdapter:
     def uses_attention_pooler(self) -> bool:
         return False
 
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patch tokens (class token, registers); used for memory estimates."""
+        return 1
+
+    @property
+    def width(self) -> int:
+        """Token width of the tower (the widest normalised width: an upper value for memory estimates)."""
+        widths = [int(m.normalized_shape[-1]) for m in self.visual.modules()
+                  if isinstance(getattr(m, "normalized_shape", None), (tuple, list, torch.Size))
+                  and len(m.normalized_shape)]
+        return max(widths) if widths else self.embed_dim
+
     def param_dtype(self) -> torch.dtype:
         for p in self.visual.parameters():
             if p.is_floating_point():
@@ -165,6 +178,11 @@ class TowerAdapter:
             ValueError: if the size is not a multiple of the patch size.
         """
         ph, pw = self.patch_size
+        if height < ph or width < pw:
+            raise ValueError(
+                f"image size {height}x{width} is smaller than one patch ({ph}x{pw}); resize it to at least "
+                f"{ph}x{pw} (e.g. LePreprocess(preprocess, image_size={max(ph, pw)}))"
+            )
         if height % ph or width % pw:
             raise ValueError(
                 f"image size {height}x{width} is not a multiple of the patch size {ph}x{pw}; resize it "

@@ -180,8 +180,17 @@ def test_delegation_keeps_openclip_api():
 
 def test_wrapping_a_wrapper_and_layer_index_setter():
     model = make_tiny_vit()
-    w = LeWrapper(LeWrapper(model, layer_index=0))
-    assert w.model is model and w.layer_index == -2
+    empty = unit_text(1)[0]
+    inner = LeWrapper(model, layer_index=0, tokenizer=str.split, empty_text_embedding=empty, apply_correction=False,
+                      correction_threshold=0.3, max_memory=2**40, max_tokens=99)
+    w = LeWrapper(inner)  # keeps every setting of the inner wrapper
+    assert w.model is model and w.layer_index == 0 and w._tokenizer is str.split
+    assert w._empty_text_embedding is empty and w.apply_correction is False and w.correction_threshold == 0.3
+    assert w.max_memory == 2**40 and w.max_tokens == 99
+    w2 = LeWrapper(inner, layer_index=-1, apply_correction=True, max_tokens=None)  # unless overridden
+    assert w2.layer_index == -1 and w2.apply_correction is True and w2.max_tokens is None
+    assert w2._tokenizer is str.split and w2.correction_threshold == 0.3
+    assert LeWrapper(model).layer_index == -2
     w.layer_index = -3
     assert w.layer_index == -3
     with pytest.raises(ValueError, match="out of range"):
