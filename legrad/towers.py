@@ -23,7 +23,7 @@ from torch import nn
 
 from .attention import AttentionOps, attention_ops_for
 from .functional import apply_module, param
-from .posembed import PosEmbedCache
+from .posembed import resampled_embedding
 
 __all__ = [
     "LayerStep",
@@ -102,7 +102,6 @@ class TowerAdapter:
 
     def __init__(self, visual: nn.Module):
         self.visual = visual
-        self._pos_cache = PosEmbedCache()
 
     @classmethod
     def matches(cls, visual: nn.Module) -> bool:
@@ -299,7 +298,7 @@ class OpenClipViTAdapter(TowerAdapter):
         x = x.flatten(2).transpose(1, 2)
         cls_tok = param(v.class_embedding, dtype).reshape(1, 1, -1).expand(x.shape[0], 1, -1)
         x = torch.cat([cls_tok, x], dim=1)
-        pos = self._pos_cache.get(v.positional_embedding, tuple(v.grid_size), (gh, gw), 1, dtype)
+        pos = resampled_embedding(v.positional_embedding, tuple(v.grid_size), (gh, gw), 1, dtype)
         x = x + pos
         # Patch dropout only acts in training mode: eval semantics means it is skipped.
         return apply_module(v.ln_pre, x)
