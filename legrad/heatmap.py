@@ -114,8 +114,10 @@ def _prompt_grads(total: torch.Tensor, out: torch.Tensor, lo: int, hi: int, last
     if torch.is_anomaly_enabled():
         # Anomaly mode's NaN check calls .item() on every gradient, which vmap (is_grads_batched)
         # cannot batch: one backward per prompt gives the same values.
-        grads = [torch.autograd.grad(total[p], out, retain_graph=not (last and p == hi - 1))[0]
-                 for p in range(lo, hi)]
+        with torch.enable_grad():
+            parts = total[lo:hi].unbind()  # indexed with grad enabled so each part keeps its graph
+        grads = [torch.autograd.grad(part, out, retain_graph=not (last and i == hi - lo - 1))[0]
+                 for i, part in enumerate(parts)]
         return torch.stack(grads)
     eye = torch.zeros(hi - lo, total.shape[0], dtype=total.dtype, device=total.device)
     eye[:, lo:hi] = torch.eye(hi - lo, dtype=total.dtype, device=total.device)

@@ -84,8 +84,12 @@ def estimate_call_bytes(batch: int, tokens: int, width: int, prompts: int, out_p
     """
     work = heatmap.DEFAULT_WORK_BYTES if work_bytes is None else work_bytes
     act = batch * tokens * width * element_size * _ACT_FACTOR
-    # One prompt and one query row is the least the engine can hold, whatever the budget.
-    smallest = batch * tokens * width * element_size * 13
+    # One prompt and one query row is the least the engine can hold, whatever the budget; all prompts
+    # and rows at once the most (heads taken as width / 32: no smaller head width is in use).
+    per_prompt_fixed = batch * tokens * width * element_size * 12
+    smallest = per_prompt_fixed + batch * tokens * width * element_size
+    largest = prompts * (per_prompt_fixed + batch * max(1, width // 32) * tokens * tokens * element_size)
+    work = min(work, largest)
     relevance = batch * prompts * tokens * element_size
     maps = batch * prompts * out_pixels * 4 * _MAP_COPIES
     return int(act + max(work, smallest) + relevance + maps)

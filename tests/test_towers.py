@@ -349,3 +349,24 @@ def test_trace_embedding_is_the_models_own(name):
     with torch.enable_grad():
         grads = torch.autograd.grad(embedding.sum(), [s.out for s in steps])
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+# ------------------------------------------------------------------------------------------------ query blocks
+@pytest.mark.parametrize("name", ["ViT-B-16", "coca_ViT-B-32", "EVA02-B-16", "ViT-B-16-SigLIP", "PE-Core-B-16"])
+def test_tiny_query_blocks_equal_unblocked_and_oracle(name, monkeypatch):
+    """A 1-byte working budget forces one prompt and one query row per step: same maps as one block."""
+    import legrad.heatmap as heatmap
+
+    model = build_tiny(name, seed=2)
+    empty = random_text(1, D, seed=7)[0]
+    wrapper = LeWrapper(model, layer_index=-2, empty_text_embedding=empty)
+    ph, pw = wrapper.adapter.patch_size
+    image, text = random_image(2, 3 * ph, 4 * pw), random_text(3, D)
+    monkeypatch.setattr(heatmap, "DEFAULT_WORK_BYTES", 2**40)
+    whole = wrapper.compute_legrad(text, image=image)
+    monkeypatch.setattr(heatmap, "DEFAULT_WORK_BYTES", 1)
+    blocked = wrapper.compute_legrad(text, image=image)
+    torch.testing.assert_close(blocked, whole, atol=1e-6, rtol=0)
+    corrected = wrapper.adapter.uses_empty_prompt_correction
+    torch.testing.assert_close(blocked, _oracle(wrapper, model, image, text, -2, empty if corrected else None),
+                               atol=1e-5, rtol=0)
