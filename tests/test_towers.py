@@ -14,7 +14,16 @@ import open_clip
 import pytest
 import torch
 from oracles import coca_oracle, openclip_vit_oracle, timm_oracle
-from tiny_towers import WIDTH, build_meta, build_tiny, random_image, random_text, shrunk_timm, timm_patch
+from tiny_towers import (
+    WIDTH,
+    build_meta,
+    build_tiny,
+    random_image,
+    random_text,
+    same_bits,
+    shrunk_timm,
+    timm_patch,
+)
 
 from legrad import LeWrapper
 from legrad.pretrained import supports_model_config
@@ -275,7 +284,7 @@ def test_train_mode_model_untouched_and_eval_semantics(name):
     maps = wrapper.compute_legrad(text, image=image)
     torch.testing.assert_close(maps, eval_maps, atol=0, rtol=0)
     after = _snapshot(model)
-    assert state.keys() == after.keys() and all(state[k].equal(after[k]) for k in state)
+    assert state.keys() == after.keys() and all(same_bits(state[k], after[k]) for k in state)
     assert flags() == before
     assert all(p.grad is None for p in model.parameters())
 
@@ -370,3 +379,15 @@ def test_tiny_query_blocks_equal_unblocked_and_oracle(name, monkeypatch):
     corrected = wrapper.adapter.uses_empty_prompt_correction
     torch.testing.assert_close(blocked, _oracle(wrapper, model, image, text, -2, empty if corrected else None),
                                atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ test helpers
+def test_tiny_coca_has_no_uninitialised_weights_and_same_bits_is_nan_aware():
+    a, b = build_tiny("coca_ViT-B-32", seed=4), build_tiny("coca_ViT-B-32", seed=4)
+    assert all(same_bits(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert torch.isfinite(a.text_decoder.text_projection).all()
+    nan = torch.tensor([1.0, float("nan")])
+    assert same_bits(nan, nan.clone()) and not torch.equal(nan, nan.clone())
+    assert not same_bits(torch.tensor([0.0]), torch.tensor([-0.0]))
+    assert not same_bits(nan, nan.double()) and not same_bits(nan, nan[:1])
+    assert same_bits(nan[1], nan[1].clone()) and not same_bits(nan[0], nan[0] + 1)  # 0-d tensors
