@@ -38,7 +38,7 @@ __all__ = [
 #: Default memory budget (bytes) for the relevance working set of one batched backward: the prompts'
 #: ``dS/dO`` and the ``[chunk, B, heads, block, Nk]`` gradient block. Prompt chunk and query block are
 #: both derived from it (:func:`plan_blocks`).
-DEFAULT_WORK_BYTES = 64 * 2**20
+DEFAULT_WORK_BYTES = 32 * 2**20
 #: Former name of :data:`DEFAULT_WORK_BYTES`, kept for callers that import it.
 DEFAULT_CHUNK_BYTES = DEFAULT_WORK_BYTES
 #: Query rows below which a block's matmul stops being efficient; the planner shrinks the prompt
@@ -155,20 +155,23 @@ def layer_relevance(step: LayerStep, text: torch.Tensor, prompt_chunk: int | Non
     budget = DEFAULT_WORK_BYTES if work_bytes is None else work_bytes
     chunk, block = plan_blocks(num_prompts, nq, fixed, per_row, budget, prompt_chunk)
     v_t = step.value.to(step.out.dtype).transpose(-1, -2)  # [B, H, hd, Nk]
+    nk = v_t.shape[-1]
+    # One buffer for every block of the layer: same-size reuse keeps the allocator from fragmenting.
+    buf = torch.empty(chunk * b * h * block * nk, dtype=step.out.dtype, device=step.out.device)
     pieces = []
     for lo in range(0, num_prompts, chunk):
         hi = min(lo + chunk, num_prompts)
         d_out = _prompt_grads(total, step.out, lo, hi, last=hi >= num_prompts)  # [c, B, H, Nq, hd]
-        rel = None
+        rel = torch.zeros(hi - lo, b, nk, dtype=buf.dtype, device=buf.device)
         for q0 in range(0, nq, block):
-            g = torch.matmul(d_out[..., q0:q0 + block, :], v_t)  # [c, B, H, block, Nk]
-            part = g.clamp_min_(0).sum(dim=(2, 3))  # [c, B, Nk]
-            rel = part if rel is None else rel.add_(part)
-            del g
+            rows = min(block, nq - q0)
+            g = buf[: (hi - lo) * b * h * rows * nk].view(hi - lo, b, h, rows, nk)
+            torch.matmul(d_out[..., q0:q0 + rows, :], v_t, out=g)  # [c, B, H, rows, Nk]
+            rel += g.clamp_min_(0).sum(dim=(2, 3))
+        del d_out
         rel = rel / (h * nq)
         _check_finite(rel, "the attention gradients")
         pieces.append(rel.transpose(0, 1))
-        del d_out
     rel = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
     if step.key_mask is not None:
         rel = rel * step.key_mask[:, None, :].to(rel.dtype)

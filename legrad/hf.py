@@ -340,6 +340,7 @@ class HFClipAdapter(_HFAdapter):
         for i in range(start, len(layers)):
             step, x = self._explained(i, layers[i], x)
             yield step
+            del step  # free this layer's graph before building the next one
 
 
 @register_tower

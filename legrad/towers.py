@@ -379,6 +379,7 @@ class OpenClipViTAdapter(TowerAdapter):
         for i in range(start, len(blocks)):
             step, x = self._explained_block(i, blocks[i], x)
             yield step
+            del step  # free this layer's graph before building the next one
 
 
 class OpenClipCoCaAdapter(OpenClipViTAdapter):
