@@ -71,17 +71,25 @@ class LayerStep:
     tokens: torch.Tensor | None = None
     attn_bias: torch.Tensor | None = None
 
-    def probs(self) -> torch.Tensor:
+    def probs(self, rows: slice | None = None) -> torch.Tensor:
         """Post-softmax attention probabilities ``[B, H, Nq, Nk]`` of the explained attention (no grad).
 
         Used by baselines (raw attention, rollout, CheferCAM) and tests; LeGrad itself never needs them.
+
+        Args:
+            rows: only these query rows (``[B, H, len(rows), Nk]``); softmax acts per row, so a block of
+                rows equals the same rows of the full matrix.
         """
         if self.query is None or self.key is None:
             raise NotImplementedError("this tower adapter does not expose queries/keys")
         scale = self.query.shape[-1] ** -0.5 if self.scale is None else self.scale
-        logits = (self.query * scale) @ self.key.transpose(-1, -2)
+        query = self.query if rows is None else self.query[..., rows, :]
+        logits = (query * scale) @ self.key.transpose(-1, -2)
         if self.attn_bias is not None:
-            logits = logits + self.attn_bias.to(logits.dtype)
+            bias = self.attn_bias.to(logits.dtype)
+            if rows is not None and bias.shape[-2] != 1:
+                bias = bias[..., rows, :]
+            logits = logits + bias
         if self.key_mask is not None:
             logits = logits.masked_fill(~self.key_mask[:, None, None, :], float("-inf"))
         return logits.softmax(dim=-1)

@@ -327,3 +327,18 @@ def test_bad_inputs(model64):
     with pytest.raises(TypeError, match="torch.nn.Module"):
         gradcam("not a model", text, image)
     assert get_method("chefercam") is chefercam
+
+
+@pytest.mark.parametrize("name", ["ViT-B-16", "vit_relpos_medium_patch16_cls_224"])
+def test_chefercam_query_blocks_equal_whole_matrix(name, monkeypatch):
+    """One query row per block (relative-position bias sliced too) gives the unblocked CheferCAM."""
+    from tiny_towers import build_tiny, random_image, random_text
+
+    import legrad.baselines as baselines
+
+    model = build_tiny(name, seed=3)
+    ph, pw = LeWrapper(model).adapter.patch_size
+    image, text = random_image(1, 3 * ph, 2 * pw), random_text(2, 32)
+    whole = chefercam(model, text, image)
+    monkeypatch.setattr(baselines, "_CHEFER_BLOCK_ELEMENTS", 1)
+    torch.testing.assert_close(chefercam(model, text, image), whole, atol=1e-6, rtol=0)
