@@ -68,7 +68,8 @@ def plan_blocks(num_prompts: int, num_queries: int, fixed: int, per_row: int, bu
 
     The working set of one chunk is ``chunk * (fixed + block * per_row)``. All prompts and all rows
     at once when that fits; otherwise prompts are chunked down to keep blocks of at least
-    ``_MIN_EFFICIENT_BLOCK`` rows, then the block shrinks (to one row at the least).
+    ``_MIN_EFFICIENT_BLOCK`` rows, then the block shrinks, never below ``_MIN_EFFICIENT_BLOCK`` rows
+    (or all rows, if fewer): below that, time grows much faster than memory shrinks.
 
     Args:
         num_prompts: prompts of the call (P).
@@ -89,7 +90,10 @@ def plan_blocks(num_prompts: int, num_queries: int, fixed: int, per_row: int, bu
         min_block = min(num_queries, _MIN_EFFICIENT_BLOCK)
         chunk = max(1, min(num_prompts, budget // max(fixed + min_block * per_row, 1)))
     block = (budget // chunk - fixed) // max(per_row, 1)
-    return chunk, int(max(1, min(num_queries, block)))
+    # Never below an efficient block: when one prompt's fixed part alone exceeds the budget, rows of one
+    # would multiply the matmul count for little memory (a block of _MIN_EFFICIENT_BLOCK rows costs far
+    # less than ``fixed`` at any size).
+    return chunk, int(min(num_queries, max(block, _MIN_EFFICIENT_BLOCK, 1)))
 
 
 def scores(feature: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

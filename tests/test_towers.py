@@ -374,6 +374,7 @@ def test_tiny_query_blocks_equal_unblocked_and_oracle(name, monkeypatch):
     monkeypatch.setattr(heatmap, "DEFAULT_WORK_BYTES", 2**40)
     whole = wrapper.compute_legrad(text, image=image)
     monkeypatch.setattr(heatmap, "DEFAULT_WORK_BYTES", 1)
+    monkeypatch.setattr(heatmap, "_MIN_EFFICIENT_BLOCK", 1)
     blocked = wrapper.compute_legrad(text, image=image)
     torch.testing.assert_close(blocked, whole, atol=1e-6, rtol=0)
     corrected = wrapper.adapter.uses_empty_prompt_correction
