@@ -40,7 +40,17 @@ def _build(model_name: str, size: int, device: str):
     if model_name == "demo":
         from legrad.toy import LAYER_INDEX, load_model
 
+        from legrad.posembed import resample_grid_embedding
+
         model = load_model()[0].to(device).eval()
+        # open_clip's encode_image only runs at the trained grid: give the model its positions resampled
+        # to this size (what LeGrad does on the fly), so that the plain forward exists at every size.
+        v = model.visual
+        grid = (size // v.patch_size[0], size // v.patch_size[1])
+        with torch.no_grad():
+            pos = resample_grid_embedding(v.positional_embedding.detach(), tuple(v.grid_size), grid, 1)
+        v.positional_embedding = torch.nn.Parameter(pos.to(v.positional_embedding.dtype))
+        v.grid_size = grid
         # Explaining above the native size: allow the largest grids of the table.
         return model, LeWrapper(model, layer_index=LAYER_INDEX, max_tokens=None)
     import open_clip
