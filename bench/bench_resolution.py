@@ -38,9 +38,8 @@ def _build(model_name: str, size: int, device: str):
     logging.getLogger().setLevel(logging.ERROR)
     torch.manual_seed(0)
     if model_name == "demo":
-        from legrad.toy import LAYER_INDEX, load_model
-
         from legrad.posembed import resample_grid_embedding
+        from legrad.toy import LAYER_INDEX, load_model
 
         model = load_model()[0].to(device).eval()
         # open_clip's encode_image only runs at the trained grid: give the model its positions resampled
