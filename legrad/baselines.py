@@ -261,6 +261,27 @@ def gradcam(model: Any, text_embedding: torch.Tensor, image: torch.Tensor) -> to
     return run.finish(rel)
 
 
+def _gradient_weighted_attention(step: LayerStep, d_out: torch.Tensor) -> torch.Tensor:
+    """``E_h[relu(ds/dA * A)]`` ``[B, N, N]`` (float64), built in blocks of query rows.
+
+    ``ds/dA = (ds/dO) V^T`` and ``A`` are both row-wise, so a block of rows needs only
+    ``[B, H, block, N]`` at a time instead of several ``[B, H, N, N]`` tensors.
+    """
+    b, h, n, _ = d_out.shape
+    v_t = step.value.to(d_out.dtype).transpose(-1, -2)
+    out = torch.empty(b, n, v_t.shape[-1], dtype=torch.float64, device=d_out.device)
+    block = max(1, min(n, _CHEFER_BLOCK_ELEMENTS // max(b * h * v_t.shape[-1], 1)))
+    for q0 in range(0, n, block):
+        rows = slice(q0, min(n, q0 + block))
+        grad_attn = d_out[:, :, rows] @ v_t  # [B, H, block, N]
+        out[:, rows] = (grad_attn * step.probs(rows).to(d_out.dtype)).clamp_min(0).mean(1).to(torch.float64)
+    return out
+
+
+#: Elements of one ``[B, H, block, N]`` CheferCAM block (16 MiB in float32).
+_CHEFER_BLOCK_ELEMENTS = 4 * 2**20
+
+
 def chefercam(
     model: Any, text_embedding: torch.Tensor, image: torch.Tensor, *, start_layer: int = 0
 ) -> torch.Tensor:
@@ -298,8 +319,7 @@ def chefercam(
             r = None
             for step, d_out in zip(used, grads):
                 _require_self_attention(run, step, "CheferCAM")
-                grad_attn = d_out @ step.value.to(d_out.dtype).transpose(-1, -2)  # [B, H, N, N]
-                abar = (grad_attn * step.probs().to(d_out.dtype)).clamp_min(0).mean(1).to(torch.float64)
+                abar = _gradient_weighted_attention(step, d_out)
                 if r is None:
                     r = torch.eye(abar.shape[-1], dtype=abar.dtype, device=abar.device).expand(run.batch, -1, -1)
                 r = r + abar @ r

@@ -32,6 +32,7 @@ from .functional import apply_module, layer_norm, linear, param
 # Importing hf here registers its adapters before ours (register_tower puts the latest first): ours must be
 # tried first because the transformers CLIP/SigLIP adapters refuse every other transformers class.
 from .hf import _activation
+from .posembed import resampled_embedding
 from .towers import LayerStep, TowerAdapter, register_tower
 from .towers_timm import _TRUNKS, TimmMapAdapter, TimmViTAdapter, _trunk_problem, eval_view
 
@@ -198,7 +199,7 @@ class TorchvisionViTAdapter(ClassifierAdapter):
         x = torch.cat([param(m.class_token, dtype).expand(x.shape[0], -1, -1), x], dim=1)
         g0 = m.image_size // m.patch_size
         # Encoder dropout only acts in training mode: eval semantics skips it.
-        return x + self._pos_cache.get(m.encoder.pos_embedding, (g0, g0), grid, 1, dtype)
+        return x + resampled_embedding(m.encoder.pos_embedding, (g0, g0), grid, 1, dtype)
 
     def _mlp_hidden(self, blk: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, nn.Linear]:
         children = list(blk.mlp.children())

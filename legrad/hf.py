@@ -340,6 +340,7 @@ class HFClipAdapter(_HFAdapter):
         for i in range(start, len(layers)):
             step, x = self._explained(i, layers[i], x)
             yield step
+            del step  # free this layer's graph before building the next one
 
 
 @register_tower
@@ -442,6 +443,12 @@ class HFSiglip2Adapter(HFSiglipAdapter):
         empty = None
         if correct:
             empty = resolve_empty_embedding(wrapper.model, self, wrapper._tokenizer, wrapper._empty_text_embedding)
+        param_dtype = self.param_dtype()
+        ph, pw = self.patch_size
+        wrapper._preflight(self, batch=pixel_values.shape[0], patches=int(shapes.prod(-1).max()),
+                           tokens=pixel_values.shape[1], prompts=text.shape[-2] + (empty is not None),
+                           out_pixels=int(shapes.prod(-1).max()) * ph * pw, device=self.device(),
+                           dtype=torch.float32 if param_dtype in (torch.float16, torch.bfloat16) else param_dtype)
         rel = self._relevance((pixel_values, key_mask, shapes), text, empty, start, prompt_chunk)
         return self._maps(rel, shapes, pixel_values.device, threshold if empty is not None else None)
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from .attention import AttentionOps, attention_ops_for
 from .functional import apply_module, param
-from .posembed import PosEmbedCache
+from .posembed import resampled_embedding
 
 __all__ = [
     "LayerStep",
@@ -71,17 +71,25 @@ class LayerStep:
     tokens: torch.Tensor | None = None
     attn_bias: torch.Tensor | None = None
 
-    def probs(self) -> torch.Tensor:
+    def probs(self, rows: slice | None = None) -> torch.Tensor:
         """Post-softmax attention probabilities ``[B, H, Nq, Nk]`` of the explained attention (no grad).
 
         Used by baselines (raw attention, rollout, CheferCAM) and tests; LeGrad itself never needs them.
+
+        Args:
+            rows: only these query rows (``[B, H, len(rows), Nk]``); softmax acts per row, so a block of
+                rows equals the same rows of the full matrix.
         """
         if self.query is None or self.key is None:
             raise NotImplementedError("this tower adapter does not expose queries/keys")
         scale = self.query.shape[-1] ** -0.5 if self.scale is None else self.scale
-        logits = (self.query * scale) @ self.key.transpose(-1, -2)
+        query = self.query if rows is None else self.query[..., rows, :]
+        logits = (query * scale) @ self.key.transpose(-1, -2)
         if self.attn_bias is not None:
-            logits = logits + self.attn_bias.to(logits.dtype)
+            bias = self.attn_bias.to(logits.dtype)
+            if rows is not None and bias.shape[-2] != 1:
+                bias = bias[..., rows, :]
+            logits = logits + bias
         if self.key_mask is not None:
             logits = logits.masked_fill(~self.key_mask[:, None, None, :], float("-inf"))
         return logits.softmax(dim=-1)
@@ -102,7 +110,6 @@ class TowerAdapter:
 
     def __init__(self, visual: nn.Module):
         self.visual = visual
-        self._pos_cache = PosEmbedCache()
 
     @classmethod
     def matches(cls, visual: nn.Module) -> bool:
@@ -147,6 +154,19 @@ class TowerAdapter:
     def uses_attention_pooler(self) -> bool:
         return False
 
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patch tokens (class token, registers); used for memory estimates."""
+        return 1
+
+    @property
+    def width(self) -> int:
+        """Token width of the tower (the widest normalised width: an upper value for memory estimates)."""
+        widths = [int(m.normalized_shape[-1]) for m in self.visual.modules()
+                  if isinstance(getattr(m, "normalized_shape", None), (tuple, list, torch.Size))
+                  and len(m.normalized_shape)]
+        return max(widths) if widths else self.embed_dim
+
     def param_dtype(self) -> torch.dtype:
         for p in self.visual.parameters():
             if p.is_floating_point():
@@ -165,6 +185,11 @@ class TowerAdapter:
             ValueError: if the size is not a multiple of the patch size.
         """
         ph, pw = self.patch_size
+        if height < ph or width < pw:
+            raise ValueError(
+                f"image size {height}x{width} is smaller than one patch ({ph}x{pw}); resize it to at least "
+                f"{ph}x{pw} (e.g. LePreprocess(preprocess, image_size={max(ph, pw)}))"
+            )
         if height % ph or width % pw:
             raise ValueError(
                 f"image size {height}x{width} is not a multiple of the patch size {ph}x{pw}; resize it "
@@ -281,7 +306,7 @@ class OpenClipViTAdapter(TowerAdapter):
         x = x.flatten(2).transpose(1, 2)
         cls_tok = param(v.class_embedding, dtype).reshape(1, 1, -1).expand(x.shape[0], 1, -1)
         x = torch.cat([cls_tok, x], dim=1)
-        pos = self._pos_cache.get(v.positional_embedding, tuple(v.grid_size), (gh, gw), 1, dtype)
+        pos = resampled_embedding(v.positional_embedding, tuple(v.grid_size), (gh, gw), 1, dtype)
         x = x + pos
         # Patch dropout only acts in training mode: eval semantics means it is skipped.
         return apply_module(v.ln_pre, x)
@@ -362,6 +387,7 @@ class OpenClipViTAdapter(TowerAdapter):
         for i in range(start, len(blocks)):
             step, x = self._explained_block(i, blocks[i], x)
             yield step
+            del step  # free this layer's graph before building the next one
 
 
 class OpenClipCoCaAdapter(OpenClipViTAdapter):

@@ -32,6 +32,7 @@ from torch import nn
 
 from .attention import LatentPoolOps, TimmSelfAttentionOps, attention_ops_for, exact_types
 from .functional import apply_module, linear, param
+from .posembed import resampled_embedding
 from .towers import LayerStep, TowerAdapter
 
 __all__ = ["TimmViTAdapter", "TimmMapAdapter", "timm_config_support", "eval_view", "apply_mlp"]
@@ -423,7 +424,7 @@ class _TimmTowerAdapter(TowerAdapter):
         no_embed_class = bool(getattr(t, "no_embed_class", False))
         if pos is not None:
             pos_prefix = 0 if no_embed_class else self.num_prefix_tokens
-            pos = self._pos_cache.get(pos, tuple(t.patch_embed.grid_size), grid, pos_prefix, dtype)
+            pos = resampled_embedding(pos, tuple(t.patch_embed.grid_size), grid, pos_prefix, dtype)
         if pos is not None and no_embed_class:
             x = x + pos
         if prefix:
@@ -547,6 +548,7 @@ class TimmViTAdapter(_TimmTowerAdapter):
                 feature = self._after_pool(apply_module(self.trunk.norm, pooled))
             yield LayerStep(layer=i, feature=feature, out=o, value=v, num_prefix_tokens=npt, query=q, key=k,
                             scale=blk.ops.scale, attn_bias=bias)
+            del o, q, k, v, pooled, feature  # the consumer is done with this layer: free its graph now
 
 
 class TimmMapAdapter(_TimmTowerAdapter):

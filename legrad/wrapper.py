@@ -11,13 +11,14 @@ from torch import nn
 
 from .correction import apply_empty_prompt_correction, resolve_empty_embedding
 from .heatmap import Scorer, accumulate_relevance, min_max, upsample
+from .memory import DEFAULT_MAX_TOKENS, check_call
 from .towers import TowerAdapter, tower_adapter_for
 
 __all__ = ["LeWrapper"]
 
 # Attributes that live on the wrapper itself; everything else is the wrapped model's.
 _OWN_ATTRS = frozenset({"_model", "_adapter", "_layer_index", "_tokenizer", "_empty_text_embedding",
-                        "apply_correction", "correction_threshold"})
+                        "apply_correction", "correction_threshold", "max_memory", "max_tokens"})
 
 
 class LeWrapper:
@@ -31,16 +32,20 @@ class LeWrapper:
     from several threads are safe.
 
     Args:
-        model: an OpenCLIP ``CLIP``/``CustomTextCLIP``/``CoCa`` model with a supported image tower, or a
-            ViT image classifier (timm, torchvision, transformers: see :mod:`legrad.classifiers`).
+        model: an OpenCLIP ``CLIP``/``CustomTextCLIP``/``CoCa`` model with a supported image tower, a
+            ViT image classifier (timm, torchvision, transformers: see :mod:`legrad.classifiers`), or a
+            ``LeWrapper`` (its settings are kept unless given here).
         layer_index: first transformer block used; negative values count from the end (``-2``: the
             last two blocks). None (default): the model's recommended index if it declares one as
             an int attribute ``legrad_layer_index`` (the bundled demo model does: 0), else ``-2``.
         tokenizer: optional tokenizer, used by towers that need an auxiliary prompt (SigLIP's
             empty-prompt correction).
         empty_text_embedding: optional precomputed ``[D]`` embedding of that auxiliary prompt.
-        apply_correction: apply the empty-prompt correction on towers that use it.
-        correction_threshold: threshold of that correction.
+        apply_correction: apply the empty-prompt correction on towers that use it (None: True).
+        correction_threshold: threshold of that correction (None: 0.8).
+        max_memory: memory budget of one call in bytes, checked before any work against an estimate
+            (see :mod:`legrad.memory`); None: 80% of the memory available on the tower's device.
+        max_tokens: largest number of patch tokens per image (a ValueError before any work); None: no limit.
 
     Raises:
         TypeError: if the image tower is not supported (the message lists the supported families).
@@ -53,11 +58,28 @@ class LeWrapper:
         layer_index: int | None = None,
         tokenizer: Any = None,
         empty_text_embedding: torch.Tensor | None = None,
-        apply_correction: bool = True,
-        correction_threshold: float = 0.8,
+        apply_correction: bool | None = None,
+        correction_threshold: float | None = None,
+        max_memory: float | None = None,
+        max_tokens: int | None = DEFAULT_MAX_TOKENS,
     ):
-        if isinstance(model, LeWrapper):
-            model = model.model
+        if isinstance(model, LeWrapper):  # re-wrapping keeps the inner wrapper's settings unless overridden
+            inner = model
+            model = inner.model
+            layer_index = inner.layer_index if layer_index is None else layer_index
+            tokenizer = inner._tokenizer if tokenizer is None else tokenizer
+            if empty_text_embedding is None:
+                empty_text_embedding = inner._empty_text_embedding
+            apply_correction = inner.apply_correction if apply_correction is None else apply_correction
+            if correction_threshold is None:
+                correction_threshold = inner.correction_threshold
+            max_memory = inner.max_memory if max_memory is None else max_memory
+            max_tokens = inner.max_tokens if max_tokens == DEFAULT_MAX_TOKENS else max_tokens
+        if layer_index is None:
+            hint = getattr(model, "legrad_layer_index", None)
+            layer_index = hint if isinstance(hint, int) and not isinstance(hint, bool) else -2
+        apply_correction = True if apply_correction is None else apply_correction
+        correction_threshold = 0.8 if correction_threshold is None else correction_threshold
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"LeWrapper expects an OpenCLIP model or a ViT classifier (torch.nn.Module), got {type(model).__name__}"
@@ -68,7 +90,9 @@ class LeWrapper:
         object.__setattr__(self, "_empty_text_embedding", empty_text_embedding)
         object.__setattr__(self, "apply_correction", bool(apply_correction))
         object.__setattr__(self, "correction_threshold", float(correction_threshold))
-        self.layer_index = getattr(model, "legrad_layer_index", -2) if layer_index is None else layer_index
+        object.__setattr__(self, "max_memory", max_memory)
+        object.__setattr__(self, "max_tokens", max_tokens)
+        self.layer_index = layer_index
 
     # ------------------------------------------------------------------ delegation
     @property
@@ -299,6 +323,11 @@ class LeWrapper:
         compute_dtype = torch.float32 if param_dtype in (torch.float16, torch.bfloat16) else param_dtype
         height, width = image.shape[-2:]
         gh, gw = adapter.grid_size(height, width)
+        out_hw = (gh, gw) if output_size == "grid" else (height, width) if output_size is None else output_size
+        # Text is [P, D] / [B, P, D]; class targets (classifiers) are [P] / [B, P] integers.
+        num_prompts = text.shape[-2] if text.is_floating_point() else text.shape[-1]
+        self._preflight(adapter, batch=image.shape[0], patches=gh * gw, prompts=num_prompts + (empty is not None),
+                        out_pixels=out_hw[0] * out_hw[1], dtype=compute_dtype, device=device)
         with torch.inference_mode(False), torch.no_grad():
             img = image.to(device=device, dtype=param_dtype)
             if img.is_inference():
@@ -311,7 +340,7 @@ class LeWrapper:
                 e = empty.to(device=device, dtype=compute_dtype)
                 e = e.expand(1, -1) if txt.ndim == 2 else e.expand(txt.shape[0], 1, -1)
                 txt = torch.cat([txt, e], dim=-2)
-            rel = accumulate_relevance(adapter.steps(img, start, compute_dtype), txt, prompt_chunk, scorer)
+            rel = accumulate_relevance(adapter.steps(img, start, compute_dtype), txt, prompt_chunk, scorer=scorer)
             if empty is not None:
                 rel = apply_empty_prompt_correction(rel[:, :-1], rel[:, -1:], threshold)
             maps = rel.reshape(rel.shape[0], rel.shape[1], gh, gw).float()
@@ -319,6 +348,14 @@ class LeWrapper:
                 maps = upsample(maps, (height, width) if output_size is None else output_size)
             maps = min_max(maps)
         return maps.to(out_device)
+
+    def _preflight(self, adapter: TowerAdapter, *, batch: int, patches: int, prompts: int, out_pixels: int,
+                   dtype: torch.dtype, device: torch.device, tokens: int | None = None) -> None:
+        """Token limit and memory estimate of a call (see :func:`legrad.memory.check_call`), before any work."""
+        check_call(batch=batch, tokens=patches + adapter.num_prefix_tokens if tokens is None else tokens,
+                   patches=patches, width=adapter.width, prompts=prompts, out_pixels=out_pixels,
+                   element_size=torch.empty((), dtype=dtype).element_size(), device=device,
+                   max_memory=self.max_memory, max_tokens=self.max_tokens)
 
     # ------------------------------------------------------------------ validation
     def _validate(self, text_embedding: Any, image: Any, layer_index: int | None,
@@ -338,6 +375,10 @@ class LeWrapper:
             )
         if not isinstance(image, torch.Tensor):
             raise TypeError(f"image must be a torch.Tensor [B, 3, H, W], got {type(image).__name__}")
+        _check_not_meta(image, "image")
+        if adapter.device().type == "meta":
+            raise ValueError("the model's weights are on the meta device (not loaded); load them first, e.g. "
+                             "model.to_empty(device='cpu') then model.load_state_dict(state_dict)")
         if image.ndim != 4:
             hint = " (add a batch dimension: image.unsqueeze(0))" if image.ndim == 3 else ""
             raise ValueError(f"image must be 4-D [B, C, H, W], got shape {tuple(image.shape)}{hint}")
@@ -352,6 +393,10 @@ class LeWrapper:
             )
         if image.shape[0] == 0:
             raise ValueError("image batch is empty")
+        if image.shape[-2] == 0 or image.shape[-1] == 0:
+            ph, pw = adapter.patch_size
+            raise ValueError(f"image has zero height or width ({image.shape[-2]}x{image.shape[-1]}); pass an image of "
+                             f"at least one patch ({ph}x{pw} pixels)")
         adapter.grid_size(image.shape[-2], image.shape[-1])
         if not bool(torch.isfinite(image).all()):
             raise ValueError("image contains NaN or infinite values")
@@ -365,6 +410,7 @@ class LeWrapper:
             raise TypeError(
                 f"text_embedding must be a torch.Tensor [P, D] or [B, P, D], got {type(text_embedding).__name__}"
             )
+        _check_not_meta(text_embedding, "text_embedding")
         if not text_embedding.is_floating_point():
             raise TypeError(f"text_embedding must be a float tensor, got {text_embedding.dtype}")
         if text_embedding.ndim not in (2, 3):
@@ -393,6 +439,11 @@ class LeWrapper:
         li = self._layer_index if layer_index is None else self._checked_layer_index(layer_index)
         start = li % adapter.depth
         return text_embedding, start
+
+
+def _check_not_meta(t: torch.Tensor, name: str) -> None:
+    if t.is_meta:
+        raise ValueError(f"{name} is a meta tensor (shape only, no data); pass a tensor with values on a real device")
 
 
 def _checked_output_size(output_size: Any) -> str | tuple[int, int] | None:

@@ -15,6 +15,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_towers import same_bits
 
 from legrad import LeWrapper
 from legrad.baselines import METHODS, attention_rollout, chefercam, get_method, gradcam, raw_attention
@@ -275,7 +276,7 @@ def test_model_left_intact_and_eval_semantics():
     outs = {name: fn(model, text, image) for name, fn in METHODS.items()}
     assert model.training
     for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), k
+        assert same_bits(v, before[k]), k
     assert all(p.grad is None for p in model.parameters())
     for mod in model.modules():
         assert not mod._forward_hooks and not mod._forward_pre_hooks and not mod._backward_hooks
@@ -326,3 +327,18 @@ def test_bad_inputs(model64):
     with pytest.raises(TypeError, match="torch.nn.Module"):
         gradcam("not a model", text, image)
     assert get_method("chefercam") is chefercam
+
+
+@pytest.mark.parametrize("name", ["ViT-B-16", "vit_relpos_medium_patch16_cls_224"])
+def test_chefercam_query_blocks_equal_whole_matrix(name, monkeypatch):
+    """One query row per block (relative-position bias sliced too) gives the unblocked CheferCAM."""
+    from tiny_towers import build_tiny, random_image, random_text
+
+    import legrad.baselines as baselines
+
+    model = build_tiny(name, seed=3)
+    ph, pw = LeWrapper(model).adapter.patch_size
+    image, text = random_image(1, 3 * ph, 2 * pw), random_text(2, 32)
+    whole = chefercam(model, text, image)
+    monkeypatch.setattr(baselines, "_CHEFER_BLOCK_ELEMENTS", 1)
+    torch.testing.assert_close(chefercam(model, text, image), whole, atol=1e-6, rtol=0)

@@ -14,7 +14,16 @@ import open_clip
 import pytest
 import torch
 from oracles import coca_oracle, openclip_vit_oracle, timm_oracle
-from tiny_towers import WIDTH, build_meta, build_tiny, random_image, random_text, shrunk_timm, timm_patch
+from tiny_towers import (
+    WIDTH,
+    build_meta,
+    build_tiny,
+    random_image,
+    random_text,
+    same_bits,
+    shrunk_timm,
+    timm_patch,
+)
 
 from legrad import LeWrapper
 from legrad.pretrained import supports_model_config
@@ -275,7 +284,7 @@ def test_train_mode_model_untouched_and_eval_semantics(name):
     maps = wrapper.compute_legrad(text, image=image)
     torch.testing.assert_close(maps, eval_maps, atol=0, rtol=0)
     after = _snapshot(model)
-    assert state.keys() == after.keys() and all(state[k].equal(after[k]) for k in state)
+    assert state.keys() == after.keys() and all(same_bits(state[k], after[k]) for k in state)
     assert flags() == before
     assert all(p.grad is None for p in model.parameters())
 
@@ -349,3 +358,37 @@ def test_trace_embedding_is_the_models_own(name):
     with torch.enable_grad():
         grads = torch.autograd.grad(embedding.sum(), [s.out for s in steps])
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+# ------------------------------------------------------------------------------------------------ query blocks
+@pytest.mark.parametrize("name", ["ViT-B-16", "coca_ViT-B-32", "EVA02-B-16", "ViT-B-16-SigLIP", "PE-Core-B-16"])
+def test_tiny_query_blocks_equal_unblocked_and_oracle(name, monkeypatch):
+    """A 1-byte working budget forces one prompt and one query row per step: same maps as one block."""
+    import legrad.heatmap as heatmap
+
+    model = build_tiny(name, seed=2)
+    empty = random_text(1, D, seed=7)[0]
+    wrapper = LeWrapper(model, layer_index=-2, empty_text_embedding=empty)
+    ph, pw = wrapper.adapter.patch_size
+    image, text = random_image(2, 3 * ph, 4 * pw), random_text(3, D)
+    monkeypatch.setattr(heatmap, "DEFAULT_WORK_BYTES", 2**40)
+    whole = wrapper.compute_legrad(text, image=image)
+    monkeypatch.setattr(heatmap, "DEFAULT_WORK_BYTES", 1)
+    monkeypatch.setattr(heatmap, "_MIN_EFFICIENT_BLOCK", 1)
+    blocked = wrapper.compute_legrad(text, image=image)
+    torch.testing.assert_close(blocked, whole, atol=1e-6, rtol=0)
+    corrected = wrapper.adapter.uses_empty_prompt_correction
+    torch.testing.assert_close(blocked, _oracle(wrapper, model, image, text, -2, empty if corrected else None),
+                               atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ test helpers
+def test_tiny_coca_has_no_uninitialised_weights_and_same_bits_is_nan_aware():
+    a, b = build_tiny("coca_ViT-B-32", seed=4), build_tiny("coca_ViT-B-32", seed=4)
+    assert all(same_bits(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert torch.isfinite(a.text_decoder.text_projection).all()
+    nan = torch.tensor([1.0, float("nan")])
+    assert same_bits(nan, nan.clone()) and not torch.equal(nan, nan.clone())
+    assert not same_bits(torch.tensor([0.0]), torch.tensor([-0.0]))
+    assert not same_bits(nan, nan.double()) and not same_bits(nan, nan[:1])
+    assert same_bits(nan[1], nan[1].clone()) and not same_bits(nan[0], nan[0] + 1)  # 0-d tensors

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import TINY_VITS, make_tiny_vit, rand_image, unit_text
 from oracles import openclip_vit_oracle
+from tiny_towers import same_bits
 
 from legrad import LeWrapper
 
@@ -180,8 +181,17 @@ def test_delegation_keeps_openclip_api():
 
 def test_wrapping_a_wrapper_and_layer_index_setter():
     model = make_tiny_vit()
-    w = LeWrapper(LeWrapper(model, layer_index=0))
-    assert w.model is model and w.layer_index == -2
+    empty = unit_text(1)[0]
+    inner = LeWrapper(model, layer_index=0, tokenizer=str.split, empty_text_embedding=empty, apply_correction=False,
+                      correction_threshold=0.3, max_memory=2**40, max_tokens=99)
+    w = LeWrapper(inner)  # keeps every setting of the inner wrapper
+    assert w.model is model and w.layer_index == 0 and w._tokenizer is str.split
+    assert w._empty_text_embedding is empty and w.apply_correction is False and w.correction_threshold == 0.3
+    assert w.max_memory == 2**40 and w.max_tokens == 99
+    w2 = LeWrapper(inner, layer_index=-1, apply_correction=True, max_tokens=None)  # unless overridden
+    assert w2.layer_index == -1 and w2.apply_correction is True and w2.max_tokens is None
+    assert w2._tokenizer is str.split and w2.correction_threshold == 0.3
+    assert LeWrapper(model).layer_index == -2
     w.layer_index = -3
     assert w.layer_index == -3
     with pytest.raises(ValueError, match="out of range"):
@@ -221,7 +231,7 @@ def assert_intact(model, before):
     after = _snapshot(model)
     assert after["state"].keys() == before["state"].keys()
     for k in before["state"]:
-        assert torch.equal(after["state"][k], before["state"][k]), k
+        assert same_bits(after["state"][k], before["state"][k]), k
         assert after["state"][k].dtype == before["state"][k].dtype, k
     for key in ("flags", "modes", "forwards", "classes", "attrs"):
         assert after[key] == before[key], key
@@ -378,3 +388,91 @@ def test_output_size_grid_and_explicit():
     for bad in ("input", (0, 4), (3.0, 4), 5):
         with pytest.raises(ValueError, match="output_size"):
             w.compute_legrad(text, image=image, output_size=bad)
+
+
+# --------------------------------------------------------------------------- hostile inputs and bounds
+def test_overflowing_finite_inputs_raise_instead_of_zero_maps():
+    from legrad.heatmap import NonFiniteError
+
+    model = make_tiny_vit()
+    w = LeWrapper(model)
+    with pytest.raises(NonFiniteError, match="overflowed.*normalised"):
+        w.compute_legrad(unit_text(2), image=rand_image(1, 32, 32) * 1e20)
+    assert issubclass(NonFiniteError, ValueError)
+    half = LeWrapper(make_tiny_vit().half())
+    with pytest.raises(ValueError, match="overflowed"):
+        half.compute_legrad(unit_text(1), image=rand_image(1, 32, 32) * 1e5)
+    assert torch.isfinite(half.compute_legrad(unit_text(1), image=rand_image(1, 32, 32))).all()
+
+
+def test_zero_sized_sub_patch_and_meta_inputs_are_refused_before_work():
+    w = LeWrapper(make_tiny_vit())  # patch 8
+    text = unit_text(1)
+    for h, wd in ((0, 32), (32, 0), (0, 0)):
+        with pytest.raises(ValueError, match="zero height or width.*at least one patch \\(8x8"):
+            w.compute_legrad(text, image=torch.zeros(1, 3, h, wd))
+    with pytest.raises(ValueError, match="smaller than one patch.*at least 8x8") as err:
+        w.compute_legrad(text, image=rand_image(1, 4, 4))
+    assert "0x0" not in str(err.value)
+    with pytest.raises(ValueError, match="crop to 16x8"):
+        w.compute_legrad(text, image=rand_image(1, 20, 12))
+    with pytest.raises(ValueError, match="image is a meta tensor"):
+        w.compute_legrad(text, image=torch.empty(1, 3, 32, 32, device="meta"))
+    with pytest.raises(ValueError, match="text_embedding is a meta tensor"):
+        w.compute_legrad(torch.empty(1, 32, device="meta"), image=rand_image(1, 32, 32))
+    meta_model = make_tiny_vit().to("meta")
+    with pytest.raises(ValueError, match="meta device.*load"):
+        LeWrapper(meta_model).compute_legrad(text, image=rand_image(1, 32, 32))
+
+
+def test_anomaly_mode_gives_the_same_maps():
+    model = make_tiny_vit()
+    w = LeWrapper(model)
+    image, text = rand_image(2, 32, 24), unit_text(3)
+    plain = w.compute_legrad(text, image=image)
+    with torch.autograd.set_detect_anomaly(True):
+        anomalous = w.compute_legrad(text, image=image, prompt_chunk=2)
+    torch.testing.assert_close(anomalous, plain, atol=1e-6, rtol=0)
+
+
+def test_token_limit_and_memory_budget_refuse_before_work(monkeypatch):
+    from legrad import memory
+
+    model = make_tiny_vit()
+    text = unit_text(2)
+    w = LeWrapper(model, max_tokens=16)
+    with pytest.raises(ValueError, match="25 patch tokens, more than max_tokens=16.*smaller image size"):
+        w.compute_legrad(text, image=rand_image(1, 40, 40))
+    assert w.compute_legrad(text, image=rand_image(1, 32, 32)).shape == (1, 2, 32, 32)  # 16 patches: fine
+    w.max_tokens = None
+    assert w.compute_legrad(text, image=rand_image(1, 40, 40)).shape == (1, 2, 40, 40)
+
+    # Nothing may run once the estimate says no: the tower's steps are never reached.
+    def boom(*args, **kwargs):
+        raise AssertionError("work started")
+
+    need = memory.estimate_call_bytes(1, 17, w.adapter.width, 2, 32 * 32)
+    w = LeWrapper(model, max_memory=need - 1)
+    monkeypatch.setattr(type(w.adapter), "steps", boom)
+    with pytest.raises(memory.MemoryBudgetError, match="smaller image size.*max_memory=") as err:
+        w.compute_legrad(text, image=rand_image(1, 32, 32))
+    assert isinstance(err.value, ValueError) and isinstance(err.value, MemoryError)
+    monkeypatch.undo()
+    assert LeWrapper(model, max_memory=need).compute_legrad(text, image=rand_image(1, 32, 32)).shape[1] == 2
+    # Without max_memory, the budget is a share of the memory the device has available.
+    monkeypatch.setattr(memory, "available_memory", lambda device: 1000)
+    with pytest.raises(memory.MemoryBudgetError, match="80% of the 0 MiB available on cpu"):
+        LeWrapper(model).compute_legrad(text, image=rand_image(1, 32, 32))
+    monkeypatch.setattr(memory, "available_memory", lambda device: None)  # unknown: not checked
+    assert LeWrapper(model).compute_legrad(text, image=rand_image(1, 32, 32)).shape[1] == 2
+
+
+def test_memory_estimate_grows_linearly_with_tokens_for_large_images():
+    from legrad.memory import estimate_call_bytes
+
+    # Demo-model-like tower (width 256) at 512 px / patch 8 (4097 tokens) and 1024 px (16385 tokens), P = 4:
+    # the relevance term is capped by the working budget, so 4x the tokens costs ~4x, not 16x.
+    small = estimate_call_bytes(1, 4097, 256, 4, 512 * 512)
+    large = estimate_call_bytes(1, 16385, 256, 4, 1024 * 1024)
+    assert 3 < large / small < 4.5
+    assert small < 300 * 2**20

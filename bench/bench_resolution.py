@@ -1,0 +1,183 @@
+"""Cost of LeGrad across input resolutions: time ratio vs a plain forward and extra peak memory.
+
+Two models: a random-init ViT-B-16 built at each size (open_clip's ``force_image_size``, no weights
+downloaded) and the bundled demo model (``legrad.toy.load_model()``, patch 8, positions resampled to the
+size). For each (model, size, P) config:
+
+* *ratio*: one ``compute_legrad`` call divided by one no-grad ``encode_image`` of the same batch, in
+  interleaved pairs in one process (median over ``--reps`` pairs, after one warm-up pair);
+* *extra peak memory*: the call's peak resident memory above the loaded model, measured in a fresh
+  subprocess per config, after one tiny warm-up call (2x2 patches) so that torch's one-time kernel and
+  library initialisation is not counted (the kernel's peak-RSS counter ``VmHWM`` is reset through
+  ``/proc/self/clear_refs`` right before the call; on CUDA the allocator's peak).
+
+    python bench/bench_resolution.py --threads 1                          # the default grid
+    python bench/bench_resolution.py --threads 1 --models demo --sizes 512 --prompts 4 --no-time
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+DEFAULT_SIZES = {"vit-b-16": [224, 448, 768, 1024], "demo": [224, 512, 768, 1024]}
+
+
+def _build(model_name: str, size: int, device: str):
+    """``(model, wrapper)`` for ``model_name`` at ``size`` px."""
+    from legrad import LeWrapper
+
+    logging.getLogger().setLevel(logging.ERROR)
+    torch.manual_seed(0)
+    if model_name == "demo":
+        from legrad.posembed import resample_grid_embedding
+        from legrad.toy import LAYER_INDEX, load_model
+
+        model = load_model()[0].to(device).eval()
+        # open_clip's encode_image only runs at the trained grid: give the model its positions resampled
+        # to this size (what LeGrad does on the fly), so that the plain forward exists at every size.
+        v = model.visual
+        grid = (size // v.patch_size[0], size // v.patch_size[1])
+        with torch.no_grad():
+            pos = resample_grid_embedding(v.positional_embedding.detach(), tuple(v.grid_size), grid, 1)
+        v.positional_embedding = torch.nn.Parameter(pos.to(v.positional_embedding.dtype))
+        v.grid_size = grid
+        # Explaining above the native size: allow the largest grids of the table.
+        return model, LeWrapper(model, layer_index=LAYER_INDEX, max_tokens=None)
+    import open_clip
+
+    name = {"vit-b-16": "ViT-B-16"}.get(model_name, model_name)
+    model = open_clip.create_model(name, pretrained=None, force_image_size=size).to(device).eval()
+    return model, LeWrapper(model, max_tokens=None)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device: str) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def time_config(model_name: str, size: int, prompts: list[int], reps: int, device: str) -> list[dict]:
+    model, wrapper = _build(model_name, size, device)
+    image = torch.randn(1, 3, size, size, device=device)
+    dim = wrapper.adapter.embed_dim
+
+    def plain():
+        with torch.no_grad():
+            model.encode_image(image)
+
+    rows = []
+    for p in prompts:
+        text = torch.nn.functional.normalize(torch.randn(p, dim, device=device), dim=-1)
+
+        def explain(text=text):
+            wrapper.compute_legrad(text, image=image)
+
+        plain(), explain()  # warm-up
+        base, lg, ratios = [], [], []
+        for _ in range(reps):  # interleaved pairs cancel slow drifts of machine load
+            b, t = _timed(plain, device), _timed(explain, device)
+            base.append(b)
+            lg.append(t)
+            ratios.append(t / b)
+        rows.append({"model": model_name, "size": size, "P": p, "forward_s": statistics.median(base),
+                     "legrad_s": statistics.median(lg), "ratio": statistics.median(ratios)})
+    return rows
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _memory_child(model_name: str, size: int, p: int, device: str) -> None:
+    model, wrapper = _build(model_name, size, device)
+    image = torch.randn(1, 3, size, size, device=device)
+    text = torch.nn.functional.normalize(torch.randn(p, wrapper.adapter.embed_dim, device=device), dim=-1)
+    # One tiny call first (one patch grid of 2x2): torch's one-time kernel/library initialisation is not
+    # the call's memory.
+    ph, pw = wrapper.adapter.patch_size
+    wrapper.compute_legrad(text[:1], image=torch.randn(1, 3, 2 * ph, 2 * pw, device=device))
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        wrapper.compute_legrad(text, image=image)
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base
+    else:
+        gc.collect()
+        base = _status_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
+            f.write("5")
+        wrapper.compute_legrad(text, image=image)
+        extra = (_status_kib("VmHWM") - base) * 1024
+    print(json.dumps({"extra_bytes": extra}))
+
+
+def memory_config(model_name: str, size: int, p: int, device: str, threads: int) -> float:
+    """Extra peak MiB of one call, in a fresh subprocess."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--_memory-child", model_name, str(size), str(p), device, "--threads", str(threads)],
+        capture_output=True, text=True, check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])["extra_bytes"] / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["vit-b-16", "demo"], help="vit-b-16, demo or an open_clip name")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="default: per model, 224 to 1024 px")
+    parser.add_argument("--prompts", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--reps", type=int, default=3, help="timed pairs per config (median)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--no-time", action="store_true", help="skip the timings")
+    parser.add_argument("--_memory-child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args._memory_child:
+        name, size, p, device = args._memory_child
+        _memory_child(name, int(size), int(p), device)
+        return
+    print(f"threads={torch.get_num_threads()} device={args.device} torch={torch.__version__} reps={args.reps}")
+    print("| model | size | tokens | P | plain forward (s) | LeGrad (s) | ratio | extra peak memory (MiB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for model_name in args.models:
+        patch = 8 if model_name == "demo" else 16
+        for size in args.sizes or DEFAULT_SIZES.get(model_name, [224, 448]):
+            if args.no_time:
+                rows = [{"model": model_name, "size": size, "P": p} for p in args.prompts]
+            else:
+                rows = time_config(model_name, size, args.prompts, args.reps, args.device)
+            for row in rows:
+                mem = "-" if args.no_memory else \
+                    f"{memory_config(model_name, size, row['P'], args.device, torch.get_num_threads()):.0f}"
+                timing = ("- | - | -" if args.no_time else
+                          f"{row['forward_s']:.3f} | {row['legrad_s']:.3f} | {row['ratio']:.2f}x")
+                print(f"| {model_name} | {size} | {(size // patch) ** 2 + 1} | {row['P']} | {timing} | {mem} |",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()

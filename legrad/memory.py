@@ -1,0 +1,137 @@
+"""Pre-flight bounds of a LeGrad call: a token limit and a memory estimate checked before any work.
+
+The estimate follows the engine's own formula: the re-run tower's activations (a few ``[B, N, C]``
+and ``[B, N, 4C]`` tensors, the explained layer's graph included), the relevance working set (bounded
+by :data:`legrad.heatmap.DEFAULT_WORK_BYTES`: prompts are chunked and query rows blocked, see
+:func:`legrad.heatmap.plan_blocks`) and the output maps. It is an upper estimate of the *extra* memory
+of one call, compared with a budget: ``max_memory`` if given, otherwise a fraction of what the device
+has available (``MemAvailable`` of ``/proc/meminfo`` on CPU, ``torch.cuda.mem_get_info`` on CUDA).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import heatmap
+
+__all__ = [
+    "MemoryBudgetError",
+    "DEFAULT_MAX_TOKENS",
+    "AVAILABLE_FRACTION",
+    "available_memory",
+    "estimate_call_bytes",
+    "check_call",
+]
+
+#: Default limit on patch tokens per image (e.g. 1024x1024 px at patch 8, 2048x2048 px at patch 16).
+DEFAULT_MAX_TOKENS = 16384
+#: Share of the available memory one call may plan to use when no ``max_memory`` is given.
+AVAILABLE_FRACTION = 0.8
+# Activations of the re-run tower per token and channel: the widest no-grad block (qkv, MLP hidden
+# and its activation) plus the explained layer's graph and its kept queries/keys/values.
+_ACT_FACTOR = 24
+# Output maps: the upsampled maps and min-max's temporaries, float32.
+_MAP_COPIES = 3
+
+
+class MemoryBudgetError(ValueError, MemoryError):
+    """A call would need more memory than its budget (raised before any work).
+
+    A ``ValueError`` (bad request size, with the fix in the message) and a ``MemoryError`` (so that code
+    isolating out-of-memory failures catches it too).
+    """
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes the device can still provide, or None when unknown.
+
+    CPU: ``MemAvailable`` from ``/proc/meminfo`` (Linux). CUDA: free device memory plus what PyTorch's
+    caching allocator holds but does not use.
+    """
+    if device.type == "cuda":
+        try:
+            free, _ = torch.cuda.mem_get_info(device)
+            return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+        except (RuntimeError, AssertionError):
+            return None
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def estimate_call_bytes(batch: int, tokens: int, width: int, prompts: int, out_pixels: int,
+                        element_size: int = 4, work_bytes: int | None = None) -> int:
+    """Upper estimate of the extra memory of one LeGrad call, in bytes.
+
+    Args:
+        batch: images B.
+        tokens: tokens per image N (prefix tokens included).
+        width: the tower's token width C.
+        prompts: prompts P (the empty prompt of the correction included).
+        out_pixels: pixels of one output map (``H * W``).
+        element_size: bytes per element of the explained layers' dtype.
+        work_bytes: relevance working-set budget (None: :data:`legrad.heatmap.DEFAULT_WORK_BYTES`).
+
+    Returns:
+        Bytes: activations + relevance working set + output maps.
+    """
+    work = heatmap.DEFAULT_WORK_BYTES if work_bytes is None else work_bytes
+    act = batch * tokens * width * element_size * _ACT_FACTOR
+    # One prompt and one query row is the least the engine can hold, whatever the budget; all prompts
+    # and rows at once the most (heads taken as width / 32: no smaller head width is in use).
+    per_prompt_fixed = batch * tokens * width * element_size * 12
+    smallest = per_prompt_fixed + batch * tokens * width * element_size
+    largest = prompts * (per_prompt_fixed + batch * max(1, width // 32) * tokens * tokens * element_size)
+    work = min(work, largest)
+    relevance = batch * prompts * tokens * element_size
+    maps = batch * prompts * out_pixels * 4 * _MAP_COPIES
+    return int(act + max(work, smallest) + relevance + maps)
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def check_call(*, batch: int, tokens: int, patches: int, width: int, prompts: int, out_pixels: int,
+               element_size: int, device: torch.device, max_memory: float | None, max_tokens: int | None) -> None:
+    """Raises before any work if one image has too many patches or the call would not fit in memory.
+
+    Args:
+        batch, tokens, width, prompts, out_pixels, element_size: as for :func:`estimate_call_bytes`.
+        patches: patch tokens per image (what ``max_tokens`` limits).
+        device: where the tower runs.
+        max_memory: budget in bytes; None for :data:`AVAILABLE_FRACTION` of :func:`available_memory`.
+        max_tokens: limit on ``patches``; None for no limit.
+
+    Raises:
+        ValueError: if ``patches`` exceeds ``max_tokens``.
+        MemoryBudgetError: if the estimate exceeds the budget.
+    """
+    if max_tokens is not None and patches > max_tokens:
+        raise ValueError(
+            f"the image has {patches} patch tokens, more than max_tokens={max_tokens}; use a smaller image size "
+            f"(about {max_tokens} patches, e.g. {int(max_tokens ** 0.5)}x{int(max_tokens ** 0.5)} patches) or raise "
+            "the limit with LeWrapper(..., max_tokens=N) (None: no limit)"
+        )
+    need = estimate_call_bytes(batch, tokens, width, prompts, out_pixels, element_size)
+    if max_memory is not None:
+        budget, source = float(max_memory), f"max_memory={max_memory:.0f} bytes"
+    else:
+        avail = available_memory(device)
+        if avail is None:
+            return
+        budget = AVAILABLE_FRACTION * avail
+        source = f"{AVAILABLE_FRACTION:.0%} of the {_mib(avail)} available on {device.type}"
+    if need > budget:
+        raise MemoryBudgetError(
+            f"this call needs about {_mib(need)} of extra memory ({batch} image(s) of {tokens} tokens, {prompts} "
+            f"prompt(s)), more than its budget ({source}); use a smaller image size, fewer images or prompts per "
+            "call, or set LeWrapper(..., max_memory=BYTES)"
+        )
