@@ -45,7 +45,6 @@ from typing import Any
 import torch
 
 from ..adapters.base import LayerStep, TowerAdapter
-from ..adapters.registry import tower_adapter_for
 from ..engine import pipeline
 from ..engine.step import cosine_scores
 from ..engine.validation import check_layer_index
@@ -70,10 +69,8 @@ class _Run:
     """Validated inputs of one call, moved to the tower's device and compute dtype (the pipeline's prologue)."""
 
     def __init__(self, model: Any, text_embedding: Any, image: Any):
-        if isinstance(model, LeWrapper):
-            adapter, model = model.adapter, model.model
-        else:
-            adapter = tower_adapter_for(model)
+        wrapper = model if isinstance(model, LeWrapper) else LeWrapper(model, layer_index=-1)
+        adapter, model = wrapper.adapter, wrapper.model
         request = pipeline.Request(image=image, text=text_embedding, layer_index=-1)
         # The baselines have no empty-prompt correction and bound their own working sets.
         self.call = pipeline.prepare(adapter, model, request, pipeline.Settings(apply_correction=False),
