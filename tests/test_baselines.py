@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from helpers.tiny_towers import same_bits
 
 from legrad import LeWrapper
-from legrad.eval.baselines import METHODS, attention_rollout, chefercam, get_method, gradcam, raw_attention
 from legrad.adapters.base import TowerAdapter
+from legrad.eval.baselines import METHODS, attention_rollout, chefercam, get_method, gradcam, raw_attention
 
 torch.set_num_threads(1)
 

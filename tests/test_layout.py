@@ -7,10 +7,10 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 PKG = REPO / "legrad"
@@ -95,7 +95,7 @@ def test_every_legrad_import_exists():
     """An import of a module that is not in the tree (a stale path) would be found elsewhere or fail late."""
     missing = []
     for name in MODULES:
-        for mod, names in _imports(name, top_level_only=False):
+        for mod, _ in _imports(name, top_level_only=False):
             if mod == "legrad" or not mod.startswith("legrad."):
                 continue
             if mod not in MODULES:

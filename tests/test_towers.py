@@ -26,10 +26,10 @@ from helpers.tiny_towers import (
 )
 
 from legrad import LeWrapper
-from legrad.pretrained import supports_model_config
 from legrad.adapters.openclip import OpenClipCoCaAdapter, OpenClipViTAdapter
 from legrad.adapters.registry import adapter_classes
 from legrad.adapters.timm import TimmMapAdapter, TimmViTAdapter
+from legrad.pretrained import supports_model_config
 
 ALL_CONFIGS = open_clip.list_models()
 D = WIDTH  # embedding width of the tiny models (timm towers without projection output their width)

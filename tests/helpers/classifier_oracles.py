@@ -13,6 +13,7 @@ import copy
 
 import torch
 import torch.nn.functional as F
+
 from .oracles import _block_output, _explicit_mha, _ExplicitLatentPool
 
 
