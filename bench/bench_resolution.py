@@ -38,7 +38,7 @@ def _build(model_name: str, size: int, device: str):
     logging.getLogger().setLevel(logging.ERROR)
     torch.manual_seed(0)
     if model_name == "demo":
-        from legrad.posembed import resample_grid_embedding
+        from legrad.ops.posembed import resample_grid_embedding
         from legrad.toy import LAYER_INDEX, load_model
 
         model = load_model()[0].to(device).eval()

@@ -4,24 +4,41 @@ Usage::
 
     model = LeWrapper(open_clip_model)            # layer_index=-2 by default
     maps = model.compute_legrad(text_embedding, image=images)   # [B, P, H, W] in [0, 1]
+
+The names below are imported on first use (module ``__getattr__``), so ``import legrad`` (and
+``import legrad.cli`` / ``legrad.toy``) does not import torch or any model library.
 """
 
-from . import classifier_towers as _classifier_towers  # noqa: F401  registers the image-classifier adapters
-from . import hf as _hf  # noqa: F401  registers the Hugging Face adapters (transformers is imported lazily)
-from .preprocess import LePreprocess
-from .pretrained import list_pretrained
-from .towers import LayerStep, TowerAdapter, register_tower, supported_tower_names
-from .wrapper import LeWrapper
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "2.0.0"
 
-__all__ = [
-    "LeWrapper",
-    "LePreprocess",
-    "list_pretrained",
-    "LayerStep",
-    "TowerAdapter",
-    "register_tower",
-    "supported_tower_names",
-    "__version__",
-]
+# name -> module that defines it
+_EXPORTS = {
+    "LeWrapper": "legrad.wrapper",
+    "LePreprocess": "legrad.preprocess",
+    "list_pretrained": "legrad.pretrained",
+    "LayerStep": "legrad.engine.step",
+    "TowerAdapter": "legrad.adapters.base",
+    "register_tower": "legrad.adapters.registry",
+    "supported_tower_names": "legrad.adapters.registry",
+    "register_attention_ops": "legrad.ops.attention",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'legrad' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 
-from .towers import _TOWERS
+from .adapters.registry import adapter_classes
 
 __all__ = ["list_pretrained", "supports_model_config", "format_table"]
 
@@ -19,7 +19,7 @@ def supports_model_config(model_name: str) -> bool:
     cfg = open_clip.get_model_config(model_name)
     if cfg is None:
         return False
-    return any(cls.supports_config(cfg) for cls in _TOWERS)
+    return any(cls.supports_config(cfg) for cls in adapter_classes())
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,4 +1,7 @@
-"""``LeWrapper``: an OpenCLIP model that can also explain what its image tower sees."""
+"""``LeWrapper``: an OpenCLIP model that can also explain what its image tower sees.
+
+The facade only: validation and the method are :mod:`legrad.engine` (:func:`legrad.engine.pipeline.run`),
+the model families :mod:`legrad.adapters`."""
 
 from __future__ import annotations
 
@@ -9,10 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .correction import apply_empty_prompt_correction, resolve_empty_embedding
-from .heatmap import Scorer, accumulate_relevance, min_max, upsample
-from .memory import DEFAULT_MAX_TOKENS, check_call
-from .towers import TowerAdapter, tower_adapter_for
+from .adapters.base import TowerAdapter
+from .adapters.registry import tower_adapter_for
+from .engine import pipeline
+from .engine.budget import DEFAULT_MAX_TOKENS
+from .engine.validation import check_layer_index
 
 __all__ = ["LeWrapper"]
 
@@ -44,7 +48,7 @@ class LeWrapper:
         apply_correction: apply the empty-prompt correction on towers that use it (None: True).
         correction_threshold: threshold of that correction (None: 0.8).
         max_memory: memory budget of one call in bytes, checked before any work against an estimate
-            (see :mod:`legrad.memory`); None: 80% of the memory available on the tower's device.
+            (see :mod:`legrad.engine.budget`); None: 80% of the memory available on the tower's device.
         max_tokens: largest number of patch tokens per image (a ValueError before any work); None: no limit.
 
     Raises:
@@ -67,9 +71,9 @@ class LeWrapper:
             inner = model
             model = inner.model
             layer_index = inner.layer_index if layer_index is None else layer_index
-            tokenizer = inner._tokenizer if tokenizer is None else tokenizer
+            tokenizer = inner.tokenizer if tokenizer is None else tokenizer
             if empty_text_embedding is None:
-                empty_text_embedding = inner._empty_text_embedding
+                empty_text_embedding = inner.empty_text_embedding
             apply_correction = inner.apply_correction if apply_correction is None else apply_correction
             if correction_threshold is None:
                 correction_threshold = inner.correction_threshold
@@ -117,18 +121,24 @@ class LeWrapper:
 
     @layer_index.setter
     def layer_index(self, value: int) -> None:
-        object.__setattr__(self, "_layer_index", self._checked_layer_index(value))
+        object.__setattr__(self, "_layer_index", check_layer_index(value, self._adapter.depth))
 
-    def _checked_layer_index(self, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"layer_index must be an int, got {type(value).__name__}")
-        depth = self._adapter.depth
-        if not -depth <= value < depth:
-            raise ValueError(
-                f"layer_index={value} is out of range for an image tower with {depth} blocks; use a value in "
-                f"[{-depth}, {depth - 1}] (e.g. -2 for the last two blocks)"
-            )
-        return value
+    @property
+    def tokenizer(self) -> Any:
+        """Tokenizer of the correction's empty prompt (None if not given)."""
+        return self._tokenizer
+
+    @property
+    def empty_text_embedding(self) -> torch.Tensor | None:
+        """Precomputed ``[D]`` embedding of the correction's empty prompt (None if not given)."""
+        return self._empty_text_embedding
+
+    def settings(self) -> pipeline.Settings:
+        """This wrapper's per-model settings, as :func:`legrad.engine.pipeline.run` takes them."""
+        return pipeline.Settings(tokenizer=self._tokenizer, empty_text_embedding=self._empty_text_embedding,
+                                 apply_correction=self.apply_correction,
+                                 correction_threshold=self.correction_threshold, max_memory=self.max_memory,
+                                 max_tokens=self.max_tokens)
 
     def __getattr__(self, name: str) -> Any:
         # Only reached when normal lookup fails, i.e. for the wrapped model's attributes.
@@ -198,32 +208,16 @@ class LeWrapper:
                 ``pixel_attention_mask``, ``spatial_shapes``; see :mod:`legrad.hf`).
 
         Returns:
-            ``[B, P, H, W]`` float32 heatmaps in [0, 1] on ``image``'s device (or at ``output_size``).
+            ``[B, P, H, W]`` float32 heatmaps in [0, 1] on ``image``'s device (or at ``output_size``); for
+            a Siglip2 NaFlex batch of differently sized images, a list of ``[P, H_i, W_i]``.
 
         Raises:
             TypeError, ValueError: on invalid inputs, before any computation.
         """
-        adapter = self._adapter
-        if getattr(adapter, "scores_classes", False):  # image classifiers: class logits instead of text
-            from .classifiers import classifier_legrad
-
-            return classifier_legrad(self, text_embedding, image, target, layer_index=layer_index,
-                                     prompt_chunk=prompt_chunk, output_size=output_size, **inputs)
-        if target is not None:
-            raise TypeError(
-                f"target= selects classes of an image classifier, but this model's tower ({adapter.family}) is "
-                "explained against text: pass text_embedding (e.g. model.encode_text(tokens, normalize=True))"
-            )
-        run = getattr(adapter, "run_legrad", None)
-        if run is not None:  # families with their own input format (Hugging Face models: legrad.hf)
-            if output_size is not None:
-                raise TypeError(f"output_size is not supported for {adapter.family}; resize the returned maps")
-            return run(self, text_embedding, image, layer_index=layer_index, prompt_chunk=prompt_chunk, **inputs)
-        if inputs:
-            raise TypeError(f"compute_legrad got unexpected keyword arguments {sorted(inputs)}")
-        out_hw = _checked_output_size(output_size)
-        image, text, start = self._validate(text_embedding, image, layer_index, prompt_chunk)
-        return self._legrad(adapter, image, text, start, prompt_chunk, output_size=out_hw)
+        return self._run(pipeline.Request(
+            image=image, text=text_embedding, target=target,
+            layer_index=self._layer_index if layer_index is None else layer_index, prompt_chunk=prompt_chunk,
+            output_size=output_size, inputs=inputs))
 
     def compute_legrad_clip(
         self,
@@ -285,21 +279,10 @@ class LeWrapper:
             ValueError: if the correction is on and neither a tokenizer nor ``empty_text_embedding`` was given.
         """
         self._require_entry_point("compute_legrad_siglip")
-        run = getattr(self._adapter, "run_legrad", None)
-        if run is not None:  # families with their own input format (Hugging Face models: legrad.hf)
-            if output_size is not None:
-                raise TypeError(f"output_size is not supported for {self._adapter.family}; resize the returned maps")
-            return run(self, text_embedding, image, layer_index=layer_index, prompt_chunk=prompt_chunk,
-                       apply_correction=apply_correction, correction_threshold=correction_threshold, **inputs)
-        if inputs:
-            raise TypeError(f"compute_legrad_siglip got unexpected keyword arguments {sorted(inputs)}")
-        if apply_correction is None and correction_threshold is None:
-            return self.compute_legrad(text_embedding, image, layer_index=layer_index, prompt_chunk=prompt_chunk,
-                                       output_size=output_size)
-        out_hw = _checked_output_size(output_size)
-        image, text, start = self._validate(text_embedding, image, layer_index, prompt_chunk)
-        return self._legrad(self._adapter, image, text, start, prompt_chunk, apply_correction=apply_correction,
-                            correction_threshold=correction_threshold, output_size=out_hw)
+        return self._run(pipeline.Request(
+            image=image, text=text_embedding, layer_index=self._layer_index if layer_index is None else layer_index,
+            prompt_chunk=prompt_chunk, output_size=output_size, inputs=inputs, apply_correction=apply_correction,
+            correction_threshold=correction_threshold))
 
     def _require_entry_point(self, name: str) -> None:
         if name not in self._adapter.entry_points:
@@ -308,151 +291,8 @@ class LeWrapper:
                 f"{name} does not apply to this model's image tower ({self._adapter.family}); use {valid}"
             )
 
-    def _legrad(self, adapter: TowerAdapter, image: torch.Tensor, text: torch.Tensor, start: int,
-                prompt_chunk: int | None, *, apply_correction: bool | None = None,
-                correction_threshold: float | None = None,
-                output_size: str | tuple[int, int] | None = None, scorer: Scorer | None = None) -> torch.Tensor:
-        correct = self.apply_correction if apply_correction is None else bool(apply_correction)
-        threshold = self.correction_threshold if correction_threshold is None else float(correction_threshold)
-        empty = None
-        if correct and adapter.uses_empty_prompt_correction:
-            empty = resolve_empty_embedding(self._model, adapter, self._tokenizer, self._empty_text_embedding)
-        out_device = image.device
-        device = adapter.device()
-        param_dtype = adapter.param_dtype()
-        compute_dtype = torch.float32 if param_dtype in (torch.float16, torch.bfloat16) else param_dtype
-        height, width = image.shape[-2:]
-        gh, gw = adapter.grid_size(height, width)
-        out_hw = (gh, gw) if output_size == "grid" else (height, width) if output_size is None else output_size
-        # Text is [P, D] / [B, P, D]; class targets (classifiers) are [P] / [B, P] integers.
-        num_prompts = text.shape[-2] if text.is_floating_point() else text.shape[-1]
-        self._preflight(adapter, batch=image.shape[0], patches=gh * gw, prompts=num_prompts + (empty is not None),
-                        out_pixels=out_hw[0] * out_hw[1], dtype=compute_dtype, device=device)
-        with torch.inference_mode(False), torch.no_grad():
-            img = image.to(device=device, dtype=param_dtype)
-            if img.is_inference():
-                img = img.clone()
-            # Class indices (classifiers' scorer) keep their integer dtype.
-            txt = text.detach().to(device=device, dtype=compute_dtype if text.is_floating_point() else None)
-            if txt.is_inference():
-                txt = txt.clone()
-            if empty is not None:  # one extra prompt in the same batched backward
-                e = empty.to(device=device, dtype=compute_dtype)
-                e = e.expand(1, -1) if txt.ndim == 2 else e.expand(txt.shape[0], 1, -1)
-                txt = torch.cat([txt, e], dim=-2)
-            rel = accumulate_relevance(adapter.steps(img, start, compute_dtype), txt, prompt_chunk, scorer=scorer)
-            if empty is not None:
-                rel = apply_empty_prompt_correction(rel[:, :-1], rel[:, -1:], threshold)
-            maps = rel.reshape(rel.shape[0], rel.shape[1], gh, gw).float()
-            if output_size != "grid":
-                maps = upsample(maps, (height, width) if output_size is None else output_size)
-            maps = min_max(maps)
-        return maps.to(out_device)
-
-    def _preflight(self, adapter: TowerAdapter, *, batch: int, patches: int, prompts: int, out_pixels: int,
-                   dtype: torch.dtype, device: torch.device, tokens: int | None = None) -> None:
-        """Token limit and memory estimate of a call (see :func:`legrad.memory.check_call`), before any work."""
-        check_call(batch=batch, tokens=patches + adapter.num_prefix_tokens if tokens is None else tokens,
-                   patches=patches, width=adapter.width, prompts=prompts, out_pixels=out_pixels,
-                   element_size=torch.empty((), dtype=dtype).element_size(), device=device,
-                   max_memory=self.max_memory, max_tokens=self.max_tokens)
-
-    # ------------------------------------------------------------------ validation
-    def _validate(self, text_embedding: Any, image: Any, layer_index: int | None,
-                  prompt_chunk: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
-        image = self._validate_image(image)
-        text_embedding, start = self._validate_text(text_embedding, image.shape[0], layer_index, prompt_chunk)
-        return image, text_embedding, start
-
-    def _validate_image(self, image: Any) -> torch.Tensor:
-        """Checks an image batch ``[B, C, H, W]`` against the tower (channels, patch multiple, finite)."""
-        adapter = self._adapter
-        if image is None:
-            raise ValueError(
-                "image is required: pass the preprocessed image batch, e.g. "
-                "compute_legrad(text_embedding, image=preprocess(pil).unsqueeze(0)). (Reusing a previous "
-                "forward's state, as the original LeGrad allowed, is not thread-safe and not supported.)"
-            )
-        if not isinstance(image, torch.Tensor):
-            raise TypeError(f"image must be a torch.Tensor [B, 3, H, W], got {type(image).__name__}")
-        _check_not_meta(image, "image")
-        if adapter.device().type == "meta":
-            raise ValueError("the model's weights are on the meta device (not loaded); load them first, e.g. "
-                             "model.to_empty(device='cpu') then model.load_state_dict(state_dict)")
-        if image.ndim != 4:
-            hint = " (add a batch dimension: image.unsqueeze(0))" if image.ndim == 3 else ""
-            raise ValueError(f"image must be 4-D [B, C, H, W], got shape {tuple(image.shape)}{hint}")
-        if not image.is_floating_point():
-            raise TypeError(
-                f"image must be a float tensor (normalised by the model's preprocess), got {image.dtype}"
-            )
-        if image.shape[1] != adapter.in_chans:
-            raise ValueError(
-                f"image has {image.shape[1]} channels, the model expects {adapter.in_chans} "
-                "(convert the PIL image with .convert('RGB') before preprocessing)"
-            )
-        if image.shape[0] == 0:
-            raise ValueError("image batch is empty")
-        if image.shape[-2] == 0 or image.shape[-1] == 0:
-            ph, pw = adapter.patch_size
-            raise ValueError(f"image has zero height or width ({image.shape[-2]}x{image.shape[-1]}); pass an image of "
-                             f"at least one patch ({ph}x{pw} pixels)")
-        adapter.grid_size(image.shape[-2], image.shape[-1])
-        if not bool(torch.isfinite(image).all()):
-            raise ValueError("image contains NaN or infinite values")
-        return image
-
-    def _validate_text(self, text_embedding: Any, batch: int, layer_index: int | None,
-                       prompt_chunk: int | None) -> tuple[torch.Tensor, int]:
-        """Checks the text embeddings (for an image batch of ``batch``) and returns them with the start block."""
-        adapter = self._adapter
-        if not isinstance(text_embedding, torch.Tensor):
-            raise TypeError(
-                f"text_embedding must be a torch.Tensor [P, D] or [B, P, D], got {type(text_embedding).__name__}"
-            )
-        _check_not_meta(text_embedding, "text_embedding")
-        if not text_embedding.is_floating_point():
-            raise TypeError(f"text_embedding must be a float tensor, got {text_embedding.dtype}")
-        if text_embedding.ndim not in (2, 3):
-            hint = " (for one prompt use text_embedding.unsqueeze(0))" if text_embedding.ndim == 1 else ""
-            raise ValueError(
-                f"text_embedding must be [P, D] or [B, P, D], got shape {tuple(text_embedding.shape)}{hint}"
-            )
-        dim = adapter.embed_dim
-        if text_embedding.shape[-1] != dim:
-            raise ValueError(
-                f"text_embedding width {text_embedding.shape[-1]} does not match the image embedding width "
-                f"{dim}; encode the prompts with the same model's encode_text"
-            )
-        if text_embedding.shape[-2] == 0:
-            raise ValueError("text_embedding holds zero prompts; pass at least one")
-        if text_embedding.ndim == 3 and text_embedding.shape[0] != batch:
-            raise ValueError(
-                f"per-image text_embedding [B, P, D] has B={text_embedding.shape[0]} but the image batch has "
-                f"B={batch}; pass [P, D] to share prompts across images"
-            )
-        if not bool(torch.isfinite(text_embedding).all()):
-            raise ValueError("text_embedding contains NaN or infinite values")
-        if prompt_chunk is not None and (isinstance(prompt_chunk, bool) or not isinstance(prompt_chunk, int)
-                                         or prompt_chunk < 1):
-            raise ValueError(f"prompt_chunk must be a positive int or None, got {prompt_chunk!r}")
-        li = self._layer_index if layer_index is None else self._checked_layer_index(layer_index)
-        start = li % adapter.depth
-        return text_embedding, start
-
-
-def _check_not_meta(t: torch.Tensor, name: str) -> None:
-    if t.is_meta:
-        raise ValueError(f"{name} is a meta tensor (shape only, no data); pass a tensor with values on a real device")
-
-
-def _checked_output_size(output_size: Any) -> str | tuple[int, int] | None:
-    if output_size is None or output_size == "grid":
-        return output_size
-    if (isinstance(output_size, (tuple, list)) and len(output_size) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in output_size)):
-        return (int(output_size[0]), int(output_size[1]))
-    raise ValueError(f"output_size must be None, 'grid' or a (height, width) of positive ints, got {output_size!r}")
+    def _run(self, request: pipeline.Request) -> torch.Tensor:
+        return pipeline.run(self._adapter, self._model, request, self.settings())
 
 
 def _rewrap_self(wrapper: LeWrapper, model: nn.Module, method: Any) -> Any:

@@ -16,7 +16,7 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
-from frontend_utils import (
+from helpers.frontend_utils import (
     PYTHON,
     REPO,
     bundled_scenes,

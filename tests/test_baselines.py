@@ -15,11 +15,11 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_towers import same_bits
+from helpers.tiny_towers import same_bits
 
 from legrad import LeWrapper
-from legrad.baselines import METHODS, attention_rollout, chefercam, get_method, gradcam, raw_attention
-from legrad.towers import TowerAdapter
+from legrad.adapters.base import TowerAdapter
+from legrad.eval.baselines import METHODS, attention_rollout, chefercam, get_method, gradcam, raw_attention
 
 torch.set_num_threads(1)
 
@@ -207,7 +207,7 @@ def test_attention_pooler_towers_refuse_block_methods_clearly():
         attention_rollout(model, text, image)
     with pytest.raises(NotImplementedError, match="pools with attention"):
         chefercam(model, text, image)
-    if type(LeWrapper(model).adapter).trace is TowerAdapter.trace:
+    if type(LeWrapper(model).adapter).trace_tokens is TowerAdapter.trace_tokens:
         with pytest.raises(NotImplementedError, match="traced forward"):
             gradcam(model, text, image)
     else:  # GradCAM only needs the last block's tokens and the traced embedding
@@ -332,9 +332,9 @@ def test_bad_inputs(model64):
 @pytest.mark.parametrize("name", ["ViT-B-16", "vit_relpos_medium_patch16_cls_224"])
 def test_chefercam_query_blocks_equal_whole_matrix(name, monkeypatch):
     """One query row per block (relative-position bias sliced too) gives the unblocked CheferCAM."""
-    from tiny_towers import build_tiny, random_image, random_text
+    from helpers.tiny_towers import build_tiny, random_image, random_text
 
-    import legrad.baselines as baselines
+    import legrad.eval.baselines as baselines
 
     model = build_tiny(name, seed=3)
     ph, pw = LeWrapper(model).adapter.patch_size

@@ -82,7 +82,7 @@ def test_cli_unknown_class_name(image_path, tmp_path, capsys):
 @pytest.fixture()
 def app(monkeypatch):
     pytest.importorskip("gradio")
-    from frontend_utils import REPO
+    from helpers.frontend_utils import REPO
 
     monkeypatch.syspath_prepend(str(REPO))
     import app as module
@@ -123,7 +123,7 @@ def test_app_flags(app):
 
 # ------------------------------------------------------------------------------------ playground
 def test_playground_classifier(tmp_path, image_path, monkeypatch, capsys, explainer):
-    from frontend_utils import REPO
+    from helpers.frontend_utils import REPO
 
     monkeypatch.syspath_prepend(str(REPO))
     import playground

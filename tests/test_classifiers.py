@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 import torchvision
-from classifier_oracles import (
+from helpers.classifier_oracles import (
     finish,
     hf_grids,
     hf_layer_agrees,
@@ -16,7 +16,7 @@ from classifier_oracles import (
     torchvision_forward,
     torchvision_grids,
 )
-from conftest import make_tiny_vit, rand_image, unit_text
+from helpers.models import make_tiny_vit, rand_image, unit_text
 from test_wrapper import _snapshot, assert_intact
 
 from legrad import LeWrapper

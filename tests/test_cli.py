@@ -9,8 +9,8 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from frontend_utils import PYTHON, REPO, bundled_scenes, copy_scenes, subprocess_env
-from oracles import openclip_vit_oracle
+from helpers.frontend_utils import PYTHON, REPO, bundled_scenes, copy_scenes, subprocess_env
+from helpers.oracles import openclip_vit_oracle
 from PIL import Image
 
 from legrad.cli.explain import discover, slugify

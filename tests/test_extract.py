@@ -205,7 +205,7 @@ def test_explainer_model_with_empty_prompt_correction(tmp_path, scenes):
     """A ready Explainer is accepted; towers with their own LeGrad logic (here SigLIP's empty-prompt
     correction) go through compute_legrad, so `input` maps equal it exactly."""
     import open_clip
-    from tiny_towers import build_tiny
+    from helpers.tiny_towers import build_tiny
 
     model = build_tiny("ViT-B-16-SigLIP", seed=1)
     assert LeWrapper(model).adapter.uses_empty_prompt_correction

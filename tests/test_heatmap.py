@@ -1,13 +1,15 @@
-"""The aggregation helpers of legrad.heatmap against direct computations."""
+"""The engine's relevance, budget and map helpers (legrad.engine) against direct computations."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-import legrad.heatmap as heatmap
-from legrad.heatmap import layer_relevance, min_max, plan_blocks, upsample
-from legrad.towers import LayerStep
+import legrad.engine.budget as engine_budget
+from legrad.engine.budget import plan_blocks
+from legrad.engine.maps import min_max, upsample
+from legrad.engine.relevance import layer_relevance
+from legrad.engine.step import LayerStep
 
 
 def test_min_max_per_map_and_constant_maps():
@@ -24,7 +26,7 @@ def test_upsample_is_bilinear_by_patch_size():
 
 
 def test_layer_relevance_equals_explicit_attention_gradient(monkeypatch):
-    monkeypatch.setattr(heatmap, "_MIN_EFFICIENT_BLOCK", 1)  # let small budgets force blocks of one row
+    monkeypatch.setattr(engine_budget, "_MIN_EFFICIENT_BLOCK", 1)  # let small budgets force blocks of one row
     # A toy "layer": feature = W @ mean over rows of (A V) for explicit A; compare with the dO V^T route.
     torch.manual_seed(0)
     b, h, n, d, e, p = 2, 3, 5, 4, 6, 4
@@ -51,7 +53,7 @@ def test_layer_relevance_equals_explicit_attention_gradient(monkeypatch):
 
 
 def test_plan_blocks_fits_the_budget(monkeypatch):
-    monkeypatch.setattr(heatmap, "_MIN_EFFICIENT_BLOCK", 1)
+    monkeypatch.setattr(engine_budget, "_MIN_EFFICIENT_BLOCK", 1)
     # Everything fits: all prompts, all rows.
     assert plan_blocks(8, 100, fixed=10, per_row=1, budget=10_000) == (8, 100)
     for p, nq, fixed, row, budget in [(8, 4097, 1000, 100, 200_000), (80, 197, 500, 50, 64_000), (3, 50, 10, 7, 200)]:
@@ -65,6 +67,6 @@ def test_plan_blocks_fits_the_budget(monkeypatch):
     # A fixed prompt chunk keeps its size; the block shrinks instead.
     assert plan_blocks(8, 100, fixed=0, per_row=1, budget=40, prompt_chunk=4) == (4, 10)
     # ...but never below an efficient block, even when one prompt's fixed part exceeds the budget.
-    monkeypatch.setattr(heatmap, "_MIN_EFFICIENT_BLOCK", 64)
+    monkeypatch.setattr(engine_budget, "_MIN_EFFICIENT_BLOCK", 64)
     assert plan_blocks(5, 1000, fixed=100, per_row=10, budget=1) == (1, 64)
     assert plan_blocks(5, 10, fixed=100, per_row=10, budget=1) == (1, 10)

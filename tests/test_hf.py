@@ -22,7 +22,7 @@ transformers = pytest.importorskip(
     "transformers", reason="transformers is not installed: the [hf] extra is optional (pip install 'legrad_torch[hf]')"
 )
 
-from tiny_towers import same_bits  # noqa: E402
+from helpers.tiny_towers import same_bits  # noqa: E402
 
 from legrad import LeWrapper  # noqa: E402
 from legrad.hf import SUPPORTED_HF_CLASSES, encode_text, pooled_text_features  # noqa: E402
@@ -589,7 +589,7 @@ def test_siglip2_correction_is_per_image_on_its_own_patches():
 def test_correction_embedding_from_the_tokenizer(kind):
     model = make_model(kind)
     tok = _tiny_tokenizer()
-    from legrad.correction import EMPTY_PROMPT
+    from legrad.engine.correction import EMPTY_PROMPT
 
     empty = encode_text(model, tok, EMPTY_PROMPT)[0]
     text = unit_text(2, 32)
@@ -684,7 +684,7 @@ def test_open_clip_twin_has_the_same_embedding():
 @pytest.mark.parametrize("method", ["legrad", "raw_attention", "rollout", "gradcam", "chefercam"])
 def test_hf_clip_equals_its_open_clip_twin(method):
     """LeGrad and the baselines give the same maps on an HF CLIPModel and on open_clip holding its weights."""
-    from legrad import baselines
+    from legrad.eval import baselines
 
     hf = make_model("clip")
     twin = _open_clip_twin(hf)
@@ -697,16 +697,16 @@ def test_hf_clip_equals_its_open_clip_twin(method):
 @pytest.mark.parametrize("kind", ["clip", "siglip", "siglip2"])
 def test_tiny_query_blocks_equal_unblocked_and_oracle(kind, monkeypatch):
     """A 1-byte working budget forces one prompt and one query row per step: same maps as one block."""
-    import legrad.heatmap as heatmap
+    import legrad.engine.budget as budget
 
     model = make_model(kind)
     text = unit_text(3, embed_dim(model))
     wrapper = LeWrapper(model, layer_index=-2, apply_correction=False)
     image = naflex_batch([(3, 4), (2, 2)], max_patches=12) if kind == "siglip2" else rand_image(2, 32, 40)
-    monkeypatch.setattr(heatmap, "DEFAULT_WORK_BYTES", 2**40)
+    monkeypatch.setattr(budget, "DEFAULT_WORK_BYTES", 2**40)
     whole = wrapper.compute_legrad(text, image=image)
-    monkeypatch.setattr(heatmap, "DEFAULT_WORK_BYTES", 1)
-    monkeypatch.setattr(heatmap, "_MIN_EFFICIENT_BLOCK", 1)
+    monkeypatch.setattr(budget, "DEFAULT_WORK_BYTES", 1)
+    monkeypatch.setattr(budget, "_MIN_EFFICIENT_BLOCK", 1)
     blocked = wrapper.compute_legrad(text, image=image)
     expected = hf_oracle(model, kind, image, text, -2)
     for got, ref, want in zip(blocked, whole, expected, strict=True):

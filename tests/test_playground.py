@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from frontend_utils import PYTHON, REPO, bundled_scenes, subprocess_env
+from helpers.frontend_utils import PYTHON, REPO, bundled_scenes, subprocess_env
 from PIL import Image
 
 from legrad.frontend.scenes import absent_phrase

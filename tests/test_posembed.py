@@ -6,7 +6,7 @@ import pytest
 import torch
 from timm.layers import resample_abs_pos_embed
 
-from legrad.posembed import resample_grid_embedding, resampled_embedding
+from legrad.ops.posembed import resample_grid_embedding, resampled_embedding
 
 
 @pytest.mark.parametrize("old,new", [((4, 4), (8, 8)), ((7, 7), (5, 9)), ((3, 5), (3, 5)), ((6, 6), (2, 3))])
@@ -45,8 +45,8 @@ def _swap_data(model, sd):
 @pytest.mark.parametrize("kind", ["open_clip", "timm"])
 def test_weight_swaps_are_seen_at_non_native_sizes(swap, kind):
     """Maps after replacing the weights (new tensors, possibly at a freed address) equal a fresh wrapper's."""
-    from conftest import make_tiny_vit, rand_image, unit_text
-    from tiny_towers import build_tiny, random_image, random_text
+    from helpers.models import make_tiny_vit, rand_image, unit_text
+    from helpers.tiny_towers import build_tiny, random_image, random_text
 
     from legrad import LeWrapper
 

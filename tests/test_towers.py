@@ -13,8 +13,8 @@ import threading
 import open_clip
 import pytest
 import torch
-from oracles import coca_oracle, openclip_vit_oracle, timm_oracle
-from tiny_towers import (
+from helpers.oracles import coca_oracle, openclip_vit_oracle, timm_oracle
+from helpers.tiny_towers import (
     WIDTH,
     build_meta,
     build_tiny,
@@ -26,9 +26,10 @@ from tiny_towers import (
 )
 
 from legrad import LeWrapper
+from legrad.adapters.openclip import OpenClipCoCaAdapter, OpenClipViTAdapter
+from legrad.adapters.registry import adapter_classes
+from legrad.adapters.timm import TimmMapAdapter, TimmViTAdapter
 from legrad.pretrained import supports_model_config
-from legrad.towers import _TOWERS, OpenClipCoCaAdapter, OpenClipViTAdapter
-from legrad.towers_timm import TimmMapAdapter, TimmViTAdapter
 
 ALL_CONFIGS = open_clip.list_models()
 D = WIDTH  # embedding width of the tiny models (timm towers without projection output their width)
@@ -76,7 +77,7 @@ def test_every_config(name):
             LeWrapper(model)
         return
     assert supported, f"{name} has a ViT-family tower but is not claimed by any adapter"
-    claimed = [cls for cls in _TOWERS if cls.supports_config(cfg)]
+    claimed = [cls for cls in adapter_classes() if cls.supports_config(cfg)]
     assert len(claimed) == 1, claimed
     model = build_tiny(name)
     empty = random_text(1, D, seed=7)[0]
@@ -98,7 +99,7 @@ def test_config_counts_per_family():
     counts = {}
     for name in ALL_CONFIGS:
         cfg = open_clip.get_model_config(name)
-        for cls in _TOWERS:
+        for cls in adapter_classes():
             if cls.supports_config(cfg):
                 counts[cls] = counts.get(cls, 0) + 1
     assert sum(counts.values()) == 116
@@ -364,17 +365,17 @@ def test_trace_embedding_is_the_models_own(name):
 @pytest.mark.parametrize("name", ["ViT-B-16", "coca_ViT-B-32", "EVA02-B-16", "ViT-B-16-SigLIP", "PE-Core-B-16"])
 def test_tiny_query_blocks_equal_unblocked_and_oracle(name, monkeypatch):
     """A 1-byte working budget forces one prompt and one query row per step: same maps as one block."""
-    import legrad.heatmap as heatmap
+    import legrad.engine.budget as budget
 
     model = build_tiny(name, seed=2)
     empty = random_text(1, D, seed=7)[0]
     wrapper = LeWrapper(model, layer_index=-2, empty_text_embedding=empty)
     ph, pw = wrapper.adapter.patch_size
     image, text = random_image(2, 3 * ph, 4 * pw), random_text(3, D)
-    monkeypatch.setattr(heatmap, "DEFAULT_WORK_BYTES", 2**40)
+    monkeypatch.setattr(budget, "DEFAULT_WORK_BYTES", 2**40)
     whole = wrapper.compute_legrad(text, image=image)
-    monkeypatch.setattr(heatmap, "DEFAULT_WORK_BYTES", 1)
-    monkeypatch.setattr(heatmap, "_MIN_EFFICIENT_BLOCK", 1)
+    monkeypatch.setattr(budget, "DEFAULT_WORK_BYTES", 1)
+    monkeypatch.setattr(budget, "_MIN_EFFICIENT_BLOCK", 1)
     blocked = wrapper.compute_legrad(text, image=image)
     torch.testing.assert_close(blocked, whole, atol=1e-6, rtol=0)
     corrected = wrapper.adapter.uses_empty_prompt_correction

@@ -8,9 +8,9 @@ import threading
 import open_clip
 import pytest
 import torch
-from conftest import TINY_VITS, make_tiny_vit, rand_image, unit_text
-from oracles import openclip_vit_oracle
-from tiny_towers import same_bits
+from helpers.models import TINY_VITS, make_tiny_vit, rand_image, unit_text
+from helpers.oracles import openclip_vit_oracle
+from helpers.tiny_towers import same_bits
 
 from legrad import LeWrapper
 
@@ -380,7 +380,7 @@ def test_output_size_grid_and_explicit():
     flat = grid.flatten(2)
     torch.testing.assert_close(flat.amax(-1), torch.ones(2, 3))
     # the grid maps are the same maps before upsampling: upsample + min-max reproduces the default
-    from legrad.heatmap import min_max, upsample
+    from legrad.engine.maps import min_max, upsample
 
     torch.testing.assert_close(min_max(upsample(grid, (32, 48))), full, atol=1e-6, rtol=0)
     torch.testing.assert_close(w.compute_legrad(text, image=image, output_size=(32, 48)), full, atol=0, rtol=0)
@@ -392,7 +392,7 @@ def test_output_size_grid_and_explicit():
 
 # --------------------------------------------------------------------------- hostile inputs and bounds
 def test_overflowing_finite_inputs_raise_instead_of_zero_maps():
-    from legrad.heatmap import NonFiniteError
+    from legrad.engine.relevance import NonFiniteError
 
     model = make_tiny_vit()
     w = LeWrapper(model)
@@ -436,7 +436,7 @@ def test_anomaly_mode_gives_the_same_maps():
 
 
 def test_token_limit_and_memory_budget_refuse_before_work(monkeypatch):
-    from legrad import memory
+    from legrad.engine import budget as memory
 
     model = make_tiny_vit()
     text = unit_text(2)
@@ -468,7 +468,7 @@ def test_token_limit_and_memory_budget_refuse_before_work(monkeypatch):
 
 
 def test_memory_estimate_grows_linearly_with_tokens_for_large_images():
-    from legrad.memory import estimate_call_bytes
+    from legrad.engine.budget import estimate_call_bytes
 
     # Demo-model-like tower (width 256) at 512 px / patch 8 (4097 tokens) and 1024 px (16385 tokens), P = 4:
     # the relevance term is capped by the working budget, so 4x the tokens costs ~4x, not 16x.

@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     """Runs the benchmark from parsed arguments; prints the table, writes JSON. Returns the exit status."""
     import torch
 
-    from legrad.baselines import METHODS, get_method
+    from legrad.eval.baselines import METHODS, get_method
     from legrad.eval.benchmark import evaluate, format_table
     from legrad.eval.datasets import FolderDataset, ToyScenes
     from legrad.frontend.errors import ImageLoadError, ModelLoadError

@@ -1,7 +1,7 @@
 """Localization benchmark: every explainability method x every metric, as plain numbers and a Markdown table.
 
 Data come from :mod:`legrad.eval.datasets` (the bundled synthetic scenes or a user folder), the methods
-from :mod:`legrad.baselines`, the scores from :mod:`legrad.eval.metrics`: pointing game (mean over
+from :mod:`legrad.eval.baselines`, the scores from :mod:`legrad.eval.metrics`: pointing game (mean over
 pairs), mIoU and pixel accuracy of the maps binarised at ``threshold`` (counts summed over the dataset,
 then IoU), and the AUCs of the positive and negative perturbation curves (pixels replaced by the
 dataset mean, i.e. 0 after normalisation, 0..90 % in 10 % steps, scored by the image-text cosine
@@ -86,8 +86,8 @@ def evaluate(
         model: OpenCLIP model (or :class:`~legrad.LeWrapper`) in eval mode, on ``device``.
         tokenizer: list of str -> token tensor, for ``model.encode_text``.
         samples: sequence of :class:`Sample` (e.g. :class:`ToyScenes`, :class:`FolderDataset`).
-        methods: names in :data:`legrad.baselines.METHODS`, or ``"name@K"`` (see
-            :func:`legrad.baselines.get_method`); default: all.
+        methods: names in :data:`legrad.eval.baselines.METHODS`, or ``"name@K"`` (see
+            :func:`legrad.eval.baselines.get_method`); default: all.
         layer_index: LeGrad's first explained block.
         threshold: binarisation threshold for mIoU / pixel accuracy (a number or ``"mean"``).
         pointing_tolerance: pointing-game tolerance in pixels (0: the maximum must be inside the mask).
@@ -108,8 +108,8 @@ def evaluate(
     """
     import torch
 
-    from ..baselines import get_method
     from ..wrapper import LeWrapper
+    from .baselines import get_method
     from .metrics import (
         DEFAULT_FRACTIONS,
         check_fractions,
@@ -180,7 +180,7 @@ def evaluate(
 
 
 def _all_methods() -> list[str]:
-    from ..baselines import METHODS
+    from .baselines import METHODS
 
     return list(METHODS)
 

@@ -1,7 +1,7 @@
 """Localization metrics for heatmaps, on batched tensors.
 
 Maps are ``[..., H, W]`` float tensors (e.g. ``[B, P, H, W]`` in [0, 1] from any method of
-:mod:`legrad.baselines`); masks are boolean tensors of the same shape (True on the object).
+:mod:`legrad.eval.baselines`); masks are boolean tensors of the same shape (True on the object).
 
 * :func:`pointing_game` -- Zhang et al. (2016), "Top-down Neural Attention by Excitation Backprop":
   a hit when the map's maximum lies inside the mask.

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..engine.maps import min_max
 from ..frontend.explainer import Explainer
-from ..heatmap import min_max
 from .inputs import ImageTask
 from .store import output_name, write_output
 
@@ -64,11 +64,12 @@ def heatmaps(wrapper: Any, image: torch.Tensor, text: torch.Tensor, start: int,
     """``[B, P, h, w]`` float32 maps in [0, 1] at ``map_hw``.
 
     At the patch grid they are ``compute_legrad(..., output_size='grid')``: upsampled bilinearly to the
-    input size and min-max normalised again they are exactly ``compute_legrad``'s maps. Families with
-    their own input handling (``run_legrad``) only return input-size maps, which are resized here.
+    input size and min-max normalised again they are exactly ``compute_legrad``'s maps. Families whose
+    images may differ in size (``adapter.variable_grids``: Siglip2 NaFlex) return each image's own size,
+    resized here.
     """
     adapter = wrapper.adapter
-    if getattr(adapter, "run_legrad", None) is not None:
+    if adapter.variable_grids:
         maps = wrapper.compute_legrad(text, image=image, layer_index=start)
         if tuple(maps.shape[-2:]) != tuple(map_hw):
             maps = min_max(F.interpolate(maps, size=map_hw, mode="bilinear", antialias=True, align_corners=False))

@@ -164,13 +164,13 @@ def _looks_like_path(text: str) -> bool:
 
 
 def _check_supported(model: torch.nn.Module, name: str) -> None:
-    from ..towers import tower_adapter_for
+    from ..adapters.registry import tower_adapter_for
 
     try:
         adapter = tower_adapter_for(model)
     except TypeError as exc:
         raise _error(f"{name} is not a ViT classifier LeGrad supports ({one_line(exc, 160)})") from exc
-    if not getattr(adapter, "scores_classes", False):
+    if adapter.scorer != "logit":
         raise _error(f"{name} is not an image classifier")
 
 
@@ -344,7 +344,7 @@ def _load_torchvision(spec: str, pretrained: str | None, device: str) -> tuple[A
 
 
 def _num_classes(model: Any) -> int:
-    from ..towers import tower_adapter_for
+    from ..adapters.registry import tower_adapter_for
 
     return int(tower_adapter_for(model).num_classes)
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..engine.validation import check_layer_index
 from ..preprocess import LePreprocess
 from ..wrapper import LeWrapper
 from .classifier_models import ClassLabels
@@ -145,7 +146,7 @@ class Explainer:
     @property
     def is_classifier(self) -> bool:
         """Whether the model is an image classifier (class targets instead of text prompts)."""
-        return bool(getattr(self.wrapper.adapter, "scores_classes", False))
+        return self.wrapper.adapter.scorer == "logit"
 
     @property
     def labels(self) -> ClassLabels | None:
@@ -201,15 +202,7 @@ class Explainer:
         """
         if layer_index is None:
             return self.wrapper.layer_index
-        if isinstance(layer_index, bool) or not isinstance(layer_index, int):
-            raise TypeError(f"layer_index must be an int, got {type(layer_index).__name__}")
-        depth = self.wrapper.adapter.depth
-        if not -depth <= layer_index < depth:
-            raise ValueError(
-                f"layer_index={layer_index} is out of range for this model's {depth} image blocks; use a value "
-                f"in [{-depth}, {depth - 1}] (e.g. -2 for the last two blocks)"
-            )
-        return layer_index
+        return check_layer_index(layer_index, self.wrapper.adapter.depth)
 
     def clean(self, prompts: Sequence[str | int] | str | int) -> list:
         """:func:`clean_targets` for classifiers, :func:`clean_prompts` otherwise."""

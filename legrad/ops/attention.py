@@ -23,6 +23,8 @@ __all__ = [
     "AttentionOps",
     "attention_ops_for",
     "merge_heads",
+    "split_heads",
+    "MultiheadAttentionOps",
     "register_attention_ops",
     "TimmSelfAttentionOps",
     "LatentPoolOps",
@@ -37,7 +39,8 @@ def merge_heads(o: torch.Tensor) -> torch.Tensor:
     return o.transpose(1, 2).reshape(b, n, h * d)
 
 
-def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[B, N, H * hd]`` -> ``[B, H, N, hd]``."""
     b, n, c = x.shape
     return x.reshape(b, n, heads, c // heads).transpose(1, 2)
 
@@ -71,11 +74,6 @@ class AttentionOps:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Per-head attention output ``O = softmax(q k^T * scale) v``, ``[B, H, Nq, hd]``."""
         return F.scaled_dot_product_attention(q, k, v)
-
-    def probs(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """Post-softmax attention probabilities ``[B, H, Nq, Nk]`` (for baselines and tests)."""
-        scale = q.shape[-1] ** -0.5
-        return torch.softmax((q * scale) @ k.transpose(-1, -2), dim=-1)
 
     def out(self, o: torch.Tensor) -> torch.Tensor:
         """Output projection of merged heads: ``[B, H, N, hd]`` -> ``[B, N, C]``."""
@@ -111,7 +109,7 @@ class MultiheadAttentionOps(AttentionOps):
             k = F.linear(x_kv, wk, bk)
             v = F.linear(x_kv, wv, bv)
         h = m.num_heads
-        return _split_heads(q, h), _split_heads(k, h), _split_heads(v, h)
+        return split_heads(q, h), split_heads(k, h), split_heads(v, h)
 
     def out(self, o):
         return apply_module(self.module.out_proj, merge_heads(o))
@@ -246,12 +244,6 @@ class TimmSelfAttentionOps(AttentionOps):
             bias = bias.to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
 
-    def probs(self, q, k, bias: torch.Tensor | None = None):
-        logits = (q * self.scale) @ k.transpose(-1, -2)
-        if bias is not None:
-            logits = logits + bias.to(logits.dtype)
-        return torch.softmax(logits, dim=-1)
-
     def out(self, o, x_in: torch.Tensor | None = None):
         """Output projection; ``x_in`` (the attention's input) is needed only by gated attention."""
         m = self.module
@@ -301,9 +293,6 @@ class LatentPoolOps(AttentionOps):
 
     def attend(self, q, k, v):
         return F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-
-    def probs(self, q, k):
-        return torch.softmax((q * self.scale) @ k.transpose(-1, -2), dim=-1)
 
     def out(self, o):
         return apply_module(self.module.proj, merge_heads(o))

@@ -4,7 +4,7 @@ Maps of towers whose embedding comes from an attention pooler (``map`` pool) ten
 same few tokens whatever the prompt. The correction computes the map of a content-free prompt
 (``"a photo of a"``) alongside the real prompts (one extra prompt in the same batched backward, no
 extra forward), min-max normalises it on the patch grid and zeroes the real maps wherever it exceeds
-a threshold; the wrapper then upsamples and min-max normalises as usual.
+a threshold; the pipeline then upsamples and min-max normalises as usual.
 """
 
 from __future__ import annotations
@@ -19,13 +19,6 @@ __all__ = ["EMPTY_PROMPT", "resolve_empty_embedding", "apply_empty_prompt_correc
 #: The content-free prompt whose map marks the tokens to suppress.
 EMPTY_PROMPT = "a photo of a"
 
-_HOW = (
-    "pass LeWrapper(model, tokenizer=open_clip.get_tokenizer(model_name)) or "
-    "LeWrapper(model, empty_text_embedding=model.encode_text(tokenizer(['a photo of a']), normalize=True)[0]), "
-    "or turn the correction off with apply_correction=False"
-)
-
-
 def resolve_empty_embedding(
     model: nn.Module,
     adapter: Any,
@@ -34,9 +27,9 @@ def resolve_empty_embedding(
 ) -> torch.Tensor:
     """The ``[D]`` embedding of :data:`EMPTY_PROMPT` for the correction.
 
-    An explicit ``embedding`` is used as given; otherwise the prompt is tokenized with ``tokenizer`` and
-    encoded by the model (``encode_text(..., normalize=True)``, or the adapter's ``encode_prompts`` for
-    model families with another text API). Nothing is ever downloaded.
+    An explicit ``embedding`` is used as given; otherwise the prompt is encoded by the adapter's
+    ``encode_prompts(model, tokenizer, prompts)`` (the family's own text API). Nothing is ever downloaded.
+    The adapter's ``correction_hint`` says how to provide the prompt when it is missing.
 
     Raises:
         ValueError: if neither is available, or the embedding has the wrong shape or width.
@@ -58,21 +51,15 @@ def resolve_empty_embedding(
     if tokenizer is None:
         raise ValueError(
             f"this tower ({adapter.family}) applies the empty-prompt correction, which needs the embedding of "
-            f"the prompt {EMPTY_PROMPT!r}: {getattr(adapter, 'correction_hint', _HOW)}"
+            f"the prompt {EMPTY_PROMPT!r}: {adapter.correction_hint}"
         )
-    encode = getattr(adapter, "encode_prompts", None)
     with torch.no_grad():
-        if encode is not None:
-            emb = encode(model, tokenizer, [EMPTY_PROMPT])
-        else:
-            tokens = tokenizer([EMPTY_PROMPT])
-            device = next((p.device for p in model.parameters()), torch.device("cpu"))
-            emb = model.encode_text(tokens.to(device), normalize=True)
+        emb = adapter.encode_prompts(model, tokenizer, [EMPTY_PROMPT])
     emb = emb.reshape(-1)
     if emb.shape[0] != dim:
         raise ValueError(
             f"the tokenizer's prompt encodes to width {emb.shape[0]}, the image tower's is {dim}; "
-            f"{getattr(adapter, 'correction_hint', _HOW)}"
+            f"{adapter.correction_hint}"
         )
     return emb
 

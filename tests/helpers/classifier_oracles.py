@@ -13,7 +13,8 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from oracles import _block_output, _explicit_mha, _ExplicitLatentPool
+
+from .oracles import _block_output, _explicit_mha, _ExplicitLatentPool
 
 
 def _targets_for(target: torch.Tensor, b: int) -> list[int]:

@@ -1,9 +1,12 @@
-"""Pre-flight bounds of a LeGrad call: a token limit and a memory estimate checked before any work.
+"""Memory of a LeGrad call: the relevance working-set plan and the pre-flight bounds.
+
+The relevance working set (the prompts' ``dS/dO`` and the ``[chunk, B, heads, block, Nk]`` gradient
+block) is bounded by :data:`DEFAULT_WORK_BYTES`: :func:`plan_blocks` picks the prompt chunk and the
+query block. Before any work, a token limit and a memory estimate are checked (:func:`check_call`).
 
 The estimate follows the engine's own formula: the re-run tower's activations (a few ``[B, N, C]``
 and ``[B, N, 4C]`` tensors, the explained layer's graph included), the relevance working set (bounded
-by :data:`legrad.heatmap.DEFAULT_WORK_BYTES`: prompts are chunked and query rows blocked, see
-:func:`legrad.heatmap.plan_blocks`) and the output maps. It is an upper estimate of the *extra* memory
+by :data:`DEFAULT_WORK_BYTES`: prompts are chunked and query rows blocked, see :func:`plan_blocks`) and the output maps. It is an upper estimate of the *extra* memory
 of one call, compared with a budget: ``max_memory`` if given, otherwise a fraction of what the device
 has available (``MemAvailable`` of ``/proc/meminfo`` on CPU, ``torch.cuda.mem_get_info`` on CUDA).
 """
@@ -12,9 +15,13 @@ from __future__ import annotations
 
 import torch
 
-from . import heatmap
+from .step import LayerStep
 
 __all__ = [
+    "DEFAULT_WORK_BYTES",
+    "DEFAULT_CHUNK_BYTES",
+    "plan_blocks",
+    "step_bytes",
     "MemoryBudgetError",
     "DEFAULT_MAX_TOKENS",
     "AVAILABLE_FRACTION",
@@ -32,6 +39,62 @@ AVAILABLE_FRACTION = 0.8
 _ACT_FACTOR = 24
 # Output maps: the upsampled maps and min-max's temporaries, float32.
 _MAP_COPIES = 3
+
+#: Default memory budget (bytes) for the relevance working set of one batched backward: the prompts'
+#: ``dS/dO`` and the ``[chunk, B, heads, block, Nk]`` gradient block. Prompt chunk and query block are
+#: both derived from it (:func:`plan_blocks`).
+DEFAULT_WORK_BYTES = 32 * 2**20
+#: Former name of :data:`DEFAULT_WORK_BYTES`, kept for callers that import it.
+DEFAULT_CHUNK_BYTES = DEFAULT_WORK_BYTES
+#: Query rows below which a block's matmul stops being efficient; the planner shrinks the prompt
+#: chunk before it shrinks blocks below this.
+_MIN_EFFICIENT_BLOCK = 64
+
+
+def step_bytes(step: LayerStep) -> tuple[int, int]:
+    """``(fixed, per_row)`` bytes per prompt: the batched backward's activations and ``dS/dO`` (fixed),
+    and one query row of the ``[B, heads, rows, Nk]`` gradient block (per row)."""
+    b, h, nq, hd = step.out.shape
+    nk = step.value.shape[2]
+    elt = step.out.element_size()
+    # dS/dO plus the batched backward's own activations (~ a few [B, N, 4C] tensors per prompt).
+    fixed = b * 8 * nq * h * hd * elt
+    per_row = b * h * nk * elt
+    return fixed, per_row
+
+
+def plan_blocks(num_prompts: int, num_queries: int, fixed: int, per_row: int, budget: int = DEFAULT_WORK_BYTES,
+                prompt_chunk: int | None = None) -> tuple[int, int]:
+    """Prompt chunk and query block sizes whose working set fits ``budget``.
+
+    The working set of one chunk is ``chunk * (fixed + block * per_row)``. All prompts and all rows
+    at once when that fits; otherwise prompts are chunked down to keep blocks of at least
+    ``_MIN_EFFICIENT_BLOCK`` rows, then the block shrinks, never below ``_MIN_EFFICIENT_BLOCK`` rows
+    (or all rows, if fewer): below that, time grows much faster than memory shrinks.
+
+    Args:
+        num_prompts: prompts of the call (P).
+        num_queries: query rows of the explained attention (Nq).
+        fixed: bytes per prompt that do not depend on the block (see :func:`step_bytes`).
+        per_row: bytes per prompt and query row of the gradient block.
+        budget: bytes.
+        prompt_chunk: fixes the chunk (the block is still derived from the budget).
+
+    Returns:
+        ``(chunk, block)``, both >= 1.
+    """
+    if prompt_chunk is not None:
+        chunk = max(1, min(prompt_chunk, num_prompts))
+    elif num_prompts * (fixed + num_queries * per_row) <= budget:
+        return num_prompts, num_queries
+    else:
+        min_block = min(num_queries, _MIN_EFFICIENT_BLOCK)
+        chunk = max(1, min(num_prompts, budget // max(fixed + min_block * per_row, 1)))
+    block = (budget // chunk - fixed) // max(per_row, 1)
+    # Never below an efficient block: when one prompt's fixed part alone exceeds the budget, rows of one
+    # would multiply the matmul count for little memory (a block of _MIN_EFFICIENT_BLOCK rows costs far
+    # less than ``fixed`` at any size).
+    return chunk, int(min(num_queries, max(block, _MIN_EFFICIENT_BLOCK, 1)))
 
 
 class MemoryBudgetError(ValueError, MemoryError):
@@ -77,12 +140,12 @@ def estimate_call_bytes(batch: int, tokens: int, width: int, prompts: int, out_p
         prompts: prompts P (the empty prompt of the correction included).
         out_pixels: pixels of one output map (``H * W``).
         element_size: bytes per element of the explained layers' dtype.
-        work_bytes: relevance working-set budget (None: :data:`legrad.heatmap.DEFAULT_WORK_BYTES`).
+        work_bytes: relevance working-set budget (None: :data:`DEFAULT_WORK_BYTES`).
 
     Returns:
         Bytes: activations + relevance working set + output maps.
     """
-    work = heatmap.DEFAULT_WORK_BYTES if work_bytes is None else work_bytes
+    work = DEFAULT_WORK_BYTES if work_bytes is None else work_bytes
     act = batch * tokens * width * element_size * _ACT_FACTOR
     # One prompt and one query row is the least the engine can hold, whatever the budget; all prompts
     # and rows at once the most (heads taken as width / 32: no smaller head width is in use).

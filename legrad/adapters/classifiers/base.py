@@ -1,0 +1,55 @@
+"""Base of the image-classifier adapters: a class logit is explained instead of a text cosine.
+
+The engine is the one used for CLIP towers; only the per-layer score changes (the ``"logit"`` scorer of
+:mod:`legrad.engine.step`). For each explained block ``l`` the classifier adapters compute the layer's
+logits: the model's own final norm and classification head (with its ``fc_norm`` or attention-pooling
+path where it has one) applied to the **mean of all of block l's tokens**. See :mod:`legrad.classifiers`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from ...engine.validation import check_image
+from ..base import ImageBatch, TowerAdapter
+
+__all__ = ["ClassifierAdapter"]
+
+
+class ClassifierAdapter(TowerAdapter):
+    """Base of the image-classifier adapters: the layer feature is the ``[B, num_classes]`` logits.
+
+    Its ``scorer`` is ``"logit"``: the pipeline takes class indices (``target=``), not text embeddings.
+    """
+
+    scorer: ClassVar[str] = "logit"
+    entry_points: ClassVar[tuple[str, ...]] = ("compute_legrad",)
+    uses_empty_prompt_correction: ClassVar[bool] = False
+
+    @classmethod
+    def supports_config(cls, model_cfg: dict) -> bool:
+        return False  # OpenCLIP configs build CLIP towers, never classifiers
+
+    @property
+    def num_classes(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def embed_dim(self) -> int:
+        return self.num_classes
+
+    def logits(self, image: torch.Tensor) -> torch.Tensor:
+        """The model's own eval-mode logits ``[B, K]`` recomputed statelessly (no grad)."""
+        raise NotImplementedError
+
+    def prepare_inputs(self, image: Any, **inputs: Any) -> ImageBatch:
+        if inputs:
+            raise TypeError(f"compute_legrad got unexpected keyword arguments {sorted(inputs)} for {self.family}")
+        return self.image_batch(check_image(image, self))
+
+    def trace(self, image, compute_dtype):
+        raise NotImplementedError(
+            f"gradient baselines (GradCAM, CheferCAM) are not available for image classifiers ({self.family}) yet"
+        )

@@ -1,0 +1,246 @@
+"""Adapters for open_clip's own ``VisionTransformer`` image towers: CLS/average pooled (CLIP, CLIPA,
+MetaCLIP...) and CoCa's attentional pooler."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.attention import AttentionOps, attention_ops_for
+from ..ops.functional import apply_module, param
+from ..ops.posembed import resampled_embedding
+from .base import LayerStep, TowerAdapter
+
+__all__ = ["OpenClipViTAdapter", "OpenClipCoCaAdapter"]
+
+
+def _block_attention(blk: nn.Module) -> AttentionOps:
+    return attention_ops_for(blk.attn)
+
+
+def _plain_openclip_vit_cfg(v: dict) -> bool:
+    """Whether an open_clip ``vision_cfg`` builds open_clip's own ViT with standard residual blocks."""
+    if v.get("timm_model_name") or isinstance(v.get("layers"), (list, tuple)):
+        return False
+    custom_flags = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
+    return v.get("block_type") in (None, "default") and not any(v.get(k) for k in custom_flags)
+
+
+class OpenClipViTAdapter(TowerAdapter):
+    """open_clip ``VisionTransformer`` with CLS or average pooling (OpenAI/LAION CLIP, CLIPA, MetaCLIP...).
+
+    Layer feature: ``proj(ln_post(mean over all tokens of block l's output)))``; gradient w.r.t.
+    block l's self-attention probabilities; one prefix (CLS) column dropped.
+    """
+
+    family = "open_clip VisionTransformer (CLS/avg pool)"
+    entry_points = ("compute_legrad", "compute_legrad_clip")
+
+    @classmethod
+    def matches(cls, visual):
+        from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+
+        return (
+            isinstance(visual, VisionTransformer)
+            and getattr(visual, "attn_pool", None) is None
+            and all(isinstance(b, ResidualAttentionBlock) for b in visual.transformer.resblocks)
+        )
+
+    @classmethod
+    def supports_config(cls, model_cfg):
+        v = model_cfg.get("vision_cfg", {})
+        return _plain_openclip_vit_cfg(v) and not v.get("attentional_pool") and v.get("pool_type", "tok") != "none"
+
+    @classmethod
+    def from_model(cls, model):
+        adapter = super().from_model(model)
+        if adapter is not None and "compute_legrad_coca" not in adapter.entry_points:
+            from open_clip.coca_model import CoCa
+
+            if isinstance(model, CoCa):  # a CoCa model whose image tower pools by CLS token (coca_base)
+                adapter.entry_points = (*adapter.entry_points, "compute_legrad_coca")
+        return adapter
+
+    @property
+    def depth(self):
+        return len(self.visual.transformer.resblocks)
+
+    @property
+    def patch_size(self):
+        ps = self.visual.patch_size
+        return (ps, ps) if isinstance(ps, int) else tuple(ps)
+
+    @property
+    def in_chans(self):
+        return self.visual.conv1.in_channels
+
+    @property
+    def embed_dim(self):
+        proj = self.visual.proj
+        return proj.shape[1] if proj is not None else self.visual.ln_post.normalized_shape[0]
+
+    def _tokens(self, image: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        v = self.visual
+        gh, gw = self.grid_size(image.shape[-2], image.shape[-1])
+        x = F.conv2d(image.to(dtype), param(v.conv1.weight, dtype), param(v.conv1.bias, dtype), stride=v.conv1.stride)
+        x = x.flatten(2).transpose(1, 2)
+        cls_tok = param(v.class_embedding, dtype).reshape(1, 1, -1).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls_tok, x], dim=1)
+        pos = resampled_embedding(v.positional_embedding, tuple(v.grid_size), (gh, gw), 1, dtype)
+        x = x + pos
+        # Patch dropout only acts in training mode: eval semantics means it is skipped.
+        return apply_module(v.ln_pre, x)
+
+    @staticmethod
+    def _mlp_hidden(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        mlp = blk.mlp
+        return apply_module(mlp.gelu, apply_module(mlp.c_fc, apply_module(blk.ln_2, x)))
+
+    def _block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        ops = _block_attention(blk)
+        q, k, v = ops.qkv(apply_module(blk.ln_1, x))
+        x = x + apply_module(blk.ls_1, ops.out(ops.attend(q, k, v)))
+        return x + apply_module(blk.ls_2, apply_module(blk.mlp.c_proj, self._mlp_hidden(blk, x)))
+
+    def _head(self, pooled: torch.Tensor) -> torch.Tensor:
+        v = self.visual
+        y = apply_module(v.ln_post, pooled)
+        return y @ param(v.proj, y.dtype) if v.proj is not None else y
+
+    def _explained_block(self, layer: int, blk: nn.Module, x: torch.Tensor):
+        ops = _block_attention(blk)
+        q, k, v = ops.qkv(apply_module(blk.ln_1, x))
+        o = ops.attend(q, k, v).detach().requires_grad_(True)
+        with torch.enable_grad():
+            x1 = x + apply_module(blk.ls_1, ops.out(o))
+            hidden = self._mlp_hidden(blk, x1)
+            # The token mean commutes with c_proj and ls_2 (both linear), so the graph holds the pooled
+            # vector there instead of [B, N, D]: the batched backward then skips one big matmul per prompt.
+            pooled = x1.mean(1) + apply_module(blk.ls_2, apply_module(blk.mlp.c_proj, hidden.mean(1)))
+            feature = self._head(pooled)
+        with torch.no_grad():
+            x_next = x1.detach() + apply_module(blk.ls_2, apply_module(blk.mlp.c_proj, hidden.detach()))
+        step = LayerStep(layer=layer, feature=feature, out=o, value=v, num_prefix_tokens=1, query=q, key=k)
+        return step, x_next
+
+    @property
+    def pools_by_average(self):
+        return self.visual.pool_type == "avg"
+
+    def pooled_output(self, x: torch.Tensor) -> torch.Tensor:
+        # Mirrors VisionTransformer._pool for towers without attn_pool (the only ones this adapter matches).
+        v = self.visual
+        if v.pool_type not in ("tok", "avg"):
+            raise ValueError(f"open_clip pool_type={v.pool_type!r} gives no single image embedding")
+
+        def pool(t):
+            return t[:, 0] if v.pool_type == "tok" else t[:, 1:].mean(1)
+
+        if v.final_ln_after_pool:
+            pooled = apply_module(v.ln_post, pool(x))
+        else:
+            pooled = pool(apply_module(v.ln_post, x))
+        return pooled @ param(v.proj, pooled.dtype) if v.proj is not None else pooled
+
+    def trace_tokens(self, image, compute_dtype):
+        return self._tokens(image, compute_dtype), None
+
+    def trace_block(self, layer, x, context):
+        blk = self.visual.transformer.resblocks[layer]
+        ops = _block_attention(blk)
+        h = apply_module(blk.ln_1, x)
+        q, k, v = ops.qkv(h)
+        o = ops.attend(q, k, v)
+        x = x + apply_module(blk.ls_1, ops.out(o))
+        x = x + apply_module(blk.ls_2, apply_module(blk.mlp.c_proj, self._mlp_hidden(blk, x)))
+        return x, LayerStep(layer=layer, feature=x, out=o, value=v.detach(), num_prefix_tokens=1,
+                            query=q.detach(), key=k.detach(), tokens=h)
+
+    def steps(self, image, start, compute_dtype):
+        model_dtype = self.param_dtype()
+        x = self._tokens(image, model_dtype)
+        blocks = self.visual.transformer.resblocks
+        for i in range(start):
+            x = self._block(blocks[i], x)
+        x = x.to(compute_dtype)
+        for i in range(start, len(blocks)):
+            step, x = self._explained_block(i, blocks[i], x)
+            yield step
+            del step  # free this layer's graph before building the next one
+
+
+class OpenClipCoCaAdapter(OpenClipViTAdapter):
+    """open_clip ``VisionTransformer`` with CoCa's ``AttentionalPooler`` (learned queries over all tokens).
+
+    For each block ``l``: block ``l``'s output -> pooler (``ln_k`` on the tokens, ``ln_q`` on the
+    queries, ``nn.MultiheadAttention``) -> ``ln_post`` -> contrastive query (query 0; the mean of the
+    others for ``pool_type='avg'``) -> ``proj``. The gradient is taken w.r.t. the pooler's attention of
+    the contrastive query; the CLS key column is dropped.
+    """
+
+    family = "open_clip VisionTransformer + attentional pooler (CoCa)"
+    entry_points = ("compute_legrad", "compute_legrad_coca")
+
+    @classmethod
+    def matches(cls, visual):
+        from open_clip.transformer import AttentionalPooler, ResidualAttentionBlock, VisionTransformer
+
+        return (
+            isinstance(visual, VisionTransformer)
+            and type(getattr(visual, "attn_pool", None)) is AttentionalPooler
+            and getattr(visual, "attn_pool_contrastive", None) is None
+            and visual.pool_type in ("tok", "avg")
+            and all(isinstance(b, ResidualAttentionBlock) for b in visual.transformer.resblocks)
+        )
+
+    @classmethod
+    def supports_config(cls, model_cfg):
+        v = model_cfg.get("vision_cfg", {})
+        pool = v.get("attentional_pool")
+        # string values ('parallel', 'cascade') select open_clip's experimental second pooler
+        return _plain_openclip_vit_cfg(v) and bool(pool) and not isinstance(pool, str)
+
+    @property
+    def uses_attention_pooler(self):
+        return True
+
+    def _pool_attention(self, z: torch.Tensor):
+        """Pooler queries (contrastive rows only), keys and values on block output ``z``: ``(ops, q, k, v)``."""
+        vis = self.visual
+        pool = vis.attn_pool
+        ops = attention_ops_for(pool.attn)
+        keys = apply_module(pool.ln_k, z)
+        queries = apply_module(pool.ln_q, param(pool.query, keys.dtype))
+        # ln_post and the projection act per query, so only the contrastive query rows are computed.
+        rows = queries[:1] if vis.pool_type == "tok" else queries[1:]
+        q, k, v = ops.qkv(rows.unsqueeze(0).expand(keys.shape[0], -1, -1), keys)
+        return ops, q, k, v
+
+    def _pool_output(self, ops: AttentionOps, o: torch.Tensor) -> torch.Tensor:
+        """From the pooler's per-head attention output ``o`` to the image embedding."""
+        vis = self.visual
+        y = apply_module(vis.ln_post, ops.out(o))
+        y = y[:, 0] if vis.pool_type == "tok" else y.mean(1)
+        return y @ param(vis.proj, y.dtype) if vis.proj is not None else y
+
+    def pooler_step(self, layer: int, z: torch.Tensor) -> LayerStep:
+        """The explained pooler on block ``layer``'s output ``z`` ``[B, N, C]``."""
+        ops, q, k, v = self._pool_attention(z)
+        o = ops.attend(q, k, v).detach().requires_grad_(True)
+        with torch.enable_grad():
+            feature = self._pool_output(ops, o)
+        return LayerStep(layer=layer, feature=feature, out=o, value=v, num_prefix_tokens=1, query=q, key=k)
+
+    def steps(self, image, start, compute_dtype):
+        x = self._tokens(image, self.param_dtype())
+        blocks = self.visual.transformer.resblocks
+        for i in range(start):
+            x = self._block(blocks[i], x)
+        x = x.to(compute_dtype)
+        for i in range(start, len(blocks)):
+            x = self._block(blocks[i], x)
+            yield self.pooler_step(i, x)
+
+    # The parent's traced forward pools by CLS token; CoCa's is not offered (gradient baselines refuse CoCa).
+    trace_tokens = TowerAdapter.trace_tokens

@@ -1,0 +1,73 @@
+"""The one registry of tower adapters: :func:`register_tower`, :func:`tower_adapter_for`,
+:func:`supported_tower_names`.
+
+Built-in families are listed by module path and imported on first use, so that ``import legrad``
+stays light; none of their modules imports its optional library (timm, transformers, torchvision) at
+import time either. Adapters registered with :func:`register_tower` are tried first, newest first.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .base import UNSUPPORTED_HINT, TowerAdapter
+
+__all__ = ["register_tower", "tower_adapter_for", "supported_tower_names", "adapter_classes"]
+
+# (module, adapter classes) in lookup order. Classifiers first: they match the model itself, and the
+# transformers CLIP/SigLIP adapters refuse every other transformers class.
+_BUILTIN: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("legrad.adapters.classifiers.hf", ("HFViTClassifierAdapter",)),
+    ("legrad.adapters.classifiers.torchvision", ("TorchvisionViTAdapter",)),
+    ("legrad.adapters.classifiers.timm",
+     ("TimmDistilledClassifierAdapter", "TimmMapClassifierAdapter", "TimmClassifierAdapter")),
+    ("legrad.adapters.hf.siglip", ("HFSiglip2Adapter", "HFSiglipAdapter")),
+    ("legrad.adapters.hf.clip", ("HFClipAdapter",)),
+    ("legrad.adapters.openclip", ("OpenClipViTAdapter", "OpenClipCoCaAdapter")),
+    ("legrad.adapters.timm", ("TimmViTAdapter", "TimmMapAdapter")),
+)
+
+_registered: list[type[TowerAdapter]] = []
+
+
+def register_tower(cls: type[TowerAdapter]) -> type[TowerAdapter]:
+    """Class decorator registering a :class:`~legrad.TowerAdapter` (checked before the built-in ones)."""
+    if not (isinstance(cls, type) and issubclass(cls, TowerAdapter)):
+        raise TypeError(f"register_tower expects a TowerAdapter subclass, got {cls!r}")
+    _registered.insert(0, cls)
+    return cls
+
+
+def adapter_classes() -> list[type[TowerAdapter]]:
+    """Every adapter class, in lookup order (registered ones first)."""
+    builtin = []
+    for module, names in _BUILTIN:
+        mod = importlib.import_module(module)
+        builtin.extend(getattr(mod, n) for n in names)
+    return [*_registered, *builtin]
+
+
+def supported_tower_names() -> list[str]:
+    """Names of the tower families that have an adapter."""
+    return [t.family for t in adapter_classes()]
+
+
+def tower_adapter_for(model: Any) -> TowerAdapter:
+    """Builds the adapter for a model's image tower.
+
+    Raises:
+        TypeError: naming the tower and the supported families when none matches.
+    """
+    for cls in adapter_classes():
+        try:
+            adapter = cls.from_model(model)
+        except ImportError:  # an optional dependency of that family is missing
+            continue
+        if adapter is not None:
+            return adapter
+    tower = getattr(model, "visual", model)
+    raise TypeError(
+        f"unsupported image tower {type(tower).__module__}.{type(tower).__name__}. "
+        f"{UNSUPPORTED_HINT} Supported families: {', '.join(supported_tower_names())}."
+    )

@@ -1,0 +1,250 @@
+"""The one LeGrad pipeline every caller uses (:class:`~legrad.LeWrapper`, every adapter family, the
+baselines of :mod:`legrad.eval.baselines`).
+
+``run(adapter, model, request, settings)``:
+
+1. validation, before any work (:mod:`~legrad.engine.validation`): output size, the adapter's own
+   input preparation (``adapter.prepare_inputs``: image tensors, processor outputs, NaFlex masks), text
+   embeddings or class targets (by the adapter's ``scorer`` kind), prompt chunk, layer index;
+2. the empty prompt of the correction (:mod:`~legrad.engine.correction`) when the family uses it;
+3. pre-flight token and memory bounds (:mod:`~legrad.engine.budget`);
+4. the prologue: inputs moved to the tower's device, the model's dtype for the pixels and a float32
+   (or wider) compute dtype for the explained layers, inference tensors cloned into normal tensors
+   (they cannot join an autograd graph), the empty prompt appended as one more prompt;
+5. ``adapter.steps()`` -> relevance summed over layers (:mod:`~legrad.engine.relevance`);
+6. correction, per-image grids, upsampling and min-max normalisation (:mod:`~legrad.engine.maps`).
+
+The adapter is duck-typed (the protocol is :class:`legrad.adapters.base.TowerAdapter`): the engine
+imports no adapter module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .budget import DEFAULT_MAX_TOKENS, check_call
+from .correction import apply_empty_prompt_correction, resolve_empty_embedding
+from .maps import grid_maps
+from .relevance import accumulate_relevance
+from .step import ImageBatch, ModelInput, Scorer, scorer_for
+from .validation import check_layer_index, check_output_size, check_prompt_chunk, check_targets, check_text
+
+__all__ = ["Settings", "Request", "Prepared", "compute_dtype_for", "prepare", "relevance", "finish", "run"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Per-model settings of a call (a :class:`~legrad.LeWrapper`'s attributes)."""
+
+    tokenizer: Any = None
+    empty_text_embedding: torch.Tensor | None = None
+    apply_correction: bool = True
+    correction_threshold: float = 0.8
+    max_memory: float | None = None
+    max_tokens: int | None = DEFAULT_MAX_TOKENS
+
+
+@dataclass(frozen=True)
+class Request:
+    """One call's inputs, as the user gave them (validated by :func:`prepare`).
+
+    Attributes:
+        image: image batch or processor output, whatever ``adapter.prepare_inputs`` accepts.
+        text: ``[P, D]`` / ``[B, P, D]`` text embeddings (``scorer == "cosine"`` families).
+        target: class indices (``scorer == "logit"`` families: image classifiers).
+        layer_index: first explained block, negative counts from the end.
+        prompt_chunk: prompts per batched backward (None: from the memory budget).
+        output_size: None, ``"grid"`` or ``(h, w)``.
+        inputs: extra image inputs passed to ``adapter.prepare_inputs``.
+        apply_correction, correction_threshold: per-call overrides of :class:`Settings`.
+    """
+
+    image: Any
+    text: Any = None
+    target: Any = None
+    layer_index: int = -2
+    prompt_chunk: int | None = None
+    output_size: Any = None
+    inputs: Mapping[str, Any] = field(default_factory=dict)
+    apply_correction: bool | None = None
+    correction_threshold: float | None = None
+
+
+@dataclass
+class Prepared:
+    """A validated call after the prologue: everything on the tower's device.
+
+    Attributes:
+        adapter: the tower adapter.
+        batch: the image batch; ``batch.pixels`` on the device, pixels in the model's dtype.
+        prompts: ``[P(+1), D]`` / ``[B, P(+1), D]`` text in ``compute_dtype`` (the empty prompt last when
+            ``threshold`` is set), or class indices ``[P]`` / ``[B, P]``.
+        num_prompts: P, the caller's prompts.
+        start: first explained block (0-based).
+        compute_dtype: dtype of the explained layers' graph.
+        out_device: where the maps go (the input image's device).
+        threshold: the empty-prompt correction's threshold, None when it does not apply.
+        output_size, prompt_chunk: as requested.
+        scorer: how a layer's feature is scored against ``prompts``.
+    """
+
+    adapter: Any
+    batch: ImageBatch
+    prompts: torch.Tensor
+    num_prompts: int
+    start: int
+    compute_dtype: torch.dtype
+    out_device: torch.device
+    threshold: float | None
+    output_size: str | tuple[int, int] | None
+    prompt_chunk: int | None
+    scorer: Scorer
+
+
+def compute_dtype_for(param_dtype: torch.dtype) -> torch.dtype:
+    """The explained layers' dtype: float32 for half-precision models, the model's dtype otherwise."""
+    return torch.float32 if param_dtype in (torch.float16, torch.bfloat16) else param_dtype
+
+
+def _check_kind(adapter: Any, request: Request) -> None:
+    if adapter.scorer == "logit":
+        if request.text is not None:
+            hint = ""
+            if isinstance(request.text, torch.Tensor) and request.text.ndim == 4 and request.image is None:
+                hint = " (the image goes in image=...: compute_legrad(image=x, target=...))"
+            raise TypeError(
+                f"this model is an image classifier ({adapter.family}): it explains class logits, not text; pass "
+                f"target=class indices instead of text_embedding{hint}"
+            )
+    elif request.target is not None:
+        raise TypeError(
+            f"target= selects classes of an image classifier, but this model's tower ({adapter.family}) is "
+            "explained against text: pass text_embedding (e.g. model.encode_text(tokens, normalize=True))"
+        )
+
+
+def _to_device(x: ModelInput, device: torch.device, dtype: torch.dtype) -> ModelInput:
+    """Floating tensors to ``(device, dtype)``, others to ``device``; inference tensors cloned."""
+    if isinstance(x, tuple):
+        return tuple(_to_device(t, device, dtype) for t in x)
+    x = x.detach().to(device=device, dtype=dtype if x.is_floating_point() else None)
+    return x.clone() if x.is_inference() else x
+
+
+def _out_pixels(batch: ImageBatch, output_size: str | tuple[int, int] | None) -> int:
+    if output_size == "grid":
+        return max(gh * gw for gh, gw in batch.grids)
+    if output_size is None:
+        return max(h * w for h, w in batch.sizes)
+    return output_size[0] * output_size[1]
+
+
+def prepare(adapter: Any, model: nn.Module, request: Request, settings: Settings, *,
+            check_budget: bool = True) -> Prepared:
+    """Validates a call and runs the prologue (steps 1-4 of the module docstring).
+
+    Args:
+        adapter: the model's tower adapter.
+        model: the model (its text tower encodes the correction's empty prompt).
+        request: the call's inputs.
+        settings: the model's settings.
+        check_budget: run the pre-flight token and memory checks.
+
+    Returns:
+        The :class:`Prepared` call.
+
+    Raises:
+        TypeError, ValueError: on invalid inputs, before any work.
+        legrad.engine.budget.MemoryBudgetError: if the call would not fit its memory budget.
+    """
+    _check_kind(adapter, request)
+    output_size = check_output_size(request.output_size)
+    batch = adapter.prepare_inputs(request.image, **request.inputs)
+    if adapter.scorer == "logit":
+        prompts = check_targets(request.target, batch.batch, adapter.num_classes)
+        num_prompts = prompts.shape[-1]
+    else:
+        prompts = check_text(request.text, adapter.embed_dim, batch.batch)
+        num_prompts = prompts.shape[-2]
+    prompt_chunk = check_prompt_chunk(request.prompt_chunk)
+    start = check_layer_index(request.layer_index, adapter.depth) % adapter.depth
+    correct = settings.apply_correction if request.apply_correction is None else bool(request.apply_correction)
+    threshold = settings.correction_threshold if request.correction_threshold is None else float(
+        request.correction_threshold)
+    empty = None
+    if correct and adapter.uses_empty_prompt_correction:
+        empty = resolve_empty_embedding(model, adapter, settings.tokenizer, settings.empty_text_embedding)
+    device = adapter.device()
+    param_dtype = adapter.param_dtype()
+    dtype = compute_dtype_for(param_dtype)
+    if check_budget:
+        check_call(batch=batch.batch, tokens=batch.tokens, patches=max(gh * gw for gh, gw in batch.grids),
+                   width=adapter.width, prompts=num_prompts + (empty is not None),
+                   out_pixels=_out_pixels(batch, output_size), element_size=torch.empty((), dtype=dtype).element_size(),
+                   device=device, max_memory=settings.max_memory, max_tokens=settings.max_tokens)
+    out_device = batch.device
+    with torch.inference_mode(False), torch.no_grad():
+        pixels = _to_device(batch.pixels, device, param_dtype)
+        # Class indices (classifiers' scorer) keep their integer dtype.
+        txt = _to_device(prompts, device, dtype)
+        if empty is not None:  # one extra prompt in the same batched backward
+            e = _to_device(empty, device, dtype)
+            e = e.expand(1, -1) if txt.ndim == 2 else e.expand(txt.shape[0], 1, -1)
+            txt = torch.cat([txt, e], dim=-2)
+    return Prepared(adapter=adapter, batch=ImageBatch(pixels, batch.grids, batch.sizes, batch.tokens), prompts=txt,
+                    num_prompts=num_prompts, start=start, compute_dtype=dtype, out_device=out_device,
+                    threshold=threshold if empty is not None else None, output_size=output_size,
+                    prompt_chunk=prompt_chunk, scorer=scorer_for(adapter.scorer))
+
+
+def relevance(call: Prepared) -> torch.Tensor:
+    """``[B, P(+1), N]`` relevance summed over the explained layers, from one run of the tower."""
+    with torch.inference_mode(False), torch.no_grad():
+        steps = call.adapter.steps(call.batch.pixels, call.start, call.compute_dtype)
+        return accumulate_relevance(steps, call.prompts, call.prompt_chunk, scorer=call.scorer)
+
+
+def finish(call: Prepared, rel: torch.Tensor, *, work_dtype: torch.dtype | None = torch.float32
+           ) -> torch.Tensor | list[torch.Tensor]:
+    """Correction (if any), per-image grids, upsampling and min-max normalisation, on the output device.
+
+    Args:
+        call: the prepared call.
+        rel: ``[B, P(+1), N]`` relevance (``[B, 1, N]`` for prompt-independent maps).
+        work_dtype: dtype of upsampling and normalisation (None: ``rel``'s dtype promoted to float32).
+
+    Returns:
+        ``[B, P, H, W]`` float32 maps in [0, 1] (at ``output_size``), or a list of ``[P, H_b, W_b]``
+        when the images' sizes differ (Siglip2 NaFlex).
+    """
+    threshold = call.threshold
+
+    def correct(r: torch.Tensor) -> torch.Tensor:
+        return apply_empty_prompt_correction(r[:, :-1], r[:, -1:], threshold)
+
+    with torch.inference_mode(False), torch.no_grad():
+        maps = grid_maps(rel, call.batch.grids, call.batch.sizes, call.output_size, work_dtype=work_dtype,
+                         correct=correct if threshold is not None else None)
+    if isinstance(maps, list):
+        return [m.to(call.out_device) for m in maps]
+    return maps.to(call.out_device)
+
+
+def run(adapter: Any, model: nn.Module, request: Request, settings: Settings) -> torch.Tensor | list[torch.Tensor]:
+    """LeGrad maps of one call: :func:`prepare`, :func:`relevance`, :func:`finish`.
+
+    Returns:
+        ``[B, P, H, W]`` float32 heatmaps in [0, 1] on the image's device (or at ``output_size``); a list
+        of ``[P, H_b, W_b]`` for batches of differently sized images (Siglip2 NaFlex).
+
+    Raises:
+        TypeError, ValueError: on invalid inputs, before any work.
+        legrad.engine.relevance.NonFiniteError: if scores or gradients overflow.
+    """
+    call = prepare(adapter, model, request, settings)
+    return finish(call, relevance(call))
