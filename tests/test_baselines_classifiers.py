@@ -232,3 +232,20 @@ def test_targets_are_checked_as_compute_legrad_checks_them(method):
     text = F.normalize(torch.randn(2, 10, dtype=torch.float64), dim=-1)
     with pytest.raises(TypeError, match="image classifier"):
         fn(model, text, image)
+
+
+@pytest.mark.parametrize("cls_name", ["ViTForImageClassification", "DeiTForImageClassificationWithTeacher"])
+def test_transformers_classifiers_run_every_method(cls_name):
+    transformers = pytest.importorskip("transformers")
+    config_cls = transformers.ViTConfig if cls_name.startswith("ViT") else transformers.DeiTConfig
+    torch.manual_seed(0)
+    model = _nontrivial(getattr(transformers, cls_name)(config_cls(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, num_labels=10)), 0)
+    before = _snapshot(model)
+    image = _image().float()
+    for name, fn in METHODS.items():
+        maps = fn(model, image=image, target=[3, 8])
+        assert maps.shape == (2, 2, 32, 32) and bool(torch.isfinite(maps).all()), name
+        assert float(maps.min()) >= 0 and float(maps.max()) <= 1, name
+    assert_intact(model, before)
