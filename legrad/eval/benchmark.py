@@ -174,7 +174,8 @@ def evaluate(
                 continue
             t0 = time.perf_counter()
             try:
-                maps = fn(wrapper, text, image, target=target)  # [1, P, H, W]
+                # Text methods keep the 3-argument call, so that methods registered by users still work.
+                maps = fn(wrapper, None, image, target=target) if classifier else fn(wrapper, text, image)  # [1, P, H, W]
             except NotImplementedError as exc:
                 res.error = str(exc)
                 logger.warning("%s skipped: %s", name, exc)
