@@ -14,6 +14,10 @@ bilinearly and min-max normalised per (image, target), exactly as for CLIP. For 
 DeiTs (timm ``VisionTransformerDistilled``, transformers ``DeiTForImageClassificationWithTeacher``)
 score the average of the class and distillation heads, the logits those models return in eval mode.
 
+The baselines (:mod:`legrad.eval.baselines`) take the same ``target=``; GradCAM and CheferCAM
+differentiate the target's logit of the model's own output, and the perturbation test
+(:func:`legrad.eval.metrics.perturbation_curve`) scores the target's logit of the perturbed image.
+
 Usage::
 
     maps = LeWrapper(classifier).compute_legrad(image=x, target=[281, 285])   # [B, 2, H, W]

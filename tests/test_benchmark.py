@@ -237,3 +237,111 @@ def test_compatibility_aliases_are_the_new_modules():
     assert legrad.benchmark.FolderDataset is legrad.eval.datasets.FolderDataset
     for name in legrad.benchmark.__all__:
         assert getattr(legrad.benchmark, name) is not None, name
+
+
+# ----------------------------------------------------------------------------- image classifiers
+def _write_class_dataset(root, prompts=((3, "tench"), ("7",))):
+    """Images with one mask per class target: an index (int or digits) or a class name, under 'prompt' or 'class'."""
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(1)
+    entries = []
+    for k, targets in enumerate(prompts):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(root / "images" / f"{k}.png")
+        masks = []
+        for j, t in enumerate(targets):
+            m = np.zeros((48, 64), np.uint8)
+            m[8 + 10 * j : 30 + 10 * j, 12:44] = 255
+            Image.fromarray(m).save(root / "masks" / f"{k}_{j}.png")
+            masks.append({"mask": f"masks/{k}_{j}.png", ("class" if j else "prompt"): t})
+        entries.append({"image": f"images/{k}.png", "masks": masks})
+    (root / "prompts.json").write_text(json.dumps(entries))
+
+
+def _tiny_timm_classifier():
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                              embed_dim=32, num_heads=2, num_classes=10)
+    with torch.no_grad():
+        model.head.weight.normal_()
+    return model.eval()
+
+
+def _classifier_preprocess(image):
+    import torchvision.transforms.functional as TF
+
+    return TF.normalize(TF.to_tensor(TF.resize(image.convert("RGB"), [32, 32])), [0.5] * 3, [0.5] * 3)
+
+
+def test_evaluate_classifier_class_indices(tmp_path):
+    """Class-index prompts without labels; the perturbation AUC is re-derived from the target logits."""
+    from legrad.eval.metrics import perturb, perturbation_auc
+
+    _write_class_dataset(tmp_path, prompts=((3, "5"), (7,)))
+    model = _tiny_timm_classifier()
+    data = FolderDataset(tmp_path, _classifier_preprocess)
+    assert data[0].prompts == ["3", "5"] and data.prompt_lists()[1] == ("images/1.png", ["7"])
+    fr = (0.0, 0.5)
+    res = evaluate(model, None, data, fractions=fr)
+    assert list(res) == list(METHODS)
+    for name in ("legrad", "raw_attention", "rollout", "gradcam", "chefercam"):
+        s = res[name]
+        assert s["pairs"] == 3 and "error" not in s, name
+        assert all(math.isfinite(s[k]) for k in ("pointing_game", "miou", "pixel_accuracy", "pos_auc", "neg_auc"))
+    # gradcam's positive AUC straight from the public pieces and the model's own logits.
+    aucs = []
+    for i, classes in enumerate(([3, 5], [7])):
+        sample = data[i]
+        image = sample.image[None]
+        maps = baselines.gradcam(model, image=image, target=classes)
+        with torch.no_grad():
+            curve = torch.tensor([[float(model(perturb(image, maps, f)[0, p][None])[0, c]) for f in fr]
+                                  for p, c in enumerate(classes)], dtype=torch.float64)
+        aucs.extend(perturbation_auc(curve, fr).tolist())
+    assert res["gradcam"]["pos_auc"] == pytest.approx(sum(aucs) / len(aucs), abs=1e-5)
+
+
+def test_evaluate_classifier_bad_class_fails_before_any_work(tmp_path, monkeypatch):
+    from legrad.frontend.classifier_models import ClassLabels
+
+    _write_class_dataset(tmp_path, prompts=((3,), ("dog",)))
+    model = _tiny_timm_classifier()
+    data = FolderDataset(tmp_path, _classifier_preprocess)
+    monkeypatch.setattr(FolderDataset, "__getitem__", lambda self, i: pytest.fail("an image was loaded"))
+    with pytest.raises(ValueError, match=r"images/1.png: 'dog' is not a class index"):
+        evaluate(model, None, data)
+    with pytest.raises(ValueError, match="images/1.png: this model has no class names"):
+        evaluate(model, ClassLabels(10), data)
+    with pytest.raises(ValueError, match="images/1.png: unknown class name 'dog'"):
+        evaluate(model, ClassLabels(10, [f"class{i}, cat{i}" for i in range(10)]), data)
+
+
+def test_cli_classifier_end_to_end(tmp_path, capsys):
+    """``legrad bench --model timm:test_vit --pretrained none --dataset DIR``: every method, finite numbers."""
+    _write_class_dataset(tmp_path)
+    out = tmp_path / "res.json"
+    code = main(["--dataset", str(tmp_path), "--model", "timm:test_vit", "--pretrained", "none", "--json", str(out),
+                 "--no-progress", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    table = capsys.readouterr().out
+    assert "3 (image, class, mask) pairs" in table
+    payload = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))
+    assert payload["config"]["perturbation_score"] == "target logit"
+    assert set(payload["methods"]) == set(METHODS)
+    for name in METHODS:
+        assert f"| {name} |" in table
+        s = payload["methods"][name]
+        assert s["pairs"] == 3, name
+        for key in ("pointing_game", "miou", "pixel_accuracy", "pos_auc", "neg_auc", "seconds_per_image"):
+            assert isinstance(s[key], float) and math.isfinite(s[key]), (name, key)
+
+
+def test_cli_classifier_needs_a_dataset_and_known_classes(tmp_path, capsys):
+    assert main(["--model", "timm:test_vit", "--pretrained", "none", "--no-progress"]) == 2
+    assert "give --data DIR" in capsys.readouterr().err
+    _write_class_dataset(tmp_path, prompts=((3, "not a class name"),))
+    code = main(["--data", str(tmp_path), "--model", "timm:test_vit", "--pretrained", "none", "--no-progress",
+                 "--json", "-", "--device", "cpu"])
+    assert code == 1 and "unknown class name 'not a class name'" in capsys.readouterr().err

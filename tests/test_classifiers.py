@@ -283,3 +283,36 @@ def test_headless_models_are_refused():
                                  num_attention_heads=2, intermediate_size=64, num_labels=0)
     with pytest.raises(TypeError, match="no classification head"):
         LeWrapper(transformers.ViTForImageClassification(cfg))
+
+
+# --------------------------------------------------------------------------------------------- traced forward
+_FAMILIES = [*(f"timm:{k}" for k in ("vit-token", "vit-avg-reg-fcnorm", "deit-distilled", "vit-map", "eva02",
+                                     "deit3", "vit-relpos")),
+             "torchvision", "hf:ViTForImageClassification", "hf:DeiTForImageClassificationWithTeacher"]
+
+
+def _make(family: str) -> torch.nn.Module:
+    if family == "torchvision":
+        return make_torchvision()
+    lib, _, kind = family.partition(":")
+    return make_timm(kind) if lib == "timm" else make_hf(kind)
+
+
+@pytest.mark.parametrize("family", _FAMILIES)
+def test_traced_forward_ends_in_the_models_own_logits(family):
+    """The gradient baselines' traced graph (TowerAdapter.trace) gives the model's eval-mode logits, its
+    steps hold every block's attention output and input tokens in the graph, and the model is untouched."""
+    model = _make(family)
+    before = _snapshot(model)
+    image = rand_image(2, 32, 32)
+    adapter = LeWrapper(model).adapter
+    with torch.no_grad():
+        want = model(image)
+        want = getattr(want, "logits", want)
+        steps, logits = adapter.trace(image, torch.float32)
+    torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
+    assert len(steps) == adapter.depth and all(s.out.requires_grad and s.tokens.requires_grad for s in steps)
+    # The first block's attention output reaches the logits through the graph.
+    (g,) = torch.autograd.grad(logits[:, 0].sum(), steps[0].out)
+    assert float(g.abs().sum()) > 0
+    assert_intact(model, before)

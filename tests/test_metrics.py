@@ -233,3 +233,83 @@ def test_bad_inputs():
         perturbation_curve(lambda x: x.flatten(1), IMG, torch.ones(1, 4), MAP[..., :1])
     with pytest.raises(TypeError, match="encode_image"):
         perturbation_curve(3, IMG, torch.ones(1, 4), MAP)
+
+
+# ----------------------------------------------------------------------------- perturbation of classifiers
+def _tiny_classifier():
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=2,
+                              embed_dim=16, num_heads=2, num_classes=6)
+    with torch.no_grad():
+        model.head.weight.normal_()
+    return model.eval()
+
+
+def test_perturbation_curve_classifier_scores_the_target_logit():
+    """Each value is the target's logit of the model's own forward on the perturbed image, computed directly."""
+    from legrad import LeWrapper
+
+    model = _tiny_classifier()
+    g = torch.Generator().manual_seed(3)
+    image = torch.randn(2, 3, 16, 16, generator=g)
+    maps = torch.rand(2, 2, 16, 16, generator=g)
+    target = torch.tensor([[1, 4], [5, 1]])
+    fractions = (0.0, 0.25, 0.75)
+    curve = perturbation_curve(model, image, maps=maps, target=target, fractions=fractions, batch_size=5)
+    assert curve.shape == (2, 2, 3) and curve.dtype == torch.float64
+    with torch.no_grad():
+        for fi, frac in enumerate(fractions):
+            cut = perturb(image, maps, frac, positive=True)
+            for b in range(2):
+                for p in range(2):
+                    want = model(cut[b, p][None])[0, target[b, p]].double()
+                    torch.testing.assert_close(curve[b, p, fi], want, atol=1e-5, rtol=0)
+    # A wrapper runs the same forward; shared targets broadcast over the batch; negative order differs.
+    torch.testing.assert_close(perturbation_curve(LeWrapper(model), image, maps=maps, target=target,
+                                                  fractions=fractions), curve)
+    shared = perturbation_curve(model, image, None, maps, target=[1, 4], fractions=fractions)
+    torch.testing.assert_close(shared[0], curve[0])
+    neg = perturbation_curve(model, image, maps=maps, target=target, positive=False, fractions=fractions)
+    torch.testing.assert_close(neg[..., 0], curve[..., 0])
+    assert not torch.allclose(neg[..., 2], curve[..., 2])
+
+
+def test_perturbation_curve_classifier_output_with_logits_attribute():
+    model = _tiny_classifier()
+
+    class Output:
+        def __init__(self, logits):
+            self.logits = logits
+
+    image, maps = torch.randn(1, 3, 16, 16), torch.rand(1, 1, 16, 16)
+    a = perturbation_curve(lambda x: Output(model(x)), image, maps=maps, target=3, fractions=(0.0, 0.5))
+    torch.testing.assert_close(a, perturbation_curve(model, image, maps=maps, target=3, fractions=(0.0, 0.5)))
+
+
+def test_perturbation_curve_classifier_bad_inputs():
+    model = _tiny_classifier()
+    calls = []
+
+    def counting(x):
+        calls.append(len(x))
+        return model(x)
+
+    counting.num_classes = 6
+    image, maps = torch.randn(1, 3, 16, 16), torch.rand(1, 2, 16, 16)
+    with pytest.raises(TypeError, match="not both"):
+        perturbation_curve(model, image, torch.ones(2, 6), maps, target=[1, 2])
+    with pytest.raises(ValueError, match="one class per map"):
+        perturbation_curve(model, image, maps=maps, target=[1, 2, 3])
+    with pytest.raises(ValueError, match="out of range: this model has 6 classes"):
+        perturbation_curve(counting, image, maps=maps, target=[1, 6])
+    with pytest.raises(TypeError, match="sequence of ints"):
+        perturbation_curve(counting, image, maps=maps, target=[1.0, 2.0])
+    with pytest.raises(ValueError, match="maps is required"):
+        perturbation_curve(model, image, target=[1, 2])
+    assert calls == []  # all refused before any forward pass
+    with pytest.raises(ValueError, match="out of range: this model has 6 classes"):  # class count only seen in the logits
+        perturbation_curve(lambda x: model(x), image, maps=maps, target=[1, 9])
+    with pytest.raises(TypeError, match=r"logits \[N, K\]"):
+        perturbation_curve(lambda x: x.flatten(1).sum(1), image, maps=maps, target=[1, 2])

@@ -4,7 +4,9 @@
 :func:`legrad.eval.benchmark.evaluate`. Data: the bundled synthetic scenes (default, offline: fresh
 scenes from :func:`legrad.toy.make_scenes` drawn at the model's input size, one (prompt, mask) pair per
 object, on the bundled demo model) or a user dataset (``--data DIR``, format in
-:mod:`legrad.eval.datasets`). Metrics: :mod:`legrad.eval.metrics`.
+:mod:`legrad.eval.datasets`). Image classifiers (``--model timm:NAME`` / ``torchvision:NAME`` /
+``hf:REPO_OR_DIR``) need a user dataset whose prompts are class indices or class names. Metrics:
+:mod:`legrad.eval.metrics`.
 """
 
 from __future__ import annotations
@@ -34,14 +36,19 @@ examples:
   legrad bench                                   # bundled demo model, 100 fresh synthetic scenes
   legrad bench --limit 20 --methods legrad rollout --no-perturbation
   legrad bench --data my_dataset --model ViT-B-16 --pretrained laion2b_s34b_b88k --device cuda
+  legrad bench --data my_classes --model timm:vit_base_patch16_224.augreg_in1k   # an image classifier
 
 user dataset (--data DIR): DIR/prompts.json lists the images with one binary mask (non-zero pixels =
 object, same size as the image) and one prompt per mask, paths relative to DIR:
   [{"image": "images/0001.jpg",
     "masks": [{"mask": "masks/0001_dog.png", "prompt": "a photo of a dog"}]}, ...]
 
-Prints a Markdown table (percentages; AUCs of the image-text cosine similarity over 0..0.9 of the
-pixels removed) and writes the full results, mean curves included, as JSON.
+For an image classifier each prompt is a class: an index ("prompt": 281) or a class name of the model
+("prompt": "tabby"); "class" may be written instead of "prompt".
+
+Prints a Markdown table (percentages; AUCs of the image-text cosine similarity, or of the target
+class's logit for a classifier, over 0..0.9 of the pixels removed) and writes the full results, mean
+curves included, as JSON.
 """
 
 
@@ -69,12 +76,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", metavar="DIR", help="user dataset folder (default: bundled synthetic scenes)")
+    p.add_argument("--data", "--dataset", metavar="DIR",
+                   help="user dataset folder (default: bundled synthetic scenes; required for classifiers)")
     p.add_argument("--annotations", default="prompts.json", metavar="FILE",
                    help="prompts JSON inside DIR (default: prompts.json)")
-    p.add_argument("--model", default="toy", help="'toy' (bundled demo model, default) or an OpenCLIP model name")
+    p.add_argument("--model", default="toy",
+                   help="'toy' (bundled demo model, default), an OpenCLIP model name, or an image classifier "
+                   "timm:NAME, torchvision:NAME, hf:REPO_OR_DIR")
     p.add_argument("--pretrained", default=None,
-                   help="OpenCLIP pretrained tag or checkpoint path ('none': random weights)")
+                   help="pretrained tag or checkpoint path ('none': random weights)")
     p.add_argument("--layer-index", type=int, default=None,
                    help="LeGrad's first explained block (default: the demo model's tuned value, else -2)")
     p.add_argument("--methods", nargs="+", default=None, metavar="NAME",
@@ -103,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
     from legrad.eval.baselines import METHODS, get_method
     from legrad.eval.benchmark import evaluate, format_table
     from legrad.eval.datasets import FolderDataset, ToyScenes
+    from legrad.frontend.classifier_models import is_classifier_name
     from legrad.frontend.errors import ImageLoadError, ModelLoadError
     from legrad.frontend.models import default_layer_index, load_model, native_image_size
 
@@ -113,6 +124,11 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"legrad bench: {exc}", file=sys.stderr)
             return 2
+    classifier = is_classifier_name(args.model)
+    if classifier and not args.data:
+        print("legrad bench: an image classifier is benchmarked on class targets: give --data DIR, a dataset whose "
+              "prompts are class indices or names (the synthetic scenes are for the CLIP demo model)", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -146,13 +162,14 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, device=device,
             progress=not args.no_progress,
         )
-    except (ImageLoadError, ValueError) as exc:
+    except (ImageLoadError, ValueError, TypeError) as exc:
         print(f"legrad bench: {exc}", file=sys.stderr)
         return 1
     elapsed = time.perf_counter() - t0
     pairs = next(iter(summaries.values()))["pairs"]
     pretrained = args.pretrained or ("bundled" if args.model == "toy" else "default")
-    print(f"{samples.describe()}, {pairs} (image, prompt, mask) pairs; model {args.model} ({pretrained}), "
+    kind = "class" if classifier else "prompt"
+    print(f"{samples.describe()}, {pairs} (image, {kind}, mask) pairs; model {args.model} ({pretrained}), "
           f"layer_index {layer_index}, threshold {args.threshold}, pointing tolerance {args.pointing_tolerance} px, "
           f"{elapsed:.0f} s\n")
     print(format_table(summaries))
@@ -163,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
                 "layer_index": layer_index, "images": len(samples), "pairs": pairs, "seed": None if args.data else args.seed,
                 "threshold": args.threshold, "pointing_tolerance": args.pointing_tolerance,
                 "perturbation": not args.no_perturbation, "device": device,
+                "perturbation_score": "target logit" if classifier else "image-text cosine",
                 "seconds": round(elapsed, 1),
             },
             "methods": summaries,

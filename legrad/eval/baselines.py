@@ -2,7 +2,10 @@
 
 Every method takes ``(model, text_embedding, image)`` -- an OpenCLIP model or a
 :class:`~legrad.LeWrapper`, ``[P, D]`` (or ``[B, P, D]``) normalised text embeddings and a
-``[B, C, H, W]`` preprocessed image batch -- and returns ``[B, P, H, W]`` float32 maps in [0, 1]
+``[B, C, H, W]`` preprocessed image batch -- or, for a ViT image classifier (timm, torchvision,
+transformers; see :mod:`legrad.classifiers`), ``(model, image=x, target=classes)`` with ``target`` an
+int, a sequence of ints or a LongTensor ``[P]`` / ``[B, P]`` checked exactly as
+:meth:`~legrad.LeWrapper.compute_legrad` checks it. Each returns ``[B, P, H, W]`` float32 maps in [0, 1]
 (patch-grid relevance, bilinearly upsampled, min-max normalised per (image, prompt), exactly as
 LeGrad's maps are). They run the image tower through the same stateless tower adapters as LeGrad
 (:mod:`legrad.adapters`) and the same pipeline (:mod:`legrad.engine.pipeline`: validation, prologue,
@@ -10,10 +13,12 @@ grids, upsampling and normalisation): the model is never modified and calls are 
 
 Notation: ``A_l`` is block ``l``'s post-softmax attention ``[heads, N, N]`` (``N`` tokens, the
 prefix/CLS token first), ``E_h`` the mean over heads, ``s = <t, normalize(f(x))>`` the cosine
-similarity of the model's own image embedding ``f(x)`` with the prompt embedding ``t``, and the
+similarity of the model's own image embedding ``f(x)`` with the prompt embedding ``t`` -- for a
+classifier ``s = f(x)[c]``, the target class's logit of the model's own eval-mode output -- and the
 "CLS row" the row of the token the model pools (row 0 for CLS pooling, the mean of the patch rows
-for average pooling, the pooler queries for attention-pooled towers). Prefix columns are dropped
-from every map.
+for average pooling, the mean of the class and distillation rows for two-head distilled DeiTs, the
+pooler queries for attention-pooled towers and ``map``-pooled classifiers). Prefix columns are
+dropped from every map.
 
 * :func:`raw_attention` -- ``E_h A_L[cls, :]`` of the last block; prompt-independent.
 * :func:`attention_rollout` -- Abnar & Zuidema (2020), "Quantifying Attention Flow in Transformers":
@@ -27,13 +32,17 @@ from every map.
   ``R <- R + E_h[relu(ds/dA_l * A_l)] R``; map ``R[cls, :]``.
 * :func:`legrad` -- LeGrad itself (:meth:`legrad.LeWrapper.compute_legrad`).
 
-The gradient methods differentiate the model's real image embedding through the whole tower
-(:meth:`~legrad.adapters.base.TowerAdapter.trace`), with ``ds/dA = (ds/dO) V^T`` as in LeGrad.
+The gradient methods differentiate the model's real image embedding (a classifier's real logits)
+through the whole tower (:meth:`~legrad.adapters.base.TowerAdapter.trace`), with
+``ds/dA = (ds/dO) V^T`` as in LeGrad. Attention-pooled models (SigLIP towers, timm ``map``
+classifiers) pool with a latent query, not a token: raw attention is the pooler's attention, GradCAM
+works, rollout and CheferCAM refuse (there is no pooled token's row of the block attentions).
 
 Example::
 
     from legrad.eval.baselines import METHODS
     maps = {name: fn(model, text_embedding, images) for name, fn in METHODS.items()}
+    maps = {name: fn(classifier, image=images, target=[281, 285]) for name, fn in METHODS.items()}
 """
 
 from __future__ import annotations
@@ -46,7 +55,6 @@ import torch
 
 from ..adapters.base import LayerStep, TowerAdapter
 from ..engine import pipeline
-from ..engine.step import cosine_scores
 from ..engine.validation import check_layer_index
 from ..wrapper import LeWrapper
 
@@ -61,17 +69,19 @@ __all__ = [
     "raw_attention",
 ]
 
-#: A baseline: ``(model, text_embedding [P, D] or [B, P, D], image [B, C, H, W]) -> [B, P, H, W]``.
+#: A baseline: ``(model, text_embedding [P, D] or [B, P, D], image [B, C, H, W]) -> [B, P, H, W]``; for
+#: classifiers ``(model, image=..., target=...)``.
 Method = Callable[..., torch.Tensor]
 
 
 class _Run:
     """Validated inputs of one call, moved to the tower's device and compute dtype (the pipeline's prologue)."""
 
-    def __init__(self, model: Any, text_embedding: Any, image: Any):
+    def __init__(self, model: Any, text_embedding: Any, image: Any, target: Any = None):
         wrapper = model if isinstance(model, LeWrapper) else LeWrapper(model, layer_index=-1)
         adapter, model = wrapper.adapter, wrapper.model
-        request = pipeline.Request(image=image, text=text_embedding, layer_index=-1)
+        # The engine's own checks: text for CLIP-style towers, class targets for classifiers.
+        request = pipeline.Request(image=image, text=text_embedding, target=target, layer_index=-1)
         # The baselines have no empty-prompt correction and bound their own working sets.
         self.call = pipeline.prepare(adapter, model, request, pipeline.Settings(apply_correction=False),
                                      check_budget=False)
@@ -84,8 +94,8 @@ class _Run:
         self.prompts = self.call.num_prompts
 
     def scores(self, embedding: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity ``[B, P]`` of image embeddings ``[B, E]`` with the prompts."""
-        return cosine_scores(embedding, self.text)
+        """Scores ``[B, P]`` of the model's output ``[B, E]``: cosine with the prompts, or the target logits."""
+        return self.call.scorer(embedding, self.text)
 
     def finish(self, rel: torch.Tensor) -> torch.Tensor:
         """``[B, P, N]`` (or ``[B, 1, N]`` for prompt-independent maps) -> ``[B, P, H, W]`` in [0, 1]."""
@@ -118,15 +128,18 @@ def _require_self_attention(run: _Run, step: LayerStep, method: str) -> None:
         )
 
 
-def raw_attention(model: Any, text_embedding: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+def raw_attention(model: Any, text_embedding: torch.Tensor | None = None, image: torch.Tensor | None = None, *,
+                  target: Any = None) -> torch.Tensor:
     """Raw attention: the last block's attention from the pooled token, averaged over heads.
 
     ``map = E_h A_L[cls, patches]``. The prompts only set ``P``: the map is the same for all of them.
 
     Args:
-        model: OpenCLIP model or :class:`~legrad.LeWrapper` with a supported image tower.
-        text_embedding: ``[P, D]`` or ``[B, P, D]`` normalised text embeddings.
+        model: OpenCLIP model, ViT image classifier or :class:`~legrad.LeWrapper` with a supported tower.
+        text_embedding: ``[P, D]`` or ``[B, P, D]`` normalised text embeddings; None for a classifier.
         image: ``[B, C, H, W]`` preprocessed images.
+        target: class indices for an image classifier (int, ints, LongTensor ``[P]`` / ``[B, P]``), instead
+            of ``text_embedding``.
 
     Returns:
         ``[B, P, H, W]`` float32 maps in [0, 1].
@@ -134,7 +147,7 @@ def raw_attention(model: Any, text_embedding: torch.Tensor, image: torch.Tensor)
     Raises:
         TypeError, ValueError: on invalid inputs, before any computation.
     """
-    run = _Run(model, text_embedding, image)
+    run = _Run(model, text_embedding, image, target)
     with torch.inference_mode(False), torch.no_grad():
         last = None
         for step in _attention_steps(run, run.adapter.depth - 1):
@@ -145,7 +158,8 @@ def raw_attention(model: Any, text_embedding: torch.Tensor, image: torch.Tensor)
 
 
 def attention_rollout(
-    model: Any, text_embedding: torch.Tensor, image: torch.Tensor, *, start_layer: int = 0
+    model: Any, text_embedding: torch.Tensor | None = None, image: torch.Tensor | None = None, *,
+    target: Any = None, start_layer: int = 0
 ) -> torch.Tensor:
     """Attention rollout (Abnar & Zuidema, 2020), prompt-independent.
 
@@ -153,9 +167,11 @@ def attention_rollout(
     identity models the residual connection. ``map = R[cls, patches]``.
 
     Args:
-        model: OpenCLIP model or :class:`~legrad.LeWrapper`.
-        text_embedding: ``[P, D]`` or ``[B, P, D]`` (only ``P`` is used).
+        model: OpenCLIP model, ViT image classifier or :class:`~legrad.LeWrapper`.
+        text_embedding: ``[P, D]`` or ``[B, P, D]`` (only ``P`` is used); None for a classifier.
         image: ``[B, C, H, W]`` preprocessed images.
+        target: class indices for an image classifier (int, ints, LongTensor ``[P]`` / ``[B, P]``), instead
+            of ``text_embedding``.
         start_layer: first block of the product (negative counts from the end); 0 = all blocks.
 
     Returns:
@@ -165,7 +181,7 @@ def attention_rollout(
         TypeError, ValueError: on invalid inputs, before any computation.
         NotImplementedError: for towers whose adapter explains layers through an attention pooler.
     """
-    run = _Run(model, text_embedding, image)
+    run = _Run(model, text_embedding, image, target)
     start = check_layer_index(start_layer, run.adapter.depth, "start_layer") % run.adapter.depth
     with torch.inference_mode(False), torch.no_grad():
         rollout, last = None, None
@@ -191,7 +207,8 @@ def _traced_gradients(run: _Run, wanted: Callable[[list[LayerStep]], list[torch.
         yield p, steps, grads
 
 
-def gradcam(model: Any, text_embedding: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+def gradcam(model: Any, text_embedding: torch.Tensor | None = None, image: torch.Tensor | None = None, *,
+            target: Any = None) -> torch.Tensor:
     """GradCAM (Selvaraju et al., 2017) on the last block's tokens, for each prompt.
 
     With ``T`` ``[N, C]`` the last block's attention input (after its pre-norm, the usual ViT target
@@ -200,9 +217,11 @@ def gradcam(model: Any, text_embedding: torch.Tensor, image: torch.Tensor) -> to
     ``map[n] = relu(sum_c w_c T[n, c])``.
 
     Args:
-        model: OpenCLIP model or :class:`~legrad.LeWrapper` whose adapter implements ``trace``.
-        text_embedding: ``[P, D]`` or ``[B, P, D]`` normalised text embeddings.
+        model: OpenCLIP model, ViT classifier or :class:`~legrad.LeWrapper` whose adapter implements ``trace``.
+        text_embedding: ``[P, D]`` or ``[B, P, D]`` normalised text embeddings; None for a classifier.
         image: ``[B, C, H, W]`` preprocessed images.
+        target: class indices for an image classifier (int, ints, LongTensor ``[P]`` / ``[B, P]``), instead
+            of ``text_embedding``.
 
     Returns:
         ``[B, P, H, W]`` float32 maps in [0, 1].
@@ -211,7 +230,7 @@ def gradcam(model: Any, text_embedding: torch.Tensor, image: torch.Tensor) -> to
         TypeError, ValueError: on invalid inputs, before any computation.
         NotImplementedError: if the tower adapter has no traced forward.
     """
-    run = _Run(model, text_embedding, image)
+    run = _Run(model, text_embedding, image, target)
     rel = torch.zeros(run.batch, run.prompts, run.grid[0] * run.grid[1], dtype=run.dtype, device=run.image.device)
     with torch.inference_mode(False), torch.no_grad():
         def last_block_tokens(steps):
@@ -253,7 +272,8 @@ _CHEFER_BLOCK_ELEMENTS = 4 * 2**20
 
 
 def chefercam(
-    model: Any, text_embedding: torch.Tensor, image: torch.Tensor, *, start_layer: int = 0
+    model: Any, text_embedding: torch.Tensor | None = None, image: torch.Tensor | None = None, *,
+    target: Any = None, start_layer: int = 0
 ) -> torch.Tensor:
     """CheferCAM: gradient-weighted attention rollout (Chefer, Gur & Wolf, 2021), for each prompt.
 
@@ -262,9 +282,11 @@ def chefercam(
     whole tower; ``map = R[cls, patches]``.
 
     Args:
-        model: OpenCLIP model or :class:`~legrad.LeWrapper` whose adapter implements ``trace``.
-        text_embedding: ``[P, D]`` or ``[B, P, D]`` normalised text embeddings.
+        model: OpenCLIP model, ViT classifier or :class:`~legrad.LeWrapper` whose adapter implements ``trace``.
+        text_embedding: ``[P, D]`` or ``[B, P, D]`` normalised text embeddings; None for a classifier.
         image: ``[B, C, H, W]`` preprocessed images.
+        target: class indices for an image classifier (int, ints, LongTensor ``[P]`` / ``[B, P]``), instead
+            of ``text_embedding``.
         start_layer: first block used (negative counts from the end); 0 = all blocks.
 
     Returns:
@@ -275,7 +297,7 @@ def chefercam(
         NotImplementedError: if the tower adapter has no traced forward, or pools with attention (the
             pooled token's row of ``R`` does not exist there).
     """
-    run = _Run(model, text_embedding, image)
+    run = _Run(model, text_embedding, image, target)
     start = check_layer_index(start_layer, run.adapter.depth, "start_layer") % run.adapter.depth
     if run.adapter.uses_attention_pooler:
         raise NotImplementedError(
@@ -298,22 +320,25 @@ def chefercam(
 
 
 def legrad(
-    model: Any, text_embedding: torch.Tensor, image: torch.Tensor, *, layer_index: int | None = None
+    model: Any, text_embedding: torch.Tensor | None = None, image: torch.Tensor | None = None, *,
+    target: Any = None, layer_index: int | None = None
 ) -> torch.Tensor:
     """LeGrad (Bousselham et al., 2024) through the same interface as the baselines.
 
     Args:
         model: OpenCLIP model (wrapped with the default ``layer_index=-2``) or :class:`~legrad.LeWrapper`
             (its ``layer_index`` is used).
-        text_embedding: ``[P, D]`` or ``[B, P, D]`` normalised text embeddings.
+        text_embedding: ``[P, D]`` or ``[B, P, D]`` normalised text embeddings; None for a classifier.
         image: ``[B, C, H, W]`` preprocessed images.
+        target: class indices for an image classifier (int, ints, LongTensor ``[P]`` / ``[B, P]``), instead
+            of ``text_embedding``.
         layer_index: overrides the wrapper's first explained block.
 
     Returns:
         ``[B, P, H, W]`` float32 maps in [0, 1].
     """
     wrapper = model if isinstance(model, LeWrapper) else LeWrapper(model)
-    return wrapper.compute_legrad(text_embedding, image, layer_index=layer_index)
+    return wrapper.compute_legrad(text_embedding, image, target=target, layer_index=layer_index)
 
 
 #: Every method by name, for :mod:`legrad.eval.benchmark` and user loops.

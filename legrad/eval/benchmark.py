@@ -5,7 +5,12 @@ from :mod:`legrad.eval.baselines`, the scores from :mod:`legrad.eval.metrics`: p
 pairs), mIoU and pixel accuracy of the maps binarised at ``threshold`` (counts summed over the dataset,
 then IoU), and the AUCs of the positive and negative perturbation curves (pixels replaced by the
 dataset mean, i.e. 0 after normalisation, 0..90 % in 10 % steps, scored by the image-text cosine
-similarity).
+similarity, or for an image classifier by the target class's logit).
+
+Image classifiers (timm, torchvision, transformers ViTs) are benchmarked on class targets: each
+sample's prompts are class indices or class names, resolved by the ``labels`` given in the tokenizer's
+place (:class:`~legrad.frontend.classifier_models.ClassLabels`, the third item of ``load_model``; with
+None, the prompts must be class indices).
 
 Python: :func:`evaluate` then :func:`format_table`; command line: ``legrad bench`` (:mod:`legrad.cli.bench`).
 """
@@ -22,7 +27,7 @@ from typing import Any
 
 from .datasets import Sample
 
-__all__ = ["MethodResult", "evaluate", "format_table"]
+__all__ = ["MethodResult", "class_targets", "evaluate", "format_table"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +71,7 @@ class MethodResult:
 
 def evaluate(
     model: Any,
-    tokenizer: Callable,
+    tokenizer: Callable | None,
     samples: Sequence[Sample],
     methods: Sequence[str] | None = None,
     *,
@@ -83,8 +88,10 @@ def evaluate(
     """Scores every method on every (image, prompt, mask) of ``samples``.
 
     Args:
-        model: OpenCLIP model (or :class:`~legrad.LeWrapper`) in eval mode, on ``device``.
-        tokenizer: list of str -> token tensor, for ``model.encode_text``.
+        model: OpenCLIP model or ViT image classifier (or a :class:`~legrad.LeWrapper`) in eval mode, on
+            ``device``.
+        tokenizer: list of str -> token tensor, for ``model.encode_text``; for a classifier, list of str ->
+            ``[P]`` class indices (its ``ClassLabels``), or None when the prompts are class indices.
         samples: sequence of :class:`Sample` (e.g. :class:`ToyScenes`, :class:`FolderDataset`).
         methods: names in :data:`legrad.eval.baselines.METHODS`, or ``"name@K"`` (see
             :func:`legrad.eval.baselines.get_method`); default: all.
@@ -104,7 +111,9 @@ def evaluate(
         cannot run on this model (e.g. no traced forward) gets NaNs and an ``error`` entry.
 
     Raises:
-        ValueError, TypeError: for unknown method names, an empty sample set or bad options, before any work.
+        ValueError, TypeError: for unknown method names, an empty sample set, bad options or (classifiers)
+            prompts that are not classes of the model, before any work where the samples can list their
+            prompts up front (:meth:`FolderDataset.prompt_lists`), else at the sample.
     """
     import torch
 
@@ -137,6 +146,12 @@ def evaluate(
                             apply_correction=model.apply_correction, correction_threshold=model.correction_threshold)
     else:
         wrapper = LeWrapper(model, layer_index=layer_index, tokenizer=tokenizer)
+    classifier = wrapper.adapter.scorer == "logit"
+    if classifier:
+        num_classes = wrapper.adapter.num_classes
+        listed = samples.prompt_lists() if hasattr(samples, "prompt_lists") else []
+        for where, prompts in listed:  # resolve every class up front: a bad one fails before any work
+            class_targets(tokenizer, prompts, num_classes, where)
     results = {name: MethodResult() for name in names}
 
     indices: Any = range(len(samples))
@@ -148,15 +163,19 @@ def evaluate(
         sample = samples[i]
         image = sample.image[None].to(device)
         masks = sample.masks.to(device)
-        with torch.no_grad():
-            text = wrapper.encode_text(tokenizer(sample.prompts).to(device), normalize=True).float()
+        if classifier:
+            text, target = None, class_targets(tokenizer, sample.prompts, num_classes, sample.name)
+        else:
+            with torch.no_grad():
+                text, target = wrapper.encode_text(tokenizer(sample.prompts).to(device), normalize=True).float(), None
         for name, fn in fns.items():
             res = results[name]
             if res.error:
                 continue
             t0 = time.perf_counter()
             try:
-                maps = fn(wrapper, text, image)  # [1, P, H, W]
+                # Text methods keep the 3-argument call, so that methods registered by users still work.
+                maps = fn(wrapper, None, image, target=target) if classifier else fn(wrapper, text, image)  # [1, P, H, W]
             except NotImplementedError as exc:
                 res.error = str(exc)
                 logger.warning("%s skipped: %s", name, exc)
@@ -168,8 +187,8 @@ def evaluate(
             res.counts = counts if res.counts is None else res.counts + counts
             if perturbation:
                 for positive, aucs in ((True, res.pos_auc), (False, res.neg_auc)):
-                    curve = perturbation_curve(wrapper, image, text, maps, positive=positive, fractions=fr,
-                                               fill=fill, batch_size=batch_size)[0]  # [P, F]
+                    curve = perturbation_curve(wrapper, image, text, maps, target=target, positive=positive,
+                                               fractions=fr, fill=fill, batch_size=batch_size)[0]  # [P, F]
                     aucs.extend(perturbation_auc(curve, fr).tolist())
                     total = curve.sum(0)
                     if positive:
@@ -177,6 +196,38 @@ def evaluate(
                     else:
                         res.neg_curve = total if res.neg_curve is None else res.neg_curve + total
     return {name: res.summary(fr) for name, res in results.items()}
+
+
+def class_targets(labels: Callable | None, prompts: Sequence[str], num_classes: int, where: str) -> Any:
+    """A sample's prompts as class indices ``[P]`` of a classifier.
+
+    Args:
+        labels: prompts -> class indices (e.g. :class:`~legrad.frontend.classifier_models.ClassLabels`,
+            which takes indices and class names), or None (the prompts must then be class indices).
+        prompts: the sample's prompts.
+        num_classes: the model's class count.
+        where: the sample's name, for messages.
+
+    Returns:
+        ``[P]`` LongTensor, checked by :func:`legrad.engine.validation.check_targets`.
+
+    Raises:
+        ValueError, TypeError: naming the sample and the prompt that is not a class of the model.
+    """
+    from ..engine.validation import check_targets
+
+    try:
+        if labels is None:
+            bad = [p for p in prompts if not str(p).strip().lstrip("+-").isdigit()]
+            if bad:
+                raise ValueError(f"{bad[0]!r} is not a class index; pass the model's class labels (the third item "
+                                 "of load_model) to resolve class names")
+            target = [int(p) for p in prompts]
+        else:
+            target = labels(list(prompts))
+        return check_targets(target, 1, num_classes)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{where}: {exc}") from None
 
 
 def _all_methods() -> list[str]:

@@ -11,7 +11,8 @@ A user dataset is a folder of images, one binary mask per object, and a JSON fil
       ]
 
 Paths are relative to ``DIR``. A mask is any image file of the image's size whose non-zero pixels
-are the object. Images and masks go through the model's own preprocess (masks with the same
+are the object. For an image classifier the prompt is a class: a class index (``"prompt": 281``, or
+``"281"``) or a class name of the model (``"tabby"``); ``"class"`` may be written instead of ``"prompt"``. Images and masks go through the model's own preprocess (masks with the same
 resize/crop, re-binarised, see :func:`preprocess_mask`), so the maps are compared at the preprocessed
 resolution.
 """
@@ -74,6 +75,16 @@ def preprocess_mask(preprocess: Callable, mask: Any) -> Any:
     # Padding (resize_mode "longest") fills with black: outside the mask, as it should be.
     mid = 0.5 * (on.max() + off.min())
     return got > mid if on.max() > off.min() else got < mid
+
+
+def _prompt_of(entry: Any) -> str | None:
+    """A mask entry's prompt as text: ``prompt`` or ``class``, a string or a class index; None if invalid."""
+    if not isinstance(entry, dict) or ("prompt" in entry) == ("class" in entry):
+        return None
+    value = entry.get("prompt", entry.get("class"))
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value if isinstance(value, str) else None
 
 
 class ToyScenes:
@@ -151,19 +162,25 @@ class FolderDataset:
                 raise ValueError(f"{where}: image {image} not found")
             pairs = []
             for j, m in enumerate(masks):
-                if not isinstance(m, dict) or not isinstance(m.get("mask"), str) or not isinstance(m.get("prompt"), str):
-                    raise ValueError(f"{where}, mask {j}: expected {{'mask': path, 'prompt': text}}")
-                if not m["prompt"].strip():
+                prompt = _prompt_of(m)
+                if not isinstance(m, dict) or not isinstance(m.get("mask"), str) or prompt is None:
+                    raise ValueError(f"{where}, mask {j}: expected {{'mask': path, 'prompt': text}} (for a classifier "
+                                     "'prompt' or 'class': a class index or name)")
+                if not prompt.strip():
                     raise ValueError(f"{where}, mask {j}: empty prompt")
                 mask = self.root / m["mask"]
                 if not mask.is_file():
                     raise ValueError(f"{where}, mask {j}: {mask} not found")
-                pairs.append((mask, m["prompt"]))
+                pairs.append((mask, prompt))
             self.entries.append((image, pairs))
         self._preprocess = preprocess
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def prompt_lists(self) -> list[tuple[str, list[str]]]:
+        """``(sample name, prompts)`` of every entry, without reading any image (for up-front checks)."""
+        return [(str(image.relative_to(self.root)), [p for _, p in pairs]) for image, pairs in self.entries]
 
     def __getitem__(self, i: int) -> Sample:
         import numpy as np

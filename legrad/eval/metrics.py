@@ -13,7 +13,8 @@ Maps are ``[..., H, W]`` float tensors (e.g. ``[B, P, H, W]`` in [0, 1] from any
 * :func:`perturbation_curve`, :func:`perturbation_auc` -- the perturbation test of Chefer et al.
   (2021): pixels are replaced by the dataset mean in order of relevance (most relevant first:
   "positive", lower AUC is better; least relevant first: "negative", higher is better) at
-  0, 10, ..., 90 % of the pixels, and the model's image-text cosine similarity is recorded.
+  0, 10, ..., 90 % of the pixels, and the model's image-text cosine similarity is recorded (for an
+  image classifier: the target class's logit of the model's own forward).
 
 OpenImagesV7's point-based p-mIoU, also reported in the LeGrad paper, is not implemented: its exact
 definition (binarisation and how point counts are aggregated) could not be established here.
@@ -28,6 +29,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from .scoring import class_scorer, text_scorer
 
 __all__ = [
     "DEFAULT_FRACTIONS",
@@ -297,45 +300,53 @@ def perturb(
 def perturbation_curve(
     model: Any,
     image: torch.Tensor,
-    text_embedding: torch.Tensor,
-    maps: torch.Tensor,
+    text_embedding: torch.Tensor | None = None,
+    maps: torch.Tensor | None = None,
     *,
+    target: Any = None,
     positive: bool = True,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     fill: float | torch.Tensor = 0.0,
     batch_size: int = 64,
 ) -> torch.Tensor:
-    """Image-text similarity as pixels are removed in order of relevance (one curve per map).
+    """The model's score of each map's prompt or class as pixels are removed in order of relevance.
 
-    For each (image b, prompt p) and fraction f: ``cos(encode_image(perturb(x_b, map_bp, f)), t_p)``.
+    For each (image b, prompt p) and fraction f, with ``x' = perturb(x_b, map_bp, f)``: the image-text
+    similarity ``cos(encode_image(x'), t_p)``, or for an image classifier (``target=``) the target's
+    logit ``model(x')[c_bp]`` of the model's own forward (not a softmax).
 
     Args:
         model: an OpenCLIP model / :class:`~legrad.LeWrapper` (its ``encode_image`` is used, so put it
-            in eval mode) or a callable ``images [N, C, H, W] -> embeddings [N, D]``.
+            in eval mode) or a callable ``images [N, C, H, W] -> embeddings [N, D]``; with ``target``: an
+            image classifier (or its wrapper, or a callable) whose forward gives logits ``[N, K]`` (or an
+            output with ``.logits``, as transformers models return).
         image: ``[B, C, H, W]`` preprocessed images.
-        text_embedding: ``[P, D]`` or ``[B, P, D]`` normalised prompt embeddings.
-        maps: ``[B, P, H, W]`` relevance maps of those prompts.
+        text_embedding: ``[P, D]`` or ``[B, P, D]`` normalised prompt embeddings (None with ``target``).
+        maps: ``[B, P, H, W]`` relevance maps of those prompts or classes.
+        target: class indices ``[P]`` / ``[B, P]`` (an int, ints or a LongTensor, checked as
+            :meth:`~legrad.LeWrapper.compute_legrad` checks them) instead of ``text_embedding``.
         positive: remove the most relevant pixels first (else the least relevant).
         fractions: increasing fractions of removed pixels (default 0, 0.1, ..., 0.9).
         fill: replacement value, see :func:`perturb`.
         batch_size: perturbed images per forward pass.
 
     Returns:
-        ``[B, P, F]`` float64 cosine similarities.
+        ``[B, P, F]`` float64 cosine similarities (or target logits).
 
     Raises:
-        TypeError, ValueError: on invalid inputs, before any forward pass.
+        TypeError, ValueError: on invalid inputs, before any forward pass (a class index beyond the
+            logits of a model whose class count is not known up front: after the first one).
     """
-    encode = getattr(model, "encode_image", model)
-    if not callable(encode):
-        raise TypeError(f"model must have encode_image or be callable, got {type(model).__name__}")
+    if maps is None:
+        raise ValueError("maps is required: the [B, P, H, W] relevance maps to perturb by")
     _check_image_maps(image, maps)
-    if not isinstance(text_embedding, torch.Tensor) or text_embedding.ndim not in (2, 3):
-        raise ValueError("text_embedding must be a tensor [P, D] or [B, P, D]")
-    if text_embedding.shape[-2] != maps.shape[1] or (text_embedding.ndim == 3 and text_embedding.shape[0] != image.shape[0]):
-        raise ValueError(
-            f"text_embedding {tuple(text_embedding.shape)} does not match maps {tuple(maps.shape)}: one prompt per map"
-        )
+    b, p = maps.shape[:2]
+    if target is not None:
+        if text_embedding is not None:
+            raise TypeError("give text_embedding (CLIP-style models) or target (image classifiers), not both")
+        forward, score = class_scorer(model, target, b, p)
+    else:
+        forward, score = text_scorer(model, text_embedding, b, p, image.device)
     fr = check_fractions(fractions)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -344,19 +355,15 @@ def perturbation_curve(
         warnings.warn("perturbation_curve: the model is in train mode; call model.eval() for deterministic scores",
                       stacklevel=2)
 
-    b, p = maps.shape[:2]
-    text = text_embedding.detach().to(image.device, torch.float64)
-    text = text.expand(b, -1, -1) if text.ndim == 2 else text
     out = torch.empty(b, p, len(fr), dtype=torch.float64)
     with torch.no_grad():
         pending: list[torch.Tensor] = []
         where: list[tuple[int, int, int]] = []
 
         def flush() -> None:
-            emb = encode(torch.cat(pending))
-            emb = F.normalize(emb.double(), dim=-1)
-            for row, (bi, pi, fi) in enumerate(where):
-                out[bi, pi, fi] = (emb[row] * text[bi, pi]).sum().cpu()
+            scores = score(forward(torch.cat(pending)), where)
+            for (bi, pi, fi), value in zip(where, scores.cpu().unbind()):
+                out[bi, pi, fi] = value
             pending.clear()
             where.clear()
 

@@ -4,6 +4,10 @@ The engine is the one used for CLIP towers; only the per-layer score changes (th
 :mod:`legrad.engine.step`). For each explained block ``l`` the classifier adapters compute the layer's
 logits: the model's own final norm and classification head (with its ``fc_norm`` or attention-pooling
 path where it has one) applied to the **mean of all of block l's tokens**. See :mod:`legrad.classifiers`.
+
+The traced forward of the gradient baselines (:meth:`TowerAdapter.trace`) ends in the model's own logits
+(:meth:`pooled_output` is the eval-mode classification output), so GradCAM and CheferCAM differentiate the
+target's logit through the real head.
 """
 
 from __future__ import annotations
@@ -49,7 +53,3 @@ class ClassifierAdapter(TowerAdapter):
             raise TypeError(f"compute_legrad got unexpected keyword arguments {sorted(inputs)} for {self.family}")
         return self.image_batch(check_image(image, self))
 
-    def trace(self, image, compute_dtype):
-        raise NotImplementedError(
-            f"gradient baselines (GradCAM, CheferCAM) are not available for image classifiers ({self.family}) yet"
-        )

@@ -114,10 +114,14 @@ class HFViTClassifierAdapter(ClassifierAdapter):
         # The embedding module is a pure function of the pixels in eval mode (its dropout is skipped).
         return eval_view(self.visual.embeddings)(image, interpolate_pos_encoding=True)
 
+    @classmethod
+    def _attention(cls, layer: nn.Module, x: torch.Tensor):
+        return cls._attention_on(layer, layer_norm(layer.layernorm_before, x))
+
     @staticmethod
-    def _attention(layer: nn.Module, x: torch.Tensor):
+    def _attention_on(layer: nn.Module, h: torch.Tensor):
+        """``(q, k, v, scale, o)`` of a layer's self-attention on its pre-normed input ``h``."""
         attn = layer.attention
-        h = layer_norm(layer.layernorm_before, x)
         heads = attn.num_attention_heads
         q, k, v = (linear(p, h).unflatten(-1, (heads, -1)).transpose(1, 2) for p in (attn.q_proj, attn.k_proj,
                                                                                       attn.v_proj))
@@ -133,14 +137,40 @@ class HFViTClassifierAdapter(ClassifierAdapter):
         x = x + linear(layer.attention.o_proj, merge_heads(o))
         return x + linear(layer.mlp.fc2, self._mlp_hidden(layer, x))
 
+    @property
+    def _two_heads(self) -> bool:
+        return self._prefix == 2 and len(self.heads) == 2  # teacher-distilled: class + distillation token
+
+    def pooled_output(self, x):
+        if self._two_heads:
+            y = layer_norm(self.visual.layernorm, x[:, :2])
+            return 0.5 * (linear(self.heads[0], y[:, 0]) + linear(self.heads[1], y[:, 1]))
+        return linear(self.heads[0], layer_norm(self.visual.layernorm, x[:, 0]))
+
+    def pooled_row(self, mat, num_prefix_tokens):
+        """The class token's row; for the teacher-distilled DeiT the mean of the class and distillation rows
+        (its logits average one head on each)."""
+        if self._two_heads and mat.shape[-2] == mat.shape[-1]:
+            return mat[:, :2].mean(1)
+        return super().pooled_row(mat, num_prefix_tokens)
+
     def logits(self, image):
         x = self._tokens(image)
         for layer in self.visual.layers:
             x = self._layer(layer, x)
-        if self._prefix == 2 and len(self.heads) == 2:  # teacher-distilled: class token + distillation token
-            y = layer_norm(self.visual.layernorm, x[:, :2])
-            return 0.5 * (linear(self.heads[0], y[:, 0]) + linear(self.heads[1], y[:, 1]))
-        return linear(self.heads[0], layer_norm(self.visual.layernorm, x[:, 0]))
+        return self.pooled_output(x)
+
+    def trace_tokens(self, image, compute_dtype):
+        return self._tokens(image).to(compute_dtype), None
+
+    def trace_block(self, layer, x, context):
+        blk = self.visual.layers[layer]
+        h = layer_norm(blk.layernorm_before, x)
+        q, k, v, scale, o = self._attention_on(blk, h)
+        x = x + linear(blk.attention.o_proj, merge_heads(o))
+        x = x + linear(blk.mlp.fc2, self._mlp_hidden(blk, x))
+        return x, LayerStep(layer=layer, feature=x, out=o, value=v.detach(), num_prefix_tokens=self._prefix,
+                            query=q.detach(), key=k.detach(), scale=scale, tokens=h)
 
     def steps(self, image, start, compute_dtype) -> Iterator[LayerStep]:
         x = self._tokens(image)

@@ -109,11 +109,28 @@ class TorchvisionViTAdapter(ClassifierAdapter):
     def _head(self, y: torch.Tensor) -> torch.Tensor:
         return apply_module(self.visual.heads, apply_module(self.visual.encoder.ln, y))
 
+    def pooled_output(self, x):
+        return self._head(x[:, 0])
+
     def logits(self, image):
         x = self._tokens(image, self.param_dtype())
         for i in range(self.depth):
             x = self._block(i, x)
-        return self._head(x[:, 0])
+        return self.pooled_output(x)
+
+    def trace_tokens(self, image, compute_dtype):
+        return self._tokens(image, compute_dtype), None
+
+    def trace_block(self, layer, x, context):
+        blk, ops = self.visual.encoder.layers[layer], self._ops[layer]
+        h = apply_module(blk.ln_1, x)
+        q, k, v = ops.qkv(h)
+        o = ops.attend(q, k, v)
+        x = x + ops.out(o)
+        hidden, fc2 = self._mlp_hidden(blk, x)
+        x = x + linear(fc2, hidden)
+        return x, LayerStep(layer=layer, feature=x, out=o, value=v.detach(), num_prefix_tokens=1,
+                            query=q.detach(), key=k.detach(), tokens=h)
 
     def steps(self, image, start, compute_dtype) -> Iterator[LayerStep]:
         x = self._tokens(image, self.param_dtype())
