@@ -230,6 +230,7 @@ def test_explainer_model_with_empty_prompt_correction(tmp_path, scenes):
 
 
 # ---------------------------------------------------------------------------------------------- distributed
+@pytest.mark.torchrun
 def test_torchrun_two_processes_match_single_process(tmp_path, toy, scenes, reference):
     out = tmp_path / "dist"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -299,6 +300,7 @@ def test_changed_settings_recompute(tmp_path, toy, scenes, reference):
     assert load_output(out / manifest(out)[1]["output"])["maps"].dtype == np.float16
 
 
+@pytest.mark.subprocess
 def test_killed_run_resumes(tmp_path, toy, scenes):
     out = tmp_path / "out"
     kwargs = dict(model=toy[0], pretrained=toy[1], size=128, batch_size=1, workers=0, progress=False)
