@@ -1,4 +1,8 @@
-"""Shared fixtures and settings; helpers (tiny models, oracles) live in the ``helpers`` package."""
+"""Shared fixtures and settings; helpers (tiny models, oracles) live in the ``helpers`` package.
+
+The markers are declared in pyproject.toml. A test of one of the heavy kinds (``subprocess``,
+``torchrun``, ``browser``, ``notebook``) is also ``slow``, so ``pytest -m "not slow"`` is the fast core.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ import torch
 logging.getLogger().setLevel(logging.ERROR)
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+HEAVY_KINDS = ("subprocess", "torchrun", "browser", "notebook")
+
 
 @pytest.fixture(autouse=True)
 def _one_thread_is_enough():
@@ -21,5 +27,9 @@ def _one_thread_is_enough():
     torch.set_num_threads(prev)
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: slower than ~5 s (full-size models); deselect with -m 'not slow'")
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(config, items):
+    # One marker to deselect for the fast core: the heavy kinds are slow by nature.
+    for item in items:
+        if any(item.get_closest_marker(kind) for kind in HEAVY_KINDS) and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)

@@ -371,6 +371,7 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install -y chromium)")
 @pytest.mark.skipif(importlib.util.find_spec("playwright") is None, reason="playwright not installed (pip install playwright)")
+@pytest.mark.browser
 def test_browser_end_to_end(tmp_path, scenes):
     from playwright.sync_api import sync_playwright
 

@@ -49,6 +49,7 @@ def batch_run(workspace):
     return res, out
 
 
+@pytest.mark.subprocess
 def test_explain_batch_reports_and_skips_bad_inputs(workspace, batch_run):
     root, scenes = workspace
     res, out = batch_run
@@ -59,6 +60,7 @@ def test_explain_batch_reports_and_skips_bad_inputs(workspace, batch_run):
     assert f"{len(scenes)} of {len(scenes) + 2} images explained" in res.stdout
 
 
+@pytest.mark.subprocess
 def test_explain_writes_overlays_maps_and_scores(workspace, batch_run):
     root, scenes = workspace
     res, out = batch_run
@@ -80,6 +82,7 @@ def test_explain_writes_overlays_maps_and_scores(workspace, batch_run):
         assert -1.0 <= float(r["similarity"]) <= 1.0
 
 
+@pytest.mark.subprocess
 def test_saved_maps_match_the_oracle(workspace, batch_run):
     # The raw maps written by the CLI equal an explicit-autograd LeGrad of the same model on the same input.
     root, scenes = workspace
@@ -186,6 +189,7 @@ def test_unreachable_weights_host_fails_fast(tmp_path, monkeypatch):
         load_model("ViT-B-32", "laion2b_s34b_b79k", "cpu")
 
 
+@pytest.mark.subprocess
 def test_interrupted_run_leaves_only_complete_files(workspace, tmp_path):
     import signal
     import time
@@ -230,6 +234,7 @@ def _scores(out) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
+@pytest.mark.subprocess
 def test_failing_image_costs_only_itself(workspace, batch_run, tmp_path, monkeypatch, capsys):
     # One image of a batch runs out of memory: the others of its batch are explained all the same.
     from legrad.cli import main
@@ -278,6 +283,7 @@ def test_failing_image_costs_only_itself(workspace, batch_run, tmp_path, monkeyp
         assert float(r["similarity"]) == pytest.approx(expected, abs=1e-5)
 
 
+@pytest.mark.subprocess
 def test_second_run_keeps_the_first_runs_scores(workspace, batch_run, tmp_path, capsys):
     from legrad.cli import main
 

@@ -159,6 +159,7 @@ def test_corrupt_image_is_reported_and_skipped(reference):
     assert not list(reference.glob(".manifest.rank*"))  # shards merged and removed
 
 
+@pytest.mark.slow
 def test_input_and_fixed_map_sizes(tmp_path, toy, scenes, reference, explainer):
     out_in = tmp_path / "input"
     run(scenes, out_in, PROMPTS, model=toy[0], pretrained=toy[1], workers=0, map_size="input", dtype="float32",
@@ -178,6 +179,7 @@ def test_input_and_fixed_map_sizes(tmp_path, toy, scenes, reference, explainer):
         np.testing.assert_allclose(fixed, renormalised(grid, (20, 24)).numpy(), atol=2e-3)
 
 
+@pytest.mark.slow
 def test_jsonl_per_image_prompts(tmp_path, toy, scenes, explainer):
     data = tmp_path / "data"
     shutil.copytree(scenes, data)
@@ -230,6 +232,7 @@ def test_explainer_model_with_empty_prompt_correction(tmp_path, scenes):
 
 
 # ---------------------------------------------------------------------------------------------- distributed
+@pytest.mark.torchrun
 def test_torchrun_two_processes_match_single_process(tmp_path, toy, scenes, reference):
     out = tmp_path / "dist"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -248,6 +251,7 @@ def test_torchrun_two_processes_match_single_process(tmp_path, toy, scenes, refe
 
 
 # ---------------------------------------------------------------------------------------------- resume
+@pytest.mark.slow
 def test_limit_then_resume_completes_without_recomputing(tmp_path, toy, scenes, reference):
     out = tmp_path / "out"
     first = run(scenes, out, PROMPTS, model=toy[0], pretrained=toy[1], workers=1, batch_size=4, dtype="float32",
@@ -299,6 +303,7 @@ def test_changed_settings_recompute(tmp_path, toy, scenes, reference):
     assert load_output(out / manifest(out)[1]["output"])["maps"].dtype == np.float16
 
 
+@pytest.mark.subprocess
 def test_killed_run_resumes(tmp_path, toy, scenes):
     out = tmp_path / "out"
     kwargs = dict(model=toy[0], pretrained=toy[1], size=128, batch_size=1, workers=0, progress=False)
@@ -328,6 +333,7 @@ def test_killed_run_resumes(tmp_path, toy, scenes):
     assert not list(out.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_changed_sources_are_explained_again(tmp_path, toy, scenes, explainer):
     data = tmp_path / "data"
     data.mkdir()

@@ -157,6 +157,7 @@ def test_explainer_classifier_scores_are_the_models_own_logits():
 
 
 # ------------------------------------------------------------------------------------ torchvision
+@pytest.mark.slow
 def test_torchvision_random_init_and_state_dict(tmp_path):
     import torchvision
 

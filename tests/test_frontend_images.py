@@ -51,7 +51,8 @@ def server():
     routes: dict = {}
     handler = type("H", (_Handler,), {"routes": routes})
     srv = _Server(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    # A short poll interval: shutdown() waits up to one interval (0.5 s by default) per test.
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{srv.server_address[1]}"
     try:

@@ -162,6 +162,7 @@ def _loaded_after(statement: str) -> set[str]:
     return set(out.stdout.split())
 
 
+@pytest.mark.subprocess
 def test_import_legrad_is_light():
     loaded = _loaded_after("import legrad")
     assert not loaded & {*HEAVY, "torch", "open_clip"}, loaded & {*HEAVY, "torch", "open_clip"}

@@ -24,6 +24,7 @@ def playground():
     return module
 
 
+@pytest.mark.subprocess
 def test_default_run_prints_similarities_and_writes_the_figure(tmp_path, playground):
     out = tmp_path / "pg.png"
     res = subprocess.run([PYTHON, "playground.py", "--out", str(out)], capture_output=True, text=True,

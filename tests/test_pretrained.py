@@ -28,7 +28,7 @@ def test_counts_open_clip_3_3():
 def test_every_tag_of_every_supported_config():
     """All tags of the configs whose tower is supported, nothing else. (That ``supports_model_config``
     agrees with what LeWrapper does with the built model is checked for every config by
-    ``test_towers.py::test_every_config``.)"""
+    ``test_adapters_openclip_timm.py::test_every_config``.)"""
     expected = [p for p in open_clip.list_pretrained() if supports_model_config(p[0])]
     assert list_pretrained() == list(dict.fromkeys(expected))
 

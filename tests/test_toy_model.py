@@ -123,6 +123,7 @@ def test_build_model_matches_config():
     assert model.context_length == cfg.context_length
 
 
+@pytest.mark.slow
 def test_zero_shot_retrieval_on_fresh_scenes(toy):
     model, preprocess, tokenizer = toy
     single = make_scenes(50, seed=HELD_OUT_SEED + 1, size=_side(model), n_objects=1)
@@ -159,7 +160,7 @@ def _normalise(pixels: torch.Tensor, mean, std) -> torch.Tensor:
     return (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
-@pytest.mark.parametrize("side", [64, 128, 96])
+@pytest.mark.parametrize("side", [64, pytest.param(128, marks=pytest.mark.slow), pytest.param(96, marks=pytest.mark.slow)])
 def test_folded_normalisation_is_exact(toy, scenes, side):
     # Reference: the weights exactly as trained and stored, fed the training normalisation (0.5 / 0.25).
     stored, stored_cfg, _ = load_checkpoint(CHECKPOINT_PATH, fold=False)
@@ -217,6 +218,7 @@ def test_lewrapper_defaults_to_the_recommended_layer_index(toy, scenes):
     assert LeWrapper(plain).layer_index == -2
 
 
+@pytest.mark.slow
 def test_legrad_points_at_the_prompted_object(toy, scenes):
     model, preprocess, tokenizer = toy
     wrapper = LeWrapper(model)  # the seed's pattern: no layer_index, the model's recommended one

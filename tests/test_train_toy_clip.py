@@ -43,6 +43,7 @@ def test_training_embedding_is_the_models_own(pool_type):
     assert mean_f.shape == own.shape and len(deep) == 1
 
 
+@pytest.mark.slow
 def test_training_is_deterministic_and_stop_after_reproduces_a_snapshot(tmp_path):
     full = [*TINY, "--steps", "3", "--eval-every", "1"]
     train.main([*full, "--out", str(tmp_path / "a.pt"), "--snapshots", str(tmp_path / "snaps")])
@@ -54,6 +55,7 @@ def test_training_is_deterministic_and_stop_after_reproduces_a_snapshot(tmp_path
         _assert_same(tmp_path / "a.pt", tmp_path / "c.pt")
 
 
+@pytest.mark.slow
 def test_init_keeps_the_checkpoint_weights(tmp_path):
     train.main([*TINY, "--steps", "1", "--out", str(tmp_path / "a.pt")])
     # lr 0: the continued run must write back exactly the weights it started from (learned positions too).

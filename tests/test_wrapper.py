@@ -259,6 +259,7 @@ def test_model_intact_after_calls_and_errors():
     assert torch.equal(out, ref_out)
 
 
+@pytest.mark.slow
 def test_vit_b16_448_then_224_unwrapped_output_bitwise_equal_to_fresh_model():
     torch.manual_seed(0)
     model = open_clip.create_model("ViT-B-16", pretrained=None).eval()

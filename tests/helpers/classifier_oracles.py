@@ -14,7 +14,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from .oracles import _block_output, _explicit_mha, _ExplicitLatentPool
+from .oracles import ExplicitLatentPool, block_output, explicit_mha
 
 
 def _targets_for(target: torch.Tensor, b: int) -> list[int]:
@@ -46,7 +46,7 @@ def timm_classifier_grids(model, image: torch.Tensor, target: torch.Tensor, laye
     npt = model.num_prefix_tokens
     by_map = getattr(model, "attn_pool", None) is not None
     if by_map:
-        explicit = _ExplicitLatentPool(model.attn_pool)
+        explicit = ExplicitLatentPool(model.attn_pool)
         model.attn_pool = explicit
     distilled = hasattr(model, "head_dist")
     out = torch.zeros(image.shape[0], target.shape[-1], gh, gw, dtype=torch.float64)
@@ -56,11 +56,11 @@ def timm_classifier_grids(model, image: torch.Tensor, target: torch.Tensor, laye
             for p, c in enumerate(_targets_for(target, b)):
                 if by_map:
                     with torch.no_grad():
-                        z, _ = _block_output(model, img, i, leaf_attention=False)
+                        z, _ = block_output(model, img, i, leaf_attention=False)
                     logits = model.forward_head(model.norm(z))
                     attn, drop = explicit.attn, 0 if not model.pool_include_prefix else npt
                 else:
-                    z, attn = _block_output(model, img, i, leaf_attention=True)
+                    z, attn = block_output(model, img, i, leaf_attention=True)
                     y = model.norm(z.mean(1))
                     if distilled:
                         logits = 0.5 * (model.head(y) + model.head_dist(y))
@@ -86,7 +86,7 @@ def torchvision_forward(model, image: torch.Tensor) -> torch.Tensor:
         x = _torchvision_tokens(model, image)
         for blk in model.encoder.layers:
             h = blk.ln_1(x)
-            attn, out_fn = _explicit_mha(blk.self_attention, h, h)
+            attn, out_fn = explicit_mha(blk.self_attention, h, h)
             x = x + out_fn(attn)
             x = x + blk.mlp(blk.ln_2(x))
         return model.heads(model.encoder.ln(x)[:, 0])
@@ -108,7 +108,7 @@ def torchvision_grids(model, image: torch.Tensor, target: torch.Tensor, layer_in
             blk = layers[i]
             for p, c in enumerate(_targets_for(target, b)):
                 h = blk.ln_1(x)
-                attn, out_fn = _explicit_mha(blk.self_attention, h, h)
+                attn, out_fn = explicit_mha(blk.self_attention, h, h)
                 x1 = x + out_fn(attn)
                 z = x1 + blk.mlp(blk.ln_2(x1))
                 logits = model.heads(model.encoder.ln(z.mean(1)))

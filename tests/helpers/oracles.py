@@ -21,7 +21,7 @@ def _min_max(m: torch.Tensor) -> torch.Tensor:
     return (m - lo) / (hi - lo)
 
 
-def _explicit_mha(mha: torch.nn.MultiheadAttention, x_q: torch.Tensor, x_kv: torch.Tensor):
+def explicit_mha(mha: torch.nn.MultiheadAttention, x_q: torch.Tensor, x_kv: torch.Tensor):
     """Returns (A, V, out_fn) with A [B, H, Nq, Nk] a leaf requiring grad and out_fn(A) the MHA output."""
     e, h = mha.embed_dim, mha.num_heads
     if mha._qkv_same_embed_dim:
@@ -92,7 +92,7 @@ def openclip_vit_oracle(model, image: torch.Tensor, text: torch.Tensor, layer_in
             blk = blocks[i]
             for p in range(t_b.shape[0]):
                 h = blk.ln_1(x)
-                attn, out_fn = _explicit_mha(blk.attn, h, h)
+                attn, out_fn = explicit_mha(blk.attn, h, h)
                 x1 = x + blk.ls_1(out_fn(attn))
                 z = x1 + blk.ls_2(blk.mlp(blk.ln_2(x1)))
                 f = F.normalize(v.ln_post(z.mean(1)) @ v.proj, dim=-1)
@@ -150,7 +150,7 @@ def coca_oracle(model, image: torch.Tensor, text: torch.Tensor, layer_index: int
             keys = pool.ln_k(x)
             queries = pool.ln_q(pool.query).unsqueeze(0)
             for p in range(t_b.shape[0]):
-                attn, out_fn = _explicit_mha(pool.attn, queries, keys)
+                attn, out_fn = explicit_mha(pool.attn, queries, keys)
                 y = v.ln_post(out_fn(attn))
                 pooled = y[:, 0] if v.pool_type == "tok" else y[:, 1:].mean(1)
                 f = F.normalize(pooled @ v.proj, dim=-1)
@@ -178,7 +178,7 @@ def _timm_copy(model, height: int, width: int):
     return model
 
 
-def _block_output(trunk, img, layer: int, leaf_attention: bool):
+def block_output(trunk, img, layer: int, leaf_attention: bool):
     """Runs the trunk's own ``forward_features`` up to block ``layer`` and returns its output.
 
     With ``leaf_attention`` the block's post-softmax attention (timm's unfused path, caught at its
@@ -209,7 +209,7 @@ def _block_output(trunk, img, layer: int, leaf_attention: bool):
     return captured["z"], captured.get("attn")
 
 
-class _ExplicitLatentPool(torch.nn.Module):
+class ExplicitLatentPool(torch.nn.Module):
     """timm ``AttentionPoolLatent`` written out with its attention probabilities as a leaf."""
 
     def __init__(self, pool):
@@ -245,7 +245,7 @@ def _timm_grid_maps(model, image, text, layer_index, prefix_in_keys):
     npt = trunk.num_prefix_tokens
     pooled_by_map = getattr(trunk, "attn_pool", None) is not None
     if pooled_by_map:
-        explicit = _ExplicitLatentPool(trunk.attn_pool)
+        explicit = ExplicitLatentPool(trunk.attn_pool)
         trunk.attn_pool = explicit
     out = []
     for b in range(image.shape[0]):
@@ -256,12 +256,12 @@ def _timm_grid_maps(model, image, text, layer_index, prefix_in_keys):
             for p in range(t_b.shape[0]):
                 if pooled_by_map:
                     with torch.no_grad():
-                        z, _ = _block_output(trunk, img, i, leaf_attention=False)
+                        z, _ = block_output(trunk, img, i, leaf_attention=False)
                     f = vis.head(trunk.forward_head(trunk.norm(z)))
                     attn = explicit.attn
                     drop = npt if prefix_in_keys else 0
                 else:
-                    z, attn = _block_output(trunk, img, i, leaf_attention=True)
+                    z, attn = block_output(trunk, img, i, leaf_attention=True)
                     y = trunk.norm(z.mean(1, keepdim=True))[:, 0]
                     f = vis.head(trunk.head(trunk.fc_norm(y)))
                     drop = npt

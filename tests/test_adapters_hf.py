@@ -536,6 +536,7 @@ def test_encode_text_normalises_the_models_own_embedding(kind):
     assert ids["input_ids"].shape[1] == (16 if kind == "siglip" else 7)
 
 
+@pytest.mark.subprocess
 def test_core_library_works_without_transformers():
     code = (
         "import sys; sys.modules['transformers'] = None\n"

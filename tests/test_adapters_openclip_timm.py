@@ -64,7 +64,15 @@ def _oracle(wrapper, model, image, text, layer_index, empty=None):
 
 
 # ------------------------------------------------------------------------------------------------ the sweep
-@pytest.mark.parametrize("name", ALL_CONFIGS)
+# The fast core sweeps one config per tower family (and per unsupported tower type); the rest is ``slow``.
+SWEEP_CORE = {"ViT-B-32", "ViT-B-16-quickgelu", "coca_ViT-B-32", "ViT-B-16-SigLIP", "ViT-B-16-SigLIP2",
+              "PE-Core-T-16-384", "EVA02-B-16", "ViTamin-S", "MobileCLIP-B", "vit_relpos_medium_patch16_cls_224",
+              "RN50", "convnext_base", "MobileCLIP-S1", "swin_base_patch4_window7_224", "ViT-H-14-CLIPA",
+              "EVA01-g-14"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in SWEEP_CORE else pytest.mark.slow)
+                                  for n in ALL_CONFIGS])
 def test_every_config(name):
     cfg = open_clip.get_model_config(name)
     supported = supports_model_config(name)
