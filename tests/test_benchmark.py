@@ -191,6 +191,7 @@ def test_cli_user_dataset(tmp_path, capsys):
     assert payload["methods"]["rollout"]["pos_auc"] is None  # not measured (--no-perturbation)
 
 
+@pytest.mark.slow
 def test_cli_bundled_scenes(tmp_path, capsys):
     from legrad.toy import CHECKPOINT_PATH
 
