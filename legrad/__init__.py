@@ -2,7 +2,7 @@
 
 Usage::
 
-    model = LeWrapper(open_clip_model)            # layer_index=-2 by default
+    model = LeWrapper(open_clip_model)            # layer_index: the model's recommended one, else -2
     maps = model.compute_legrad(text_embedding, image=images)   # [B, P, H, W] in [0, 1]
 
 The names below are imported on first use (module ``__getattr__``), so ``import legrad`` (and
@@ -26,6 +26,9 @@ _EXPORTS = {
     "register_tower": "legrad.adapters.registry",
     "supported_tower_names": "legrad.adapters.registry",
     "register_attention_ops": "legrad.ops.attention",
+    # The original LeGrad package's `from legrad import LeWrapper, LePreprocess, visualize` keeps working;
+    # matplotlib is still only imported when visualize is first used.
+    "visualize": "legrad.viz",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

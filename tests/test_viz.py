@@ -297,3 +297,12 @@ def test_figure_renders_itself_as_png_outside_pyplot():
 def test_show_must_be_a_bool_or_none():
     with pytest.raises(TypeError, match="show"):
         visualize(_random_image(8, 8), np.zeros((8, 8)), show="yes")
+
+
+def test_visualize_is_exported_from_the_package_like_the_original():
+    # The original LeGrad README imports it as `from legrad import LeWrapper, LePreprocess, visualize`.
+    import legrad
+    from legrad.viz import visualize as viz_visualize
+
+    assert legrad.visualize is viz_visualize
+    assert "visualize" in dir(legrad)

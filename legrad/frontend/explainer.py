@@ -274,13 +274,18 @@ class Explainer:
             An :class:`Explanation`.
 
         Raises:
-            TypeError, ValueError: on bad prompts, size or layer index, before any computation.
+            TypeError, ValueError: on bad or empty images, prompts, size or layer index, before any computation.
         """
         if isinstance(images, Image.Image):
             images = [images]
-        images = [im.convert("RGB") for im in images]
         if not images:
             raise ValueError("no images to explain")
+        for i, im in enumerate(images):
+            if not isinstance(im, Image.Image):
+                raise TypeError(f"image {i} is a {type(im).__name__}; pass PIL images (legrad.loading.load_image reads files)")
+            if im.width < 1 or im.height < 1:
+                raise ValueError(f"image {i} is empty ({im.width}x{im.height} pixels); pass an image with pixels")
+        images = [im.convert("RGB") for im in images]
         prompts = self.clean(prompts)
         self.check_size(size)
         self.check_layer_index(layer_index)
