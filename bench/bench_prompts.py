@@ -13,14 +13,11 @@ peak on GPU).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import statistics
-import subprocess
 import sys
-import time
 
 import torch
+from common import child_extra_mib, peak_extra_bytes, report_extra_bytes, time_pairs
 
 
 def _build(model_name: str, size: int, device: str):
@@ -29,25 +26,6 @@ def _build(model_name: str, size: int, device: str):
     logging.getLogger().setLevel(logging.ERROR)
     model = open_clip.create_model(model_name, pretrained=None, force_image_size=size).to(device).eval()
     return model
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _median_time(fn, reps: int, device: str) -> float:
-    """Median wall time of ``reps`` calls (one call, no warm-up, when ``reps`` is 0)."""
-    if reps:
-        fn()
-    times = []
-    for _ in range(max(reps, 1)):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def time_one(model_name: str, size: int, prompts: list[int], reps: int, batch: int, device: str) -> list[dict]:
@@ -70,27 +48,8 @@ def time_one(model_name: str, size: int, prompts: list[int], reps: int, batch: i
         def explain(text=text):
             wrapper.compute_legrad(text, image=image)
 
-        plain(), explain()  # warm-up (also fills the positional-embedding cache)
-        # Interleaved pairs: each ratio compares calls made moments apart, which cancels slow drifts
-        # of machine load; the median over pairs discards bursts.
-        base_t, legrad_t, ratios = [], [], []
-        for _ in range(reps):
-            b = _median_time(plain, 0, device)
-            t = _median_time(explain, 0, device)
-            base_t.append(b)
-            legrad_t.append(t)
-            ratios.append(t / b)
-        rows.append({"size": size, "P": p, "forward_s": statistics.median(base_t),
-                     "legrad_s": statistics.median(legrad_t), "ratio": statistics.median(ratios)})
+        rows.append({"size": size, "P": p, **time_pairs(plain, explain, reps, device)})
     return rows
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _memory_child(model_name: str, size: int, p: int, batch: int, device: str) -> None:
@@ -101,34 +60,12 @@ def _memory_child(model_name: str, size: int, p: int, batch: int, device: str) -
     wrapper = LeWrapper(model)
     image = torch.randn(batch, 3, size, size, device=device)
     text = torch.nn.functional.normalize(torch.randn(p, wrapper.adapter.embed_dim, device=device), dim=-1)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        wrapper.compute_legrad(text, image=image)
-        torch.cuda.synchronize()
-        extra = torch.cuda.max_memory_allocated() - base
-    else:
-        import gc
-
-        gc.collect()
-        base = _status_kib("VmRSS")
-        # Writing 5 to clear_refs resets the kernel's peak-RSS counter (VmHWM) to the current RSS,
-        # so the peak below is the call's own, not model construction's.
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        wrapper.compute_legrad(text, image=image)
-        extra = (_status_kib("VmHWM") - base) * 1024
-    print(json.dumps({"extra_bytes": extra}))
+    report_extra_bytes(peak_extra_bytes(lambda: wrapper.compute_legrad(text, image=image), device))
 
 
 def memory_one(model_name: str, size: int, p: int, batch: int, device: str, threads: int) -> float:
-    out = subprocess.run(
-        [sys.executable, __file__, "--_memory-child", model_name, str(size), str(p), str(batch), device,
-         "--threads", str(threads)],
-        capture_output=True, text=True, check=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])["extra_bytes"] / 2**20
+    return child_extra_mib([sys.executable, __file__, "--_memory-child", model_name, str(size), str(p), str(batch),
+                            device, "--threads", str(threads)])
 
 
 def main() -> None:

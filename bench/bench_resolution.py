@@ -18,15 +18,11 @@ size). For each (model, size, P) config:
 from __future__ import annotations
 
 import argparse
-import gc
-import json
 import logging
-import statistics
-import subprocess
 import sys
-import time
 
 import torch
+from common import child_extra_mib, peak_extra_bytes, report_extra_bytes, time_pairs
 
 DEFAULT_SIZES = {"vit-b-16": [224, 448, 768, 1024], "demo": [224, 512, 768, 1024]}
 
@@ -59,19 +55,6 @@ def _build(model_name: str, size: int, device: str):
     return model, LeWrapper(model, max_tokens=None)
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _timed(fn, device: str) -> float:
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
-
-
 def time_config(model_name: str, size: int, prompts: list[int], reps: int, device: str) -> list[dict]:
     model, wrapper = _build(model_name, size, device)
     image = torch.randn(1, 3, size, size, device=device)
@@ -88,24 +71,8 @@ def time_config(model_name: str, size: int, prompts: list[int], reps: int, devic
         def explain(text=text):
             wrapper.compute_legrad(text, image=image)
 
-        plain(), explain()  # warm-up
-        base, lg, ratios = [], [], []
-        for _ in range(reps):  # interleaved pairs cancel slow drifts of machine load
-            b, t = _timed(plain, device), _timed(explain, device)
-            base.append(b)
-            lg.append(t)
-            ratios.append(t / b)
-        rows.append({"model": model_name, "size": size, "P": p, "forward_s": statistics.median(base),
-                     "legrad_s": statistics.median(lg), "ratio": statistics.median(ratios)})
+        rows.append({"model": model_name, "size": size, "P": p, **time_pairs(plain, explain, reps, device)})
     return rows
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _memory_child(model_name: str, size: int, p: int, device: str) -> None:
@@ -116,30 +83,13 @@ def _memory_child(model_name: str, size: int, p: int, device: str) -> None:
     # the call's memory.
     ph, pw = wrapper.adapter.patch_size
     wrapper.compute_legrad(text[:1], image=torch.randn(1, 3, 2 * ph, 2 * pw, device=device))
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        wrapper.compute_legrad(text, image=image)
-        torch.cuda.synchronize()
-        extra = torch.cuda.max_memory_allocated() - base
-    else:
-        gc.collect()
-        base = _status_kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
-            f.write("5")
-        wrapper.compute_legrad(text, image=image)
-        extra = (_status_kib("VmHWM") - base) * 1024
-    print(json.dumps({"extra_bytes": extra}))
+    report_extra_bytes(peak_extra_bytes(lambda: wrapper.compute_legrad(text, image=image), device))
 
 
 def memory_config(model_name: str, size: int, p: int, device: str, threads: int) -> float:
     """Extra peak MiB of one call, in a fresh subprocess."""
-    out = subprocess.run(
-        [sys.executable, __file__, "--_memory-child", model_name, str(size), str(p), device, "--threads", str(threads)],
-        capture_output=True, text=True, check=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])["extra_bytes"] / 2**20
+    return child_extra_mib([sys.executable, __file__, "--_memory-child", model_name, str(size), str(p), device,
+                            "--threads", str(threads)])
 
 
 def main() -> None:

@@ -72,7 +72,7 @@ def test_predict_matches_the_library_overlay(app, scenes, monkeypatch):
     from legrad.viz import overlay
 
     path, phrases = scenes[1]
-    monkeypatch.setattr(app, "_allowed_dirs", (os.path.realpath(path.parent),))
+    monkeypatch.setattr(app.SETTINGS, "allowed_dirs", (os.path.realpath(path.parent),))
     image = Image.open(path).convert("RGB")
     gallery, _ = app.predict(None, str(path), phrases[0], app.TOY_LABEL, "128", 1, 0.3)
     explainer = app.get_explainer("toy", None)
@@ -150,7 +150,7 @@ def test_models_are_cached_and_loaded_once(app, monkeypatch):
         assert results == [sentinel] * 4
         assert calls == [key]
     finally:
-        app._cache.pop(key, None)
+        app.forget_model(*key)
 
 
 def test_concurrent_predictions_are_correct(app, scenes):
@@ -200,7 +200,7 @@ def test_allow_dir_reads_inside_only(app, scenes, monkeypatch, tmp_path):
     (tmp_path / "secret.png").write_bytes(path.read_bytes())
     (shared / "escape.png").symlink_to(tmp_path / "secret.png")
     (shared / "inner").symlink_to(tmp_path)
-    monkeypatch.setattr(app, "_allowed_dirs", (app._shared_folder(str(shared)),))
+    monkeypatch.setattr(app.SETTINGS, "allowed_dirs", (app.shared_folder(str(shared)),))
     for source in ("scene.png", str(shared / "scene.png")):
         gallery, status = _ask(app, scenes, image_source=source, prompts_text=phrases[0])
         assert len(gallery) == 1, status
@@ -241,7 +241,7 @@ def test_urls_refused_by_default_and_loopback_refused_when_allowed(app, scenes, 
         url = f"http://127.0.0.1:{srv.server_address[1]}/scene.png"
         _, status = _ask(app, scenes, image_source=url)
         assert app.NO_URL_MSG in status
-        monkeypatch.setattr(app, "_allow_urls", True)
+        monkeypatch.setattr(app.SETTINGS, "allow_urls", True)
         for u in (url, url.replace("127.0.0.1", "localhost"), url.replace("127.0.0.1", "[::ffff:127.0.0.1]")):
             gallery, status = _ask(app, scenes, image_source=u)
             assert gallery == [] and "not a public internet address" in status, status

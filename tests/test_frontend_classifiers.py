@@ -88,7 +88,7 @@ def app(monkeypatch):
     import app as module
 
     label = module.model_label(MODEL, "none")
-    monkeypatch.setattr(module, "_extra_labels", (label,))
+    monkeypatch.setattr(module.SETTINGS, "extra_labels", (label,))
     return module, label
 
 

@@ -127,9 +127,27 @@ def test_no_private_names_across_modules():
     assert not problems, problems
 
 
+def _tracked_python_files() -> list[Path]:
+    """Every .py file git tracks in the repository (the package, tests, scripts, benches, app.py...)."""
+    out = subprocess.run(["git", "ls-files", "-z", "--", "*.py"], cwd=REPO, capture_output=True, timeout=60)
+    if out.returncode != 0:  # not a git checkout (e.g. an unpacked sdist): every .py file under the repo
+        return [p for p in REPO.rglob("*.py") if not {".venv", "build", "__pycache__"} & set(p.parts)]
+    return [REPO / name for name in out.stdout.decode().split("\0") if name and (REPO / name).is_file()]
+
+
 def test_modules_are_small():
-    big = {name: n for name, path in MODULES.items() if (n := path.read_text(encoding="utf-8").count("\n")) > MAX_LINES}
+    files = _tracked_python_files()
+    assert {REPO / "app.py", REPO / "tests" / "test_layout.py", *MODULES.values()} <= set(files)
+    big = {str(path.relative_to(REPO)): n for path in files
+           if (n := path.read_text(encoding="utf-8").count("\n")) > MAX_LINES}
     assert not big, big
+
+
+def test_request_logic_of_the_app_does_not_need_gradio():
+    """``app.py`` keeps the page; the request logic it re-exports must import without gradio."""
+    offending = [f"{name} imports {mod}" for name in MODULES for mod, _ in _imports(name, top_level_only=False)
+                 if mod.split(".")[0] == "gradio"]
+    assert not offending, offending
 
 
 @pytest.mark.parametrize("layer, allowed", [
