@@ -324,6 +324,8 @@ def test_bad_inputs(model64):
         get_method("gradcam@1")
     with pytest.raises(ValueError, match="K an integer"):
         get_method("legrad@last")
+    with pytest.raises(TypeError, match="must be a str"):
+        get_method(None)
     with pytest.raises(TypeError, match="torch.nn.Module"):
         gradcam("not a model", text, image)
     assert get_method("chefercam") is chefercam

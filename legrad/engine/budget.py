@@ -5,9 +5,8 @@ block) is bounded by :data:`DEFAULT_WORK_BYTES`: :func:`plan_blocks` picks the p
 query block. Before any work, a token limit and a memory estimate are checked (:func:`check_call`).
 
 The estimate follows the engine's own formula: the re-run tower's activations (a few ``[B, N, C]``
-and ``[B, N, 4C]`` tensors, the explained layer's graph included), the relevance working set (bounded
-by :data:`DEFAULT_WORK_BYTES`: prompts are chunked and query rows blocked, see :func:`plan_blocks`) and the output maps. It is an upper estimate of the *extra* memory
-of one call, compared with a budget: ``max_memory`` if given, otherwise a fraction of what the device
+and ``[B, N, 4C]`` tensors, the explained layer's graph included), the relevance working set and the
+output maps. It is an upper estimate of the *extra* memory of one call, compared with a budget: ``max_memory`` if given, otherwise a fraction of what the device
 has available (``MemAvailable`` of ``/proc/meminfo`` on CPU, ``torch.cuda.mem_get_info`` on CUDA).
 """
 

@@ -14,10 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .maps import min_max
+
 __all__ = ["EMPTY_PROMPT", "resolve_empty_embedding", "apply_empty_prompt_correction"]
 
 #: The content-free prompt whose map marks the tokens to suppress.
 EMPTY_PROMPT = "a photo of a"
+
 
 def resolve_empty_embedding(
     model: nn.Module,
@@ -75,9 +78,4 @@ def apply_empty_prompt_correction(rel: torch.Tensor, rel_empty: torch.Tensor, th
     Returns:
         ``[B, P, N]`` corrected relevance (a new tensor).
     """
-    lo = rel_empty.amin(dim=-1, keepdim=True)
-    hi = rel_empty.amax(dim=-1, keepdim=True)
-    rng = hi - lo
-    ok = rng > torch.finfo(rel_empty.dtype).tiny
-    normed = torch.where(ok, (rel_empty - lo) / torch.where(ok, rng, torch.ones_like(rng)), torch.zeros_like(rel_empty))
-    return rel.masked_fill(normed > threshold, 0.0)
+    return rel.masked_fill(min_max(rel_empty) > threshold, 0.0)

@@ -16,7 +16,14 @@ def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def min_max(maps: torch.Tensor) -> torch.Tensor:
-    """Min-max normalises ``[B, P, H, W]`` per (image, prompt); a constant map becomes all zeros."""
+    """Min-max normalises ``[B, P, ...]`` per (image, prompt); a constant map becomes all zeros.
+
+    Args:
+        maps: ``[B, P, H, W]`` maps (or ``[B, P, N]`` patch relevance).
+
+    Returns:
+        A tensor of ``maps``' shape and dtype, each ``[b, p]`` slice in [0, 1].
+    """
     flat = maps.flatten(2)
     lo = flat.min(dim=-1, keepdim=True).values
     hi = flat.max(dim=-1, keepdim=True).values

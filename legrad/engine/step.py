@@ -102,11 +102,6 @@ class ImageBatch:
     def device(self) -> torch.device:
         return (self.pixels if isinstance(self.pixels, torch.Tensor) else self.pixels[0]).device
 
-    @property
-    def uniform(self) -> bool:
-        """Whether every image has the same grid and size (one ``[B, P, H, W]`` result)."""
-        return len(set(self.grids)) == 1 and len(set(self.sizes)) == 1
-
 
 #: ``scorer(feature [B, E], prompts) -> [B, P]``: a layer's scores, differentiable in ``feature``.
 Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

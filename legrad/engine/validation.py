@@ -136,11 +136,10 @@ def check_text(text_embedding: Any, embed_dim: int, batch: int) -> torch.Tensor:
         raise ValueError(
             f"text_embedding must be [P, D] or [B, P, D], got shape {tuple(text_embedding.shape)}{hint}"
         )
-    dim = embed_dim
-    if text_embedding.shape[-1] != dim:
+    if text_embedding.shape[-1] != embed_dim:
         raise ValueError(
             f"text_embedding width {text_embedding.shape[-1]} does not match the image embedding width "
-            f"{dim}; encode the prompts with the same model's encode_text"
+            f"{embed_dim}; encode the prompts with the same model's encode_text"
         )
     if text_embedding.shape[-2] == 0:
         raise ValueError("text_embedding holds zero prompts; pass at least one")

@@ -360,15 +360,22 @@ def get_method(name: str) -> Method:
 
     ``legrad@-2`` is LeGrad with ``layer_index=-2``, ``rollout@3``/``chefercam@3`` start at block 3.
 
+    Args:
+        name: a key of :data:`METHODS`, optionally with ``"@K"`` (an int) for the methods with a first block.
+
+    Returns:
+        The method, with its first-block keyword bound when ``"@K"`` is given.
+
     Raises:
-        ValueError: naming the known methods when ``name`` is not one of them.
+        TypeError: if ``name`` is not a str.
+        ValueError: naming the known methods when ``name`` is not one of them, or for an invalid ``"@K"``.
     """
     if not isinstance(name, str):
         raise TypeError(f"method name must be a str, got {type(name).__name__}")
     base, sep, layer = name.partition("@")
     fn = METHODS.get(base)
     if fn is None:
-        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     if not sep:
         return fn
     keyword = _LAYER_KEYWORD.get(base)
