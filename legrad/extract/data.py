@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from ..frontend.errors import one_line
 from ..frontend.images import decode_image, load_image
 from .inputs import ImageTask
 from .store import read_source
@@ -42,8 +43,7 @@ class ImageDataset(Dataset):
             return {"pos": i, "heat": self.heat_transform(image), "clip": self.clip_transform(image),
                     "size": (image.height, image.width), "source": source, "error": None}
         except Exception as exc:  # one bad image must not kill the batch: report it instead
-            msg = " ".join(str(exc).split()) or type(exc).__name__
-            return {"pos": i, "heat": None, "clip": None, "size": None, "source": None, "error": msg[:300]}
+            return {"pos": i, "heat": None, "clip": None, "size": None, "source": None, "error": one_line(exc, 300)}
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
