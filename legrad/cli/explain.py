@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from legrad.cli.options import add_device_option, add_model_options, add_quiet_option, unit_float
+from legrad.frontend.errors import one_line
 from legrad.frontend.fetch import is_url
 from legrad.frontend.images import IMAGE_EXTENSIONS
 
@@ -131,7 +132,7 @@ def _is_memory_error(exc: BaseException) -> bool:
 
 
 def _describe(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())[:200] or type(exc).__name__
+    text = one_line(exc, 200)
     return f"out of memory ({text})" if _is_memory_error(exc) and "memory" not in text.lower() else text
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.maps import min_max
+from ..frontend.errors import one_line
 from ..frontend.explainer import Explainer
 from .inputs import ImageTask
 from .store import output_name, write_output
@@ -130,7 +131,7 @@ def explain_batch(batch: dict[str, Any], todo: list[ImageTask], explainer: Expla
                               todo, explainer, model, model_dtype, device, prompts, start, map_hw, dtype,
                               out_dir, config, finish)
                 for b, pos in enumerate(batch["pos"]))
-        msg = "explaining failed: " + (" ".join(str(exc).split())[:240] or type(exc).__name__)
+        msg = "explaining failed: " + one_line(exc, 240)
         finish(items[0], None, msg)
         return 0
     n_ok = 0

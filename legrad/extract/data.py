@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
-from ..frontend.images import load_image
+from ..frontend.errors import one_line
+from ..frontend.images import decode_image, load_image
 from .inputs import ImageTask
-from .store import source_record
+from .store import read_source
 
 __all__ = ["ImageDataset", "collate", "default_workers"]
 
@@ -35,14 +37,13 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         task = self.tasks[i]
         try:
-            # Recorded before decoding: if the file changes meanwhile, the next resume sees a mismatch.
-            source = source_record(task.path)
-            image = load_image(task.path)
+            # Recorded from the very bytes decoded: the file is read once, and a later change is seen on resume.
+            source, data = read_source(task.path)
+            image = load_image(task.path) if data is None else decode_image(io.BytesIO(data), task.path)
             return {"pos": i, "heat": self.heat_transform(image), "clip": self.clip_transform(image),
                     "size": (image.height, image.width), "source": source, "error": None}
         except Exception as exc:  # one bad image must not kill the batch: report it instead
-            msg = " ".join(str(exc).split()) or type(exc).__name__
-            return {"pos": i, "heat": None, "clip": None, "size": None, "source": None, "error": msg[:300]}
+            return {"pos": i, "heat": None, "clip": None, "size": None, "source": None, "error": one_line(exc, 300)}
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:

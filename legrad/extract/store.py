@@ -22,7 +22,7 @@ from ..frontend.options import parse_size
 from .inputs import ImageTask
 
 __all__ = ["DTYPES", "FORMAT_VERSION", "MANIFEST_NAME", "NPZ_KEYS", "check_map_size", "load_output", "output_name",
-           "record", "source_record", "valid_similarities", "write_output"]
+           "read_source", "record", "valid_similarities", "write_output"]
 
 #: File name of the merged manifest inside the output folder.
 MANIFEST_NAME = "manifest.jsonl"
@@ -113,21 +113,23 @@ def valid_similarities(path: Path, task: ImageTask, config: dict, map_hw: tuple[
 
 
 def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    h.update(read_regular_file(path, "image"))
-    return h.hexdigest()
+    return hashlib.sha256(read_regular_file(path, "image")).hexdigest()
 
 
-def source_record(path: str) -> dict[str, Any] | None:
-    """Size, mtime and SHA-256 of an image file, read before it is decoded (None for URLs).
+def read_source(path: str) -> tuple[dict[str, Any] | None, bytes | None]:
+    """Reads an image file once: its size, mtime and SHA-256 (for resuming) and its bytes (for decoding).
+
+    Returns:
+        ``(record, data)``; ``(None, None)`` for a URL (nothing to record; the loader fetches it).
 
     Raises:
         ValueError: if ``path`` is missing or not a regular file (a FIFO would block the loader).
     """
     if is_url(path):
-        return None
+        return None, None
     st = check_regular_file(path, "image")
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(path)}
+    data = read_regular_file(path, "image")
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": hashlib.sha256(data).hexdigest()}, data
 
 
 def _source_unchanged(path: str, stored: Any) -> bool:

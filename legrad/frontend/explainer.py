@@ -282,7 +282,7 @@ class Explainer:
             raise ValueError("no images to explain")
         for i, im in enumerate(images):
             if not isinstance(im, Image.Image):
-                raise TypeError(f"image {i} is a {type(im).__name__}; pass PIL images (legrad.loading.load_image reads files)")
+                raise TypeError(f"image {i} is a {type(im).__name__}; pass PIL images (legrad.frontend.images.load_image reads files)")
             if im.width < 1 or im.height < 1:
                 raise ValueError(f"image {i} is empty ({im.width}x{im.height} pixels); pass an image with pixels")
         images = [im.convert("RGB") for im in images]

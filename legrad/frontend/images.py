@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import stat
 import warnings
 from typing import Any
 
@@ -25,6 +24,7 @@ from PIL import Image, ImageOps
 
 from . import fetch
 from .errors import ImageLoadError, ImageTooLargeError, one_line
+from .files import open_regular_file
 
 __all__ = ["MAX_IMAGE_PIXELS", "IMAGE_EXTENSIONS", "ALLOW_PRIVATE_ENV", "ImageLoadError", "ImageTooLargeError",
            "load_image", "decode_image", "to_rgb"]
@@ -93,34 +93,8 @@ def load_image(
         except ImageLoadError as exc:
             raise type(exc)(f"could not fetch {label}: {exc}") from exc
         return decode_image(io.BytesIO(data), label, max_pixels)
-    with _open_regular(src, label) as fh:
+    with open_regular_file(src, label, ImageLoadError) as fh:
         return decode_image(fh, label, max_pixels)
-
-
-def _open_regular(path: str, label: str) -> io.BufferedReader:
-    """Opens a regular file for reading; FIFOs, devices, sockets and directories are refused unopened."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise ImageLoadError(f"{label}: no such file") from None
-    except OSError as exc:
-        raise ImageLoadError(f"{label}: cannot be read ({type(exc).__name__})") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise ImageLoadError(f"{label} is a directory, not an image")
-    if not stat.S_ISREG(st.st_mode):
-        raise ImageLoadError(f"{label} is not a regular file (a pipe, device or socket cannot be read as an image)")
-    # O_NONBLOCK: should the path be swapped for a FIFO after the check, open() still returns at once.
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError as exc:
-        raise ImageLoadError(f"{label}: cannot be read ({type(exc).__name__})") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise ImageLoadError(f"{label} is not a regular file")
-    if hasattr(os, "set_blocking"):
-        os.set_blocking(fd, True)
-    return os.fdopen(fd, "rb")
 
 
 def decode_image(fp: Any, name: str, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
