@@ -215,3 +215,19 @@ def test_cli_exit_status_and_prompts_file(tmp_path, toy, scenes, capsys):
     records = manifest(tmp_path / "a")
     assert records[1]["prompts"] == ["a red circle", "a blue square"]
     assert cli_main(["extract", str(scenes), "--out", str(tmp_path / "c"), "-p", "x", "--map-size", "huge"]) == 2
+
+
+def test_source_files_are_read_once_and_bounded(tmp_path, monkeypatch):
+    import hashlib
+
+    from legrad.extract import store
+
+    img = tmp_path / "a.png"
+    Image.new("RGB", (16, 16), (10, 200, 30)).save(img)
+    raw = img.read_bytes()
+    record, data = store.read_source(str(img))
+    assert data == raw
+    assert record["size"] == len(raw) and record["sha256"] == hashlib.sha256(raw).hexdigest()
+    monkeypatch.setattr(store, "MAX_SOURCE_BYTES", len(raw) - 1)
+    with pytest.raises(ValueError, match="larger than"):
+        store.read_source(str(img))

@@ -116,6 +116,11 @@ def _sha256(path: str) -> str:
     return hashlib.sha256(read_regular_file(path, "image")).hexdigest()
 
 
+#: Largest image file ``legrad extract`` reads (it holds the file's bytes while hashing and decoding them);
+#: the decoder's pixel limit bounds the decoded image, this bounds the compressed one.
+MAX_SOURCE_BYTES = 512 * 2**20
+
+
 def read_source(path: str) -> tuple[dict[str, Any] | None, bytes | None]:
     """Reads an image file once: its size, mtime and SHA-256 (for resuming) and its bytes (for decoding).
 
@@ -123,12 +128,13 @@ def read_source(path: str) -> tuple[dict[str, Any] | None, bytes | None]:
         ``(record, data)``; ``(None, None)`` for a URL (nothing to record; the loader fetches it).
 
     Raises:
-        ValueError: if ``path`` is missing or not a regular file (a FIFO would block the loader).
+        ValueError: if ``path`` is missing or not a regular file (a FIFO would block the loader), or larger
+            than :data:`MAX_SOURCE_BYTES`.
     """
     if is_url(path):
         return None, None
     st = check_regular_file(path, "image")
-    data = read_regular_file(path, "image")
+    data = read_regular_file(path, "image", max_bytes=MAX_SOURCE_BYTES)
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": hashlib.sha256(data).hexdigest()}, data
 
 
