@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from helpers.oracles import min_max
 from helpers.tiny_towers import same_bits
 
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32,
@@ -134,11 +135,6 @@ def explicit_pool_attention(mha, probe, tokens):
         return mha.out_proj((a_ @ v.detach()).transpose(1, 2).reshape(b, 1, e))
 
     return a, out_fn
-
-
-def min_max(m):
-    lo, hi = m.min(), m.max()
-    return torch.zeros_like(m) if hi - lo <= 0 else (m - lo) / (hi - lo)
 
 
 def oracle_tokens(model, pixels, spatial_shapes=None):

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
 
-def _min_max(m: torch.Tensor) -> torch.Tensor:
+def min_max(m: torch.Tensor) -> torch.Tensor:
+    """Reference min-max of one map (a constant map becomes zeros)."""
     lo, hi = m.min(), m.max()
     if hi - lo <= 0:
         return torch.zeros_like(m)
@@ -103,7 +104,7 @@ def openclip_vit_oracle(model, image: torch.Tensor, text: torch.Tensor, layer_in
                 per_prompt[p] += F.interpolate(m, size=(H, W), mode="bilinear", align_corners=False)[0, 0]
             with torch.no_grad():
                 x = _run_block(blk, x, batch_first)
-        out.append(torch.stack([_min_max(per_prompt[p]) for p in range(t_b.shape[0])]))
+        out.append(torch.stack([min_max(per_prompt[p]) for p in range(t_b.shape[0])]))
     return torch.stack(out).float()
 
 
@@ -158,7 +159,7 @@ def coca_oracle(model, image: torch.Tensor, text: torch.Tensor, layer_index: int
                 rows = g[:, :, :1] if v.pool_type == "tok" else g[:, :, 1:]
                 grid[p] += rows.clamp(min=0).mean(dim=(1, 2))[0, 1:].reshape(gh, gw).double()
         maps = F.interpolate(grid[None], size=(H, W), mode="bilinear", align_corners=False)[0]
-        out.append(torch.stack([_min_max(m) for m in maps]))
+        out.append(torch.stack([min_max(m) for m in maps]))
     return torch.stack(out).float()
 
 
@@ -297,10 +298,10 @@ def timm_oracle(model, image: torch.Tensor, text: torch.Tensor, layer_index: int
         empty_text = empty.reshape(1, -1)
         empty_grids = _timm_grid_maps(model, image, empty_text, layer_index, prefix_in_keys)
         for grid, e in zip(grids, empty_grids):
-            mask = _min_max(e[0]) > threshold
+            mask = min_max(e[0]) > threshold
             grid[:, mask] = 0
     out = []
     for grid in grids:
         maps = F.interpolate(grid[None], size=(H, W), mode="bilinear", align_corners=False)[0]
-        out.append(torch.stack([_min_max(m) for m in maps]))
+        out.append(torch.stack([min_max(m) for m in maps]))
     return torch.stack(out).float()
