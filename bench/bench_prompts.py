@@ -17,7 +17,7 @@ import logging
 import sys
 
 import torch
-from common import child_extra_mib, peak_extra_bytes, report_extra_bytes, time_pairs
+from common import child_extra_mib, peak_extra_bytes, report_extra_bytes, time_prompt_counts
 
 
 def _build(model_name: str, size: int, device: str):
@@ -35,21 +35,7 @@ def time_one(model_name: str, size: int, prompts: list[int], reps: int, batch: i
     model = _build(model_name, size, device)
     wrapper = LeWrapper(model)
     image = torch.randn(batch, 3, size, size, device=device)
-    dim = wrapper.adapter.embed_dim
-
-    def plain():
-        with torch.no_grad():
-            model.encode_image(image)
-
-    rows = []
-    for p in prompts:
-        text = torch.nn.functional.normalize(torch.randn(p, dim, device=device), dim=-1)
-
-        def explain(text=text):
-            wrapper.compute_legrad(text, image=image)
-
-        rows.append({"size": size, "P": p, **time_pairs(plain, explain, reps, device)})
-    return rows
+    return [{"size": size, **row} for row in time_prompt_counts(model, wrapper, image, prompts, reps, device)]
 
 
 def _memory_child(model_name: str, size: int, p: int, batch: int, device: str) -> None:

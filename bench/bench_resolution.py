@@ -22,7 +22,7 @@ import logging
 import sys
 
 import torch
-from common import child_extra_mib, peak_extra_bytes, report_extra_bytes, time_pairs
+from common import child_extra_mib, peak_extra_bytes, report_extra_bytes, time_prompt_counts
 
 DEFAULT_SIZES = {"vit-b-16": [224, 448, 768, 1024], "demo": [224, 512, 768, 1024]}
 
@@ -58,21 +58,8 @@ def _build(model_name: str, size: int, device: str):
 def time_config(model_name: str, size: int, prompts: list[int], reps: int, device: str) -> list[dict]:
     model, wrapper = _build(model_name, size, device)
     image = torch.randn(1, 3, size, size, device=device)
-    dim = wrapper.adapter.embed_dim
-
-    def plain():
-        with torch.no_grad():
-            model.encode_image(image)
-
-    rows = []
-    for p in prompts:
-        text = torch.nn.functional.normalize(torch.randn(p, dim, device=device), dim=-1)
-
-        def explain(text=text):
-            wrapper.compute_legrad(text, image=image)
-
-        rows.append({"model": model_name, "size": size, "P": p, **time_pairs(plain, explain, reps, device)})
-    return rows
+    return [{"model": model_name, "size": size, **row}
+            for row in time_prompt_counts(model, wrapper, image, prompts, reps, device)]
 
 
 def _memory_child(model_name: str, size: int, p: int, device: str) -> None:

@@ -91,3 +91,26 @@ def child_extra_mib(cmd: list[str]) -> float:
     """Runs a memory child process and returns its :func:`report_extra_bytes` answer in MiB."""
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["extra_bytes"] / 2**20
+
+
+def time_prompt_counts(model, wrapper, image: torch.Tensor, prompts: list[int], reps: int, device: str) -> list[dict]:
+    """``time_pairs`` of one ``compute_legrad`` call against a no-grad ``encode_image``, for each prompt count.
+
+    Returns:
+        One dict per count: ``{"P": count, **time_pairs(...)}`` (random unit text embeddings).
+    """
+    dim = wrapper.adapter.embed_dim
+
+    def plain():
+        with torch.no_grad():
+            model.encode_image(image)
+
+    rows = []
+    for p in prompts:
+        text = torch.nn.functional.normalize(torch.randn(p, dim, device=device), dim=-1)
+
+        def explain(text=text):
+            wrapper.compute_legrad(text, image=image)
+
+        rows.append({"P": p, **time_pairs(plain, explain, reps, device)})
+    return rows
