@@ -202,7 +202,11 @@ def test_interrupted_run_leaves_only_complete_files(workspace, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([PYTHON, "-m", "legrad", "explain", str(src), "-p", PROMPTS[0], "--out", str(out),
                              "--batch-size", "1", "--save-maps"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=subprocess_env(), cwd=REPO)
+                            stderr=subprocess.PIPE, text=True, env=subprocess_env(), cwd=REPO,
+                            # A job started in the background by a non-interactive shell (a CI script)
+                            # inherits SIGINT ignored, and Python keeps ignoring it: restore the default
+                            # so that the child sees the Ctrl-C this test sends.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 180
         while not list(out.glob("*.png")) and proc.poll() is None and time.monotonic() < deadline:
