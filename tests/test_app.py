@@ -268,7 +268,7 @@ def test_huge_size_is_refused_at_once_and_the_next_request_works(app, scenes):
     start = time.monotonic()
     gallery, status = app.predict(image, "", "a red circle", app.TOY_LABEL, "4096", None, 0.6)
     assert gallery == [] and "patch tokens" in status and "1024x1024" in status
-    assert time.monotonic() - start < 2.0
+    assert time.monotonic() - start < 10.0  # milliseconds in practice; the work it refuses took 545 s
     gallery, status = app.predict(image, "", "a red circle", app.TOY_LABEL, "", None, 0.6)
     assert len(gallery) == 1 and "64x64" in status
     assert explainer.max_tokens == 128 * 128

@@ -165,7 +165,7 @@ def test_total_deadline_stops_a_slow_drip(server):
     start = time.monotonic()
     with pytest.raises(ImageLoadError, match="timed out"):
         fetch.fetch_url(f"{base}/drip", address_ok=_allow_loopback, deadline_s=1.5)
-    assert time.monotonic() - start < 4.0
+    assert time.monotonic() - start < 8.0  # without the total deadline the drip lasts 200 s
 
 
 def test_slow_headers_hit_the_deadline_too(server):
@@ -184,7 +184,7 @@ def test_slow_headers_hit_the_deadline_too(server):
     start = time.monotonic()
     with pytest.raises(ImageLoadError, match="timed out"):
         fetch.fetch_url(f"{base}/slow", address_ok=_allow_loopback, deadline_s=1.0)
-    assert time.monotonic() - start < 3.5
+    assert time.monotonic() - start < 7.0  # without the total deadline the headers take 11 s
 
 
 def test_byte_cap(server):

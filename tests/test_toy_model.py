@@ -77,7 +77,7 @@ def test_checkpoint_is_small_and_loads_fast_offline():
     assert CHECKPOINT_PATH.stat().st_size <= 10 * 1024 * 1024
     t0 = time.perf_counter()
     model, preprocess, tokenizer = load_model()
-    assert time.perf_counter() - t0 < 2.0
+    assert time.perf_counter() - t0 < 5.0  # ~0.3 s unloaded; generous for a busy CI machine
     assert isinstance(model, open_clip.CLIP)
     assert isinstance(model.visual, open_clip.transformer.VisionTransformer)
     assert model.visual.attn_pool is None and model.visual.pool_type == "tok"
