@@ -9,16 +9,15 @@ import json
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers.degenerate_png import write_gray_png
 from helpers.frontend_utils import REPO, subprocess_env
 from PIL import Image
 
@@ -28,16 +27,6 @@ from legrad.extract.outdir import LOCK_NAME, FolderBusyError, FolderLock, Output
 from legrad.extract.runconfig import RUN_CONFIG_NAME
 
 PROMPTS = ["a red circle", "a blue square"]
-
-
-def write_gray_png(path: Path, width: int, height: int) -> None:
-    """A valid 8-bit grayscale PNG written by hand (a 34,000,000x1 one is 33 KB: zlib squeezes the runs)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    raw = zlib.compress(b"".join(b"\x00" + b"\x80" * width for _ in range(height)), 9)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-                     + chunk(b"IDAT", raw) + chunk(b"IEND", b""))
 
 
 def _scenes(folder: Path, n: int) -> list[Path]:

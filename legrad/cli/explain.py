@@ -254,7 +254,7 @@ def _claim(lock, out_dir: Path, create: bool) -> None:
     ``create``). Raises the ValueError of :mod:`legrad.extract.outdir`."""
     from legrad.extract.outdir import prepare_output_folder
 
-    if create or out_dir.is_dir():
+    if create or os.path.lexists(out_dir):
         prepare_output_folder(out_dir)
         lock.acquire()
 
