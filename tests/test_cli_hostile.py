@@ -289,3 +289,11 @@ def test_uint64_targets_never_wrap():
     assert check_targets([np.int64(2), 5], 1, 10).dtype == torch.long
     with pytest.raises(TypeError):
         check_targets(np.array([1.5]), 1, 10)
+
+
+def test_a_prompt_given_twice_is_one_overlay_and_one_row(tmp_path, images):
+    out = tmp_path / "out"
+    b = str(images / "cat-photo.png")
+    assert main(["explain", b, "-p", "a cat", "-p", "a  cat ", "-p", "a dog", "--out", str(out), "-q"]) == 0
+    rows = _check_rows_match_overlays(out)
+    assert [r["prompt"] for r in rows] == ["a cat", "a dog"]

@@ -292,6 +292,11 @@ def _explain_all(args: argparse.Namespace, prompts: list, out_dir: Path, lock, e
         return 2
     if explainer.is_classifier:
         prompts = explainer.target_labels(text)
+    # A prompt (or class) given twice is one (image, prompt) pair: one overlay and one row.
+    first = {prompt: i for i, prompt in reversed(list(enumerate(prompts)))}
+    keep = sorted(first.values())
+    if len(keep) < len(prompts):
+        prompts, text = [prompts[i] for i in keep], text[keep]
     try:
         _claim(lock, out_dir, create=True)
         # Read again under the lock: the rows of earlier runs into this folder are kept.
