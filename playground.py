@@ -93,6 +93,17 @@ def main(argv: list[str] | None = None) -> int:
     if not 0.0 <= args.alpha <= 1.0:
         print(f"{err} --alpha must be in [0, 1], got {args.alpha}", file=sys.stderr)
         return 2
+    from legrad.extract.outdir import prepare_output_folder
+
+    try:
+        # Before any work: the figure must have somewhere to go.
+        if args.out.is_dir():
+            raise ValueError(f"--out {str(args.out)!r} is a folder; give the figure's file name, e.g. "
+                             f"{str(args.out / 'playground.png')!r}")
+        prepare_output_folder(args.out.parent, "the folder of --out")
+    except ValueError as exc:
+        print(f"{err} {exc}", file=sys.stderr)
+        return 2
 
     from legrad.frontend.classifier_models import is_classifier_name
     from legrad.frontend.explainer import Explainer

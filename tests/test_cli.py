@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from helpers.frontend_utils import PYTHON, REPO, bundled_scenes, copy_scenes, su
 from helpers.oracles import openclip_vit_oracle
 from PIL import Image
 
-from legrad.cli.explain import discover, slugify
+from legrad.cli.explain import discover, prompt_name, short_hash, slugify
 
 
 def _legrad(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -22,7 +23,14 @@ def _legrad(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 
 
 PROMPTS = ["a red circle", "A blue square?"]
-SLUGS = ["a-red-circle", "a-blue-square"]
+SLUGS = [prompt_name(p) for p in PROMPTS]  # slug and prompt hash: "a-red-circle-1d332dc4"
+
+
+def _key(path, stem=None) -> str:
+    """Output stem of an image file: its slug and the hash of its real path."""
+    import os
+
+    return f"{slugify(stem or Path(path).stem)}-{short_hash(os.path.realpath(path))}"
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +75,7 @@ def test_explain_writes_overlays_maps_and_scores(workspace, batch_run):
     for path, _ in scenes:
         rel = path.relative_to(root / "images").with_suffix("")
         for slug in SLUGS:
-            png = out / rel.parent / f"{slugify(rel.name)}__{slug}.png"
+            png = out / rel.parent / f"{_key(path)}__{slug}.png"
             with Image.open(png) as im, Image.open(path) as src:
                 assert im.format == "PNG" and im.size == src.size  # overlays at the image's own resolution
             m = np.load(png.with_suffix(".npy"))
@@ -97,7 +105,7 @@ def test_saved_maps_match_the_oracle(workspace, batch_run):
     image = LePreprocess(preprocess, 64)(Image.open(path).convert("RGB")).unsqueeze(0)
     expected = openclip_vit_oracle(model, image, text, default_layer_index("toy"))[0].numpy()
     for p, slug in enumerate(SLUGS):
-        saved = np.load(out / f"{slugify(path.stem)}__{slug}.npy")
+        saved = np.load(out / f"{_key(path)}__{slug}.npy")
         np.testing.assert_allclose(saved, expected[p], atol=2e-4)
 
 
@@ -162,7 +170,9 @@ def test_slugs_are_filesystem_safe_and_unique(tmp_path):
     (tmp_path / "a" / "notes.txt").write_text("not an image")
     items, problems = discover([str(tmp_path / "a" / "x.png"), str(tmp_path / "b" / "x.png"), str(tmp_path / "a"),
                                 str(tmp_path / "nothing-here")])
-    assert [i.key for i in items] == ["x", "x-2", "x-3"]
+    # Keys hash the real path: two x.png get two names, the same file given twice is explained once.
+    assert [i.key for i in items] == [_key(tmp_path / "a" / "x.png"), _key(tmp_path / "b" / "x.png")]
+    assert items[0].key != items[1].key and items[0].key.startswith("x-")
     assert len(problems) == 1 and "nothing-here" in problems[0]
 
 
@@ -230,7 +240,7 @@ def test_interrupted_run_leaves_only_complete_files(workspace, tmp_path):
     # scores.csv has a row for every overlay the interrupted run wrote, and for nothing else.
     rows = _scores(out)
     assert sorted(r["overlay"] for r in rows) == sorted(p.name for p in pngs)
-    assert {r["image"] for r in rows} == {str(src / f"{p.name.split('__')[0]}.png") for p in pngs}
+    assert {r["image"] for r in rows} == {str(src / f"{p.name.split('__')[0].rsplit('-', 1)[0]}.png") for p in pngs}
 
 
 def _scores(out) -> list[dict]:
@@ -269,20 +279,21 @@ def test_failing_image_costs_only_itself(workspace, batch_run, tmp_path, monkeyp
     err = [ln for ln in captured.err.splitlines() if ln.strip()]
     assert len(err) == 1 and "c.png" in err[0] and "out of memory" in err[0]
     assert "4 of 5 images explained, 1 failed" in captured.out
-    assert not list(out.glob("c__*"))
+    assert not list(out.glob("c-*__*"))
     for i, name in enumerate(names):
         if name == "c":
             continue
-        ref_stem = slugify(scenes[i % 3][0].stem)
+        ref_stem = _key(scenes[i % 3][0])
         for slug in SLUGS:
             # Same maps as the unbroken run of these scenes (a batch of 3 after the retry, or of 1).
-            np.testing.assert_allclose(np.load(out / f"{name}__{slug}.npy"), np.load(ref / f"{ref_stem}__{slug}.npy"),
-                                       atol=1e-5)
+            np.testing.assert_allclose(np.load(out / f"{_key(src / f'{name}.png')}__{slug}.npy"),
+                                       np.load(ref / f"{ref_stem}__{slug}.npy"), atol=1e-5)
     rows = _scores(out)
-    assert sorted(r["overlay"] for r in rows) == sorted(f"{n}__{s}.png" for n in names if n != "c" for s in SLUGS)
+    assert sorted(r["overlay"] for r in rows) == sorted(f"{_key(src / f'{n}.png')}__{s}.png" for n in names if n != "c"
+                                                        for s in SLUGS)
     ref_rows = {(r["image"], r["prompt"]): float(r["similarity"]) for r in _scores(ref)}
     for r in rows:
-        stem = r["overlay"].split("__")[0]
+        stem = r["overlay"].split("__")[0].rsplit("-", 1)[0]
         expected = ref_rows[(str(scenes[names.index(stem) % 3][0]), r["prompt"])]
         assert float(r["similarity"]) == pytest.approx(expected, abs=1e-5)
 

@@ -79,8 +79,13 @@ def test_damaged_outputs_are_recomputed(tmp_path, toy, scenes, reference):
 def test_changed_settings_recompute(tmp_path, toy, scenes, reference):
     out = tmp_path / "out"
     shutil.copytree(reference, out)
+    before = {n: (out / n).read_bytes() for n in npz_files(out)}
+    # Another configuration's results are not replaced unless asked (legrad-extract.json records it).
+    with pytest.raises(ValueError, match=r"another configuration \(dtype: \"float32\" -> \"float16\"\)"):
+        run(scenes, out, PROMPTS, model=toy[0], pretrained=toy[1], workers=0, dtype="float16", progress=False)
+    assert {n: (out / n).read_bytes() for n in npz_files(out)} == before
     result = run(scenes, out, PROMPTS, model=toy[0], pretrained=toy[1], workers=0, dtype="float16", limit=3,
-                 progress=False)
+                 progress=False, overwrite=True)
     assert (result.computed, result.skipped) == (2, 0)  # float32 outputs do not count for a float16 run
     assert load_output(out / manifest(out)[1]["output"])["maps"].dtype == np.float16
 

@@ -38,11 +38,15 @@ def test_cli_explain_targets(image_path, tmp_path, explainer, capsys):
                  "--target", "tiger cat", "--target", "tabby", "--size", "64x96", "--out", str(out),
                  "--save-maps", "-q"])
     assert code == 0, capsys.readouterr().err
+    from legrad.cli.explain import discover, prompt_name
+
     names = sorted(p.name for p in out.iterdir())
-    assert "cat-photo__tabby-281.png" in names and "cat-photo__tabby-281-2.png" in names
-    assert "cat-photo__tiger-cat-282.npy" in names
+    key = discover([str(image_path)])[0][0].key  # cat-photo-<hash of the path>
+    assert f"{key}__{prompt_name('tabby (281)')}.png" in names  # 281 and "tabby" are one class: one overlay
+    tiger = out / f"{key}__{prompt_name('tiger cat (282)')}.npy"
+    assert tiger.name in names and len([n for n in names if n.endswith(".png")]) == 2
     rows = list(csv.DictReader((out / "scores.csv").open()))
-    assert [r["prompt"] for r in rows] == ["tabby (281)", "tiger cat (282)", "tabby (281)"]
+    assert [r["prompt"] for r in rows] == ["tabby (281)", "tiger cat (282)"]
     # The scores are the model's own logits / softmax probabilities; the maps LeGrad's at 64x96.
     image = Image.open(image_path).convert("RGB")
     with torch.no_grad():
@@ -50,7 +54,7 @@ def test_cli_explain_targets(image_path, tmp_path, explainer, capsys):
     assert float(rows[1]["similarity"]) == pytest.approx(float(logits[282]), abs=1e-4)
     assert float(rows[1]["probability"]) == pytest.approx(float(logits.softmax(-1)[282]), abs=1e-6)
     want = explainer.explain(image, [282], size=(64, 96)).maps[0, 0].numpy()
-    assert np.allclose(np.load(out / "cat-photo__tiger-cat-282.npy"), want, atol=1e-5)
+    assert np.allclose(np.load(tiger), want, atol=1e-5)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -12,8 +12,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["SUBCOMMAND_MODULES", "build_parser", "main"]
 
@@ -57,7 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments without the program name (``sys.argv[1:]`` when None).
 
     Returns:
-        The exit status: 0 on success, 1 when something failed, 2 on a usage error, 130 if interrupted.
+        The exit status: 0 on success, 1 when something failed, 2 on a usage error, 130 if interrupted
+        (Ctrl-C), 143 if terminated (SIGTERM).
     """
     parser = build_parser()
     try:
@@ -70,8 +74,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from legrad.frontend.logs import configure_logging
 
     configure_logging(args.verbose)
+    previous = _handle_sigterm()
     try:
         return int(args._run(args) or 0)
+    except Terminated:
+        print(f"legrad {args.command}: terminated (SIGTERM); the outputs written so far are kept", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"legrad {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -80,3 +88,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the command's thread by SIGTERM (``kill``, timeouts, ``docker stop``, Slurm), so that it
+    unwinds like Ctrl-C: ``finally`` blocks record what was written (``legrad explain``'s scores.csv)."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _handle_sigterm() -> Any:
+    """Makes SIGTERM raise :class:`Terminated` while a command runs; returns the handler to restore (None if
+    this is not the main thread, where Python cannot set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    # A handler set outside Python (None from getsignal) is restored as the default.
+    return previous if previous is not None else signal.SIG_DFL

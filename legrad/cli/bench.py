@@ -53,12 +53,20 @@ curves included, as JSON.
 
 
 def _threshold(text: str) -> float | str:
+    """``'mean'`` or a number in (0, 1]: maps are min-max normalised to [0, 1] and binarised as
+    ``map >= threshold``, so 0 (or less) marks every pixel, above 1 (or NaN) none, and every method
+    would score the same."""
     if text.strip().lower() == "mean":
         return "mean"
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'mean', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] or 'mean', got {text!r}") from None
+    if not 0.0 < value <= 1.0:  # NaN fails this too
+        raise argparse.ArgumentTypeError(
+            f"expected a number in (0, 1] or 'mean', got {text!r} (maps lie in [0, 1]; outside (0, 1] every "
+            "pixel or none is foreground, and every method scores the same)")
+    return value
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -4,6 +4,7 @@ classifiers, class targets)."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
 import sys
@@ -26,11 +27,14 @@ Image classifiers (--model timm:ARCH[.TAG], torchvision:NAME, hf:REPO_OR_DIR) ta
 index or a class name from the model's metadata) instead of -p; their scores.csv similarity is the
 target's logit and probability its softmax probability over all classes.
 
-Outputs are OUT/<image>__<prompt>.png (and .npy with --save-maps: the [H, W] float32 map in [0, 1] at
-the explained size), plus OUT/scores.csv with each image-prompt similarity (rows of earlier runs into
-OUT are kept; re-explained pairs are replaced). Images found by walking a directory keep their
-sub-folder under OUT. Unreadable images, and images that cannot be explained (e.g. out of memory),
-are reported and skipped; the exit status is 1 if any image failed.
+Outputs are OUT/<image>-<hash>__<prompt>-<hash>.png (and .npy with --save-maps: the [H, W] float32 map
+in [0, 1] at the explained size), plus OUT/scores.csv with one row per overlay (image, prompt,
+similarity, probability, overlay). The hashes (of the image's real path or URL, and of the exact prompt)
+make each name stable and distinct: a later run into OUT redraws only its own pairs' overlays and
+replaces only their rows. Images found by walking a directory keep their sub-folder under OUT.
+Unreadable images, and images that cannot be explained (e.g. out of memory), are reported and skipped;
+the exit status is 1 if any image failed. One run per OUT at a time (lock file OUT/.legrad.lock); SIGTERM
+stops like Ctrl-C, keeping the rows of the overlays written (exit status 143).
 """
 
 
@@ -63,7 +67,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 @dataclass
 class _Item:
     source: str  # path or URL as given / found
-    key: str  # output path stem relative to --out, unique per run
+    key: str  # output path stem relative to --out: stable per image, distinct for distinct images
 
 
 def slugify(text: str, max_len: int = 60) -> str:
@@ -72,17 +76,32 @@ def slugify(text: str, max_len: int = 60) -> str:
     return slug[:max_len].rstrip("-")
 
 
-def _unique(name: str, used: set[str]) -> str:
-    candidate, n = name, 1
-    while candidate in used:
-        n += 1
-        candidate = f"{name}-{n}"
-    used.add(candidate)
-    return candidate
+def short_hash(text: str) -> str:
+    """8 hex digits of the SHA-256 of ``text``: what keeps two names that slug alike apart."""
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
+def prompt_name(prompt: str) -> str:
+    """The output-name part of a prompt: its slug and the hash of the exact prompt (``a-red-circle-1a2b3c4d``).
+
+    ``"a red/circle"`` and ``"a red circle"`` slug alike but get different names; a prompt always gets the
+    same name, whatever the other prompts of the run.
+    """
+    return f"{slugify(prompt, 48) or 'prompt'}-{short_hash(prompt)}"
+
+
+def image_identity(source: str) -> str:
+    """What names an image across runs: its URL, or the real absolute path of its file."""
+    return source if is_url(source) else os.path.realpath(source)
 
 
 def discover(inputs: list[str]) -> tuple[list[_Item], list[str]]:
-    """Expands the inputs to images with unique output keys.
+    """Expands the inputs to images with stable output keys.
+
+    A key is the image's slug (under its sub-folder for images found in a directory) and the hash of the
+    image's identity (:func:`image_identity`): it does not depend on the other inputs or their order, so
+    a later run into the same ``--out`` redraws an image's own overlays and never another's. An image
+    given twice (the same file by two paths) is explained once.
 
     Returns:
         ``(items, problems)``: images to process, and messages for inputs that are missing or for
@@ -93,8 +112,12 @@ def discover(inputs: list[str]) -> tuple[list[_Item], list[str]]:
     used: set[str] = set()
 
     def add(source: str, stem: str) -> None:
-        parts = [slugify(part) or "image" for part in Path(stem).parts]
-        items.append(_Item(source, _unique("/".join(parts), used)))
+        parts = [slugify(part) or "image" for part in Path(stem).parts] or ["image"]
+        parts[-1] = f"{parts[-1]}-{short_hash(image_identity(source))}"
+        key = "/".join(parts)
+        if key not in used:
+            used.add(key)
+            items.append(_Item(source, key))
 
     for raw in inputs:
         if is_url(raw):
@@ -149,7 +172,9 @@ def _release_memory(exc: BaseException) -> None:
 
 
 # What explaining one batch may raise for reasons of its images (size, memory), not of the program.
-_EXPLAIN_ERRORS = (RuntimeError, ValueError, MemoryError)  # torch.OutOfMemoryError is a RuntimeError
+# Anything: a degenerate image may overflow a size computation (OverflowError) as well as run out of memory.
+# KeyboardInterrupt and SystemExit are not Exceptions: they still stop the run.
+_EXPLAIN_ERRORS = (Exception,)
 
 
 def _explain_isolated(explainer, loaded: list, text, size, layer_index) -> list:
@@ -174,15 +199,12 @@ def _explain_isolated(explainer, loaded: list, text, size, layer_index) -> list:
 def run(args: argparse.Namespace) -> int:
     """Explains every image; returns 0 if all succeeded, 1 if any failed."""
     import numpy as np
-    from tqdm import tqdm
 
     from legrad.cli.scores import ScoresFile
+    from legrad.extract.outdir import FolderLock
     from legrad.frontend.classifier_models import is_classifier_name
-    from legrad.frontend.errors import ImageLoadError, ModelLoadError
-    from legrad.frontend.explainer import Explainer, clean_prompts, clean_targets
-    from legrad.frontend.files import atomic_writer
-    from legrad.frontend.images import load_image
-    from legrad.viz import colorize, overlay
+    from legrad.frontend.explainer import clean_prompts, clean_targets
+    from legrad.viz import colorize
 
     prog = "legrad explain"
 
@@ -210,12 +232,45 @@ def run(args: argparse.Namespace) -> int:
         error(str(exc))
         return 2
     out_dir = Path(args.out)
+    lock = FolderLock(out_dir)
     try:
-        # Read before any work: the rows of earlier runs into this folder are kept.
-        scores = ScoresFile(out_dir / "scores.csv")
+        # Before any work: a file given as --out, a read-only folder, a folder in use by another run or
+        # holding someone else's scores.csv are refused here. A new folder is created only later, once the
+        # model and settings are known to be good.
+        _claim(lock, out_dir, create=False)
+        ScoresFile(out_dir / "scores.csv")
     except ValueError as exc:
+        lock.release()
         error(str(exc))
         return 2
+    try:
+        return _explain_all(args, prompts, out_dir, lock, error)
+    finally:
+        lock.release()
+
+
+def _claim(lock, out_dir: Path, create: bool) -> None:
+    """Checks that ``out_dir`` is a writable folder and locks it for this run (only if it exists, unless
+    ``create``). Raises the ValueError of :mod:`legrad.extract.outdir`."""
+    from legrad.extract.outdir import prepare_output_folder
+
+    if create or os.path.lexists(out_dir):
+        prepare_output_folder(out_dir)
+        lock.acquire()
+
+
+def _explain_all(args: argparse.Namespace, prompts: list, out_dir: Path, lock, error) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from legrad.cli.scores import ScoresFile
+    from legrad.frontend.errors import ImageLoadError, ModelLoadError
+    from legrad.frontend.explainer import Explainer
+    from legrad.frontend.files import atomic_writer
+    from legrad.frontend.images import load_image
+    from legrad.viz import overlay
+
+    prog = "legrad explain"
     items, problems = discover(args.inputs)
     for msg in problems:
         print(f"{prog}: skipped {msg}", file=sys.stderr)
@@ -237,12 +292,20 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if explainer.is_classifier:
         prompts = explainer.target_labels(text)
+    # A prompt (or class) given twice is one (image, prompt) pair: one overlay and one row.
+    first = {prompt: i for i, prompt in reversed(list(enumerate(prompts)))}
+    keep = sorted(first.values())
+    if len(keep) < len(prompts):
+        prompts, text = [prompts[i] for i in keep], text[keep]
+    try:
+        _claim(lock, out_dir, create=True)
+        # Read again under the lock: the rows of earlier runs into this folder are kept.
+        scores = ScoresFile(out_dir / "scores.csv")
+    except ValueError as exc:
+        error(str(exc))
+        return 2
 
-    slugs: list[str] = []
-    used: set[str] = set()
-    for i, prompt in enumerate(prompts):
-        slugs.append(_unique(slugify(prompt, 48) or f"prompt{i + 1}", used))
-
+    names = [prompt_name(prompt) for prompt in prompts]
     ok = failed = written = 0
     scores_failed = False
 
@@ -263,7 +326,7 @@ def run(args: argparse.Namespace) -> int:
             for item in chunk:
                 try:
                     loaded.append((item, load_image(item.source)))
-                except (ImageLoadError, OSError, ValueError, MemoryError) as exc:
+                except Exception as exc:  # any failure of one image costs only that image
                     msg = str(exc) if isinstance(exc, ImageLoadError) else f"{item.source}: {_describe(exc)}"
                     bar.write(f"{prog}: skipped {msg}", file=sys.stderr)
                     failed += 1
@@ -275,8 +338,8 @@ def run(args: argparse.Namespace) -> int:
                     continue
                 maps, cos, prob = result
                 try:
-                    for p, (slug, prompt) in enumerate(zip(slugs, prompts)):
-                        base = out_dir / f"{item.key}__{slug}"
+                    for p, (name, prompt) in enumerate(zip(names, prompts)):
+                        base = out_dir / f"{item.key}__{name}"
                         with atomic_writer(base.with_suffix(".png")) as fh:
                             overlay(image, maps[p], alpha=args.alpha, colormap=args.colormap).save(fh, "PNG")
                         written += 1
@@ -287,7 +350,7 @@ def run(args: argparse.Namespace) -> int:
                         scores.add(item.source, prompt, float(cos[p]), float(prob[p]),
                                    base.with_suffix(".png").relative_to(out_dir).as_posix())
                     ok += 1
-                except (OSError, MemoryError, ValueError) as exc:
+                except Exception as exc:
                     bar.write(f"{prog}: failed to write outputs for {item.source}: {_describe(exc)}",
                               file=sys.stderr)
                     failed += 1
@@ -295,7 +358,7 @@ def run(args: argparse.Namespace) -> int:
             bar.update(len(chunk))
     finally:
         bar.close()
-        flush_scores()  # also on Ctrl-C: rows of the overlays written so far
+        flush_scores()  # also on Ctrl-C and SIGTERM: rows of the overlays written so far
 
     failed += len(problems)
     total = ok + failed

@@ -27,6 +27,11 @@ Outputs: OUT/<image path>.npz (maps [P, h, w] in [0, 1], prompts, similarity [P]
 input_size, config, source) and OUT/manifest.jsonl (one line per image: output, prompts, similarities, status,
 error). Rerunning the same command skips images whose output is complete and valid. Unreadable images
 are recorded in the manifest and skipped; the exit status is 1 if any image failed.
+
+One run per output folder: a second run into the same --out is refused while one is running (lock file
+OUT/.legrad.lock). OUT/legrad-extract.json records the configuration (prompts, model, weights (size and
+SHA-256 of a checkpoint file), sizes, dtype); a run with another configuration is refused unless you pass
+--overwrite. --out is checked writable before any work.
 """
 
 
@@ -63,6 +68,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16",
                    help="stored map dtype (default float16)")
     add_device_option(p, "auto (default), cpu or cuda; under torchrun each rank uses cuda:LOCAL_RANK")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow writing into an --out that holds results of another configuration (other prompts, "
+                        "model, weights, sizes or dtype), replacing them; without it such a run is refused")
     p.add_argument("--limit", type=positive_int, default=None, metavar="N",
                    help="only the first N images (try settings on a sample; rerun without it to continue)")
     add_quiet_option(p)
@@ -75,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     Under torchrun only rank 0 returns 1 for failed images (the job's exit status is still non-zero).
     """
     from legrad.extract import run as extract
-    from legrad.frontend.errors import ModelLoadError
+    from legrad.frontend.errors import ModelLoadError, one_line
 
     prog = "legrad extract"
     # Under torchrun every rank runs this; one copy of each message is enough.
@@ -85,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
             args.input, args.out, args.prompts, prompts_file=args.prompts_file, model=args.model,
             pretrained=args.pretrained, size=args.size, layer_index=args.layer_index, batch_size=args.batch_size,
             workers=args.workers, map_size=args.map_size, dtype=args.dtype, device=args.device, limit=args.limit,
-            progress=not args.quiet,
+            progress=not args.quiet, overwrite=args.overwrite,
         )
     except (TypeError, ValueError) as exc:
         if talk:
@@ -94,6 +102,9 @@ def run(args: argparse.Namespace) -> int:
     except ModelLoadError as exc:
         if talk:
             print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # e.g. the disk filled up: one line, never a traceback; rerunning resumes
+        print(f"{prog}: error: {one_line(exc, 400)}", file=sys.stderr)
         return 1
     if result.rank == 0:
         for image, error in result.failures[:10]:

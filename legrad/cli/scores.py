@@ -18,8 +18,10 @@ _MAX_BYTES = 1 << 30
 class ScoresFile:
     """The rows of ``scores.csv``: those already there, updated by this run's, written atomically.
 
-    A new row replaces an old one for the same overlay file or the same ``(image, prompt)`` pair (the
-    overlay was redrawn); all other old rows stay, since their overlays stay too.
+    A new row replaces the old one of the same overlay file (the overlay was redrawn). Old rows whose overlay
+    file is gone are dropped (they describe nothing); rows of files written before overlays were recorded
+    (no ``overlay`` column) are replaced by a new row of the same ``(image, prompt)`` pair. All other old
+    rows stay, since their overlays stay too: ``scores.csv`` describes exactly the overlays in the folder.
 
     Args:
         path: the CSV file (it need not exist).
@@ -47,7 +49,15 @@ class ScoresFile:
         if not set(_REQUIRED) <= set(header):
             raise ValueError(f"{self.path} exists but is not a legrad scores file (columns {header}, expected "
                              f"{list(COLUMNS)}); move it away or choose another --out")
-        self._old = [{c: (r.get(c) or "") for c in COLUMNS} for r in rows]
+        old = [{c: (r.get(c) or "") for c in COLUMNS} for r in rows]
+        self._old = [r for r in old if not r["overlay"] or self._exists(r["overlay"])]
+        self._dirty = len(self._old) != len(old)
+
+    def _exists(self, overlay: str) -> bool:
+        try:
+            return (self.path.parent / overlay).is_file()
+        except (OSError, ValueError):  # e.g. a name too long or with a NUL byte
+            return False
 
     def add(self, image: str, prompt: str, similarity: float, probability: float, overlay: str) -> None:
         """Records the row of one overlay (``overlay``: its path relative to the folder of ``scores.csv``)."""
@@ -59,7 +69,8 @@ class ScoresFile:
     def rows(self) -> list[dict[str, str]]:
         """The merged rows: old ones not redrawn by this run, then this run's in the order written."""
         pairs = {(r["image"], r["prompt"]) for r in self._new.values()}
-        kept = [r for r in self._old if r["overlay"] not in self._new and (r["image"], r["prompt"]) not in pairs]
+        kept = [r for r in self._old if r["overlay"] not in self._new
+                and (r["overlay"] or (r["image"], r["prompt"]) not in pairs)]
         return kept + list(self._new.values())
 
     def flush(self) -> None:

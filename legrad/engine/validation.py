@@ -175,27 +175,33 @@ def check_targets(target: Any, batch: int, num_classes: int) -> torch.Tensor:
     if isinstance(target, torch.Tensor):
         if target.is_floating_point() or target.is_complex():
             raise TypeError(f"target must be an integer tensor of class indices, got {target.dtype} (use .long())")
-        t = target.detach().to("cpu", torch.long)
+        if target.dtype == getattr(torch, "uint64", None):
+            # .long() would wrap 2**64 - 1 to -1: the exact values are checked as Python ints first.
+            t = _long_tensor(target.detach().cpu().tolist(), num_classes)
+        else:
+            t = target.detach().to("cpu", torch.long)
     elif hasattr(target, "__array__") and not isinstance(target, (str, bytes)):  # numpy arrays and scalars
-        t = torch.as_tensor(target)
-        if t.is_floating_point() or t.dtype == torch.bool:
-            raise TypeError(f"target must hold class indices (ints), got an array of {t.dtype}")
-        t = t.long()
+        kind = getattr(getattr(target, "dtype", None), "kind", None)
+        if kind not in ("i", "u") or not hasattr(target, "tolist"):
+            raise TypeError(f"target must hold class indices (ints), got an array of {getattr(target, 'dtype', '?')}")
+        t = _long_tensor(target.tolist(), num_classes)  # exact Python ints: a uint64 never wraps to -1
     elif isinstance(target, Sequence) and not isinstance(target, (str, bytes)):
         try:
-            t = torch.tensor([operator.index(c) for c in target], dtype=torch.long)
+            values = [operator.index(c) for c in target]
         except TypeError:
             raise TypeError(
                 "target must be an int, a sequence of ints or an integer tensor [P] / [B, P]; for per-image "
                 "targets pass torch.tensor([[...], [...]])"
             ) from None
+        t = _long_tensor(values, num_classes)
     else:
         try:
-            t = torch.tensor([operator.index(target)], dtype=torch.long)
+            value = operator.index(target)
         except TypeError:
             raise TypeError(
                 f"target must be an int, a sequence of ints or an integer tensor, got {type(target).__name__}"
             ) from None
+        t = _long_tensor([value], num_classes)
     if t.ndim == 0:
         t = t.reshape(1)
     if t.ndim not in (1, 2):
@@ -212,3 +218,28 @@ def check_targets(target: Any, batch: int, num_classes: int) -> torch.Tensor:
         bad = lo if lo < 0 else hi
         raise ValueError(f"target class {bad} is out of range: this model has {num_classes} classes (0..{num_classes - 1})")
     return t
+
+
+def _long_tensor(values: Any, num_classes: int) -> torch.Tensor:
+    """A LongTensor of nested lists of Python ints, after checking each lies in ``[0, num_classes)``.
+
+    Checked before the conversion: ``torch.tensor([2**70])`` fails with "Overflow when unpacking long long".
+    """
+    flat: list[Any] = []
+    stack = [values]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, (list, tuple)):
+            stack.extend(v)
+        else:
+            flat.append(v)
+    for v in flat:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"target must hold class indices (ints), got {type(v).__name__}")
+        if not 0 <= v < num_classes:
+            raise ValueError(f"target class {v} is out of range: this model has {num_classes} classes "
+                             f"(0..{num_classes - 1})")
+    try:
+        return torch.tensor(values, dtype=torch.long)
+    except (ValueError, TypeError) as exc:  # ragged nesting
+        raise ValueError(f"target must be [P] or [B, P] with rows of equal length ({exc})") from None

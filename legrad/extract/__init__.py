@@ -8,22 +8,26 @@
 
 Rerunning the same command skips every image whose ``.npz`` exists and validates (readable, same prompts,
 same settings, right shapes, same source file: size and mtime, else content hash), so an interrupted run
-continues where it stopped and a changed image is explained again. Launched by ``torchrun``
+continues where it stopped and a changed image is explained again. One run at a time holds an output folder
+(lock ``OUT/.legrad.lock``), and ``OUT/legrad-extract.json`` records the configuration of its results
+(weights identified by their SHA-256): another configuration is refused unless ``overwrite=True``. Launched by ``torchrun``
 (``WORLD_SIZE`` > 1 in the environment), each rank takes the images ``rank::world_size`` of the input
 list, uses ``cuda:LOCAL_RANK`` when CUDA is available (NCCL) or the CPU (gloo), writes its own manifest
 shard, and rank 0 merges the shards after a barrier. Per-image results do not depend on the number of
 processes (up to floating-point batching noise).
 
 Modules: :mod:`~legrad.extract.inputs` (folder, JSONL manifest, prompts file), :mod:`~legrad.extract.store`
-(the ``.npz`` layout, its validation, manifest records), :mod:`~legrad.extract.data` (DataLoader
+(the ``.npz`` layout, its validation, manifest records), :mod:`~legrad.extract.outdir` (folder lock and
+writability check), :mod:`~legrad.extract.runconfig` (the run configuration), :mod:`~legrad.extract.data` (DataLoader
 decoding), :mod:`~legrad.extract.distributed` (the process group), :mod:`~legrad.extract.compute` (prompt
 table, heatmaps per batch) and :mod:`~legrad.extract.runner` (the run loop and the manifest merge).
 """
 
 from .data import default_workers
 from .inputs import ImageTask, discover
+from .outdir import FolderBusyError, OutputFolderError
 from .runner import ExtractResult, run
 from .store import FORMAT_VERSION, MANIFEST_NAME, check_map_size, load_output, output_name
 
-__all__ = ["FORMAT_VERSION", "MANIFEST_NAME", "ExtractResult", "ImageTask", "check_map_size", "default_workers",
-           "discover", "load_output", "output_name", "run"]
+__all__ = ["FORMAT_VERSION", "MANIFEST_NAME", "ExtractResult", "FolderBusyError", "ImageTask", "OutputFolderError",
+           "check_map_size", "default_workers", "discover", "load_output", "output_name", "run"]

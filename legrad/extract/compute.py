@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,7 +18,10 @@ from ..frontend.explainer import Explainer
 from .inputs import ImageTask
 from .store import output_name, write_output
 
-__all__ = ["PROMPT_CHUNK", "PromptTable", "explain_batch", "heatmaps"]
+__all__ = ["FOLDER_ERRNOS", "PROMPT_CHUNK", "PromptTable", "explain_batch", "heatmaps"]
+
+#: Write errors of the whole output folder rather than of one file (disk full, quota, read-only).
+FOLDER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 #: Prompts per text-encoder batch.
 PROMPT_CHUNK = 256
@@ -119,7 +123,7 @@ def explain_batch(batch: dict[str, Any], todo: list[ImageTask], explainer: Expla
         maps = heatmaps(explainer.wrapper, batch["heat"].to(device, non_blocking=True), text, start, map_hw)
         maps = maps.cpu().numpy()
         sims = [(table[r.to(device)] @ emb[b]).cpu().numpy().astype(np.float32) for b, r in enumerate(rows)]
-    except (RuntimeError, ValueError, MemoryError) as exc:  # e.g. out of memory
+    except Exception as exc:  # e.g. out of memory, or an overflow of a degenerate image: one image's problem
         if len(items) > 1:
             # Each image alone: one that cannot be explained must not cost the rest of its batch.
             del exc
@@ -150,6 +154,10 @@ def explain_batch(batch: dict[str, Any], todo: list[ImageTask], explainer: Expla
         try:
             write_output(out_dir / output_name(t.key), arrays)
         except OSError as exc:
+            if exc.errno in FOLDER_ERRNOS:
+                # No later image could be written either: stop now, not after computing all of them.
+                raise OSError(exc.errno, f"could not write {output_name(t.key)} into {out_dir} "
+                              f"({exc.strerror}); free space or fix the folder, then rerun to resume") from None
             finish(t, None, f"could not write {output_name(t.key)}: {exc}")
             continue
         finish(t, sims[b].tolist(), None)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..frontend.explainer import Explainer
+from ..frontend.explainer import Explainer, clean_prompts
 from ..frontend.files import atomic_writer
 from ..frontend.models import TOY_NAME
 from ..frontend.options import parse_size
@@ -31,6 +31,8 @@ from .compute import PromptTable, explain_batch
 from .data import ImageDataset, collate, default_workers
 from .distributed import Dist
 from .inputs import ImageTask, discover, read_prompts_file
+from .outdir import FolderLock, OutputFolderError, prepare_output_folder
+from .runconfig import check_run_config, weights_identity, write_run_config
 from .store import (
     DTYPES,
     FORMAT_VERSION,
@@ -115,6 +117,7 @@ def run(
     device: str = "auto",
     limit: int | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> ExtractResult:
     """Explains every image of a folder or JSONL manifest; resumable; distributed under ``torchrun``.
 
@@ -136,13 +139,20 @@ def run(
         device: ``'auto'``, ``'cpu'`` or ``'cuda'``; under torchrun ``cuda`` means ``cuda:LOCAL_RANK``.
         limit: only the first ``limit`` images (to try settings on a sample).
         progress: show a progress bar (rank 0).
+        overwrite: allow writing into a folder holding results of another configuration (other prompts,
+            model, weights, sizes or dtype; recorded in ``OUT/legrad-extract.json``); without it such a
+            run is refused before any work.
 
     Returns:
         An :class:`ExtractResult`.
 
     Raises:
         ValueError, TypeError: bad arguments or input (before any work).
+        OutputFolderError: (a ValueError) ``out`` is not a writable folder, another run holds it
+            (:class:`~legrad.extract.outdir.FolderBusyError`), or it holds another configuration's results.
         ModelLoadError: when the model cannot be loaded.
+        OSError: when the manifest cannot be written at the end (full disk); an output file that cannot
+            be written because the disk is full or read-only also stops the run with it.
     """
     _check_options(batch_size, workers, dtype, limit)
     if workers is None:
@@ -160,7 +170,13 @@ def run(
         raise ValueError(f"--out {str(out_dir)!r} exists and is not a folder")
 
     ctx = Dist.start(device)
+    lock: FolderLock | None = None
     try:
+        # One output folder, one run: rank 0 holds the lock for the whole job; every rank learns the verdict.
+        # An existing folder is claimed before the model loads (a second run is refused at once); a new one
+        # is created only once the settings are known to be valid.
+        lock = FolderLock(out_dir)
+        _claim(ctx, lock, out_dir, create=False)
         if isinstance(model, Explainer):
             explainer = model
         elif isinstance(model, str):
@@ -171,19 +187,58 @@ def run(
         start = explainer.check_layer_index(layer_index) % explainer.wrapper.adapter.depth
         map_hw = (explainer.wrapper.adapter.grid_size(*input_hw) if map_spec == "grid"
                   else input_hw if map_spec == "input" else map_spec)
+        weights = None if isinstance(model, Explainer) else weights_identity(pretrained, out_dir)
         config = {
             "format": FORMAT_VERSION,
             "model": explainer.name if isinstance(model, Explainer) else model,
             "pretrained": None if isinstance(model, Explainer) else pretrained,
+            # Replaced weights under the same path are other weights: their outputs are not "done".
+            "weights": None if weights is None else {"size": weights["size"], "sha256": weights["sha256"]},
             "layer": start,
             "input_size": list(input_hw),
             "map_size": map_spec if isinstance(map_spec, str) else list(map_spec),
             "dtype": dtype,
         }
+        # The prompts given for every image (JSONL lines may carry their own: those are checked per image).
+        run_config = {"config": config, "prompts": clean_prompts(glob_prompts) if glob_prompts else None}
+        _claim(ctx, lock, out_dir, create=True)
+        problem = None
+        if ctx.rank == 0:
+            reason = check_run_config(out_dir, run_config, overwrite)
+            if reason is None:
+                try:
+                    write_run_config(out_dir, run_config, weights)
+                except OSError as exc:
+                    reason = f"cannot write into --out {str(out_dir)!r} ({exc.strerror or exc})"
+            problem = None if reason is None else OutputFolderError(reason)
+        _refuse_unless_all_agree(ctx, problem)
         return _extract(ctx, explainer, tasks, out_dir, config, input_hw, start, map_hw, np.dtype(DTYPES[dtype]),
                         batch_size, workers, progress)
     finally:
+        if lock is not None:
+            lock.release()
         ctx.close()
+
+
+def _claim(ctx: Dist, lock: FolderLock, out_dir: Path, create: bool) -> None:
+    """Rank 0 checks that ``out_dir`` is writable and locks it (only if it exists, unless ``create``)."""
+    problem = None
+    if ctx.rank == 0 and (create or out_dir.is_dir()):
+        try:
+            prepare_output_folder(out_dir)
+            lock.acquire()
+        except OutputFolderError as exc:
+            problem = exc
+    _refuse_unless_all_agree(ctx, problem)
+
+
+def _refuse_unless_all_agree(ctx: Dist, problem: OutputFolderError | None) -> None:
+    """Raises ``problem`` (rank 0's) on every rank if rank 0 found one, so that no rank waits for the others."""
+    refused, = ctx.reduce([int(problem is not None)], op="max")
+    if problem is not None:
+        raise problem
+    if refused:
+        raise OutputFolderError("rank 0 refused the output folder (see its message)")
 
 
 def _extract(ctx: Dist, explainer: Explainer, tasks: list[ImageTask], out_dir: Path, config: dict,

@@ -27,7 +27,7 @@ __all__ = ["DTYPES", "FORMAT_VERSION", "MANIFEST_NAME", "NPZ_KEYS", "check_map_s
 #: File name of the merged manifest inside the output folder.
 MANIFEST_NAME = "manifest.jsonl"
 #: Version of the per-image ``.npz`` layout (stored in each file's config; a mismatch means recompute).
-FORMAT_VERSION = 2  # 2: the source file's size, mtime and hash are stored (key "source")
+FORMAT_VERSION = 3  # 2: the source file's size, mtime and hash are stored (key "source"); 3: config "weights"
 #: The arrays of a per-image output, no more and no fewer: a file with other keys is recomputed.
 NPZ_KEYS = frozenset({"maps", "prompts", "similarity", "image", "image_size", "input_size", "config", "source"})
 #: Stored map dtypes by name (the ``dtype`` option).
