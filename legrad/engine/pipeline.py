@@ -3,6 +3,8 @@ baselines of :mod:`legrad.eval.baselines`).
 
 ``run(adapter, model, request, settings)``:
 
+0. ``settings.reference`` (``"1.1"``) swaps in the adapter that computes the original package's maps
+   (:func:`reference_adapter`);
 1. validation, before any work (:mod:`~legrad.engine.validation`): output size, the adapter's own
    input preparation (``adapter.prepare_inputs``: image tensors, processor outputs, NaFlex masks), text
    embeddings or class targets (by the adapter's ``scorer`` kind), prompt chunk, layer index;
@@ -12,7 +14,8 @@ baselines of :mod:`legrad.eval.baselines`).
    (or wider) compute dtype for the explained layers, inference tensors cloned into normal tensors
    (they cannot join an autograd graph), the empty prompt appended as one more prompt;
 5. ``adapter.steps()`` -> relevance summed over layers (:mod:`~legrad.engine.relevance`);
-6. correction, per-image grids, upsampling and min-max normalisation (:mod:`~legrad.engine.maps`).
+6. correction, per-image grids, upsampling and min-max normalisation (:mod:`~legrad.engine.maps`; the
+   other order for adapters with ``normalizes_on_grid``).
 
 The adapter is duck-typed (the protocol is :class:`legrad.adapters.base.TowerAdapter`): the engine
 imports no adapter module.
@@ -40,8 +43,8 @@ __all__ = ["Settings", "Request", "Prepared", "REFERENCES", "REFERENCE_FAMILIES"
 #: Releases of the original package (legrad-torch) that ``Settings.reference`` can reproduce.
 REFERENCES = ("1.1",)
 #: The towers legrad-torch 1.1 explained (with open_clip <= 2.23), for error messages.
-REFERENCE_FAMILIES = ("open_clip ViTs pooled by class token or average (CLIP), open_clip CoCa, and timm SigLIP/SigLIP2 "
-                      "towers (map pool, plain blocks, no class token, nothing after the pooler)")
+REFERENCE_FAMILIES = ("open_clip ViTs pooled by class token or average (CLIP), open_clip CoCa, and timm "
+                      "SigLIP/SigLIP2 towers (map pool, plain blocks, no class token, nothing after the pooler)")
 
 
 @dataclass(frozen=True)
