@@ -133,7 +133,7 @@ class LeWrapper:
     @property
     def reference(self) -> str | None:
         """The original release whose maps this wrapper reproduces (None: legrad's own maps)."""
-        return self._reference
+        return self.__dict__.get("_reference")  # absent from wrappers pickled before the setting existed
 
     @property
     def tokenizer(self) -> Any:
@@ -150,7 +150,7 @@ class LeWrapper:
         return pipeline.Settings(tokenizer=self._tokenizer, empty_text_embedding=self._empty_text_embedding,
                                  apply_correction=self.apply_correction,
                                  correction_threshold=self.correction_threshold, max_memory=self.max_memory,
-                                 max_tokens=self.max_tokens, reference=self._reference)
+                                 max_tokens=self.max_tokens, reference=self.reference)
 
     def __getattr__(self, name: str) -> Any:
         # Only reached when normal lookup fails, i.e. for the wrapped model's attributes.
