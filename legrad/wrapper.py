@@ -22,7 +22,7 @@ __all__ = ["LeWrapper"]
 
 # Attributes that live on the wrapper itself; everything else is the wrapped model's.
 _OWN_ATTRS = frozenset({"_model", "_adapter", "_layer_index", "_tokenizer", "_empty_text_embedding",
-                        "apply_correction", "correction_threshold", "max_memory", "max_tokens"})
+                        "apply_correction", "correction_threshold", "max_memory", "max_tokens", "_reference"})
 
 
 class LeWrapper:
@@ -50,10 +50,13 @@ class LeWrapper:
         max_memory: memory budget of one call in bytes, checked before any work against an estimate
             (see :mod:`legrad.engine.budget`); None: 80% of the memory available on the tower's device.
         max_tokens: largest number of patch tokens per image (a ValueError before any work); None: no limit.
+        reference: None (default): legrad's maps; ``"1.1"``: the maps of the original package, legrad-torch
+            1.1, where they differ (SigLIP/SigLIP2 and CoCa towers; see docs/differences.md).
 
     Raises:
         TypeError: if the image tower is not supported (the message lists the supported families).
-        ValueError: if ``layer_index`` is out of range for the tower's depth.
+        ValueError: if ``layer_index`` is out of range for the tower's depth, or ``reference`` is unknown or
+            names a release that never supported this tower.
     """
 
     def __init__(
@@ -66,6 +69,7 @@ class LeWrapper:
         correction_threshold: float | None = None,
         max_memory: float | None = None,
         max_tokens: int | None = DEFAULT_MAX_TOKENS,
+        reference: str | None = None,
     ):
         if isinstance(model, LeWrapper):  # re-wrapping keeps the inner wrapper's settings unless overridden
             inner = model
@@ -79,6 +83,7 @@ class LeWrapper:
                 correction_threshold = inner.correction_threshold
             max_memory = inner.max_memory if max_memory is None else max_memory
             max_tokens = inner.max_tokens if max_tokens == DEFAULT_MAX_TOKENS else max_tokens
+            reference = inner.reference if reference is None else reference
         if layer_index is None:
             hint = getattr(model, "legrad_layer_index", None)
             layer_index = hint if isinstance(hint, int) and not isinstance(hint, bool) else -2
@@ -90,6 +95,8 @@ class LeWrapper:
             )
         object.__setattr__(self, "_model", model)
         object.__setattr__(self, "_adapter", tower_adapter_for(model))
+        pipeline.reference_adapter(self._adapter, reference)  # fails here, not at the first call
+        object.__setattr__(self, "_reference", reference)
         object.__setattr__(self, "_tokenizer", tokenizer)
         object.__setattr__(self, "_empty_text_embedding", empty_text_embedding)
         object.__setattr__(self, "apply_correction", bool(apply_correction))
@@ -124,6 +131,11 @@ class LeWrapper:
         object.__setattr__(self, "_layer_index", check_layer_index(value, self._adapter.depth))
 
     @property
+    def reference(self) -> str | None:
+        """The original release whose maps this wrapper reproduces (None: legrad's own maps)."""
+        return self.__dict__.get("_reference")  # absent from wrappers pickled before the setting existed
+
+    @property
     def tokenizer(self) -> Any:
         """Tokenizer of the correction's empty prompt (None if not given)."""
         return self._tokenizer
@@ -138,7 +150,7 @@ class LeWrapper:
         return pipeline.Settings(tokenizer=self._tokenizer, empty_text_embedding=self._empty_text_embedding,
                                  apply_correction=self.apply_correction,
                                  correction_threshold=self.correction_threshold, max_memory=self.max_memory,
-                                 max_tokens=self.max_tokens)
+                                 max_tokens=self.max_tokens, reference=self.reference)
 
     def __getattr__(self, name: str) -> Any:
         # Only reached when normal lookup fails, i.e. for the wrapped model's attributes.

@@ -33,3 +33,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if any(item.get_closest_marker(kind) for kind in HEAVY_KINDS) and not item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.slow)
+
+
+# Parity with the original package needs it installed in a side folder: .ci/run's legrad-torch step builds
+# one and runs that file with LEGRAD_TORCH_1_1 set (docs/development.md); elsewhere it is not collected.
+collect_ignore = [] if os.environ.get("LEGRAD_TORCH_1_1") else ["test_reference_parity.py"]

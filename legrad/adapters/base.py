@@ -56,6 +56,9 @@ class TowerAdapter:
     scorer: ClassVar[str] = "cosine"
     #: Whether images of one batch may have different grids (maps then come back as a list).
     variable_grids: ClassVar[bool] = False
+    #: Whether maps are min-max normalised on the patch grid before upsampling (only legrad-torch 1.1's
+    #: SigLIP maps, see :meth:`for_reference`); legrad upsamples, then normalises.
+    normalizes_on_grid: ClassVar[bool] = False
 
     def __init__(self, visual: nn.Module):
         self.visual = visual
@@ -203,6 +206,20 @@ class TowerAdapter:
         if self.pools_by_average or num_prefix_tokens == 0:
             return mat[:, num_prefix_tokens:].mean(1)
         return mat[:, 0]
+
+    def for_reference(self, reference: str) -> TowerAdapter | None:
+        """An adapter computing the original package's maps (``LeWrapper(reference=...)``) for this tower.
+
+        Args:
+            reference: a release of legrad-torch (``"1.1"``).
+
+        Returns:
+            The adapter (``self`` where the two agree), or None if the original never supported the family.
+
+        Raises:
+            ValueError: if the family was supported but this tower has something the original never handled.
+        """
+        return None
 
     def steps(self, image: ModelInput, start: int, compute_dtype: torch.dtype) -> Iterator[LayerStep]:
         """Runs the tower once and yields one :class:`LayerStep` per block from ``start`` to the last.

@@ -12,7 +12,7 @@ from ..ops.functional import apply_module, param
 from ..ops.posembed import resampled_embedding
 from .base import LayerStep, TowerAdapter
 
-__all__ = ["OpenClipViTAdapter", "OpenClipCoCaAdapter"]
+__all__ = ["OpenClipViTAdapter", "OpenClipCoCaAdapter", "CoCaReferenceAdapter"]
 
 
 def _block_attention(blk: nn.Module) -> AttentionOps:
@@ -61,6 +61,14 @@ class OpenClipViTAdapter(TowerAdapter):
             if isinstance(model, CoCa):  # a CoCa model whose image tower pools by CLS token (coca_base)
                 adapter.entry_points = (*adapter.entry_points, "compute_legrad_coca")
         return adapter
+
+    def for_reference(self, reference):
+        # legrad-torch 1.1 explains these towers exactly as legrad does (same feature, same order of
+        # upsampling and normalisation), one image per call; only its projection is mandatory.
+        if self.visual.proj is None:
+            raise ValueError(f"reference={reference!r}: legrad-torch {reference} projects each layer's feature with the "
+                             "tower's proj, which this tower does not have; drop reference= to get legrad's maps")
+        return self
 
     @property
     def depth(self):
@@ -205,6 +213,11 @@ class OpenClipCoCaAdapter(OpenClipViTAdapter):
     def uses_attention_pooler(self):
         return True
 
+    def for_reference(self, reference):
+        if self.visual.proj is None:
+            super().for_reference(reference)  # raises: the original needs the projection
+        return CoCaReferenceAdapter(self.visual)
+
     def _pool_attention(self, z: torch.Tensor):
         """Pooler queries (contrastive rows only), keys and values on block output ``z``: ``(ops, q, k, v)``."""
         vis = self.visual
@@ -213,7 +226,7 @@ class OpenClipCoCaAdapter(OpenClipViTAdapter):
         keys = apply_module(pool.ln_k, z)
         queries = apply_module(pool.ln_q, param(pool.query, keys.dtype))
         # ln_post and the projection act per query, so only the contrastive query rows are computed.
-        rows = queries[:1] if vis.pool_type == "tok" else queries[1:]
+        rows = queries[:1] if vis.pool_type == "tok" or self.reference_query_zero else queries[1:]
         q, k, v = ops.qkv(rows.unsqueeze(0).expand(keys.shape[0], -1, -1), keys)
         return ops, q, k, v
 
@@ -244,3 +257,25 @@ class OpenClipCoCaAdapter(OpenClipViTAdapter):
 
     # The parent's traced forward pools by CLS token; CoCa's is not offered (gradient baselines refuse CoCa).
     trace_tokens = TowerAdapter.trace_tokens
+    #: Whether the explained query is always query 0 (legrad-torch 1.1), whatever ``pool_type`` says.
+    reference_query_zero = False
+
+
+class CoCaReferenceAdapter(OpenClipCoCaAdapter):
+    """legrad-torch 1.1's CoCa maps (``LeWrapper(reference="1.1")``).
+
+    Layer feature: ``pooler(block l's output)[:, 0] @ proj``, without the ``ln_post`` that the model
+    applies after the pooler, scored by a plain dot product with the text embedding (the feature is
+    not L2-normalised); the gradient is taken w.r.t. the pooler's attention of query 0.
+    """
+
+    family = "open_clip VisionTransformer + attentional pooler (CoCa), as legrad-torch 1.1 explains it"
+    scorer = "dot"
+    reference_query_zero = True
+
+    def for_reference(self, reference):
+        return self
+
+    def _pool_output(self, ops: AttentionOps, o: torch.Tensor) -> torch.Tensor:
+        y = ops.out(o)[:, 0]
+        return y @ param(self.visual.proj, y.dtype)

@@ -42,12 +42,13 @@ from .timm_blocks import (
     is_exact,
     mlp_final,
     mlp_kind,
+    reference_problem,
     rel_pos_mlp_bias,
     rope_table,
     trunk_problem,
 )
 
-__all__ = ["TimmViTAdapter", "TimmMapAdapter", "timm_config_support"]
+__all__ = ["TimmViTAdapter", "TimmMapAdapter", "TimmMapReferenceAdapter", "timm_config_support"]
 
 # timm model modules whose entry points build one of the trunks above.
 _TIMM_MODULES = frozenset({
@@ -343,10 +344,22 @@ class TimmMapAdapter(_TimmTowerAdapter):
     def uses_attention_pooler(self):
         return True
 
+    def for_reference(self, reference):
+        if self.scorer != "cosine":  # timm classifiers share this class; the original never explained them
+            return None
+        problem = reference_problem(self.visual)
+        if problem is not None:
+            raise ValueError(f"reference={reference!r}: legrad-torch {reference} never explained this tower: {problem}; "
+                             "drop reference= to get legrad's maps")
+        return TimmMapReferenceAdapter(self.visual)
+
+    #: Whether the pooler sees the trunk's final ``norm`` of the block output (the model's own forward).
+    pool_after_norm = True
+
     def _pool_keys(self, z: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Tokens the pooler attends to and how many of them are prefix tokens."""
         t = self.trunk
-        x = apply_module(t.norm, z)
+        x = apply_module(t.norm, z) if self.pool_after_norm else z
         npt = self.num_prefix_tokens
         # timm's VisionTransformer hides prefix tokens from the pooler unless pool_include_prefix; Eva does not.
         if hasattr(t, "pool_include_prefix") and not t.pool_include_prefix:
@@ -399,3 +412,19 @@ class TimmMapAdapter(_TimmTowerAdapter):
             blk, bias = blocks[i]
             x = blk.forward(x, rope, bias)
             yield self.pooler_step(i, x)
+
+
+class TimmMapReferenceAdapter(TimmMapAdapter):
+    """legrad-torch 1.1's maps of SigLIP/SigLIP2 towers (``LeWrapper(reference="1.1")``).
+
+    The pooler runs on block ``l``'s raw output, without the trunk's final ``norm`` that the model's
+    own forward applies first; the summed (and corrected) patch grid is min-max normalised before it
+    is upsampled, and not normalised again.
+    """
+
+    family = "timm attention-pooled (map: SigLIP, SigLIP2), as legrad-torch 1.1 explains it"
+    normalizes_on_grid = True
+    pool_after_norm = False
+
+    def for_reference(self, reference):
+        return self

@@ -24,8 +24,8 @@ from ..ops.functional import apply_module, linear, param
 
 __all__ = [
     "TRUNKS", "PATCH_EMBED", "TIMM_MODEL", "TimmBlock", "eval_view", "is_exact", "mlp_kind", "mlp_hidden",
-    "mlp_final", "apply_mlp", "apply_head_module", "trunk_problem", "head_problem", "rope_table",
-    "rel_pos_mlp_bias",
+    "mlp_final", "apply_mlp", "apply_head_module", "trunk_problem", "head_problem", "reference_problem",
+    "rope_table", "rel_pos_mlp_bias",
 ]
 
 TRUNKS = (
@@ -258,6 +258,32 @@ def head_problem(head: nn.Module) -> str | None:
         if isinstance(child, (nn.Dropout, nn.Linear, nn.Identity)) or mlp_kind(child) is not None:
             continue
         return f"open_clip timm head layer {type(child).__name__} is not supported"
+    return None
+
+
+def reference_problem(visual: nn.Module) -> str | None:
+    """Why legrad-torch 1.1 never explained this ``map``-pooled open_clip timm tower (None when it did).
+
+    The original re-ran each block with a plain pre-norm block forward, fed its raw output to the
+    pooler and scored the pooler's output (one latent query) directly, and shaped the map as a square
+    grid of all tokens: so it handled timm ``VisionTransformer`` trunks of plain ``Block`` s, without
+    prefix tokens and with nothing after the pooler (SigLIP, SigLIP2).
+    """
+    if not is_exact(visual, TIMM_MODEL):
+        return f"{type(visual).__name__} is not an open_clip TimmModel"
+    trunk = visual.trunk
+    if not is_exact(trunk, TRUNKS[:1]):
+        return f"its trunk is timm {type(trunk).__name__}, not VisionTransformer"
+    if not all(is_exact(blk, _PRE_NORM_BLOCKS[:1]) for blk in trunk.blocks):
+        return "its blocks are not all timm's plain Block"
+    if int(getattr(trunk, "num_prefix_tokens", 0)):
+        return "it has prefix (class/register) tokens"
+    if trunk.attn_pool.latent_len != 1:
+        return f"its pooler has {trunk.attn_pool.latent_len} latent queries, not one"
+    after = [m for m in (trunk.fc_norm, trunk.head, *visual.head.children())
+             if not isinstance(m, (nn.Identity, nn.Dropout))]
+    if after:
+        return f"layers follow the pooler ({', '.join(type(m).__name__ for m in after)}), which the original skipped"
     return None
 
 

@@ -34,20 +34,26 @@ def min_max(maps: torch.Tensor) -> torch.Tensor:
 
 
 def _finish(rel: torch.Tensor, grid: tuple[int, int], size: tuple[int, int], output_size: str | tuple[int, int] | None,
-            work: torch.dtype, correct: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+            work: torch.dtype, correct: Callable[[torch.Tensor], torch.Tensor] | None,
+            normalize_on_grid: bool) -> torch.Tensor:
     gh, gw = grid
     rel = rel[..., : gh * gw]  # the image's own patches; padding (NaFlex) is dropped
     if correct is not None:
         rel = correct(rel)
     maps = rel.reshape(rel.shape[0], rel.shape[1], gh, gw).to(work)
+    if normalize_on_grid:
+        maps = min_max(maps)
     if output_size != "grid":
         maps = upsample(maps, size if output_size is None else output_size)
-    return min_max(maps)
+    # Bilinear upsampling keeps a normalised grid in [0, 1] but rarely reaches 0 and 1 (interior grid
+    # values are never sampled exactly): normalising on the grid is a different map, not a shortcut.
+    return maps if normalize_on_grid else min_max(maps)
 
 
 def grid_maps(rel: torch.Tensor, grids: Sequence[tuple[int, int]], sizes: Sequence[tuple[int, int]],
               output_size: str | tuple[int, int] | None = None, *, work_dtype: torch.dtype | None = torch.float32,
-              correct: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor | list[torch.Tensor]:
+              correct: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              normalize_on_grid: bool = False) -> torch.Tensor | list[torch.Tensor]:
     """Heatmaps from relevance on the patch grids of a batch.
 
     Args:
@@ -58,6 +64,8 @@ def grid_maps(rel: torch.Tensor, grids: Sequence[tuple[int, int]], sizes: Sequen
         work_dtype: dtype of upsampling and normalisation (None: ``rel``'s dtype promoted to float32).
         correct: optional ``[b, P, n] -> [b, P', n]`` applied on each image's patch columns before
             upsampling (the empty-prompt correction).
+        normalize_on_grid: min-max normalise the patch grid and upsample that, without normalising
+            again (legrad-torch 1.1's order on SigLIP towers); default: upsample, then normalise.
 
     Returns:
         ``[B, P, H, W]`` float32 maps in [0, 1] when every image has the same grid and size, otherwise
@@ -65,8 +73,8 @@ def grid_maps(rel: torch.Tensor, grids: Sequence[tuple[int, int]], sizes: Sequen
     """
     work = torch.promote_types(rel.dtype, torch.float32) if work_dtype is None else work_dtype
     if len(set(grids)) == 1 and len(set(sizes)) == 1:
-        return _finish(rel, grids[0], sizes[0], output_size, work, correct).float()
-    maps = [_finish(rel[b : b + 1], grids[b], sizes[b], output_size, work, correct)[0].float()
+        return _finish(rel, grids[0], sizes[0], output_size, work, correct, normalize_on_grid).float()
+    maps = [_finish(rel[b : b + 1], grids[b], sizes[b], output_size, work, correct, normalize_on_grid)[0].float()
             for b in range(rel.shape[0])]
     if len({tuple(m.shape) for m in maps}) == 1:
         return torch.stack(maps)

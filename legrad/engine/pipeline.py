@@ -3,6 +3,8 @@ baselines of :mod:`legrad.eval.baselines`).
 
 ``run(adapter, model, request, settings)``:
 
+0. ``settings.reference`` (``"1.1"``) swaps in the adapter that computes the original package's maps
+   (:func:`reference_adapter`);
 1. validation, before any work (:mod:`~legrad.engine.validation`): output size, the adapter's own
    input preparation (``adapter.prepare_inputs``: image tensors, processor outputs, NaFlex masks), text
    embeddings or class targets (by the adapter's ``scorer`` kind), prompt chunk, layer index;
@@ -12,7 +14,8 @@ baselines of :mod:`legrad.eval.baselines`).
    (or wider) compute dtype for the explained layers, inference tensors cloned into normal tensors
    (they cannot join an autograd graph), the empty prompt appended as one more prompt;
 5. ``adapter.steps()`` -> relevance summed over layers (:mod:`~legrad.engine.relevance`);
-6. correction, per-image grids, upsampling and min-max normalisation (:mod:`~legrad.engine.maps`).
+6. correction, per-image grids, upsampling and min-max normalisation (:mod:`~legrad.engine.maps`; the
+   other order for adapters with ``normalizes_on_grid``).
 
 The adapter is duck-typed (the protocol is :class:`legrad.adapters.base.TowerAdapter`): the engine
 imports no adapter module.
@@ -34,7 +37,14 @@ from .relevance import accumulate_relevance
 from .step import ImageBatch, ModelInput, Scorer, scorer_for
 from .validation import check_layer_index, check_output_size, check_prompt_chunk, check_targets, check_text
 
-__all__ = ["Settings", "Request", "Prepared", "compute_dtype_for", "prepare", "relevance", "finish", "run"]
+__all__ = ["Settings", "Request", "Prepared", "REFERENCES", "REFERENCE_FAMILIES", "reference_adapter", "compute_dtype_for",
+           "prepare", "relevance", "finish", "run"]
+
+#: Releases of the original package (legrad-torch) that ``Settings.reference`` can reproduce.
+REFERENCES = ("1.1",)
+#: The towers legrad-torch 1.1 explained (with open_clip <= 2.23), for error messages.
+REFERENCE_FAMILIES = ("open_clip ViTs pooled by class token or average (CLIP), open_clip CoCa, and timm "
+                      "SigLIP/SigLIP2 towers (map pool, plain blocks, no class token, nothing after the pooler)")
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,32 @@ class Settings:
     correction_threshold: float = 0.8
     max_memory: float | None = None
     max_tokens: int | None = DEFAULT_MAX_TOKENS
+    #: None: legrad's maps; ``"1.1"``: legrad-torch 1.1's (see :func:`reference_adapter`).
+    reference: str | None = None
+
+
+def reference_adapter(adapter: Any, reference: str | None) -> Any:
+    """The adapter that computes ``reference``'s maps for ``adapter``'s tower (``adapter`` itself for None).
+
+    Families declare what the original computed through ``adapter.for_reference(reference)`` (None when
+    the original never supported them).
+
+    Raises:
+        ValueError: for an unknown reference, or a tower the original never supported.
+    """
+    if reference is None:
+        return adapter
+    if not isinstance(reference, str) or reference not in REFERENCES:
+        raise ValueError(f"reference must be None (legrad's maps) or one of {list(REFERENCES)} (the original "
+                         f"package legrad-torch's maps), got {reference!r}")
+    make = getattr(adapter, "for_reference", None)
+    ref = make(reference) if make is not None else None
+    if ref is None:
+        raise ValueError(
+            f"reference={reference!r} reproduces legrad-torch {reference}, which supported only {REFERENCE_FAMILIES}; "
+            f"this model's tower ({adapter.family}) was never supported by it: drop reference= to get legrad's maps"
+        )
+    return ref
 
 
 @dataclass(frozen=True)
@@ -91,6 +127,8 @@ class Prepared:
         threshold: the empty-prompt correction's threshold, None when it does not apply.
         output_size, prompt_chunk: as requested.
         scorer: how a layer's feature is scored against ``prompts``.
+        normalize_on_grid: min-max normalise on the patch grid before upsampling (legrad-torch 1.1's
+            SigLIP maps, ``adapter.normalizes_on_grid``).
     """
 
     adapter: Any
@@ -104,6 +142,7 @@ class Prepared:
     output_size: str | tuple[int, int] | None
     prompt_chunk: int | None
     scorer: Scorer
+    normalize_on_grid: bool = False
 
 
 def compute_dtype_for(param_dtype: torch.dtype) -> torch.dtype:
@@ -162,6 +201,7 @@ def prepare(adapter: Any, model: nn.Module, request: Request, settings: Settings
         TypeError, ValueError: on invalid inputs, before any work.
         legrad.engine.budget.MemoryBudgetError: if the call would not fit its memory budget.
     """
+    adapter = reference_adapter(adapter, settings.reference)
     _check_kind(adapter, request)
     output_size = check_output_size(request.output_size)
     batch = adapter.prepare_inputs(request.image, **request.inputs)
@@ -199,7 +239,8 @@ def prepare(adapter: Any, model: nn.Module, request: Request, settings: Settings
     return Prepared(adapter=adapter, batch=ImageBatch(pixels, batch.grids, batch.sizes, batch.tokens), prompts=txt,
                     num_prompts=num_prompts, start=start, compute_dtype=dtype, out_device=out_device,
                     threshold=threshold if empty is not None else None, output_size=output_size,
-                    prompt_chunk=prompt_chunk, scorer=scorer_for(adapter.scorer))
+                    prompt_chunk=prompt_chunk, scorer=scorer_for(adapter.scorer),
+                    normalize_on_grid=bool(getattr(adapter, "normalizes_on_grid", False)))
 
 
 def relevance(call: Prepared) -> torch.Tensor:
@@ -229,7 +270,7 @@ def finish(call: Prepared, rel: torch.Tensor, *, work_dtype: torch.dtype | None 
 
     with torch.inference_mode(False), torch.no_grad():
         maps = grid_maps(rel, call.batch.grids, call.batch.sizes, call.output_size, work_dtype=work_dtype,
-                         correct=correct if threshold is not None else None)
+                         correct=correct if threshold is not None else None, normalize_on_grid=call.normalize_on_grid)
     if isinstance(maps, list):
         return [m.to(call.out_device) for m in maps]
     return maps.to(call.out_device)

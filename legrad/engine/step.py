@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LayerStep", "ImageBatch", "Scorer", "cosine_scores", "logit_scores", "scorer_for"]
+__all__ = ["LayerStep", "ImageBatch", "Scorer", "cosine_scores", "dot_scores", "logit_scores", "scorer_for"]
 
 
 @dataclass
@@ -116,6 +116,15 @@ def cosine_scores(feature: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     return torch.einsum("be,bpe->bp", f, text)
 
 
+def dot_scores(feature: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """Plain dot products ``[B, P]`` of un-normalised image features ``[B, E]`` with text ``[P, E]``/``[B, P, E]``
+    (legrad-torch 1.1's CoCa score, see ``LeWrapper(reference="1.1")``)."""
+    text = text.to(feature.dtype)
+    if text.ndim == 2:
+        return feature @ text.t()
+    return torch.einsum("be,bpe->bp", feature, text)
+
+
 def logit_scores(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Target logits ``[B, P]`` from layer logits ``[B, K]`` and class indices ``[P]`` or ``[B, P]``."""
     target = target.to(logits.device)
@@ -124,11 +133,11 @@ def logit_scores(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return logits.gather(1, target)
 
 
-_SCORERS: dict[str, Scorer] = {"cosine": cosine_scores, "logit": logit_scores}
+_SCORERS: dict[str, Scorer] = {"cosine": cosine_scores, "dot": dot_scores, "logit": logit_scores}
 
 
 def scorer_for(kind: str) -> Scorer:
-    """The scorer of an adapter's ``scorer`` kind (``"cosine"`` or ``"logit"``)."""
+    """The scorer of an adapter's ``scorer`` kind (``"cosine"``, ``"dot"`` or ``"logit"``)."""
     try:
         return _SCORERS[kind]
     except KeyError:
