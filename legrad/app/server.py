@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import inspect
 import math
 import os
@@ -109,9 +110,7 @@ def serve(args: argparse.Namespace, prog: str = "app.py") -> int:
     extra_labels = SETTINGS.extra_labels
     # Set before gradio is imported: no usage analytics calls from an offline demo.
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("gradio") is None:
         print(f"{prog}: error: {GRADIO_MISSING_MSG}", file=sys.stderr)
         return 1
     from .page import CSS, build_demo
