@@ -20,6 +20,8 @@ from collections.abc import Iterator
 
 __all__ = ["RequestTimeoutError", "deadline", "check_deadline", "time_left"]
 
+# The clock deadlines are measured on (tests substitute a fake one).
+_clock = time.monotonic
 # (monotonic end time, the limit in seconds as given) of the innermost active deadline.
 _DEADLINE: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar("legrad_deadline",
                                                                                         default=None)
@@ -56,7 +58,7 @@ def deadline(seconds: float | None) -> Iterator[None]:
     seconds = float(seconds)
     if not (math.isfinite(seconds) and seconds > 0):
         raise ValueError(f"a time limit must be a positive number of seconds, got {seconds!r}")
-    end = time.monotonic() + seconds
+    end = _clock() + seconds
     outer = _DEADLINE.get()
     token = _DEADLINE.set(outer if outer is not None and outer[0] <= end else (end, seconds))
     try:
@@ -68,7 +70,7 @@ def deadline(seconds: float | None) -> Iterator[None]:
 def time_left() -> float | None:
     """Seconds left before the active deadline (negative once past it); None when there is none."""
     active = _DEADLINE.get()
-    return None if active is None else active[0] - time.monotonic()
+    return None if active is None else active[0] - _clock()
 
 
 def check_deadline() -> None:
@@ -78,5 +80,5 @@ def check_deadline() -> None:
         RequestTimeoutError: past the deadline.
     """
     active = _DEADLINE.get()
-    if active is not None and time.monotonic() > active[0]:
+    if active is not None and _clock() > active[0]:
         raise RequestTimeoutError(active[1])
