@@ -32,8 +32,6 @@ from PIL import Image
 
 pytest.importorskip("gradio", reason="gradio not installed (pip install -e '.[app]')")
 
-pytestmark = pytest.mark.subprocess
-
 TOY = "toy: bundled demo model (offline)"
 UPLOAD_ONLY = "**Error:** the image field takes only images uploaded to this page (or its examples); upload the image"
 STARTUP_S = 300
@@ -119,6 +117,45 @@ class Server:
         return event, data
 
 
+def test_gradio_downloads_no_url_given_as_the_image_value(monkeypatch):
+    """With Gradio's ``meta`` marker, a URL path is downloaded by Gradio itself before any app code runs
+    (Gradio refuses private addresses, not public ones); the app's image field switches that off."""
+    import asyncio
+
+    import gradio as gr
+    from gradio import processing_utils
+
+    from legrad.app.page import build_demo
+    from legrad.frontend.app_requests import SETTINGS
+
+    downloads = []
+
+    async def fake_download(url, *args, **kwargs):
+        downloads.append(url)
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(processing_utils, "async_ssrf_protected_download", fake_download)
+    monkeypatch.setattr(processing_utils, "save_url_to_cache", lambda url, *a, **k: downloads.append(url))
+    for name in ("upload_dirs", "example_files"):  # build_demo sets them; restored after the test
+        monkeypatch.setattr(SETTINGS, name, getattr(SETTINGS, name))
+    url = "https://images.example.com/cat.png"
+    value = {"path": url, "meta": {"_type": "gradio.FileData"}}
+    # The control: a plain Gradio image component downloads it.
+    with pytest.raises(OSError):
+        asyncio.run(processing_utils.async_move_files_to_cache(value, gr.Image(), check_in_upload_folder=True))
+    assert downloads == [url]
+    downloads.clear()
+    demo = build_demo()
+    image = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "image")
+    for upper in (url, url.upper()):
+        with pytest.raises(gr.Error):
+            asyncio.run(processing_utils.async_move_files_to_cache({**value, "path": upper}, image,
+                                                                   check_in_upload_folder=True))
+        with pytest.raises(gr.Error):
+            image.move_resource_to_block_cache(upper)
+    assert downloads == []
+
+
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     work = tmp_path_factory.mktemp("app_api")
@@ -144,6 +181,7 @@ def _file(path) -> dict:
     return {"path": str(path), "meta": {"_type": "gradio.FileData"}}
 
 
+@pytest.mark.subprocess
 def test_uploads_are_explained(servers):
     default, _ = servers
     path = default.upload(_png())
@@ -165,6 +203,7 @@ def secrets(tmp_path):
             "passwd": Path("/etc/passwd")}
 
 
+@pytest.mark.subprocess
 def test_server_files_are_never_read_through_the_image_field(servers, secrets):
     default, _ = servers
     # A link inside Gradio's upload folder pointing out of it, and a `..` escape from it.
@@ -223,6 +262,7 @@ def loopback_png():
         httpd.server_close()
 
 
+@pytest.mark.subprocess
 def test_no_loopback_fetch_whatever_the_flags_and_environment(servers, loopback_png):
     url, hits = loopback_png
     port = url.split(":")[2].split("/")[0]
@@ -239,6 +279,7 @@ def test_no_loopback_fetch_whatever_the_flags_and_environment(servers, loopback_
     assert hits == ["/scene.png"]  # ...but only to this test, never to the apps
 
 
+@pytest.mark.subprocess
 def test_degenerate_image_is_refused_fast_and_small(servers):
     default, _ = servers
     for size in ((300_000, 1), (1, 300_000)):
@@ -256,6 +297,7 @@ def test_degenerate_image_is_refused_fast_and_small(servers):
         assert default.peak_rss() - before < 2**30
 
 
+@pytest.mark.subprocess
 def test_time_limit_stops_a_maximal_request_with_an_honest_message(servers):
     _, limited = servers
     path = limited.upload(_png((512, 512)))

@@ -1,8 +1,9 @@
 """The demo app's Gradio page: components, examples, events and the queue (gradio imported lazily, here only).
 
 What a request does is :func:`legrad.frontend.app_requests.predict`; this module wires it to the page
-and locks down the one input Gradio does not check for us: its image field's API value (see
-:func:`upload_path`).
+and locks down the one input Gradio does not check for us, the image field's API value: every value
+is checked on its real path (:func:`upload_path`), and Gradio's own download of a URL value is
+switched off for that field.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from ..frontend.app_requests import (
     SETTINGS,
+    UPLOAD_ONLY_MSG,
     checked_upload,
     default_layer_for,
     model_labels,
@@ -74,6 +76,31 @@ def upload_path(payload: Any) -> Any:
         return checked_upload(payload, SETTINGS)
     except ValueError:
         return _REFUSED
+
+
+def _no_downloads(image: Any, gr: Any) -> None:
+    """Keeps Gradio from downloading a URL given as the image field's value (with its ``meta`` marker,
+    Gradio fetches an ``http(s)`` path into its cache before any of our code runs): the app makes no
+    outgoing connection for a visitor; URLs go through the "URL / path" box under ``--allow-urls``."""
+    from ..frontend.fetch import is_url
+
+    def refuse_urls(value: Any) -> None:
+        text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else ""
+        if is_url(text) or "://" in text:
+            raise gr.Error(UPLOAD_ONLY_MSG)
+
+    move, async_move = image.move_resource_to_block_cache, image.async_move_resource_to_block_cache
+
+    def move_resource_to_block_cache(url_or_file_path: Any) -> str | None:
+        refuse_urls(url_or_file_path)
+        return move(url_or_file_path)
+
+    async def async_move_resource_to_block_cache(url_or_file_path: Any) -> str | None:
+        refuse_urls(url_or_file_path)
+        return await async_move(url_or_file_path)
+
+    image.move_resource_to_block_cache = move_resource_to_block_cache
+    image.async_move_resource_to_block_cache = async_move_resource_to_block_cache
 
 
 def upload_folders() -> tuple[str, ...]:
@@ -149,6 +176,7 @@ def build_demo(initial_model: str | None = None, initial_prompts: str = "", conc
                 image = gr.Image(type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"],
                                  elem_id="image")
                 image.preprocess = upload_path
+                _no_downloads(image, gr)
                 hint = " or ".join((["https://..."] if SETTINGS.allow_urls else [])
                                    + (["a file name in the shared folder"] if SETTINGS.allowed_dirs else []))
                 source = gr.Textbox(label="...or an image URL / path", placeholder=hint, elem_id="image-source",
