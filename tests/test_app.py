@@ -422,6 +422,15 @@ def test_browser_end_to_end(tmp_path, scenes):
                 # Every example's prompt list is shown in full (Gradio cuts longer texts with "...").
                 cells = page.locator("td.textbox").all_inner_texts()
                 assert cells and not any(c.strip().endswith("...") for c in cells), cells
+                # A bundled example is explained too (the image field reads only uploads and examples).
+                page.locator("tbody tr").first.click()
+                # The upload's prompts are one per line; the example's are comma-separated.
+                page.wait_for_function("document.querySelector('#prompts textarea').value.includes(',')")
+                n = len(page.locator("#prompts textarea").input_value().split(","))
+                assert n > len(prompts)  # its overlays cannot be mistaken for the upload's
+                page.locator("#explain").click()
+                page.wait_for_function(f"document.querySelectorAll('#gallery img').length == {n}", timeout=120_000)
+                assert "best match" in page.locator("#status").inner_text()
                 # No server path / URL box unless the operator allows one.
                 assert page.locator("#image-source").count() == 0 or not page.locator("#image-source").is_visible()
             finally:
