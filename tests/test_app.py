@@ -296,10 +296,11 @@ def test_explainer_token_limit(app):
         Explainer(base.wrapper, base.preprocess, base.tokenizer, max_tokens=0)
 
 
-def test_uploads_are_read_with_limits_and_never_named(app, scenes, tmp_path):
-    # Gradio hands predict the path of its cached upload.
+def test_uploads_are_read_with_limits_and_never_named(app, scenes, tmp_path, monkeypatch):
+    # Gradio hands predict the path of its cached upload (inside its upload folder).
     upload_dir = tmp_path / "gradio" / "0123abcd"
     upload_dir.mkdir(parents=True)
+    monkeypatch.setattr(app.SETTINGS, "upload_dirs", (os.path.realpath(tmp_path / "gradio"),))
     bad = upload_dir / "photo.png"
     bad.write_bytes(b"\x89PNG but not really")
     _, status = _ask(app, scenes, image=str(bad))
@@ -329,16 +330,21 @@ def test_overlays_are_drawn_at_a_bounded_size(app, scenes):
     assert gallery[0][0].size == (DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE // 2)
 
 
-def test_upload_preprocess_hands_over_the_path_without_decoding(app, tmp_path):
-    import gradio as gr
+def test_upload_preprocess_hands_over_the_path_without_decoding(app, scenes, tmp_path, monkeypatch):
     from gradio.data_classes import FileData
 
+    monkeypatch.setattr(app.SETTINGS, "upload_dirs", (os.path.realpath(tmp_path),))
     path = tmp_path / "x.png"
     path.write_bytes(b"not an image at all")  # Gradio's own preprocess would fail with a generic error
-    assert app._upload_path(FileData(path=str(path))) == str(path)
-    assert app._upload_path(None) is None
-    with pytest.raises(gr.Error):
-        app._upload_path(FileData(path="", url="data:image/png;base64,AAAA"))
+    assert app.upload_path(FileData(path=str(path))) == os.path.realpath(path)
+    assert app.upload_path(None) is None
+    # Anything that is not a file in the upload folder is handed over as a refusal, never as a path.
+    for value in (FileData(path="", url="data:image/png;base64,AAAA"), FileData(path="/etc/passwd"),
+                  {"path": "http://127.0.0.1:1/x.png"}, FileData(path=str(tmp_path / ".." / "x.png"))):
+        refused = app.upload_path(value)
+        assert not isinstance(refused, str)
+        _, status = _ask(app, scenes, image=refused)
+        assert status == f"**Error:** {app.UPLOAD_ONLY_MSG}"
 
 
 def test_main_rejects_bad_flags(app, tmp_path):
@@ -416,6 +422,15 @@ def test_browser_end_to_end(tmp_path, scenes):
                 # Every example's prompt list is shown in full (Gradio cuts longer texts with "...").
                 cells = page.locator("td.textbox").all_inner_texts()
                 assert cells and not any(c.strip().endswith("...") for c in cells), cells
+                # A bundled example is explained too (the image field reads only uploads and examples).
+                page.locator("tbody tr").first.click()
+                # The upload's prompts are one per line; the example's are comma-separated.
+                page.wait_for_function("document.querySelector('#prompts textarea').value.includes(',')")
+                n = len(page.locator("#prompts textarea").input_value().split(","))
+                assert n > len(prompts)  # its overlays cannot be mistaken for the upload's
+                page.locator("#explain").click()
+                page.wait_for_function(f"document.querySelectorAll('#gallery img').length == {n}", timeout=120_000)
+                assert "best match" in page.locator("#status").inner_text()
                 # No server path / URL box unless the operator allows one.
                 assert page.locator("#image-source").count() == 0 or not page.locator("#image-source").is_visible()
             finally:

@@ -26,6 +26,7 @@ SUBCOMMAND_MODULES: list[str] = [
     "legrad.cli.models",
     "legrad.cli.extract",
     "legrad.cli.bench",
+    "legrad.cli.app",
 ]
 
 

@@ -32,6 +32,7 @@ from torch import nn
 
 from .budget import DEFAULT_MAX_TOKENS, check_call
 from .correction import apply_empty_prompt_correction, resolve_empty_embedding
+from .deadline import check_deadline
 from .maps import grid_maps
 from .relevance import accumulate_relevance
 from .step import ImageBatch, ModelInput, Scorer, scorer_for
@@ -204,7 +205,9 @@ def prepare(adapter: Any, model: nn.Module, request: Request, settings: Settings
     adapter = reference_adapter(adapter, settings.reference)
     _check_kind(adapter, request)
     output_size = check_output_size(request.output_size)
+    check_deadline()
     batch = adapter.prepare_inputs(request.image, **request.inputs)
+    check_deadline()
     if adapter.scorer == "logit":
         prompts = check_targets(request.target, batch.batch, adapter.num_classes)
         num_prompts = prompts.shape[-1]
@@ -263,6 +266,7 @@ def finish(call: Prepared, rel: torch.Tensor, *, work_dtype: torch.dtype | None 
         ``[B, P, H, W]`` float32 maps in [0, 1] (at ``output_size``), or a list of ``[P, H_b, W_b]``
         when the images' sizes differ (Siglip2 NaFlex).
     """
+    check_deadline()
     threshold = call.threshold
 
     def correct(r: torch.Tensor) -> torch.Tensor:
@@ -286,6 +290,8 @@ def run(adapter: Any, model: nn.Module, request: Request, settings: Settings) ->
     Raises:
         TypeError, ValueError: on invalid inputs, before any work.
         legrad.engine.relevance.NonFiniteError: if scores or gradients overflow.
+        legrad.engine.deadline.RequestTimeoutError: past a deadline set by the caller
+            (:func:`legrad.engine.deadline.deadline`).
     """
     call = prepare(adapter, model, request, settings)
     return finish(call, relevance(call))

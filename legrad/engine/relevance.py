@@ -22,6 +22,7 @@ from collections.abc import Iterable
 import torch
 
 from . import budget
+from .deadline import check_deadline
 from .step import LayerStep, Scorer, cosine_scores
 
 __all__ = ["layer_relevance", "accumulate_relevance", "NonFiniteError"]
@@ -92,10 +93,12 @@ def layer_relevance(step: LayerStep, text: torch.Tensor, prompt_chunk: int | Non
     buf = torch.empty(chunk * b * h * block * nk, dtype=step.out.dtype, device=step.out.device)
     pieces = []
     for lo in range(0, num_prompts, chunk):
+        check_deadline()
         hi = min(lo + chunk, num_prompts)
         d_out = _prompt_grads(total, step.out, lo, hi, last=hi >= num_prompts)  # [c, B, H, Nq, hd]
         rel = torch.zeros(hi - lo, b, nk, dtype=buf.dtype, device=buf.device)
         for q0 in range(0, nq, block):
+            check_deadline()
             rows = min(block, nq - q0)
             g = buf[: (hi - lo) * b * h * rows * nk].view(hi - lo, b, h, rows, nk)
             torch.matmul(d_out[..., q0:q0 + rows, :], v_t, out=g)  # [c, B, H, rows, Nk]
@@ -116,7 +119,8 @@ def accumulate_relevance(
 ) -> torch.Tensor:
     """Sum of :func:`layer_relevance` over the explained layers, ``[B, P, num_patches]``."""
     total = None
-    for step in steps:
+    for step in steps:  # the tower's next blocks run inside this iteration
+        check_deadline()
         rel = layer_relevance(step, text, prompt_chunk, work_bytes, scorer=scorer)
         total = rel if total is None else total + rel
         del step

@@ -1,20 +1,44 @@
-"""The Gradio-free request logic of ``app.py``: what a visitor may ask and what answering it does.
+"""The Gradio-free request logic of the demo app: what a visitor may ask and what answering it does.
 
 Parsing and checking visitor input (prompts, size, layer, opacity, model choice), the model cache,
-the path/URL policy (``--allow-dir``, ``--allow-urls``) and :func:`predict`. Nothing here imports
-gradio, so it is testable and reusable without the UI; ``app.py`` holds the page and the flags.
-The operator's opt-ins live in :data:`SETTINGS` (set by ``app.main`` and by tests).
+the per-request time limit and :func:`predict`; where an image may come from (uploads, examples,
+``--allow-dir``, ``--allow-urls``) is :mod:`legrad.frontend.app_sources`. Nothing here imports gradio,
+so it is testable and reusable without the UI; :mod:`legrad.app` holds the page and the flags.
+The operator's choices live in :data:`SETTINGS` (set by ``legrad.app.server.main`` and by tests).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
+
+from . import app_sources
+from .app_sources import (
+    MAX_ASPECT_RATIO,
+    MAX_IMAGE_PIXELS,
+    MAX_URL_BYTES,
+    NO_PATH_MSG,
+    NO_SOURCE_MSG,
+    NO_URL_MSG,
+    UPLOAD_ONLY_MSG,
+    URL_DEADLINE_S,
+    URL_FAILED_MSG,
+    checked_upload,
+    shared_folder,
+)
+
+__all__ = [
+    "TOY_LABEL", "MAX_PROMPTS", "MAX_PROMPT_CHARS", "MAX_PROMPTS_TEXT", "MAX_SIZE_TEXT", "MAX_CACHED_MODELS",
+    "DEFAULT_TIME_LIMIT_S", "MAX_ASPECT_RATIO", "MAX_IMAGE_PIXELS", "MAX_URL_BYTES", "NO_PATH_MSG", "NO_SOURCE_MSG",
+    "NO_URL_MSG", "UPLOAD_ONLY_MSG", "URL_DEADLINE_S", "URL_FAILED_MSG", "AppSettings", "SETTINGS", "model_labels",
+    "model_label", "is_classifier_label", "prompts_box_for", "parse_model_label", "split_prompts", "get_explainer",
+    "forget_model", "default_layer_for", "allowed_path", "checked_upload", "read_visitor_image", "predict",
+    "initial_text", "shared_folder", "timeout_message",
+]
 
 TOY_LABEL = "toy: bundled demo model (offline)"
 MAX_PROMPTS = 16
@@ -22,19 +46,8 @@ MAX_PROMPT_CHARS = 200
 MAX_PROMPTS_TEXT = 8000
 MAX_SIZE_TEXT = 24
 MAX_CACHED_MODELS = 2
-#: Largest image decoded for a visitor (pixels), from uploads, shared folders and URLs alike.
-MAX_IMAGE_PIXELS = 40_000_000
-#: Largest URL download for a visitor (bytes), when ``--allow-urls`` is on.
-MAX_URL_BYTES = 20 * 1024 * 1024
-#: Total time for a URL download for a visitor (seconds).
-URL_DEADLINE_S = 15.0
-
-NO_SOURCE_MSG = ("this server reads no paths or URLs: upload the image instead (the server's operator can "
-                 "enable them with --allow-dir / --allow-urls)")
-NO_PATH_MSG = "that path is not available: this server only reads images inside the folders it shares"
-NO_URL_MSG = "this server does not fetch URLs: upload the image instead (the operator can enable --allow-urls)"
-URL_FAILED_MSG = ("could not load an image from that URL (unreachable, timed out, HTTP error or not an image); "
-                  "try uploading it instead")
+#: Default per-request time limit in seconds (``--time-limit``).
+DEFAULT_TIME_LIMIT_S = 60.0
 
 
 logger = logging.getLogger("legrad.app")
@@ -50,6 +63,11 @@ class AppSettings:
         allow_urls: whether visitors may give public http(s) URLs (``--allow-urls``).
         max_tokens: patch-token limit per explained image; None for the Explainer's default.
         extra_labels: operator-added dropdown entries (``--model``), listed first after the demo model.
+        upload_dirs: real paths of Gradio's upload/cache folders (set by the page when it is built); the
+            image field reads files inside them only (and the example images).
+        example_files: real paths of the bundled example images the page offers.
+        time_limit: seconds one request may compute once its model is loaded (``--time-limit``); None
+            for no limit.
     """
 
     device: str = "cpu"
@@ -57,6 +75,9 @@ class AppSettings:
     allow_urls: bool = False
     max_tokens: int | None = None
     extra_labels: tuple[str, ...] = ()
+    upload_dirs: tuple[str, ...] = ()
+    example_files: frozenset[str] = frozenset()
+    time_limit: float | None = DEFAULT_TIME_LIMIT_S
 
 
 SETTINGS = AppSettings()
@@ -173,66 +194,29 @@ def default_layer_for(label: str | None) -> int:
 
 
 def allowed_path(text: str) -> str:
-    """The real path of a visitor's path if it lies inside a shared folder (``--allow-dir``).
-
-    Relative paths are taken inside the first shared folder. Symbolic links are resolved first, so a
-    link pointing out of the folder is refused like any outside path.
+    """The real path of a visitor's path if it lies inside a shared folder (``--allow-dir``); see
+    :func:`legrad.frontend.app_sources.allowed_path`.
 
     Raises:
         ValueError: with the same message for every refused path (nothing is revealed about it).
     """
-    if not SETTINGS.allowed_dirs or "\0" in text:
-        raise ValueError(NO_PATH_MSG)
-    candidate = text if os.path.isabs(text) else os.path.join(SETTINGS.allowed_dirs[0], text)
-    real = os.path.realpath(candidate)
-    for root in SETTINGS.allowed_dirs:
-        if os.path.commonpath([real, root]) == root:
-            return real
-    raise ValueError(NO_PATH_MSG)
+    return app_sources.allowed_path(text, SETTINGS.allowed_dirs)
 
 
 def read_visitor_image(image: Any, image_source: str | None):
-    """The image a visitor gave: an upload (file path from Gradio, PIL image or array) or, when the
-    server allows it, a path in a shared folder or a URL. Messages never name server paths.
+    """The image a visitor gave, under the operator's :data:`SETTINGS` (see
+    :func:`legrad.frontend.app_sources.read_visitor_image`).
 
     Raises:
         ValueError: no image, a refused source, or an unreadable image (an ``ImageLoadError``).
     """
-    from legrad.frontend.errors import ImageLoadError, ImageTooLargeError
-    from legrad.frontend.fetch import URLRefusedError, is_url
-    from legrad.frontend.images import load_image
+    return app_sources.read_visitor_image(image, image_source, SETTINGS)
 
-    if image is None:
-        text = (image_source or "").strip()
-        if not text:
-            raise ValueError("upload an image, or paste an image URL or path")
-        if len(text) > 2048:
-            raise ValueError("the image URL / path is too long")
-        if is_url(text):
-            if not SETTINGS.allow_urls:
-                raise ValueError(NO_URL_MSG)
-            try:
-                return load_image(text, name="the URL", max_pixels=MAX_IMAGE_PIXELS, allow_private_urls=False,
-                                  url_deadline_s=URL_DEADLINE_S, max_url_bytes=MAX_URL_BYTES)
-            except (URLRefusedError, ImageTooLargeError):
-                raise
-            except ImageLoadError:
-                raise ValueError(URL_FAILED_MSG) from None
-        if not SETTINGS.allowed_dirs:
-            raise ValueError(NO_SOURCE_MSG if not SETTINGS.allow_urls else NO_PATH_MSG)
-        return load_image(allowed_path(text), name=repr(text), max_pixels=MAX_IMAGE_PIXELS)
-    if isinstance(image, (str, os.PathLike)):
-        # An upload: Gradio hands over the path of its own cached copy; do not show it to anyone.
-        return load_image(image, name="the uploaded image", max_pixels=MAX_IMAGE_PIXELS)
-    if not hasattr(image, "convert"):
-        import numpy as np
-        from PIL import Image
 
-        arr = np.asarray(image)
-        if arr.ndim not in (2, 3) or arr.size == 0:
-            raise ValueError("the uploaded image is empty or not an image")
-        image = Image.fromarray(arr)
-    return load_image(image, name="the uploaded image")
+def timeout_message(limit_s: float) -> str:
+    """The status line of a request stopped by the server's time limit."""
+    return (f"**Stopped:** this request ran past the server's time limit of {limit_s:g} s (set by its operator "
+            "with --time-limit) and was cancelled; try a smaller image size or fewer prompts")
 
 
 def predict(
@@ -261,8 +245,10 @@ def predict(
 
     Returns:
         ``(gallery, status)``: ``[(overlay PIL image, caption), ...]`` and a Markdown status line. Bad
-        input or a model that cannot be loaded gives an empty gallery and the reason in ``status``.
+        input, a model that cannot be loaded or a request past ``SETTINGS.time_limit`` gives an empty
+        gallery and the reason in ``status``.
     """
+    from legrad.engine.deadline import RequestTimeoutError, check_deadline, deadline
     from legrad.frontend.errors import ImageLoadError, ModelLoadError
     from legrad.frontend.options import parse_size
     from legrad.viz import fit_for_display, overlay
@@ -295,13 +281,25 @@ def predict(
             raise ValueError("unknown model choice; pick one from the list")
         name, pretrained = parse_model_label(model_label)
         explainer = get_explainer(name, pretrained)
-        h, w = explainer.check_size(size)
-        layer = explainer.check_layer_index(layer_index)
-        if explainer.is_classifier:
-            explainer.encode_prompts(prompts)  # unknown class names fail here, before the image is read
-        picture = read_visitor_image(image, image_source)
-        result = explainer.explain(picture, prompts, size=size, layer_index=layer_index)
-        shown = fit_for_display(picture)
+        # The limit counts this request's own work, not a first model load (which has bounds of its own).
+        with deadline(SETTINGS.time_limit):
+            h, w = explainer.check_size(size)
+            layer = explainer.check_layer_index(layer_index)
+            if explainer.is_classifier:
+                explainer.encode_prompts(prompts)  # unknown class names fail here, before the image is read
+            picture = read_visitor_image(image, image_source)
+            check_deadline()
+            result = explainer.explain(picture, prompts, size=size, layer_index=layer_index)
+            shown = fit_for_display(picture)
+            gallery = []
+            score = "logit" if explainer.is_classifier else "similarity"
+            for p, prompt in enumerate(result.prompts):
+                check_deadline()
+                caption = f"{prompt}: {score} {result.similarity[0, p]:.3f} (p={result.probability[0, p]:.2f})"
+                gallery.append((overlay(shown, result.maps[0, p], alpha=alpha), caption))
+    except RequestTimeoutError as exc:
+        logger.info("request stopped by the time limit (%g s)", exc.limit_s)
+        return [], timeout_message(exc.limit_s)
     except ModelLoadError as exc:
         return [], f"**Could not load the model {model_label}:** {exc}"
     except (ImageLoadError, ValueError, TypeError, OverflowError) as exc:
@@ -312,14 +310,10 @@ def predict(
         logger.exception("explanation failed")
         return [], f"**Error:** the explanation failed ({type(exc).__name__}); try a smaller size or another image"
 
-    gallery = []
-    score = "logit" if explainer.is_classifier else "similarity"
-    for p, prompt in enumerate(result.prompts):
-        caption = f"{prompt}: {score} {result.similarity[0, p]:.3f} (p={result.probability[0, p]:.2f})"
-        gallery.append((overlay(shown, result.maps[0, p], alpha=alpha), caption))
     best = result.prompts[int(result.similarity[0].argmax())]
     status = f"{explainer.name}, layer index {layer}, {h}x{w} px: best {'class' if explainer.is_classifier else 'match'} *{best}*."
     return gallery, status
+
 
 def initial_text(models: list[str], targets: list[str], prompts: list[str]) -> str:
     """The prompts box's initial text from ``--target``/``--prompt``, checked against the first ``--model``.
@@ -335,16 +329,3 @@ def initial_text(models: list[str], targets: list[str], prompts: list[str]) -> s
     if prompts and classifier:
         raise ValueError(f"{models[0]} is an image classifier: give class targets with --target, not -p")
     return "\n".join(" ".join(t.split()) for t in (targets or prompts) if t.strip())
-
-
-def shared_folder(path: str) -> str:
-    """The real path of an ``--allow-dir`` folder.
-
-    Raises:
-        ValueError: if it is not an existing directory.
-    """
-    real = os.path.realpath(path)
-    if not os.path.isdir(real):
-        raise ValueError(f"--allow-dir {path!r} is not a directory")
-    return real
-

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .errors import one_line
 
-__all__ = ["SampleScene", "sample_scenes", "absent_phrase"]
+__all__ = ["SampleScene", "sample_scenes", "absent_phrase", "scenes_folder"]
 
 
 @dataclass(frozen=True)
@@ -54,3 +54,11 @@ def absent_phrase(phrases: Sequence[str]) -> str:
         if not words & set(v.split()[1:]):
             return v
     return next(v for v in VOCABULARY if v not in phrases)
+
+
+def scenes_folder() -> Path:
+    """The folder of the bundled demo scenes: ``legrad/assets/scenes`` inside the package (a wheel has it),
+    else the repository's ``assets/`` (a checkout from before the scenes moved into the package)."""
+    here = Path(__file__).resolve().parent
+    packaged = here.parent / "assets" / "scenes"
+    return packaged if (packaged / "scenes.json").is_file() else here.parents[1] / "assets"
