@@ -1,6 +1,7 @@
 """The ``legrad`` command line (also ``python -m legrad``).
 
-Each subcommand lives in its own module of this package (``explain``, ``models``, ``extract``, ``bench``)
+Each subcommand lives in its own module of this package (``explain``, ``models``, ``extract``, ``bench``,
+``playground``)
 exposing ``add_parser(subparsers) -> argparse.ArgumentParser`` and ``run(args) -> int``; the options and
 argparse converters they share are in :mod:`legrad.cli.options`. To add one, write the module and append
 its import path to :data:`SUBCOMMAND_MODULES`. Keep heavy imports (torch, open_clip) inside ``run`` so
@@ -23,6 +24,7 @@ SUBCOMMAND_MODULES: list[str] = [
     "legrad.cli.models",
     "legrad.cli.extract",
     "legrad.cli.bench",
+    "legrad.cli.playground",
 ]
 
 
@@ -32,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="legrad",
-        description="LeGrad explainability heatmaps for OpenCLIP vision-language ViTs.",
+        description="LeGrad explainability heatmaps for Vision Transformers: CLIP/SigLIP-style vision-language "
+                    "models (OpenCLIP, timm, Hugging Face transformers) and ViT image classifiers (timm, "
+                    "torchvision, Hugging Face).",
         epilog="Run `legrad COMMAND --help` for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"legrad {__version__}")
