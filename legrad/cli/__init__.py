@@ -71,9 +71,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help(sys.stderr)
         return 2
-    from legrad.frontend.logs import configure_logging
+    from legrad.frontend.logs import configure_logging, quiet_third_party_progress
 
     configure_logging(args.verbose)
+    if getattr(args, "quiet", False):  # -q: no progress bar of ours, nor of the model libraries
+        quiet_third_party_progress()
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
