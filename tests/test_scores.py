@@ -90,6 +90,24 @@ def test_hugging_face(kind):
     _check(LeWrapper(model, apply_correction=False), image, want, unit_text(3, dim=embed_dim(model)))
 
 
+def test_siglip2_naflex_batch_of_different_sizes():
+    """Maps come back as a list (one size per image); features and scores are still [B, D] and [B, P]."""
+    pytest.importorskip("transformers")
+    from helpers.hf_models import embed_dim, make_model, naflex_batch
+
+    model = make_model("siglip2")
+    inputs = naflex_batch([(3, 4), (4, 5), (2, 2)], max_patches=24)
+    text = unit_text(2, dim=embed_dim(model))
+    wrapper = LeWrapper(model, apply_correction=False)
+    plain = wrapper.compute_legrad(text, image=inputs)
+    maps, features, scores = wrapper.compute_legrad(text, image=inputs, return_scores=True)
+    assert isinstance(maps, list) and all(torch.equal(a, b) for a, b in zip(maps, plain))
+    with torch.no_grad():
+        want = F.normalize(_unwrap(model.get_image_features(**inputs)), dim=-1)
+    torch.testing.assert_close(features, want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(scores, want @ text.T, atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("family", ["torchvision", "timm:vit-token", "timm:vit-map", "timm:deit-distilled",
                                     "hf:ViTForImageClassification"])
 def test_classifiers_give_the_models_logits(family):
