@@ -22,6 +22,7 @@ _EXPORTS = {
     "LePreprocess": "legrad.preprocess",
     "list_pretrained": "legrad.pretrained",
     "LayerStep": "legrad.engine.step",
+    "LeGradOutput": "legrad.engine.scores",
     "TowerAdapter": "legrad.adapters.base",
     "register_tower": "legrad.adapters.registry",
     "supported_tower_names": "legrad.adapters.registry",

@@ -16,6 +16,7 @@ from .adapters.base import TowerAdapter
 from .adapters.registry import tower_adapter_for
 from .engine import pipeline
 from .engine.budget import DEFAULT_MAX_TOKENS
+from .engine.scores import LeGradOutput
 from .engine.validation import check_layer_index
 
 __all__ = ["LeWrapper"]
@@ -199,8 +200,9 @@ class LeWrapper:
         layer_index: int | None = None,
         prompt_chunk: int | None = None,
         output_size: str | tuple[int, int] | None = None,
+        return_scores: bool = False,
         **inputs: Any,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | LeGradOutput:
         """LeGrad heatmaps, one per (image, prompt), for any supported tower.
 
         Args:
@@ -216,12 +218,17 @@ class LeWrapper:
             output_size: None for the input size ``[H, W]``; ``"grid"`` for the patch grid ``[gh, gw]``
                 (min-max normalised there, no upsampling: upsampling it bilinearly and min-max
                 normalising again gives the default output); ``(h, w)`` for that size (bilinear).
+            return_scores: also return, from the same forward pass, the model's own image embeddings
+                ``[B, D]`` (L2-normalised) and the image-prompt cosine similarities ``[B, P]`` (for
+                classifiers: the logits ``[B, K]`` and the targets' logits), as a
+                :class:`~legrad.engine.scores.LeGradOutput` ``(maps, image_features, scores)``.
             **inputs: extra image inputs of families that need them (Hugging Face ``Siglip2Model``:
                 ``pixel_attention_mask``, ``spatial_shapes``; see :mod:`legrad.hf`).
 
         Returns:
             ``[B, P, H, W]`` float32 heatmaps in [0, 1] on ``image``'s device (or at ``output_size``); for
-            a Siglip2 NaFlex batch of differently sized images, a list of ``[P, H_i, W_i]``.
+            a Siglip2 NaFlex batch of differently sized images, a list of ``[P, H_i, W_i]``. With
+            ``return_scores=True``, a ``LeGradOutput`` holding those maps (the same values).
 
         Raises:
             TypeError, ValueError: on invalid inputs, before any computation.
@@ -229,7 +236,7 @@ class LeWrapper:
         return self._run(pipeline.Request(
             image=image, text=text_embedding, target=target,
             layer_index=self._layer_index if layer_index is None else layer_index, prompt_chunk=prompt_chunk,
-            output_size=output_size, inputs=inputs))
+            output_size=output_size, inputs=inputs, return_scores=return_scores))
 
     def compute_legrad_clip(
         self,
@@ -303,7 +310,7 @@ class LeWrapper:
                 f"{name} does not apply to this model's image tower ({self._adapter.family}); use {valid}"
             )
 
-    def _run(self, request: pipeline.Request) -> torch.Tensor:
+    def _run(self, request: pipeline.Request) -> torch.Tensor | LeGradOutput:
         return pipeline.run(self._adapter, self._model, request, self.settings())
 
 

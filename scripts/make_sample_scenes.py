@@ -1,10 +1,10 @@
-"""Write the demo scenes in ``assets/`` (PNGs + ``scenes.json`` with their phrases and captions).
+"""Write the demo scenes shipped in the package, ``legrad/assets/scenes/`` (PNGs + ``scenes.json`` with their phrases and captions).
 
 The scenes are drawn deterministically from ``--seed`` (no selection by model quality): the first
 scenes with 2-3 objects, plus the first one where two objects share a colour (the hard case).
 
 Example:
-    python scripts/make_sample_scenes.py --out assets --n 6 --size 192
+    python scripts/make_sample_scenes.py --out legrad/assets/scenes --n 6 --size 192
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from legrad.toy import make_scene
 def main(argv: list[str] | None = None) -> None:
     """Draw and save the sample scenes."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("assets"))
+    p.add_argument("--out", type=Path, default=Path("legrad/assets/scenes"))
     p.add_argument("--n", type=int, default=6)
     p.add_argument("--size", type=int, default=192, help="side in pixels (the model resizes to 64)")
     p.add_argument("--seed", type=int, default=7)

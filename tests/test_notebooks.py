@@ -100,6 +100,9 @@ def test_quickstart_runs_and_shows_each_figure_once(monkeypatch):
     nb = nbformat.read(QUICKSTART, as_version=4)
     _execute(nb, QUICKSTART.parent, monkeypatch)
     assert _errors(nb) == []
+    # Nothing on stderr either (e.g. tqdm's "IProgress not found" warning when ipywidgets is missing).
+    assert [o.text for c in nb.cells for o in c.get("outputs", [])
+            if o.output_type == "stream" and o.name == "stderr"] == []
     visualize_cells = [c for c in nb.cells if c.cell_type == "code" and "visualize(heatmaps=" in c.source]
     assert len(visualize_cells) >= 4
     for cell in visualize_cells:

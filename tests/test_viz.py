@@ -159,7 +159,7 @@ def test_visualize_batch_rows_and_default_titles():
     images = torch.randn(2, 3, 16, 16)
     fig = visualize(images, torch.rand(2, 2, 16, 16))
     titles = [ax.get_title() for ax in fig.get_axes()]
-    assert titles == ["image", "prompt 1", "prompt 2"] * 2
+    assert titles == ["image 1", "prompt 1", "prompt 2", "image 2", "prompt 1", "prompt 2"]  # rows numbered
 
 
 def test_visualize_rejects_mismatches():

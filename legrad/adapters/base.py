@@ -233,6 +233,24 @@ class TowerAdapter:
         """
         raise NotImplementedError
 
+    def final_embedding(self, step: LayerStep) -> torch.Tensor:
+        """The model's own image embedding ``[B, E]`` (what ``encode_image`` returns, un-normalised; the
+        logits ``[B, K]`` for classifiers) from the step of the tower's last block (no second pass).
+
+        Attention-pooled towers: the last step's feature (the pooler on the final tokens). Others: the
+        tower's own pooling and head (:meth:`pooled_output`) on ``step.block_output``.
+
+        Raises:
+            NotImplementedError: if the family's steps carry no ``block_output``.
+        """
+        if self.uses_attention_pooler:
+            return step.feature.detach()
+        if step.block_output is None:
+            raise NotImplementedError(
+                f"the {self.family} adapter's steps carry no block_output, which return_scores needs"
+            )
+        return self.pooled_output(step.block_output)
+
     def logits(self, image: torch.Tensor) -> torch.Tensor:
         """An image classifier's eval-mode logits ``[B, K]``, recomputed statelessly (no grad)."""
         raise TypeError(f"class_logits needs an image classifier; this model's tower is {self.family}")

@@ -129,7 +129,8 @@ class OpenClipViTAdapter(TowerAdapter):
             feature = self._head(pooled)
         with torch.no_grad():
             x_next = x1.detach() + apply_module(blk.ls_2, apply_module(blk.mlp.c_proj, hidden.detach()))
-        step = LayerStep(layer=layer, feature=feature, out=o, value=v, num_prefix_tokens=1, query=q, key=k)
+        step = LayerStep(layer=layer, feature=feature, out=o, value=v, num_prefix_tokens=1, query=q, key=k,
+                         block_output=x_next)
         return step, x_next
 
     @property

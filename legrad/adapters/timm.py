@@ -322,7 +322,7 @@ class TimmViTAdapter(_TimmTowerAdapter):
             with torch.enable_grad():
                 feature = self._after_pool(apply_module(self.trunk.norm, pooled))
             yield LayerStep(layer=i, feature=feature, out=o, value=v, num_prefix_tokens=npt, query=q, key=k,
-                            scale=blk.ops.scale, attn_bias=bias)
+                            scale=blk.ops.scale, attn_bias=bias, block_output=x)
             del o, q, k, v, pooled, feature  # the consumer is done with this layer: free its graph now
 
 

@@ -129,9 +129,9 @@ def _example_prompts(phrases: list[str]) -> str:
 
 def example_rows() -> list[list[str]]:
     """Examples from the bundled demo scenes (image path, prompts), so the page works offline."""
-    from ..frontend.scenes import sample_scenes, scenes_folder
+    from ..frontend.scenes import sample_scenes
 
-    rows = [[str(sc.path), _example_prompts(list(sc.phrases))] for sc in sample_scenes(scenes_folder())]
+    rows = [[str(sc.path), _example_prompts(list(sc.phrases))] for sc in sample_scenes()]
     if rows:
         return rows
     # No bundled scenes (a trimmed install): draw a few with the bundled generator.

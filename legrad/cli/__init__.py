@@ -1,6 +1,7 @@
 """The ``legrad`` command line (also ``python -m legrad``).
 
-Each subcommand lives in its own module of this package (``explain``, ``models``, ``extract``, ``bench``)
+Each subcommand lives in its own module of this package (``explain``, ``models``, ``extract``, ``bench``,
+``playground``)
 exposing ``add_parser(subparsers) -> argparse.ArgumentParser`` and ``run(args) -> int``; the options and
 argparse converters they share are in :mod:`legrad.cli.options`. To add one, write the module and append
 its import path to :data:`SUBCOMMAND_MODULES`. Keep heavy imports (torch, open_clip) inside ``run`` so
@@ -26,6 +27,7 @@ SUBCOMMAND_MODULES: list[str] = [
     "legrad.cli.models",
     "legrad.cli.extract",
     "legrad.cli.bench",
+    "legrad.cli.playground",
     "legrad.cli.app",
 ]
 
@@ -36,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="legrad",
-        description="LeGrad explainability heatmaps for OpenCLIP vision-language ViTs.",
+        description="LeGrad explainability heatmaps for Vision Transformers: CLIP/SigLIP-style vision-language "
+                    "models (OpenCLIP, timm, Hugging Face transformers) and ViT image classifiers (timm, "
+                    "torchvision, Hugging Face).",
         epilog="Run `legrad COMMAND --help` for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"legrad {__version__}")
@@ -72,9 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help(sys.stderr)
         return 2
-    from legrad.frontend.logs import configure_logging
+    from legrad.frontend.logs import configure_logging, quiet_third_party_progress
 
     configure_logging(args.verbose)
+    if getattr(args, "quiet", False):  # -q: no progress bar of ours, nor of the model libraries
+        quiet_third_party_progress()
     previous = _handle_sigterm()
     try:
         return int(args._run(args) or 0)

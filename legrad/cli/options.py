@@ -72,4 +72,5 @@ def add_device_option(p: argparse.ArgumentParser, help: str = "auto (default), c
 
 def add_quiet_option(p: argparse.ArgumentParser) -> None:
     """``-q/--quiet``."""
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bars (ours, and the model libraries' download and loading bars)")

@@ -15,7 +15,9 @@ baselines of :mod:`legrad.eval.baselines`).
    (they cannot join an autograd graph), the empty prompt appended as one more prompt;
 5. ``adapter.steps()`` -> relevance summed over layers (:mod:`~legrad.engine.relevance`);
 6. correction, per-image grids, upsampling and min-max normalisation (:mod:`~legrad.engine.maps`; the
-   other order for adapters with ``normalizes_on_grid``).
+   other order for adapters with ``normalizes_on_grid``);
+7. with ``return_scores``, the model's own image embedding and the image-prompt scores, taken from the
+   same run of the tower (:mod:`~legrad.engine.scores`).
 
 The adapter is duck-typed (the protocol is :class:`legrad.adapters.base.TowerAdapter`): the engine
 imports no adapter module.
@@ -35,10 +37,11 @@ from .correction import apply_empty_prompt_correction, resolve_empty_embedding
 from .deadline import check_deadline
 from .maps import grid_maps
 from .relevance import accumulate_relevance
+from .scores import LeGradOutput, capture_final_embedding, final_scores
 from .step import ImageBatch, ModelInput, Scorer, scorer_for
 from .validation import check_layer_index, check_output_size, check_prompt_chunk, check_targets, check_text
 
-__all__ = ["Settings", "Request", "Prepared", "REFERENCES", "REFERENCE_FAMILIES", "reference_adapter", "compute_dtype_for",
+__all__ = ["Settings", "Request", "Prepared", "LeGradOutput", "REFERENCES", "REFERENCE_FAMILIES", "reference_adapter", "compute_dtype_for",
            "prepare", "relevance", "finish", "run"]
 
 #: Releases of the original package (legrad-torch) that ``Settings.reference`` can reproduce.
@@ -99,6 +102,7 @@ class Request:
         output_size: None, ``"grid"`` or ``(h, w)``.
         inputs: extra image inputs passed to ``adapter.prepare_inputs``.
         apply_correction, correction_threshold: per-call overrides of :class:`Settings`.
+        return_scores: also return the image embeddings and image-prompt scores (:class:`LeGradOutput`).
     """
 
     image: Any
@@ -110,6 +114,7 @@ class Request:
     inputs: Mapping[str, Any] = field(default_factory=dict)
     apply_correction: bool | None = None
     correction_threshold: float | None = None
+    return_scores: bool = False
 
 
 @dataclass
@@ -246,10 +251,18 @@ def prepare(adapter: Any, model: nn.Module, request: Request, settings: Settings
                     normalize_on_grid=bool(getattr(adapter, "normalizes_on_grid", False)))
 
 
-def relevance(call: Prepared) -> torch.Tensor:
-    """``[B, P(+1), N]`` relevance summed over the explained layers, from one run of the tower."""
+def relevance(call: Prepared, final: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """``[B, P(+1), N]`` relevance summed over the explained layers, from one run of the tower.
+
+    Args:
+        call: the prepared call.
+        final: if given, the model's own ``[B, E]`` image embedding (logits for classifiers) is appended
+            to it, from the same run (:func:`legrad.engine.scores.capture_final_embedding`).
+    """
     with torch.inference_mode(False), torch.no_grad():
         steps = call.adapter.steps(call.batch.pixels, call.start, call.compute_dtype)
+        if final is not None:
+            steps = capture_final_embedding(call.adapter, steps, final)
         return accumulate_relevance(steps, call.prompts, call.prompt_chunk, scorer=call.scorer)
 
 
@@ -280,12 +293,15 @@ def finish(call: Prepared, rel: torch.Tensor, *, work_dtype: torch.dtype | None 
     return maps.to(call.out_device)
 
 
-def run(adapter: Any, model: nn.Module, request: Request, settings: Settings) -> torch.Tensor | list[torch.Tensor]:
+def run(adapter: Any, model: nn.Module, request: Request, settings: Settings
+        ) -> torch.Tensor | list[torch.Tensor] | LeGradOutput:
     """LeGrad maps of one call: :func:`prepare`, :func:`relevance`, :func:`finish`.
 
     Returns:
         ``[B, P, H, W]`` float32 heatmaps in [0, 1] on the image's device (or at ``output_size``); a list
-        of ``[P, H_b, W_b]`` for batches of differently sized images (Siglip2 NaFlex).
+        of ``[P, H_b, W_b]`` for batches of differently sized images (Siglip2 NaFlex). With
+        ``request.return_scores``, a :class:`~legrad.engine.scores.LeGradOutput` of those maps, the
+        image embeddings and the image-prompt scores.
 
     Raises:
         TypeError, ValueError: on invalid inputs, before any work.
@@ -293,5 +309,14 @@ def run(adapter: Any, model: nn.Module, request: Request, settings: Settings) ->
         legrad.engine.deadline.RequestTimeoutError: past a deadline set by the caller
             (:func:`legrad.engine.deadline.deadline`).
     """
+    if not isinstance(request.return_scores, bool):
+        raise TypeError(f"return_scores must be True or False, got {type(request.return_scores).__name__}")
     call = prepare(adapter, model, request, settings)
-    return finish(call, relevance(call))
+    if not request.return_scores:
+        return finish(call, relevance(call))
+    final: list[torch.Tensor] = []
+    maps = finish(call, relevance(call, final))
+    if not final:
+        raise NotImplementedError(f"the {adapter.family} adapter yielded no step for the tower's last block")
+    features, scores = final_scores(final[0], call.prompts, call.num_prompts, adapter.scorer)
+    return LeGradOutput(maps, features.float().to(call.out_device), scores.float().to(call.out_device))

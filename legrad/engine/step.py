@@ -33,6 +33,9 @@ class LayerStep:
         attn_bias: optional additive logit bias broadcastable to ``[B, H, Nq, Nk]`` (relative positions).
         tokens: ``[B, Nk, C]`` the explained attention's (pre-normed) input tokens; only set by
             ``TowerAdapter.trace``, where they are part of the graph (GradCAM's activations).
+        block_output: ``[B, N, C]`` the block's output tokens (no grad), set by towers whose layer
+            feature is not the model's own pooling, so that the last step yields the model's embedding
+            (``TowerAdapter.final_embedding``, ``return_scores``).
     """
 
     layer: int
@@ -46,6 +49,7 @@ class LayerStep:
     scale: float | None = None
     tokens: torch.Tensor | None = None
     attn_bias: torch.Tensor | None = None
+    block_output: torch.Tensor | None = None
 
     def probs(self, rows: slice | None = None) -> torch.Tensor:
         """Post-softmax attention probabilities ``[B, H, Nq, Nk]`` of the explained attention (no grad).

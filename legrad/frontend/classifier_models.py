@@ -364,8 +364,9 @@ def _load_hf(spec: str, pretrained: str | None, device: str) -> tuple[Any, T.Com
             raise _error(f"model directory {spec!r} not found")
         env = {k.lower() for k, v in os.environ.items() if v}
         if not env & {"hf_hub_offline", "transformers_offline"} and not hub_cached(spec, ("config.json",)):
-            check_download_reachable(None, f"Hugging Face model {spec}",
-                                     "or save the model to a local directory and use hf:DIR")
+            check_download_reachable(None, f"Hugging Face model {spec}", "or --pretrained none for random weights",
+                                     local="save the model and its image processor to a local directory "
+                                           "(save_pretrained) and use --model hf:DIR")
     try:
         config = transformers.AutoConfig.from_pretrained(spec)
         if _no_weights(pretrained):
@@ -419,4 +420,20 @@ def load_classifier(name: str, pretrained: str | None, device: str) -> tuple[Any
     # run; the caller's global RNG state is left as it was.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return loader(spec, pretrained, device)
+        model, preprocess, labels = loader(spec, pretrained, device)
+        if _no_weights(pretrained):
+            _unzero_heads(model)
+    return model, preprocess, labels
+
+
+def _unzero_heads(model: torch.nn.Module) -> None:
+    """Gives a random model's all-zero linear layers small random weights (normal, std 0.02).
+
+    Some libraries start the classification head at zero (torchvision's ``VisionTransformer``): a random
+    model would then give every class the logit 0 and every map would be flat. Its maps are meaningless
+    either way (random weights); this only makes them visible, as the front ends promise a figure.
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and not bool(module.weight.any()):
+                torch.nn.init.normal_(module.weight, std=0.02)

@@ -51,7 +51,8 @@ def weights_cached(pretrained_cfg: dict) -> bool:
 
 
 def check_download_reachable(url: str | None, what: str, alternative: str = "or use --pretrained none for random "
-                             "weights") -> None:
+                             "weights", local: str = "give a local checkpoint file as pretrained (--pretrained PATH)"
+                             ) -> None:
     """Raises at once when ``url``'s host (the Hugging Face Hub when None) is unreachable, instead of letting
     a download client retry for a minute. No-op when a proxy or an offline mode is configured.
 
@@ -59,6 +60,7 @@ def check_download_reachable(url: str | None, what: str, alternative: str = "or 
         url: the download URL, or None for the Hugging Face Hub (``HF_ENDPOINT``).
         what: what would be downloaded, for the message (``"'openai' weights of ViT-B-16"``).
         alternative: the last suggestion of the message.
+        local: how to use weights already on disk instead (what the model's front-end options allow).
 
     Raises:
         ModelLoadError: the host does not accept a connection within 5 s.
@@ -77,6 +79,5 @@ def check_download_reachable(url: str | None, what: str, alternative: str = "or 
     except OSError as exc:
         raise ModelLoadError(
             f"cannot download the {what}: {host} is unreachable ({one_line(exc, 80)}) and they are not in "
-            "the local cache; connect to the internet once, or give a local checkpoint file as pretrained "
-            f"(--pretrained PATH), {alternative}"
+            f"the local cache; connect to the internet once, or {local}, {alternative}"
         ) from exc

@@ -190,7 +190,7 @@ class Explainer:
             side = int(self.max_tokens ** 0.5) * min(ph, pw)
             raise ValueError(
                 f"image size {h}x{w} needs {tokens} patch tokens, more than the limit of {self.max_tokens} "
-                f"(e.g. {side}x{side} is the largest square); use a smaller size, or raise max_tokens"
+                f"(e.g. {side}x{side} is the largest square); use a smaller size"
             )
         return (int(h), int(w))
 

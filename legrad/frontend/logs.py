@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
-__all__ = ["configure_logging", "DropOpenClipChatter"]
+__all__ = ["configure_logging", "DropOpenClipChatter", "quiet_third_party_progress"]
 
 
 class DropOpenClipChatter(logging.Filter):
@@ -24,3 +26,17 @@ def configure_logging(verbose: bool = False) -> None:
         for handler in logging.getLogger().handlers:
             if not any(isinstance(f, DropOpenClipChatter) for f in handler.filters):
                 handler.addFilter(DropOpenClipChatter())
+
+
+def quiet_third_party_progress() -> None:
+    """Turns off the model libraries' progress bars for this process (a front end's ``-q``): Hugging Face
+    Hub downloads, transformers' weight loading, and any other tqdm bar. Not for library use (it sets
+    process-wide environment variables and library switches)."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read by huggingface_hub (and transformers) at import
+    os.environ["TQDM_DISABLE"] = "1"  # tqdm >= 4.66 takes TQDM_* variables as argument defaults
+    # Libraries imported already have read the variables: switch them off directly (no new imports).
+    hub = sys.modules.get("huggingface_hub")
+    if hub is not None:
+        hub.utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()

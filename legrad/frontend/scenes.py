@@ -1,4 +1,4 @@
-"""The demo scenes shipped in the repository's ``assets/`` folder, and contrast prompts for them."""
+"""The demo scenes shipped inside the package (``legrad/assets/scenes/``), and contrast prompts for them."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ from pathlib import Path
 
 from .errors import one_line
 
-__all__ = ["SampleScene", "sample_scenes", "absent_phrase", "scenes_folder"]
+__all__ = ["SCENES_DIR", "SampleScene", "sample_scenes", "absent_phrase"]
+
+#: The bundled demo scenes (PNGs and ``scenes.json``), installed with the package (wheel included).
+SCENES_DIR: Path = Path(__file__).resolve().parent.parent / "assets" / "scenes"
 
 
 @dataclass(frozen=True)
 class SampleScene:
-    """A demo scene image shipped in the repository's ``assets/`` folder.
+    """A demo scene image shipped with the package (:data:`SCENES_DIR`).
 
     Attributes:
         path: the PNG file.
@@ -25,15 +28,18 @@ class SampleScene:
     phrases: tuple[str, ...]
 
 
-def sample_scenes(folder: str | os.PathLike) -> list[SampleScene]:
+def sample_scenes(folder: str | os.PathLike | None = None) -> list[SampleScene]:
     """The scenes listed in ``folder/scenes.json`` whose image files exist (empty if there is no list).
+
+    Args:
+        folder: a folder with ``scenes.json``; None for the bundled scenes (:data:`SCENES_DIR`).
 
     Raises:
         ValueError: if ``scenes.json`` exists but is malformed.
     """
     import json
 
-    folder = Path(folder)
+    folder = SCENES_DIR if folder is None else Path(folder)
     index = folder / "scenes.json"
     if not index.is_file():
         return []
@@ -54,11 +60,3 @@ def absent_phrase(phrases: Sequence[str]) -> str:
         if not words & set(v.split()[1:]):
             return v
     return next(v for v in VOCABULARY if v not in phrases)
-
-
-def scenes_folder() -> Path:
-    """The folder of the bundled demo scenes: ``legrad/assets/scenes`` inside the package (a wheel has it),
-    else the repository's ``assets/`` (a checkout from before the scenes moved into the package)."""
-    here = Path(__file__).resolve().parent
-    packaged = here.parent / "assets" / "scenes"
-    return packaged if (packaged / "scenes.json").is_file() else here.parents[1] / "assets"

@@ -86,6 +86,7 @@ def visualize(
     normalization: Any = None,
     panel_size: float = 2.6,
     dpi: int = 120,
+    colorbar: bool = False,
 ) -> Any:
     """A figure with the original image followed by one overlay panel per prompt (one row per image).
 
@@ -94,7 +95,9 @@ def visualize(
             tensor) or a batch (list of those, or a ``[B, 3, H, W]`` tensor).
         heatmaps: ``[H, W]``, ``[P, H, W]`` or ``[B, P, H, W]`` maps in [0, 1], e.g. ``compute_legrad``'s output.
         alpha: heatmap opacity in [0, 1].
-        text_prompts: ``P`` panel titles (the prompts); "prompt 1", ... when None.
+        text_prompts: the panel titles (the prompts): ``P`` strings shared by every image, or, for a
+            batch explained with per-image prompts (``[B, P, D]`` text), ``B`` sequences of ``P``
+            strings, one per image row; "prompt 1", ... when None.
         save_path: write the figure there as PNG (parent folders are created).
         show: ``True``: in a notebook, display the figure inline now; elsewhere open a pyplot window
             (blocking like ``plt.show()``). ``False``: display nothing. ``None`` (default): a window
@@ -108,6 +111,8 @@ def visualize(
             otherwise the colours are off.
         panel_size: panel side in inches.
         dpi: resolution of the saved PNG and of the notebook image.
+        colorbar: add a colour bar for the heatmaps' scale (0: least relevant, 1: most relevant; each
+            map is min-max normalised on its own, so the bar reads per map, not across maps).
 
     Returns:
         A :class:`NotebookFigure` (a ``matplotlib.figure.Figure``). In Jupyter, JupyterLab and VS Code
@@ -123,14 +128,9 @@ def visualize(
         raise ValueError("image batch is empty")
     maps = _maps_grid(heatmaps, len(images))
     num_prompts = maps.shape[1]
-    if text_prompts is None:
-        titles = [f"prompt {i + 1}" for i in range(num_prompts)]
-    else:
-        if isinstance(text_prompts, str):
-            text_prompts = [text_prompts]
-        titles = [str(t) for t in text_prompts]
-        if len(titles) != num_prompts:
-            raise ValueError(f"got {len(titles)} text_prompts for {num_prompts} heatmaps per image")
+    if not isinstance(colorbar, bool):
+        raise TypeError(f"colorbar must be True or False, got {type(colorbar).__name__}")
+    row_titles = _row_titles(text_prompts, len(images), num_prompts)
     panels = []
     for img, row in zip(images, maps):
         rgb = fit_for_display(img, DISPLAY_MAX_SIDE, normalization)
@@ -145,15 +145,17 @@ def visualize(
         # No pyplot: the figure stays out of pyplot's global state (threads, servers, notebooks).
         fig = NotebookFigure(figsize=figsize, display_dpi=dpi)
     axes = fig.subplots(len(images), num_prompts + 1, squeeze=False)
-    for r, (rgb, overlays) in enumerate(panels):
+    for r, ((rgb, overlays), titles) in enumerate(zip(panels, row_titles)):
         axes[r, 0].imshow(rgb)
-        axes[r, 0].set_title("image", fontsize=10)
+        axes[r, 0].set_title("image" if len(panels) == 1 else f"image {r + 1}", fontsize=10)
         for c, (ov, title) in enumerate(zip(overlays, titles), start=1):
             axes[r, c].imshow(ov)
             axes[r, c].set_title(_wrap(title), fontsize=10)
         for ax in axes[r]:
             ax.axis("off")
     fig.tight_layout()
+    if colorbar:
+        _add_colorbar(fig, axes, colormap)
 
     if save_path is not None:
         _atomic_savefig(fig, Path(save_path), dpi)
@@ -164,6 +166,42 @@ def visualize(
 
         plt.show(block=bool(show))
     return fig
+
+
+def _row_titles(text_prompts: Any, num_images: int, num_prompts: int) -> list[list[str]]:
+    """Panel titles per image row: ``[B][P]`` from shared (``P``) or per-image (``B x P``) prompts."""
+    if text_prompts is None:
+        return [[f"prompt {i + 1}" for i in range(num_prompts)]] * num_images
+    if isinstance(text_prompts, str):
+        text_prompts = [text_prompts]
+    items = list(text_prompts)
+    nested = [isinstance(t, Sequence) and not isinstance(t, str) for t in items]
+    if any(nested):
+        if not all(nested) or len(items) != num_images:
+            raise ValueError(
+                f"text_prompts must be {num_prompts} strings (shared by every image) or {num_images} lists of "
+                f"{num_prompts} strings (one per image)"
+            )
+        rows = [[str(t) for t in row] for row in items]
+        bad = [len(row) for row in rows if len(row) != num_prompts]
+        if bad:
+            raise ValueError(f"got a row of {bad[0]} text_prompts for {num_prompts} heatmaps per image")
+        return rows
+    titles = [str(t) for t in items]
+    if len(titles) != num_prompts:
+        raise ValueError(f"got {len(titles)} text_prompts for {num_prompts} heatmaps per image")
+    return [titles] * num_images
+
+
+def _add_colorbar(fig: Any, axes: np.ndarray, colormap: str) -> None:
+    """One colour bar beside the heatmap panels, for the maps' [0, 1] scale."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    mappable = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=colormaps[colormap])
+    bar = fig.colorbar(mappable, ax=list(axes.ravel()), fraction=0.025, pad=0.01, shrink=0.9)
+    bar.set_label("relevance (each map min-max normalised)", fontsize=9)
 
 
 def _wrap(title: str, width: int = 28) -> str:

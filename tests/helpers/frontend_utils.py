@@ -10,11 +10,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def bundled_scenes() -> list[tuple[Path, list[str]]]:
-    """The demo scenes shipped in ``assets/`` as ``(path, phrases)``."""
+    """The demo scenes shipped in the package (``legrad/assets/scenes/``) as ``(path, phrases)``."""
     from legrad.frontend.scenes import sample_scenes
 
-    scenes = sample_scenes(REPO / "assets")
-    assert scenes, "assets/scenes.json and its images are missing"
+    scenes = sample_scenes()
+    assert scenes, "legrad/assets/scenes/scenes.json and its images are missing"
     return [(s.path, list(s.phrases)) for s in scenes]
 
 

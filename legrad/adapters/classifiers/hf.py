@@ -189,4 +189,4 @@ class HFViTClassifierAdapter(ClassifierAdapter):
             with torch.no_grad():
                 x = x1.detach() + linear(layer.mlp.fc2, hidden.detach())
             yield LayerStep(layer=i, feature=feature, out=o, value=v, num_prefix_tokens=self._prefix, query=q,
-                            key=k, scale=scale)
+                            key=k, scale=scale, block_output=x)

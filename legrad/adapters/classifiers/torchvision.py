@@ -148,4 +148,5 @@ class TorchvisionViTAdapter(ClassifierAdapter):
                 feature = self._head(x1.mean(1) + linear(fc2, hidden.mean(1)))
             with torch.no_grad():
                 x = x1.detach() + linear(fc2, hidden.detach())
-            yield LayerStep(layer=i, feature=feature, out=o, value=v, num_prefix_tokens=1, query=q, key=k)
+            yield LayerStep(layer=i, feature=feature, out=o, value=v, num_prefix_tokens=1, query=q, key=k,
+                            block_output=x)

@@ -44,7 +44,7 @@ class HFClipAdapter(HFAdapter):
         with torch.no_grad():
             x_next = x1.detach() + linear(blk.mlp.fc2, hidden.detach())
         step = LayerStep(layer=layer, feature=feature, out=o, value=v, num_prefix_tokens=1, query=q, key=k,
-                         scale=scale)
+                         scale=scale, block_output=x_next)
         return step, x_next
 
     def trace_tokens(self, image, compute_dtype):

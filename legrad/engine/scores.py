@@ -1,0 +1,72 @@
+"""Scores with the maps: ``compute_legrad(..., return_scores=True)``.
+
+The tower is run once for the maps (:meth:`legrad.adapters.base.TowerAdapter.steps`): the blocks before
+the first explained one without a graph, then every explained block up to the tower's **last** block
+(``layer_index`` only chooses where the explained layers start, they always run to the end). So the
+last step already sees the tower's final tokens, and the model's own image embedding (its real pooling
+and head, what ``encode_image`` returns; the logits for a classifier) comes from them with no second
+forward pass: :meth:`~legrad.adapters.base.TowerAdapter.final_embedding` applies the pooling and head
+to the last block's output, or, for attention-pooled towers, takes the last step's feature (the
+pooler on the final tokens *is* the model's embedding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .step import LayerStep, cosine_scores, logit_scores
+
+__all__ = ["LeGradOutput", "capture_final_embedding", "final_scores"]
+
+
+class LeGradOutput(NamedTuple):
+    """What ``compute_legrad(..., return_scores=True)`` returns (unpacks as ``maps, features, scores``).
+
+    Attributes:
+        maps: ``[B, P, H, W]`` heatmaps, exactly what ``compute_legrad`` returns without ``return_scores``.
+        image_features: ``[B, D]`` the model's own image embedding, L2-normalised (CLIP convention: equal
+            to ``encode_image(image, normalize=True)``); for image classifiers, the ``[B, K]`` logits.
+        scores: ``[B, P]`` image-prompt cosine similarities (``image_features`` against the text
+            embeddings as given; multiply by ``logit_scale.exp()`` and add any ``logit_bias`` for the
+            model's logits); for image classifiers, the targets' logits.
+    """
+
+    maps: torch.Tensor | list[torch.Tensor]
+    image_features: torch.Tensor
+    scores: torch.Tensor
+
+
+def capture_final_embedding(adapter: Any, steps: Iterable[LayerStep], sink: list[torch.Tensor]
+                            ) -> Iterator[LayerStep]:
+    """Passes ``steps`` through, appending the model's own embedding to ``sink`` at the tower's last block.
+
+    Holds no step beyond its turn (each layer's graph is still freed before the next is built).
+    """
+    last = adapter.depth - 1
+    for step in steps:
+        if step.layer == last:
+            with torch.no_grad():
+                sink.append(adapter.final_embedding(step).detach())
+        yield step
+        del step
+
+
+def final_scores(embedding: torch.Tensor, prompts: torch.Tensor, num_prompts: int, kind: str
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(image_features, scores)`` from the model's embedding ``[B, E]`` and the call's prompts.
+
+    Args:
+        embedding: ``[B, E]`` un-normalised embedding, or ``[B, K]`` logits (``kind == "logit"``).
+        prompts: the prepared ``[P(+1), D]`` / ``[B, P(+1), D]`` text, or class indices ``[P]`` / ``[B, P]``.
+        num_prompts: P (a trailing correction prompt beyond it is dropped).
+        kind: the adapter's scorer kind, ``"cosine"`` or ``"logit"``.
+    """
+    with torch.no_grad():
+        if kind == "logit":
+            return embedding, logit_scores(embedding, prompts)
+        text = prompts[..., :num_prompts, :]
+        return F.normalize(embedding, dim=-1), cosine_scores(embedding, text)
