@@ -204,3 +204,16 @@ def test_families_the_original_never_supported(make, why):
         LeWrapper(model, reference="1.1")
     assert "drop reference=" in str(info.value)
     LeWrapper(model)  # legrad itself explains them
+
+
+def test_scores_with_reference_mode():
+    # Where the reference readout is not the model's embedding, scores from it would be wrong: refused.
+    image, text = random_image(1, 24, 24), random_text(2, 32)
+    coca = build_tiny("coca_ViT-B-32")
+    with pytest.raises(ValueError, match="return_scores=True is not available with reference='1.1'"):
+        LeWrapper(coca, reference="1.1").compute_legrad(text, image, return_scores=True)
+    # Plain ViTs: the reference is legrad itself, so the scores are the model's.
+    vit = build_tiny("ViT-B-32")
+    out = LeWrapper(vit, reference="1.1").compute_legrad(text, image, return_scores=True)
+    expected = F.normalize(vit.encode_image(image), dim=-1)
+    torch.testing.assert_close(out.image_features, expected, atol=1e-5, rtol=0)

@@ -311,6 +311,11 @@ def run(adapter: Any, model: nn.Module, request: Request, settings: Settings
     """
     if not isinstance(request.return_scores, bool):
         raise TypeError(f"return_scores must be True or False, got {type(request.return_scores).__name__}")
+    if request.return_scores and settings.reference is not None and reference_adapter(adapter, settings.reference) is not adapter:
+        # The reference readout is not the model's embedding: scores from it would not be the model's.
+        raise ValueError(f"return_scores=True is not available with reference={settings.reference!r} on the "
+                         f"{adapter.family} tower (its layer readout differs from the model's own embedding); "
+                         "use a LeWrapper without reference= for the scores")
     call = prepare(adapter, model, request, settings)
     if not request.return_scores:
         return finish(call, relevance(call))
