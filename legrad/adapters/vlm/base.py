@@ -315,12 +315,7 @@ class VLMAdapter(TowerAdapter):
         with torch.enable_grad():
             feats = self._features(self._block_output(block.layer, block.x[rows], o)).to(lm_dtype)
             embeds = base.masked_scatter(seqs.image.to(device)[..., None], feats)
-            hidden = self._lm_hidden(embeds, mask, types)
-            pred = seqs.pred.to(device)
-            h = hidden.gather(1, pred[..., None].expand(-1, -1, hidden.shape[-1]))
-            logp = self._logits(h).float().log_softmax(-1)
-            tok = logp.gather(-1, seqs.target.to(device)[..., None])[..., 0]
-            scores = (tok * seqs.weight.to(device)).sum(-1)
+            scores = self._answer_scores(self._lm_hidden(embeds, mask, types), seqs)
             total = scores.sum()  # each sequence's score depends only on its own copy of O
         if not bool(torch.isfinite(scores).all()):
             raise NonFiniteError("the answers' log-probabilities are not finite (numeric overflow in the model)")
@@ -336,12 +331,18 @@ class VLMAdapter(TowerAdapter):
             raise NonFiniteError("the attention gradients are not finite (numeric overflow in the model)")
         return rel[:, self.prefix_tokens:]
 
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+    def _answer_scores(self, hidden: torch.Tensor, seqs: Any) -> torch.Tensor:
+        """``[n]`` summed log-probs of the counted answer tokens from the last hidden states ``[n, L, D]``; the
+        head (and Gemma 2's final soft-capping) only on the positions that predict answer tokens."""
+        device = hidden.device
+        pred = seqs.pred.to(device)
+        h = hidden.gather(1, pred[..., None].expand(-1, -1, hidden.shape[-1]))
         logits = linear(self.model.get_output_embeddings(), h)
         cap = getattr(self.text_config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
-        return logits
+        logp = logits.float().log_softmax(-1).gather(-1, seqs.target.to(device)[..., None])[..., 0]
+        return (logp * seqs.weight.to(device)).sum(-1)
 
     def score(self, image: Any, answers: Any, tokenizer: Any = None, **inputs: Any) -> torch.Tensor:
         """The answers' summed log-probabilities ``[B, P]`` under the unchanged model (no maps), for checks.
@@ -366,7 +367,4 @@ class VLMAdapter(TowerAdapter):
                 seqs.image.to(device)[..., None], feats[rows].to(lm_dtype))
             types = None if seqs.token_types is None else seqs.token_types.to(device)
             hidden = self._lm_hidden(embeds, seqs.mask.to(device), types)
-            pred = seqs.pred.to(device)
-            h = hidden.gather(1, pred[..., None].expand(-1, -1, hidden.shape[-1]))
-            logp = self._logits(h).float().log_softmax(-1).gather(-1, seqs.target.to(device)[..., None])[..., 0]
-            return (logp * seqs.weight.to(device)).sum(-1).reshape(call.batch, len(ids))
+            return self._answer_scores(hidden, seqs).reshape(call.batch, len(ids))
