@@ -20,6 +20,7 @@ so padding of either side never changes a score.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -156,16 +157,20 @@ class VLMAdapter(TowerAdapter):
         raise TypeError(f"{self.family} explains answers: use compute_legrad(image=inputs, answers=[...])")
 
     # ------------------------------------------------------------------ the call
+    #: Dimensions of ``pixel_values`` (5 for any-resolution families: ``[B, tiles, C, H, W]``).
+    pixel_ndim: ClassVar[int] = 4
+
     def _validate(self, image: Any, inputs: dict[str, Any], answers: Any, tokenizer: Any) -> tuple[VLMInputs, list]:
-        call = read_inputs(image, inputs, self.image_token_id, self.text_config.vocab_size)
+        call = read_inputs(image, inputs, self.image_token_id, self.text_config.vocab_size, self.pixel_ndim)
         size = self.visual.config.image_size
         c = self.visual.config.num_channels
-        if tuple(call.pixel_values.shape[1:]) != (c, size, size):
+        if tuple(call.pixel_values.shape[-3:]) != (c, size, size):
             raise ValueError(f"pixel_values must be [B, {c}, {size}, {size}] for this model, got "
                              f"{tuple(call.pixel_values.shape)}; use the model's processor")
-        n_img = self._num_image_tokens()
+        self._check_call(call)
         for row, prompt in enumerate(call.prompts):
             got = int((prompt == self.image_token_id).sum())
+            n_img = self._num_image_tokens(call, row)
             if got != n_img:
                 raise ValueError(f"prompt {row} holds {got} image tokens; this model expects {n_img} (one image, as "
                                  "the processor expands it)")
@@ -173,10 +178,34 @@ class VLMAdapter(TowerAdapter):
             raise ValueError("the VLM is in training mode (dropout would make the maps random); call model.eval()")
         return call, tokenize_answers(answers, tokenizer, self.text_config.vocab_size, self.image_token_id)
 
-    def _num_image_tokens(self) -> int:
-        """Image placeholder tokens per prompt (= image feature rows)."""
+    def _check_call(self, call: VLMInputs) -> None:
+        """Family-specific checks of a call (before any work)."""
+
+    def _num_image_tokens(self, call: VLMInputs, row: int) -> int:
+        """Image placeholder tokens of prompt ``row`` (= image feature rows)."""
         gh, gw = self._grid()
         return gh * gw
+
+    def _tile_rows(self, call: VLMInputs) -> list[list[int]]:
+        """Rows of the tower's input batch (:meth:`_tower_pixels`) that belong to each image."""
+        return [[b] for b in range(call.batch)]
+
+    def _tower_pixels(self, call: VLMInputs) -> torch.Tensor:
+        """``[tiles, C, H, W]``: what the vision tower runs on."""
+        return call.pixel_values
+
+    def _image_features(self, y: torch.Tensor, images: list[int], counts: list[int], call: VLMInputs) -> torch.Tensor:
+        """Features ``[tokens, D]`` of a chunk's sequences, in order, from its tiles' block outputs ``y``."""
+        feats = self._features(y)
+        return feats.reshape(-1, feats.shape[-1])
+
+    def _image_map(self, rel: torch.Tensor, b: int, call: VLMInputs) -> torch.Tensor:
+        """Relevance of one (image, answer) on its image: ``[tiles, patches]`` -> ``[gh, gw]``."""
+        return rel.reshape(self._grid())
+
+    def _map_size(self, b: int, call: VLMInputs) -> tuple[int, int]:
+        """``(H, W)`` of image ``b``'s maps when ``output_size`` is None."""
+        return tuple(call.pixel_values.shape[-2:])
 
     def _safe_id(self) -> int:
         pad = getattr(self.text_config, "pad_token_id", None)
@@ -192,7 +221,8 @@ class VLMAdapter(TowerAdapter):
         # Activations the language model keeps for the backward (attention, MLP, norms), the vision block's
         # graph (float32), the answer logits (float32 log-softmax) and the relevance block.
         lm = length * layers * (12 * tc.hidden_size + 4 * inter) * elt
-        n, width = self._tokens_per_image(), self.visual.config.hidden_size
+        n = self._tokens_per_image() * max(len(t) for t in self._tile_rows(call))
+        width = self.visual.config.hidden_size
         heads = self.visual.config.num_attention_heads
         vision = n * width * 4 * 24 + heads * n * n * 4
         logits = max(len(a) for a in answers) * tc.vocab_size * 4 * 3
@@ -205,7 +235,7 @@ class VLMAdapter(TowerAdapter):
 
     def _chunk(self, n_items: int, call: VLMInputs, answers: list, chunk: int | None, max_memory: float | None,
                max_tokens: int | None) -> int:
-        patches = self._num_image_tokens()
+        patches = max(len(t) for t in self._tile_rows(call)) * (self._tokens_per_image() - self.prefix_tokens)
         if max_tokens is not None and patches > max_tokens:
             raise ValueError(f"the image has {patches} patch tokens, more than max_tokens={max_tokens}")
         fixed, per_item = self._item_bytes(call, answers)
@@ -262,10 +292,17 @@ class VLMAdapter(TowerAdapter):
         chunk = self._chunk(len(items), call, ids, chunk, max_memory, max_tokens)
         out_device = call.pixel_values.device
         with torch.inference_mode(False), torch.no_grad():
-            rel = self._relevance(call, ids, items, start, chunk).reshape(call.batch, cols, -1)
-            gh, gw = self._grid()
-            size = tuple(call.pixel_values.shape[-2:])
-            maps = grid_maps(rel, [(gh, gw)] * call.batch, [size] * call.batch, output_size)
+            rels = self._relevance(call, ids, items, start, chunk)
+            grids = [self._image_map(rels[b * cols + j], b, call) for b in range(call.batch) for j in range(cols)]
+            width = max(g.numel() for g in grids)
+            rel = torch.zeros(len(grids), width, device=grids[0].device)
+            for i, g in enumerate(grids):
+                rel[i, : g.numel()] = g.flatten()
+            shapes = [tuple(grids[b * cols].shape) for b in range(call.batch)]
+            sizes = [self._map_size(b, call) for b in range(call.batch)]
+            maps = grid_maps(rel.reshape(call.batch, cols, width), shapes, sizes, output_size)
+        if isinstance(maps, list):
+            return [m.to(out_device) for m in maps]
         return maps.to(out_device)
 
     def _vision_blocks(self, pixels: torch.Tensor, start: int) -> Iterator[VisionBlock]:
@@ -288,32 +325,37 @@ class VLMAdapter(TowerAdapter):
 
     def _relevance(self, call: VLMInputs, answers: list[torch.Tensor], items: list, start: int,
                    chunk: int) -> torch.Tensor:
-        """``[len(items), patches]`` relevance summed over the explained blocks."""
+        """Per item, ``[tiles, patches]`` relevance summed over the explained blocks."""
         device = self.device()
         lm_dtype = next(self.model.model.language_model.parameters()).dtype
-        pixels = call.pixel_values.detach().to(device=device, dtype=self.param_dtype())
+        pixels = self._tower_pixels(call).detach().to(device=device, dtype=self.param_dtype())
         pixels = pixels.clone() if pixels.is_inference() else pixels
         embed = self.model.get_input_embeddings()
-        total = torch.zeros(len(items), self._tokens_per_image() - self.prefix_tokens, device=device)
+        tiles = self._tile_rows(call)
+        total: list[Any] = [0.0] * len(items)
         chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]
         packed = [pack(c, call, answers, self.image_token_id, self._safe_id()) for c in chunks]
         for block in self._vision_blocks(pixels, start):
             lo = 0
             for part, seqs in zip(chunks, packed):
-                rows = torch.tensor([b for b, _, _ in part], device=device)
-                rel = self._chunk_relevance(block, rows, seqs, embed, lm_dtype, device)
-                total[lo:lo + len(part)] += rel
+                images = [b for b, _, _ in part]
+                rows = torch.tensor([r for b in images for r in tiles[b]], device=device)
+                counts = [len(tiles[b]) for b in images]
+                feats = functools.partial(self._image_features, images=images, counts=counts, call=call)
+                rel = self._chunk_relevance(block, rows, feats, seqs, embed, lm_dtype, device)
+                for i, piece in enumerate(rel.split(counts)):
+                    total[lo + i] = total[lo + i] + piece
                 lo += len(part)
         return total
 
-    def _chunk_relevance(self, block: VisionBlock, rows: torch.Tensor, seqs: Any, embed: nn.Module,
+    def _chunk_relevance(self, block: VisionBlock, rows: torch.Tensor, features: Any, seqs: Any, embed: nn.Module,
                          lm_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         ids, mask = seqs.ids.to(device), seqs.mask.to(device)
         types = None if seqs.token_types is None else seqs.token_types.to(device)
         base = embed(ids).detach()
         o = block.out[rows].clone().requires_grad_(True)
         with torch.enable_grad():
-            feats = self._features(self._block_output(block.layer, block.x[rows], o)).to(lm_dtype)
+            feats = features(self._block_output(block.layer, block.x[rows], o)).to(lm_dtype)
             embeds = base.masked_scatter(seqs.image.to(device)[..., None], feats)
             scores = self._answer_scores(self._lm_hidden(embeds, mask, types), seqs)
             total = scores.sum()  # each sequence's score depends only on its own copy of O
@@ -354,17 +396,19 @@ class VLMAdapter(TowerAdapter):
         items = [(b, p, None) for b in range(call.batch) for p in range(len(ids))]
         device = self.device()
         with torch.inference_mode(False), torch.no_grad():
-            pixels = call.pixel_values.to(device=device, dtype=self.param_dtype())
+            pixels = self._tower_pixels(call).to(device=device, dtype=self.param_dtype())
             layers = self.visual.encoder.layers
             x = self._embed(pixels)
             for i in range(self.depth):
                 x = encoder_layer(layers[i], x, None)
-            feats = self._features(x)
+            tiles = self._tile_rows(call)
+            images = [b for b, _, _ in items]
+            rows = torch.tensor([r for b in images for r in tiles[b]], device=device)
+            feats = self._image_features(x[rows], images, [len(tiles[b]) for b in images], call)
             seqs = pack(items, call, ids, self.image_token_id, self._safe_id())
-            rows = torch.tensor([b for b, _, _ in items], device=device)
             lm_dtype = next(self.model.model.language_model.parameters()).dtype
             embeds = self.model.get_input_embeddings()(seqs.ids.to(device)).masked_scatter(
-                seqs.image.to(device)[..., None], feats[rows].to(lm_dtype))
+                seqs.image.to(device)[..., None], feats.to(lm_dtype))
             types = None if seqs.token_types is None else seqs.token_types.to(device)
             hidden = self._lm_hidden(embeds, seqs.mask.to(device), types)
             return self._answer_scores(hidden, seqs).reshape(call.batch, len(ids))

@@ -52,7 +52,7 @@ class LlavaAdapter(VLMAdapter):
     def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
         return layer_norm(self.visual.pre_layrnorm, self.visual.embeddings(pixels))
 
-    def _num_image_tokens(self) -> int:
+    def _num_image_tokens(self, call, row) -> int:
         gh, gw = self._grid()
         return gh * gw + (self.model.config.vision_feature_select_strategy == "full")
 
