@@ -15,6 +15,7 @@ import torch
 import transformers as T
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+ANYRES_TILES = 5  # the most tiles a 64 x 64 grid needs (4 + the base tile)
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", "USER:", "ASSISTANT:", "what", "is", "in", "the", "picture", "?", "a",
          "cat", "dog", "two", "cats", "red", "ball", "where", "answer", "en"]
 VOCAB = 64
@@ -53,6 +54,18 @@ def llava(strategy: str = "default", feature_layer: int | list = -2, blocks: int
     cfg = T.LlavaConfig(vision_config=vc, text_config=tc, image_token_id=IMAGE_TOKEN,
                         vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy)
     return _init(T.LlavaForConditionalGeneration(cfg), seed)
+
+
+def llava_next(seed: int = 0):
+    """LLaVA-NeXT-shaped: CLIP tower on 32 px tiles, any-resolution grids up to 64 x 64 px, Llama LM."""
+    vc = T.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                            image_size=32, patch_size=8)
+    tc = T.LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, pad_token_id=0)
+    cfg = T.LlavaNextConfig(vision_config=vc, text_config=tc, image_token_id=IMAGE_TOKEN, vision_feature_layer=-2,
+                            vision_feature_select_strategy="default",
+                            image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]])
+    return _init(T.LlavaNextForConditionalGeneration(cfg), seed)
 
 
 def paligemma(seed: int = 0):

@@ -78,7 +78,7 @@ def hf_family(model: Any) -> str | None:
         hint = " (a single tower cannot be explained: load the full two-tower model, e.g. CLIPModel)"
     elif name.endswith("ForConditionalGeneration"):
         hint = (" (vision-language models explained through their answers: LlavaForConditionalGeneration, "
-                "PaliGemmaForConditionalGeneration)")
+                "LlavaNextForConditionalGeneration, PaliGemmaForConditionalGeneration)")
     raise TypeError(
         f"unsupported Hugging Face model class {name}{hint}. LeWrapper accepts these transformers classes: "
         f"{', '.join(SUPPORTED_HF_CLASSES)}."
