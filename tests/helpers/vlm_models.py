@@ -29,6 +29,7 @@ def tokenizer() -> T.PreTrainedTokenizerFast:
     vocab["<image>"] = IMAGE_TOKEN
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<image>", "<s>", "</s>", "<pad>", "<unk>"])  # split out even when glued together
     return T.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                      unk_token="<unk>")
 
