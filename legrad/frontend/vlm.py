@@ -1,0 +1,101 @@
+"""Vision-language models in the front ends: loading a local VLM with its processor, and explaining the
+candidate answers to one question about one image (shared by ``legrad explain --answer``, the playground
+and the demo app). Only local directories are loaded (``save_pretrained`` of the model and its processor):
+nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ModelLoadError, one_line
+from .models import resolve_device
+
+__all__ = ["VLMExplainer", "is_vlm_dir", "strip_prefix"]
+
+
+def strip_prefix(name: str) -> str:
+    """``hf:DIR`` -> ``DIR`` (a plain path is returned as is)."""
+    name = name.strip()
+    return name[3:] if name.startswith("hf:") else name
+
+
+def _architectures(path: str) -> list[str]:
+    import json
+
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            return list(json.load(f).get("architectures") or [])
+    except (OSError, ValueError):
+        return []
+
+
+def is_vlm_dir(name: str) -> bool:
+    """Whether ``name`` (``hf:DIR`` or ``DIR``) is a local folder holding a VLM legrad explains."""
+    from legrad.adapters.vlm import SUPPORTED_VLM_CLASSES
+
+    path = strip_prefix(name)
+    return os.path.isdir(path) and any(a in SUPPORTED_VLM_CLASSES for a in _architectures(path))
+
+
+@dataclass
+class VLMExplainer:
+    """A loaded VLM, its processor and its :class:`~legrad.LeWrapper`."""
+
+    wrapper: Any
+    processor: Any
+    name: str
+
+    @classmethod
+    def load(cls, name: str, device: str = "auto", layer_index: int | None = None) -> VLMExplainer:
+        """Loads ``hf:DIR`` (a local folder with the model and its processor) in eval mode.
+
+        Raises:
+            ModelLoadError: not a local folder, not a supported VLM, or unreadable files.
+            ValueError: for an unavailable device.
+        """
+        from legrad import LeWrapper
+        from legrad.adapters.vlm import SUPPORTED_VLM_CLASSES
+
+        device = resolve_device(device)
+        path = strip_prefix(name)
+        if not os.path.isdir(path):
+            raise ModelLoadError(f"{name}: answers are explained for a local VLM folder (hf:DIR, saved with "
+                                 "save_pretrained together with its processor); no such folder")
+        arch = [a for a in _architectures(path) if a in SUPPORTED_VLM_CLASSES]
+        if not arch:
+            raise ModelLoadError(f"{name}: config.json names {_architectures(path) or 'no architecture'}; supported "
+                                 f"VLMs: {', '.join(SUPPORTED_VLM_CLASSES)}")
+        try:
+            import transformers
+
+            model = getattr(transformers, arch[0]).from_pretrained(path, local_files_only=True).to(device).eval()
+            processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
+        except Exception as exc:  # transformers raises many types for unreadable folders
+            raise ModelLoadError(f"could not load the VLM in {path}: {one_line(exc)}") from exc
+        return cls(LeWrapper(model, tokenizer=processor, **({} if layer_index is None else {
+            "layer_index": layer_index})), processor, name)
+
+    def inputs(self, image: Any, prompt: str) -> Any:
+        """The processor output for one PIL image and one question (an image token is put in front of the
+        question when it has none, except for PaliGemma, whose processor adds the image tokens itself)."""
+        token = getattr(self.processor, "image_token", None)
+        kind = type(self.wrapper.model).__name__
+        if token and token not in prompt and not kind.startswith("PaliGemma"):
+            prompt = f"{token}\n{prompt}"
+        return self.processor(images=image, text=prompt, return_tensors="pt")
+
+    def explain(self, image: Any, prompt: str, answers: list[str]) -> tuple[Any, Any]:
+        """Maps ``[P, H, W]`` (numpy, at the image's size) and the answers' summed log-probabilities ``[P]``.
+
+        Raises:
+            TypeError, ValueError: for bad answers or inputs (before any work).
+        """
+        if not answers or any(not isinstance(a, str) or not a.strip() for a in answers):
+            raise ValueError("give at least one non-empty answer")
+        inputs = self.inputs(image, prompt)
+        size = (image.height, image.width)
+        maps = self.wrapper.compute_legrad(image=inputs, answers=list(answers), output_size=size)
+        scores = self.wrapper.adapter.score(inputs, list(answers), tokenizer=self.processor)
+        return maps[0].numpy(), scores[0].detach().float().numpy()
