@@ -76,3 +76,26 @@ def test_cli_refuses_a_folder_that_is_not_a_supported_vlm(saved, capsys, tmp_pat
                  "--out", str(tmp_path / "o")]) == 1
     assert "supported VLMs" in capsys.readouterr().err
     torch.manual_seed(0)  # no state leaks between the cases
+
+
+def test_playground_explains_answers_of_a_local_vlm(saved, capsys, tmp_path):
+    import sys
+    from pathlib import Path
+
+    root, model, processor, img = saved
+    repo = str(Path(__file__).resolve().parents[1])
+    sys.path.insert(0, repo)
+    try:
+        import playground
+    finally:
+        sys.path.remove(repo)
+    out = tmp_path / "pg.png"
+    code = playground.main(["--model", f"hf:{root / 'llava'}", "--image", str(root / "img.png"), "--prompt",
+                            "what is in the picture ?", "--answer", "a cat", "--answer", "a dog", "--out", str(out),
+                            "--device", "cpu"])
+    assert code == 0 and out.is_file()
+    text = capsys.readouterr().out
+    inputs = processor(images=img, text="<image>\nwhat is in the picture ?", return_tensors="pt")
+    logp = LeWrapper(model, tokenizer=processor).adapter.score(inputs, ["a cat", "a dog"], tokenizer=processor)[0]
+    assert f"a cat   {float(logp[0]):>8.3f}" in text and f"a dog   {float(logp[1]):>8.3f}" in text
+    assert playground.main(["--model", f"hf:{root / 'llava'}", "--answer", "a cat", "--out", str(out)]) == 2
