@@ -99,3 +99,22 @@ def test_playground_explains_answers_of_a_local_vlm(saved, capsys, tmp_path):
     logp = LeWrapper(model, tokenizer=processor).adapter.score(inputs, ["a cat", "a dog"], tokenizer=processor)[0]
     assert f"a cat   {float(logp[0]):>8.3f}" in text and f"a dog   {float(logp[1]):>8.3f}" in text
     assert playground.main(["--model", f"hf:{root / 'llava'}", "--answer", "a cat", "--out", str(out)]) == 2
+
+
+def test_app_request_for_a_local_vlm_the_operator_passed(saved, monkeypatch):
+    from legrad.frontend import app_requests as A
+
+    root = saved[0]
+    label = f"hf:{root / 'llava'}"
+    text = "what is in the picture ?\na cat\na dog"
+    # Not passed by the operator: a visitor's path is never looked at, the choice is refused.
+    gallery, status = A.predict(str(root / "img.png"), None, text, label, alpha=0.5)
+    assert gallery == [] and "unknown model choice" in status
+    monkeypatch.setattr(A.SETTINGS, "extra_labels", (label,))
+    assert "Question" in A.prompts_box_for(label)["label"]
+    assert A.initial_text([label], [], ["what is in the picture ?", "a cat"]) == "what is in the picture ?\na cat"
+    gallery, status = A.predict(str(root / "img.png"), None, text, label, alpha=0.5)
+    assert [c for _, c in gallery][0].startswith("a cat: log-prob") and len(gallery) == 2, status
+    assert gallery[0][0].size == (48, 40)
+    gallery, status = A.predict(str(root / "img.png"), None, "only a question", label, alpha=0.5)
+    assert gallery == [] and "candidate answer" in status
