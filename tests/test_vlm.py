@@ -130,3 +130,28 @@ def test_bfloat16_language_model_runs_in_its_own_dtype_and_default_size():
     assert maps.shape == (1, 2, 32, 32) and maps.dtype == torch.float32 and torch.isfinite(maps).all()
     assert float(maps.amax()) == pytest.approx(1.0)
     assert all(same_bits(before[k], v) for k, v in V.snapshot(model).items())
+
+
+def test_concurrent_calls_and_inference_mode_give_the_same_maps():
+    import threading
+
+    model = V.llava(seed=3)
+    inputs = V.batch([V.prompt([4, 6, 5], V.GRID ** 2)], _pixels(1, seed=6))
+    w = LeWrapper(model)
+    ref = w.compute_legrad(image=inputs, answers=ANSWERS, output_size="grid")
+    with torch.inference_mode():
+        torch.testing.assert_close(w.compute_legrad(image=inputs, answers=ANSWERS, output_size="grid"), ref,
+                                   atol=1e-6, rtol=0)
+    out: list = [None] * 4
+
+    def work(i: int) -> None:
+        out[i] = w.compute_legrad(image=inputs, answers=ANSWERS[i % 2:] + ANSWERS[: i % 2], output_size="grid")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, maps in enumerate(out):
+        expected = ref if i % 2 == 0 else ref.flip(1)
+        torch.testing.assert_close(maps, expected, atol=1e-6, rtol=0)

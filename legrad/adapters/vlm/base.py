@@ -218,15 +218,17 @@ class VLMAdapter(TowerAdapter):
         length = max(len(p) for p in call.prompts) + max(len(a) for a in answers)
         inter = getattr(tc, "intermediate_size", 4 * tc.hidden_size) or 4 * tc.hidden_size
         layers = tc.num_hidden_layers
-        # Activations the language model keeps for the backward (attention, MLP, norms), the vision block's
-        # graph (float32), the answer logits (float32 log-softmax) and the relevance block.
-        lm = length * layers * (12 * tc.hidden_size + 4 * inter) * elt
-        n = self._tokens_per_image() * max(len(t) for t in self._tile_rows(call))
-        width = self.visual.config.hidden_size
-        heads = self.visual.config.num_attention_heads
-        vision = n * width * 4 * 24 + heads * n * n * 4
+        # Activations the language model keeps for the backward (attention, MLP, norms, residuals), the vision
+        # block's graph (float32), the answer logits (float32 log-softmax) and the relevance block. The factors
+        # are calibrated on bench/bench_vlm.py's measured peak (7B-shaped LLaVA, bfloat16: 1.2 GiB for 2 x 600
+        # tokens), with some margin.
+        lm = length * layers * (36 * tc.hidden_size + 10 * inter) * elt
+        tok, tiles = self._tokens_per_image(), self._tile_rows(call)
+        width, heads = self.visual.config.hidden_size, self.visual.config.num_attention_heads
+        per_tile = tok * width * 4 * 24 + heads * tok * tok * 4  # a float32 block's graph, or its attention
+        vision = max(len(t) for t in tiles) * per_tile
         logits = max(len(a) for a in answers) * tc.vocab_size * 4 * 3
-        fixed = call.batch * n * width * 4 * 10
+        fixed = sum(len(t) for t in tiles) * per_tile  # the tower's run over every tile
         return fixed, lm + vision + logits + length * tc.hidden_size * elt * 2
 
     def _tokens_per_image(self) -> int:
