@@ -62,6 +62,8 @@ def test_cli_explains_answers_of_a_local_vlm(saved):
     (["--prompt", "q", "--prompt", "r", "--answer", "a cat"], 2, "exactly one question"),
     (["--prompt", "q", "--answer", " "], 2, "must not be empty"),
     (["--prompt", "q", "--answer", "a", "--target", "3"], 2, "--target"),
+    (["--prompt", "q", "--answer", "a", "--size", "64"], 2, "--size"),
+    (["--prompt", "q", "--answer", "a", "--colormap", "no-such-map"], 2, "no-such-map"),
 ])
 def test_cli_refuses_bad_answer_arguments(saved, capsys, argv, code, msg):
     root = saved[0]

@@ -21,7 +21,7 @@ def run_vlm(args: argparse.Namespace) -> int:
     from legrad.frontend.files import atomic_writer
     from legrad.frontend.images import load_image
     from legrad.frontend.vlm import VLMExplainer
-    from legrad.viz import overlay
+    from legrad.viz import colorize, overlay
 
     prog = "legrad explain"
 
@@ -37,6 +37,14 @@ def run_vlm(args: argparse.Namespace) -> int:
     answers = list(args.answers)
     if any(not a.strip() for a in answers):
         error("--answer must not be empty")
+        return 2
+    if args.size is not None or args.pretrained is not None:
+        error("--size and --pretrained do not apply to a VLM (its processor sizes the image; the weights are DIR's)")
+        return 2
+    try:
+        colorize(np.zeros((1, 1)), args.colormap)
+    except (TypeError, ValueError) as exc:
+        error(str(exc))
         return 2
     out_dir = Path(args.out)
     try:
