@@ -220,8 +220,8 @@ class LeWrapper:
             TypeError, ValueError: on invalid inputs, before any computation.
         """
         if answers is not None or self._adapter.scorer == "answer":
-            return self._explain_answers(text_embedding, image, answers, layer_index, prompt_chunk, output_size,
-                                         inputs)
+            return self._explain_answers(text_embedding if target is None else target, image, answers, layer_index,
+                                         prompt_chunk, output_size, inputs)
         return self._run(pipeline.Request(
             image=image, text=text_embedding, target=target,
             layer_index=self._layer_index if layer_index is None else layer_index, prompt_chunk=prompt_chunk,

@@ -35,6 +35,7 @@ def saved(tmp_path_factory):
     return root, model, processor, img
 
 
+@pytest.mark.slow
 def test_cli_explains_answers_of_a_local_vlm(saved):
     root, model, processor, img = saved
     out = root / "out"
@@ -103,6 +104,7 @@ def test_playground_explains_answers_of_a_local_vlm(saved, capsys, tmp_path):
     assert playground.main(["--model", f"hf:{root / 'llava'}", "--answer", "a cat", "--out", str(out)]) == 2
 
 
+@pytest.mark.slow
 def test_app_request_for_a_local_vlm_the_operator_passed(saved, monkeypatch):
     from legrad.frontend import app_requests as A
 

@@ -63,6 +63,7 @@ def test_unsupported_vlm_classes_name_the_supported_ones():
     (lambda: dict(image=_inputs(), answers=ANS, layer_index=3), "out of range", ValueError),
     (lambda: dict(image=_inputs(), answers=ANS * 2, per_token=True), "one answer", ValueError),
     (lambda: dict(image=_inputs(), text_embedding=torch.randn(1, 48)), "candidate answers", TypeError),
+    (lambda: dict(image=_inputs(), target=3, answers=ANS), "candidate answers", TypeError),
 ])
 def test_bad_calls_raise_before_any_work(llava, make, match, exc):
     before = V.snapshot(llava)
