@@ -89,6 +89,24 @@ def test_paligemma_matches_the_oracle_with_prefix_attention():
     assert all(same_bits(before[k], after[k]) for k in before)
 
 
+def test_paligemma2_soft_capping_and_sliding_window_match_the_model_and_the_oracle():
+    model = V.paligemma(seed=1, gemma2=True)
+    pixels = _pixels(1, seed=7)
+    p = V.prompt([20, 6, 7, 9, 10, 11], V.GRID ** 2)
+    inputs = V.batch([p], pixels, types=True)
+    w = LeWrapper(model)
+    scores = w.adapter.score(inputs, ANSWERS)
+    for j, ans in enumerate(ANSWERS):
+        seq = torch.cat([p, ans])[None]
+        types = torch.cat([torch.zeros(len(p), dtype=torch.long), torch.ones(len(ans), dtype=torch.long)])[None]
+        with torch.no_grad():
+            out = model(input_ids=seq, pixel_values=pixels, attention_mask=torch.ones_like(seq), token_type_ids=types)
+        logp = out.logits.log_softmax(-1)[0, len(p) - 1: seq.shape[1] - 1].gather(-1, ans[:, None]).sum()
+        assert abs(float(scores[0, j]) - float(logp)) < 1e-4
+    maps = w.compute_legrad(image=inputs, answers=ANSWERS, output_size="grid")
+    _check_against_oracle(model, inputs, [p], ANSWERS, [1, 2], maps)
+
+
 def test_per_token_maps_explain_each_answer_token_alone():
     model = V.llava(seed=2)
     pixels = _pixels(1, seed=4)

@@ -69,12 +69,15 @@ def llava_next(seed: int = 0):
     return _init(T.LlavaNextForConditionalGeneration(cfg), seed)
 
 
-def paligemma(seed: int = 0):
-    """PaliGemma-shaped: SigLIP tower, linear projector, Gemma LM (prefix attention via token_type_ids)."""
+def paligemma(seed: int = 0, gemma2: bool = False):
+    """PaliGemma-shaped: SigLIP tower, linear projector, Gemma LM (prefix attention via token_type_ids); with
+    ``gemma2``, PaliGemma-2-shaped (Gemma 2 LM: final logit soft-capping, sliding-window layers)."""
     vc = T.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                               image_size=32, patch_size=8, projection_dim=48)
-    tc = T.GemmaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=1, head_dim=12, vocab_size=VOCAB, pad_token_id=0)
+    text = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=1, head_dim=12, vocab_size=VOCAB, pad_token_id=0)
+    tc = (T.Gemma2Config(**text, final_logit_softcapping=3.0, sliding_window=8) if gemma2
+          else T.GemmaConfig(**text))
     cfg = T.PaliGemmaConfig(vision_config=vc, text_config=tc, image_token_id=IMAGE_TOKEN, projection_dim=48)
     return _init(T.PaliGemmaForConditionalGeneration(cfg), seed)
 
