@@ -257,7 +257,8 @@ class VLMAdapter(TowerAdapter):
 
     def explain(self, image: Any, answers: Any, *, layer_index: int, output_size: Any = None,
                 prompt_chunk: int | None = None, tokenizer: Any = None, max_memory: float | None = None,
-                max_tokens: int | None = None, per_token: bool = False, **inputs: Any) -> torch.Tensor:
+                max_tokens: int | None = None, per_token: bool = False, **inputs: Any
+                ) -> torch.Tensor | list[torch.Tensor]:
         """LeGrad maps of candidate answers (see the module docstring and docs/vlm.md).
 
         Args:
@@ -274,7 +275,8 @@ class VLMAdapter(TowerAdapter):
             **inputs: processor keys given separately (``input_ids=...``).
 
         Returns:
-            ``[B, P, H, W]`` float32 maps in [0, 1] (``[B, T, H, W]`` with ``per_token``: T answer tokens).
+            ``[B, P, H, W]`` float32 maps in [0, 1] (``[B, T, H, W]`` with ``per_token``: T answer tokens); a
+            list of ``[P, H_b, W_b]`` when the images' map sizes differ (LLaVA-NeXT images of different sizes).
 
         Raises:
             TypeError, ValueError: on invalid inputs, before any work.
@@ -284,6 +286,8 @@ class VLMAdapter(TowerAdapter):
         chunk = check_prompt_chunk(prompt_chunk)
         start = check_layer_index(layer_index, self.depth) % self.depth
         call, ids = self._validate(image, inputs, answers, tokenizer)
+        if not isinstance(per_token, bool):
+            raise TypeError(f"per_token must be True or False, got {per_token!r}")
         if per_token:
             if len(ids) != 1:
                 raise ValueError(f"per_token maps explain one answer; got {len(ids)} answers")
@@ -326,7 +330,7 @@ class VLMAdapter(TowerAdapter):
         return x + mlp(blk.mlp, layer_norm(blk.layer_norm2, x))
 
     def _relevance(self, call: VLMInputs, answers: list[torch.Tensor], items: list, start: int,
-                   chunk: int) -> torch.Tensor:
+                   chunk: int) -> list[torch.Tensor]:
         """Per item, ``[tiles, patches]`` relevance summed over the explained blocks."""
         device = self.device()
         lm_dtype = next(self.model.model.language_model.parameters()).dtype
