@@ -210,7 +210,8 @@ class LeWrapper:
             answers: vision-language models only (LLaVA, PaliGemma; ``image`` is then the processor output):
                 P candidate answers, strings (tokenised with the wrapper's ``tokenizer``) or 1-D LongTensors of
                 token ids; each map shows where the image raised that answer's log-probability (docs/vlm.md).
-                ``per_token=True`` gives one map per token of a single answer.
+                ``per_token=True`` gives one map per token of a single answer; ``return_scores=True`` returns
+                ``(maps, log-probs [B, P])``.
 
         Returns:
             ``[B, P, H, W]`` float32 heatmaps in [0, 1] on ``image``'s device (or at ``output_size``); for

@@ -131,6 +131,10 @@ def test_string_answers_equal_their_token_ids_and_scores_equal_the_model_forward
     assert torch.equal(by_text, by_ids)
     # The score that is differentiated is the model's own: its forward on prompt + answer.
     scores = w.adapter.score(inputs, ANSWERS)
+    # The scores a LeGrad call returns are the unchanged model's (its last explained block is the feature layer's).
+    for layer_index in (-1, -2, 0):
+        _, free = w.compute_legrad(image=inputs, answers=ANSWERS, return_scores=True, layer_index=layer_index)
+        torch.testing.assert_close(free, scores, atol=1e-5, rtol=0)
     for j, ans in enumerate(ANSWERS):
         seq = torch.cat([p, ans])[None]
         with torch.no_grad():

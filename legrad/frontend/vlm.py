@@ -97,9 +97,9 @@ class VLMExplainer:
             raise ValueError("give at least one non-empty answer")
         inputs = self.inputs(image, prompt)
         size = (image.height, image.width)
-        maps = self.wrapper.compute_legrad(image=inputs, answers=list(answers), output_size=size)
-        scores = self.wrapper.adapter.score(inputs, list(answers), tokenizer=self.processor)
-        return maps[0].numpy(), scores[0].detach().float().numpy()
+        maps, scores = self.wrapper.compute_legrad(image=inputs, answers=list(answers), output_size=size,
+                                                   return_scores=True)
+        return maps[0].numpy(), scores[0].float().numpy()
 
 
 _cache: dict[tuple[str, str], VLMExplainer] = {}

@@ -257,8 +257,8 @@ class VLMAdapter(TowerAdapter):
 
     def explain(self, image: Any, answers: Any, *, layer_index: int, output_size: Any = None,
                 prompt_chunk: int | None = None, tokenizer: Any = None, max_memory: float | None = None,
-                max_tokens: int | None = None, per_token: bool = False, **inputs: Any
-                ) -> torch.Tensor | list[torch.Tensor]:
+                max_tokens: int | None = None, per_token: bool = False, return_scores: bool = False,
+                **inputs: Any) -> Any:
         """LeGrad maps of candidate answers (see the module docstring and docs/vlm.md).
 
         Args:
@@ -272,11 +272,15 @@ class VLMAdapter(TowerAdapter):
             max_memory: budget in bytes (None: 80% of what the device has available).
             max_tokens: limit on patch tokens per image.
             per_token: one map per token of a single answer (its own log-prob) instead of one per answer.
+            return_scores: also return the answers' summed log-probabilities ``[B, P]`` under the unchanged
+                model (``[B, T]`` token log-probs with ``per_token``): the last feeding block is always
+                explained, and its score is the model's own, so they come at no extra cost.
             **inputs: processor keys given separately (``input_ids=...``).
 
         Returns:
             ``[B, P, H, W]`` float32 maps in [0, 1] (``[B, T, H, W]`` with ``per_token``: T answer tokens); a
-            list of ``[P, H_b, W_b]`` when the images' map sizes differ (LLaVA-NeXT images of different sizes).
+            list of ``[P, H_b, W_b]`` when the images' map sizes differ (LLaVA-NeXT images of different sizes);
+            ``(maps, scores)`` with ``return_scores``.
 
         Raises:
             TypeError, ValueError: on invalid inputs, before any work.
@@ -298,7 +302,7 @@ class VLMAdapter(TowerAdapter):
         chunk = self._chunk(len(items), call, ids, chunk, max_memory, max_tokens)
         out_device = call.pixel_values.device
         with torch.inference_mode(False), torch.no_grad():
-            rels = self._relevance(call, ids, items, start, chunk)
+            rels, scores = self._relevance(call, ids, items, start, chunk)
             grids = [self._image_map(rels[b * cols + j], b, call) for b in range(call.batch) for j in range(cols)]
             width = max(g.numel() for g in grids)
             rel = torch.zeros(len(grids), width, device=grids[0].device)
@@ -307,9 +311,10 @@ class VLMAdapter(TowerAdapter):
             shapes = [tuple(grids[b * cols].shape) for b in range(call.batch)]
             sizes = [self._map_size(b, call) for b in range(call.batch)]
             maps = grid_maps(rel.reshape(call.batch, cols, width), shapes, sizes, output_size)
-        if isinstance(maps, list):
-            return [m.to(out_device) for m in maps]
-        return maps.to(out_device)
+        maps = [m.to(out_device) for m in maps] if isinstance(maps, list) else maps.to(out_device)
+        if return_scores:
+            return maps, scores.reshape(call.batch, cols).to(out_device)
+        return maps
 
     def _vision_blocks(self, pixels: torch.Tensor, start: int) -> Iterator[VisionBlock]:
         layers = self.visual.encoder.layers
@@ -330,8 +335,9 @@ class VLMAdapter(TowerAdapter):
         return x + mlp(blk.mlp, layer_norm(blk.layer_norm2, x))
 
     def _relevance(self, call: VLMInputs, answers: list[torch.Tensor], items: list, start: int,
-                   chunk: int) -> list[torch.Tensor]:
-        """Per item, ``[tiles, patches]`` relevance summed over the explained blocks."""
+                   chunk: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per item, ``[tiles, patches]`` relevance summed over the explained blocks, and the items' scores
+        ``[n]`` at the last feeding block (the unchanged model's)."""
         device = self.device()
         lm_dtype = next(self.model.model.language_model.parameters()).dtype
         pixels = self._tower_pixels(call).detach().to(device=device, dtype=self.param_dtype())
@@ -339,6 +345,7 @@ class VLMAdapter(TowerAdapter):
         embed = self.model.get_input_embeddings()
         tiles = self._tile_rows(call)
         total: list[Any] = [0.0] * len(items)
+        scores = torch.zeros(len(items), device=device)
         chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]
         packed = [pack(c, call, answers, self.image_token_id, self._safe_id()) for c in chunks]
         for block in self._vision_blocks(pixels, start):
@@ -348,11 +355,13 @@ class VLMAdapter(TowerAdapter):
                 rows = torch.tensor([r for b in images for r in tiles[b]], device=device)
                 counts = [len(tiles[b]) for b in images]
                 feats = functools.partial(self._image_features, images=images, counts=counts, call=call)
-                rel = self._chunk_relevance(block, rows, feats, seqs, embed, lm_dtype, device)
+                rel, score = self._chunk_relevance(block, rows, feats, seqs, embed, lm_dtype, device)
+                if block.layer == self.depth - 1:
+                    scores[lo:lo + len(part)] = score
                 for i, piece in enumerate(rel.split(counts)):
                     total[lo + i] = total[lo + i] + piece
                 lo += len(part)
-        return total
+        return total, scores
 
     def _chunk_relevance(self, block: VisionBlock, rows: torch.Tensor, features: Any, seqs: Any, embed: nn.Module,
                          lm_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -377,7 +386,7 @@ class VLMAdapter(TowerAdapter):
         rel = rel / (heads * nq)
         if not bool(torch.isfinite(rel).all()):
             raise NonFiniteError("the attention gradients are not finite (numeric overflow in the model)")
-        return rel[:, self.prefix_tokens:]
+        return rel[:, self.prefix_tokens:], scores.detach()
 
     def _answer_scores(self, hidden: torch.Tensor, seqs: Any) -> torch.Tensor:
         """``[n]`` summed log-probs of the counted answer tokens from the last hidden states ``[n, L, D]``; the
