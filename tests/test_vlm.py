@@ -116,6 +116,10 @@ def test_per_token_maps_explain_each_answer_token_alone():
     maps = LeWrapper(model).compute_legrad(image=inputs, answers=[ans], output_size="grid", per_token=True)
     assert maps.shape == (1, len(ans), V.GRID, V.GRID)
     _check_against_oracle(model, inputs, [p], [ans] * len(ans), [1, 2], maps, token=True)
+    # Token log-probs: their sum is the answer's score.
+    _, tok = LeWrapper(model).compute_legrad(image=inputs, answers=[ans], per_token=True, return_scores=True)
+    whole = LeWrapper(model).adapter.score(inputs, [ans])
+    assert tok.shape == (1, len(ans)) and abs(float(tok.sum()) - float(whole[0, 0])) < 1e-4
 
 
 def test_string_answers_equal_their_token_ids_and_scores_equal_the_model_forward():
