@@ -122,3 +122,7 @@ def test_app_request_for_a_local_vlm_the_operator_passed(saved, monkeypatch):
     assert gallery[0][0].size == (48, 40)
     gallery, status = A.predict(str(root / "img.png"), None, "only a question", label, alpha=0.5)
     assert gallery == [] and "candidate answer" in status
+    gallery, status = A.predict(str(root / "img.png"), None, text, label, size_text="64", alpha=0.5)
+    assert gallery == [] and "size does not apply" in status
+    gallery, status = A.predict(str(root / "img.png"), None, text, label, layer_index=7, alpha=0.5)
+    assert gallery == [] and "layer_index=7 is out of range" in status

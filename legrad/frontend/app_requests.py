@@ -283,7 +283,8 @@ def predict(
         if _is_vlm_label(model_label):  # a local VLM the operator passed (--model hf:DIR)
             from legrad.frontend.vlm import predict_vlm
 
-            return predict_vlm(image, image_source, prompts_text, model_label, alpha, SETTINGS.device)
+            return predict_vlm(image, image_source, prompts_text, model_label, alpha, SETTINGS.device, size_text,
+                               layer_index)
         if prompts_text is not None and len(prompts_text) > MAX_PROMPTS_TEXT:
             raise ValueError(f"the prompts are too long (at most {MAX_PROMPTS_TEXT} characters in all)")
         classifier = is_classifier_label(model_label)

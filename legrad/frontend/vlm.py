@@ -87,8 +87,10 @@ class VLMExplainer:
             prompt = f"{token}\n{prompt}"
         return self.processor(images=image, text=prompt, return_tensors="pt")
 
-    def explain(self, image: Any, prompt: str, answers: list[str]) -> tuple[Any, Any]:
-        """Maps ``[P, H, W]`` (numpy, at the image's size) and the answers' summed log-probabilities ``[P]``.
+    def explain(self, image: Any, prompt: str, answers: list[str], layer_index: int | None = None
+                ) -> tuple[Any, Any]:
+        """Maps ``[P, H, W]`` (numpy, at the image's size) and the answers' summed log-probabilities ``[P]``;
+        ``layer_index`` as for :meth:`legrad.LeWrapper.compute_legrad` (None: the wrapper's).
 
         Raises:
             TypeError, ValueError: for bad answers or inputs (before any work).
@@ -98,7 +100,7 @@ class VLMExplainer:
         inputs = self.inputs(image, prompt)
         size = (image.height, image.width)
         maps, scores = self.wrapper.compute_legrad(image=inputs, answers=list(answers), output_size=size,
-                                                   return_scores=True)
+                                                   return_scores=True, layer_index=layer_index)
         return maps[0].numpy(), scores[0].float().numpy()
 
 
@@ -121,7 +123,8 @@ def cached_explainer(name: str, device: str) -> VLMExplainer:
 
 
 def predict_vlm(image: Any, image_source: str | None, text: str | None, name: str, alpha: float = 0.6,
-                device: str = "cpu") -> tuple[list[tuple[Any, str]], str]:
+                device: str = "cpu", size_text: str | None = "", layer_index: Any = None
+                ) -> tuple[list[tuple[Any, str]], str]:
     """The demo app's request for a VLM: the question on the first line of ``text``, then one candidate answer
     per line. Returns ``(gallery, status)`` like :func:`legrad.frontend.app_requests.predict`.
 
@@ -150,9 +153,16 @@ def predict_vlm(image: Any, image_source: str | None, text: str | None, name: st
     alpha = float(alpha)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"opacity must be in [0, 1], got {alpha}")
+    if size_text is not None and str(size_text).strip():
+        raise ValueError("the image size does not apply to a VLM (its processor sizes the image); leave it blank")
+    layer = None
+    if layer_index is not None and layer_index != "":
+        if float(layer_index) != int(float(layer_index)):
+            raise ValueError(f"layer index must be a whole number, got {layer_index}")
+        layer = int(float(layer_index))
     explainer = cached_explainer(name, device)
     picture = read_visitor_image(image, image_source)
-    maps, logp = explainer.explain(picture, question, answers)
+    maps, logp = explainer.explain(picture, question, answers, layer_index=layer)
     shown = fit_for_display(picture)
     gallery = [(overlay(shown, maps[p], alpha=alpha), f"{a}: log-prob {logp[p]:.3f}") for p, a in enumerate(answers)]
     best = answers[int(logp.argmax())]
