@@ -5,6 +5,8 @@
         --image http://images.cocodataset.org/val2017/000000039769.jpg \\
         --prompt "a photo of a cat" --prompt "a remote control" --size 448
     python playground.py --model timm:vit_base_patch16_224 --image cat.jpg --target tabby --target 285
+    python playground.py --model hf:llava-dir --image cat.jpg --prompt "What is in the picture?" \\
+        --answer "a cat" --answer "a dog"        # a local VLM: where it found each answer (docs/vlm.md)
 
 Prints each prompt with its image-text similarity and writes ``outputs/playground.png`` (the image,
 then one heatmap overlay per prompt). Image classifiers (``timm:``, ``torchvision:``, ``hf:`` models) take

@@ -44,7 +44,7 @@ class LeWrapper:
             last two blocks). None (default): the model's recommended index if it declares one as
             an int attribute ``legrad_layer_index`` (the bundled demo model does: 0), else ``-2``.
         tokenizer: optional tokenizer, used by towers that need an auxiliary prompt (SigLIP's
-            empty-prompt correction).
+            empty-prompt correction), or a VLM's processor (tokenises string answers).
         empty_text_embedding: optional precomputed ``[D]`` embedding of that auxiliary prompt.
         apply_correction: apply the empty-prompt correction on towers that use it (None: True).
         correction_threshold: threshold of that correction (None: 0.8).
@@ -201,6 +201,7 @@ class LeWrapper:
         prompt_chunk: int | None = None,
         output_size: str | tuple[int, int] | None = None,
         return_scores: bool = False,
+        answers: Any = None,
         **inputs: Any,
     ) -> torch.Tensor | LeGradOutput:
         """LeGrad heatmaps, one per (image, prompt), for any supported tower.
@@ -224,6 +225,11 @@ class LeWrapper:
                 :class:`~legrad.engine.scores.LeGradOutput` ``(maps, image_features, scores)``.
             **inputs: extra image inputs of families that need them (Hugging Face ``Siglip2Model``:
                 ``pixel_attention_mask``, ``spatial_shapes``; see :mod:`legrad.hf`).
+            answers: vision-language models only (LLaVA, PaliGemma; ``image`` is then the processor output):
+                P candidate answers, strings (tokenised with the wrapper's ``tokenizer``) or 1-D LongTensors of
+                token ids; each map shows where the image raised that answer's log-probability (docs/vlm.md).
+                ``per_token=True`` gives one map per token of a single answer; ``return_scores=True`` returns
+                ``(maps, log-probs [B, P])``.
 
         Returns:
             ``[B, P, H, W]`` float32 heatmaps in [0, 1] on ``image``'s device (or at ``output_size``); for
@@ -233,6 +239,11 @@ class LeWrapper:
         Raises:
             TypeError, ValueError: on invalid inputs, before any computation.
         """
+        if answers is not None or self._adapter.scorer == "answer":
+            if return_scores:
+                inputs = {**inputs, "return_scores": return_scores}
+            return self._explain_answers(text_embedding if target is None else target, image, answers, layer_index,
+                                         prompt_chunk, output_size, inputs)
         return self._run(pipeline.Request(
             image=image, text=text_embedding, target=target,
             layer_index=self._layer_index if layer_index is None else layer_index, prompt_chunk=prompt_chunk,
@@ -309,6 +320,19 @@ class LeWrapper:
             raise TypeError(
                 f"{name} does not apply to this model's image tower ({self._adapter.family}); use {valid}"
             )
+
+    def _explain_answers(self, text: Any, image: Any, answers: Any, layer_index: int | None,
+                         prompt_chunk: int | None, output_size: Any, inputs: dict[str, Any]) -> torch.Tensor:
+        explain = getattr(self._adapter, "explain", None)
+        if explain is None:
+            raise TypeError(f"answers= applies to vision-language models (LLaVA, PaliGemma); this model's tower "
+                            f"({self._adapter.family}) is explained against text_embedding")
+        if text is not None or answers is None:
+            raise TypeError("a vision-language model explains candidate answers: compute_legrad(image=processor_output, "
+                            "answers=['a cat', 'a dog'])")
+        return explain(image, answers, layer_index=self._layer_index if layer_index is None else layer_index,
+                       output_size=output_size, prompt_chunk=prompt_chunk, tokenizer=self._tokenizer,
+                       max_memory=self.max_memory, max_tokens=self.max_tokens, **inputs)
 
     def _run(self, request: pipeline.Request) -> torch.Tensor | LeGradOutput:
         return pipeline.run(self._adapter, self._model, request, self.settings())

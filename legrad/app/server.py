@@ -56,8 +56,9 @@ def add_arguments(p: argparse.ArgumentParser, verbose: bool = True) -> None:
     p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, metavar="N",
                    help=f"explanations computed at once; more wait in the queue (default {DEFAULT_CONCURRENCY})")
     p.add_argument("--model", action="append", default=[], metavar="NAME",
-                   help="add a model to the list and select it (repeatable): an OpenCLIP name or an image "
-                        "classifier timm:ARCH[.TAG], torchvision:NAME, hf:REPO_OR_DIR")
+                   help="add a model to the list and select it (repeatable): an OpenCLIP name, an image "
+                        "classifier timm:ARCH[.TAG], torchvision:NAME, hf:REPO_OR_DIR, or a local VLM hf:DIR "
+                        "(LLaVA, LLaVA-NeXT, PaliGemma saved with its processor: question, then answers)")
     p.add_argument("--pretrained", default=None, metavar="TAG_OR_PATH",
                    help="pretrained tag or checkpoint of the --model entries ('none': random weights)")
     p.add_argument("--target", action="append", default=[], metavar="CLASS",
@@ -117,7 +118,12 @@ def serve(args: argparse.Namespace, prog: str = "app.py") -> int:
 
     if args.preload:
         try:
-            get_explainer(*parse_model_label(extra_labels[0] if extra_labels else TOY_LABEL))
+            from legrad.frontend.vlm import cached_explainer, is_vlm_dir
+
+            if extra_labels and is_vlm_dir(extra_labels[0]):  # a local VLM (hf:DIR)
+                cached_explainer(extra_labels[0], device)
+            else:
+                get_explainer(*parse_model_label(extra_labels[0] if extra_labels else TOY_LABEL))
         except ModelLoadError as exc:
             print(f"{prog}: error: {exc}", file=sys.stderr)
             return 1

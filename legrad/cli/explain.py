@@ -22,6 +22,7 @@ examples:
   legrad explain cat.jpg -p "a cat" -p "a remote control" --model ViT-B-16 \\
       --pretrained laion2b_s34b_b88k --size 448 --out outputs/cats --save-maps
   legrad explain cat.jpg --model timm:vit_base_patch16_224 --target 281 --target "tiger cat"
+  legrad explain cat.jpg --model hf:llava-dir --prompt "What is in the picture?" --answer "a cat" --answer "a dog"
 
 Image classifiers (--model timm:ARCH[.TAG], torchvision:NAME, hf:REPO_OR_DIR) take --target (a class
 index or a class name from the model's metadata) instead of -p; their scores.csv similarity is the
@@ -54,6 +55,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--target", dest="targets", action="append", metavar="CLASS",
                    help="a class index or class name (repeat for several); image classifiers (timm:, "
                         "torchvision:, hf: models)")
+    p.add_argument("--answer", dest="answers", action="append", metavar="ANSWER",
+                   help="a candidate answer to the question given with --prompt (repeat for several); local "
+                        "vision-language models --model hf:DIR (see docs/vlm.md)")
     add_model_options(p)
     add_device_option(p)
     p.add_argument("--out", default="outputs", metavar="DIR", help="output folder (default: outputs)")
@@ -211,6 +215,10 @@ def run(args: argparse.Namespace) -> int:
     def error(msg: str) -> None:
         print(f"{prog}: error: {msg}", file=sys.stderr)
 
+    if getattr(args, "answers", None):
+        from legrad.cli.vlm import run_vlm
+
+        return run_vlm(args)
     classifier = is_classifier_name(args.model)
     if classifier and args.prompts:
         error(f"{args.model} is an image classifier: give class targets with --target (an index or a class "

@@ -46,6 +46,8 @@ def add_options(p: argparse.ArgumentParser, default_out: Path = DEFAULT_OUT, out
                    help="a prompt (repeat for several; default: the demo scene's objects plus an absent one)")
     p.add_argument("--target", dest="targets", action="append", metavar="CLASS",
                    help="a class index or class name of an image classifier --model (repeat for several)")
+    p.add_argument("--answer", dest="answers", action="append", metavar="TEXT",
+                   help="a candidate answer to the question --prompt, for a local VLM --model hf:DIR (repeat)")
     p.add_argument("--size", default=None, metavar="N|HxW",
                    help="explained size, a multiple of the patch size (default: the model's native size)")
     p.add_argument("--layer-index", type=int, default=None, help="first explained block (default: the model's)")
@@ -130,6 +132,9 @@ def run(args: argparse.Namespace, prog: str = "legrad playground") -> int:
     from legrad.frontend.explainer import Explainer
     from legrad.viz import visualize
 
+    if args.answers:
+        return _run_vlm(args, err)
+
     classifier = is_classifier_name(args.model)
     if classifier and args.prompts:
         print(f"{err} {args.model} is an image classifier: give class targets with --target, not --prompt",
@@ -191,5 +196,37 @@ def run(args: argparse.Namespace, prog: str = "legrad playground") -> int:
               for p, prompt in enumerate(result.prompts)]
     visualize(image, result.maps[0], alpha=args.alpha, text_prompts=titles, save_path=args.out,
               show=True if args.show else False)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _run_vlm(args: argparse.Namespace, err: str) -> int:
+    """``--answer``: where a local VLM found each candidate answer to the question ``--prompt``."""
+    from legrad.frontend.errors import ImageLoadError, ModelLoadError
+    from legrad.frontend.images import load_image
+    from legrad.frontend.vlm import VLMExplainer
+    from legrad.viz import visualize
+
+    if not args.prompts or len(args.prompts) != 1:
+        print(f"{err} with --answer, give exactly one question with --prompt", file=sys.stderr)
+        return 2
+    try:
+        image = load_image(args.image) if args.image else default_scene(args.scene)[0]
+        explainer = VLMExplainer.load(args.model, args.device, args.layer_index)
+    except (ImageLoadError, ModelLoadError, ValueError) as exc:
+        print(f"{err} {exc}", file=sys.stderr)
+        return 1
+    try:
+        maps, logp = explainer.explain(image, args.prompts[0], args.answers)
+    except (TypeError, ValueError) as exc:
+        print(f"{err} {exc}", file=sys.stderr)
+        return 2
+    print(f"model: {args.model} ({explainer.wrapper.tower_family})\nquestion: {args.prompts[0]}")
+    width = max(len("answer"), *(len(a) for a in args.answers))
+    print(f"  {'answer':<{width}}  log-prob")
+    for a, lp in zip(args.answers, logp):
+        print(f"  {a:<{width}}  {lp:>8.3f}")
+    titles = [f"{a}\nlog-prob {lp:.2f}" for a, lp in zip(args.answers, logp)]
+    visualize(image, maps, alpha=args.alpha, text_prompts=titles, save_path=args.out, show=bool(args.show))
     print(f"wrote {args.out}")
     return 0

@@ -120,6 +120,9 @@ def is_classifier_label(label: str | None) -> bool:
 
 def prompts_box_for(label: str | None) -> dict[str, Any]:
     """Label and placeholder of the prompts box for a dropdown entry (prompts, or class targets)."""
+    if _is_vlm_label(label):
+        return {"label": "Question (first line), then one candidate answer per line",
+                "placeholder": "What is in the picture?\na cat\na dog"}
     if is_classifier_label(label):
         return {"label": "Class targets (a class index or name, one per line)", "placeholder": "281\ntiger cat"}
     return {"label": "Prompts (one per line, or comma-separated)", "placeholder": "a red circle\na blue square"}
@@ -140,6 +143,15 @@ def parse_model_label(label: str | None) -> tuple[str, str | None]:
     if not name:
         raise ValueError(f"invalid model choice {label!r}")
     return name, (tag or None) if sep else None
+
+
+def _is_vlm_label(label: str | None) -> bool:
+    # Only the operator's own --model entries: a visitor's text never reaches the file system.
+    if not label or label not in SETTINGS.extra_labels:
+        return False
+    from legrad.frontend.vlm import is_vlm_dir
+
+    return is_vlm_dir(label)
 
 
 def split_prompts(text: str | None, one_per_line: bool = False) -> list[str]:
@@ -254,6 +266,11 @@ def predict(
     from legrad.viz import fit_for_display, overlay
 
     try:
+        if _is_vlm_label(model_label):  # a local VLM the operator passed (--model hf:DIR)
+            from legrad.frontend.vlm import predict_vlm
+
+            return predict_vlm(image, image_source, prompts_text, model_label, alpha, SETTINGS.device, size_text,
+                               layer_index)
         if prompts_text is not None and len(prompts_text) > MAX_PROMPTS_TEXT:
             raise ValueError(f"the prompts are too long (at most {MAX_PROMPTS_TEXT} characters in all)")
         classifier = is_classifier_label(model_label)
@@ -322,8 +339,10 @@ def initial_text(models: list[str], targets: list[str], prompts: list[str]) -> s
         ValueError: when targets are given for a CLIP model or prompts for a classifier.
     """
     from legrad.frontend.classifier_models import is_classifier_name
+    from legrad.frontend.vlm import is_vlm_dir
 
-    classifier = bool(models) and is_classifier_name(models[0])
+    # A local VLM (hf:DIR) takes -p lines: the question, then the candidate answers.
+    classifier = bool(models) and is_classifier_name(models[0]) and not is_vlm_dir(models[0])
     if targets and not classifier:
         raise ValueError("--target is for image classifiers (--model timm:..., torchvision:..., hf:...); use -p")
     if prompts and classifier:
