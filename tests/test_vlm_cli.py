@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from PIL import Image  # noqa: E402
 
 from legrad import LeWrapper  # noqa: E402
 from legrad.cli import main  # noqa: E402
+from legrad.cli.explain import prompt_name  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +51,15 @@ def test_cli_explains_answers_of_a_local_vlm(saved):
     w = LeWrapper(model, tokenizer=processor)
     logp = w.adapter.score(inputs, ["a cat", "a dog"], tokenizer=processor)[0]
     maps = w.compute_legrad(image=inputs, answers=["a cat", "a dog"], output_size=(40, 48))[0]
-    for p, (row, slug) in enumerate(zip(rows, ["a-cat", "a-dog"])):
+    for p, row in enumerate(rows):
         assert abs(float(row["similarity"]) - float(logp[p])) < 1e-4
         assert abs(float(row["probability"]) - math.exp(float(logp[p]))) < 1e-5
-        saved_map = np.load(out / f"img__{slug}.npy")
+        png = out / row["overlay"]
+        assert png.name.startswith("img-") and prompt_name(row["prompt"]) in png.name
+        saved_map = np.load(png.with_suffix(".npy"))
         assert saved_map.shape == (40, 48)
         np.testing.assert_allclose(saved_map, maps[p].numpy(), atol=1e-5)
-        assert Image.open(out / f"img__{slug}.png").size == (48, 40)
+        assert Image.open(png).size == (48, 40)
 
 
 @pytest.mark.parametrize("argv, code, msg", [
@@ -115,6 +119,8 @@ def test_app_request_for_a_local_vlm_the_operator_passed(saved, monkeypatch):
     gallery, status = A.predict(str(root / "img.png"), None, text, label, alpha=0.5)
     assert gallery == [] and "unknown model choice" in status
     monkeypatch.setattr(A.SETTINGS, "extra_labels", (label,))
+    # The app reads only Gradio's uploads: the test's folder stands for Gradio's upload folder.
+    monkeypatch.setattr(A.SETTINGS, "upload_dirs", (os.path.realpath(root),))
     assert "Question" in A.prompts_box_for(label)["label"]
     assert A.initial_text([label], [], ["what is in the picture ?", "a cat"]) == "what is in the picture ?\na cat"
     gallery, status = A.predict(str(root / "img.png"), None, text, label, alpha=0.5)
@@ -126,3 +132,7 @@ def test_app_request_for_a_local_vlm_the_operator_passed(saved, monkeypatch):
     assert gallery == [] and "size does not apply" in status
     gallery, status = A.predict(str(root / "img.png"), None, text, label, layer_index=7, alpha=0.5)
     assert gallery == [] and "layer_index=7 is out of range" in status
+    # The operator's --time-limit stops a VLM request too, with the app's message.
+    monkeypatch.setattr(A.SETTINGS, "time_limit", 1e-9)
+    gallery, status = A.predict(str(root / "img.png"), None, text, label, alpha=0.5)
+    assert gallery == [] and "Stopped" in status

@@ -245,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
         # Before any work: a file given as --out, a read-only folder, a folder in use by another run or
         # holding someone else's scores.csv are refused here. A new folder is created only later, once the
         # model and settings are known to be good.
-        _claim(lock, out_dir, create=False)
+        claim_output_folder(lock, out_dir, create=False)
         ScoresFile(out_dir / "scores.csv")
     except ValueError as exc:
         lock.release()
@@ -257,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
         lock.release()
 
 
-def _claim(lock, out_dir: Path, create: bool) -> None:
+def claim_output_folder(lock, out_dir: Path, create: bool) -> None:
     """Checks that ``out_dir`` is a writable folder and locks it for this run (only if it exists, unless
     ``create``). Raises the ValueError of :mod:`legrad.extract.outdir`."""
     from legrad.extract.outdir import prepare_output_folder
@@ -306,7 +306,7 @@ def _explain_all(args: argparse.Namespace, prompts: list, out_dir: Path, lock, e
     if len(keep) < len(prompts):
         prompts, text = [prompts[i] for i in keep], text[keep]
     try:
-        _claim(lock, out_dir, create=True)
+        claim_output_folder(lock, out_dir, create=True)
         # Read again under the lock: the rows of earlier runs into this folder are kept.
         scores = ScoresFile(out_dir / "scores.csv")
     except ValueError as exc:

@@ -11,17 +11,12 @@ from pathlib import Path
 
 def run_vlm(args: argparse.Namespace) -> int:
     """Explains the answers for every image; 0 if all succeeded, 1 if any failed, 2 for bad arguments."""
-    import math
-
     import numpy as np
 
-    from legrad.cli.explain import discover, slugify
+    from legrad.cli.explain import claim_output_folder
     from legrad.cli.scores import ScoresFile
-    from legrad.frontend.errors import ImageLoadError, ModelLoadError, one_line
-    from legrad.frontend.files import atomic_writer
-    from legrad.frontend.images import load_image
-    from legrad.frontend.vlm import VLMExplainer
-    from legrad.viz import colorize, overlay
+    from legrad.extract.outdir import FolderLock
+    from legrad.viz import colorize
 
     prog = "legrad explain"
 
@@ -38,6 +33,7 @@ def run_vlm(args: argparse.Namespace) -> int:
     if any(not a.strip() for a in answers):
         error("--answer must not be empty")
         return 2
+    answers = list(dict.fromkeys(answers))  # an answer given twice is one overlay and one row
     if args.size is not None or args.pretrained is not None:
         error("--size and --pretrained do not apply to a VLM (its processor sizes the image; the weights are DIR's)")
         return 2
@@ -47,11 +43,35 @@ def run_vlm(args: argparse.Namespace) -> int:
         error(str(exc))
         return 2
     out_dir = Path(args.out)
+    lock = FolderLock(out_dir)
     try:
-        scores = ScoresFile(out_dir / "scores.csv")
+        # Same rules as the other models (legrad.cli.explain.run): --out checked and locked before any work.
+        claim_output_folder(lock, out_dir, create=False)
+        ScoresFile(out_dir / "scores.csv")
     except ValueError as exc:
+        lock.release()
         error(str(exc))
         return 2
+    try:
+        return _explain_answers(args, answers, out_dir, lock, error)
+    finally:
+        lock.release()
+
+
+def _explain_answers(args: argparse.Namespace, answers: list[str], out_dir: Path, lock, error) -> int:
+    import math
+
+    import numpy as np
+
+    from legrad.cli.explain import claim_output_folder, discover, prompt_name
+    from legrad.cli.scores import ScoresFile
+    from legrad.frontend.errors import ImageLoadError, ModelLoadError, one_line
+    from legrad.frontend.files import atomic_writer
+    from legrad.frontend.images import load_image
+    from legrad.frontend.vlm import VLMExplainer
+    from legrad.viz import overlay
+
+    prog = "legrad explain"
     items, problems = discover(args.inputs)
     for msg in problems:
         print(f"{prog}: skipped {msg}", file=sys.stderr)
@@ -63,39 +83,47 @@ def run_vlm(args: argparse.Namespace) -> int:
     except (ModelLoadError, ValueError) as exc:
         error(str(exc))
         return 1
-    slugs: list[str] = []
-    for i, a in enumerate(answers):
-        slug = slugify(a, 48) or f"answer{i + 1}"
-        slugs.append(slug if slug not in slugs else f"{slug}-{i + 1}")
-    ok = failed = written = 0
-    for item in items:
-        try:
-            image = load_image(item.source)
-            maps, logp = explainer.explain(image, args.prompts[0], answers)
-        except (ImageLoadError, OSError, RuntimeError, ValueError, TypeError, MemoryError) as exc:
-            print(f"{prog}: failed {item.source}: {one_line(exc, 200)}", file=sys.stderr)
-            failed += 1
-            continue
-        try:
-            for p, (slug, answer) in enumerate(zip(slugs, answers)):
-                base = out_dir / f"{item.key}__{slug}"
-                with atomic_writer(base.with_suffix(".png")) as fh:
-                    overlay(image, maps[p], alpha=args.alpha, colormap=args.colormap).save(fh, "PNG")
-                written += 1
-                if args.save_maps:
-                    with atomic_writer(base.with_suffix(".npy")) as fh:
-                        np.save(fh, maps[p].astype(np.float32))
-                scores.add(item.source, answer, float(logp[p]), math.exp(float(logp[p])),
-                           base.with_suffix(".png").relative_to(out_dir).as_posix())
-            ok += 1
-        except (OSError, MemoryError, ValueError) as exc:
-            print(f"{prog}: failed to write outputs for {item.source}: {one_line(exc, 200)}", file=sys.stderr)
-            failed += 1
     try:
-        scores.flush()
-    except OSError as exc:
-        print(f"{prog}: could not write {scores.path}: {exc}", file=sys.stderr)
-        failed += 1
+        claim_output_folder(lock, out_dir, create=True)
+        scores = ScoresFile(out_dir / "scores.csv")  # read again under the lock: earlier rows are kept
+    except ValueError as exc:
+        error(str(exc))
+        return 2
+    # Stable names per (image, answer), as for prompts: a later run never overwrites another pair's overlay.
+    names = [prompt_name(a) for a in answers]
+    ok = failed = written = 0
+    try:
+        for item in items:
+            try:
+                image = load_image(item.source)
+                maps, logp = explainer.explain(image, args.prompts[0], answers)
+            except Exception as exc:  # any failure of one image costs only that image
+                msg = str(exc) if isinstance(exc, ImageLoadError) else f"{item.source}: {one_line(exc, 200)}"
+                print(f"{prog}: failed {msg}", file=sys.stderr)
+                failed += 1
+                continue
+            try:
+                for p, (name, answer) in enumerate(zip(names, answers)):
+                    base = out_dir / f"{item.key}__{name}"
+                    with atomic_writer(base.with_suffix(".png")) as fh:
+                        overlay(image, maps[p], alpha=args.alpha, colormap=args.colormap).save(fh, "PNG")
+                    written += 1
+                    if args.save_maps:
+                        with atomic_writer(base.with_suffix(".npy")) as fh:
+                            np.save(fh, maps[p].astype(np.float32))
+                    scores.add(item.source, answer, float(logp[p]), math.exp(float(logp[p])),
+                               base.with_suffix(".png").relative_to(out_dir).as_posix())
+                ok += 1
+            except Exception as exc:
+                print(f"{prog}: failed to write outputs for {item.source}: {one_line(exc, 200)}", file=sys.stderr)
+                failed += 1
+            scores.flush()
+    finally:
+        try:
+            scores.flush()  # also on Ctrl-C and SIGTERM: the rows of the overlays written so far
+        except OSError as exc:
+            print(f"{prog}: could not write {scores.path}: {exc}", file=sys.stderr)
+            failed += 1
     failed += len(problems)
     print(f"{prog}: {ok} of {ok + failed} images explained, {failed} failed; {written} overlays written to {out_dir}/")
     return 1 if failed else 0

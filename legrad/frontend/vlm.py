@@ -132,10 +132,12 @@ def predict_vlm(image: Any, image_source: str | None, text: str | None, name: st
         ValueError, ImageLoadError, ModelLoadError: bad input or a model that cannot be loaded (the caller turns
             them into a status line).
     """
+    from legrad.engine.deadline import deadline
     from legrad.frontend.app_requests import (
         MAX_PROMPT_CHARS,
         MAX_PROMPTS,
         MAX_PROMPTS_TEXT,
+        SETTINGS,
         read_visitor_image,
     )
     from legrad.viz import fit_for_display, overlay
@@ -161,8 +163,9 @@ def predict_vlm(image: Any, image_source: str | None, text: str | None, name: st
             raise ValueError(f"layer index must be a whole number, got {layer_index}")
         layer = int(float(layer_index))
     explainer = cached_explainer(name, device)
-    picture = read_visitor_image(image, image_source)
-    maps, logp = explainer.explain(picture, question, answers, layer_index=layer)
+    with deadline(SETTINGS.time_limit):  # the operator's --time-limit, as for the other models
+        picture = read_visitor_image(image, image_source)
+        maps, logp = explainer.explain(picture, question, answers, layer_index=layer)
     shown = fit_for_display(picture)
     gallery = [(overlay(shown, maps[p], alpha=alpha), f"{a}: log-prob {logp[p]:.3f}") for p, a in enumerate(answers)]
     best = answers[int(logp.argmax())]

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ...engine import budget
+from ...engine.deadline import check_deadline
 from ...engine.maps import grid_maps
 from ...engine.relevance import NonFiniteError
 from ...engine.validation import check_layer_index, check_output_size, check_prompt_chunk
@@ -351,6 +352,7 @@ class VLMAdapter(TowerAdapter):
         for block in self._vision_blocks(pixels, start):
             lo = 0
             for part, seqs in zip(chunks, packed):
+                check_deadline()  # a caller's time limit (legrad.engine.deadline), between language-model runs
                 images = [b for b, _, _ in part]
                 rows = torch.tensor([r for b in images for r in tiles[b]], device=device)
                 counts = [len(tiles[b]) for b in images]
