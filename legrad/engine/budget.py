@@ -163,20 +163,21 @@ def estimate_call_bytes(batch: int, tokens: int, width: int, prompts: int, out_p
     work = DEFAULT_WORK_BYTES if work_bytes is None else work_bytes
     unit = batch * tokens * width * element_size  # one [B, N, C] tensor
     act = unit * _ACT_FACTOR
-    # The planner fits ``chunk * (8 units + block rows)`` into ``work``: at most this many prompts share
-    # one batched backward, each holding _BACKWARD_FACTOR units while it runs.
-    chunk = max(1, min(prompts, work // max(8 * unit, 1)))
-    backward = chunk * _BACKWARD_FACTOR * unit
-    # The [chunk, B, heads, block, N] gradient block: all prompts and rows when they fit the budget (heads
-    # taken as width / 32: no smaller head width is in use), at least one prompt's 64 rows otherwise.
+    # The relevance working set as the planner counts it (8 units per prompt for its backward, plus the
+    # [chunk, B, heads, block, N] gradient block; heads taken as width / 32, no smaller head width is in
+    # use): all prompts and rows when they fit ``work``, else at most ``work``, never less than one
+    # prompt with 64 rows.
     heads = max(1, width // 32)
-    all_rows = prompts * batch * heads * tokens * tokens * element_size
-    least_rows = batch * heads * min(tokens, 64) * tokens * element_size
-    gradient_block = max(min(work, all_rows), least_rows)
+    planned_all = prompts * (8 * unit + batch * heads * tokens * tokens * element_size)
+    planned_least = 8 * unit + batch * heads * min(tokens, 64) * tokens * element_size
+    planned = max(min(work, planned_all), planned_least)
+    # What the backward holds beyond the planner's 8 units, for each prompt of the largest chunk.
+    chunk = max(1, min(prompts, work // max(8 * unit, 1)))
+    backward_extra = chunk * (_BACKWARD_FACTOR - 8) * unit
     relevance = batch * prompts * tokens * element_size
     maps = batch * prompts * out_pixels * 4 * _MAP_COPIES
     pixels = batch * 3 * out_pixels * 4  # the input moved/cast for the tower (about the output size)
-    live = act + backward + gradient_block + relevance + maps + pixels
+    live = act + planned + backward_extra + relevance + maps + pixels
     return int(_SAFETY_FACTOR * live + _SAFETY_BYTES)
 
 
