@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 import torch
-
 from helpers.frontend_utils import PYTHON, REPO, subprocess_env
+
 from legrad import LeWrapper
 from legrad.engine.budget import MemoryBudgetError, estimate_call_bytes
 
