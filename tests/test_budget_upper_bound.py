@@ -58,4 +58,4 @@ def test_estimate_bounds_the_measured_peak(family, size, prompts):
     assert measured > 4 * MiB  # the call really ran and was measured
     assert estimate >= measured, f"{family}: estimate {estimate / MiB:.0f} MiB < measured {measured / MiB:.0f} MiB"
     # Not absurdly loose either: legitimate calls must still pass a budget near their real need.
-    assert estimate <= 3 * measured, f"{family}: estimate {estimate / MiB:.0f} MiB, measured {measured / MiB:.0f} MiB"
+    assert estimate <= 3.5 * measured, f"{family}: estimate {estimate / MiB:.0f} MiB, measured {measured / MiB:.0f} MiB"
