@@ -32,8 +32,8 @@ DEFAULT_SIZES = {"demo": [224, 512, 768], "openclip-s16": [224, 512], "hf-clip":
                  "hf-siglip": [224, 512], "timm-vit": [224, 512]}
 
 
-def build(family: str, size: int, device: str) -> tuple[torch.nn.Module, object, int | None]:
-    """``(model, wrapper, embed_dim)`` of a random-init model of ``family`` (embed_dim None for classifiers)."""
+def build(family: str, size: int, device: str) -> tuple[torch.nn.Module, object]:
+    """``(model, wrapper)``: a random-init model of ``family`` built for ``size`` px, and its ``LeWrapper``."""
     from legrad import LeWrapper
 
     logging.getLogger().setLevel(logging.ERROR)
@@ -42,12 +42,12 @@ def build(family: str, size: int, device: str) -> tuple[torch.nn.Module, object,
         from legrad.toy import LAYER_INDEX, load_model
 
         model = load_model()[0]
-        return model.to(device).eval(), LeWrapper(model, layer_index=LAYER_INDEX, max_tokens=None), None
+        return model.to(device).eval(), LeWrapper(model, layer_index=LAYER_INDEX, max_tokens=None)
     if family == "openclip-s16":
         import open_clip
 
         model = open_clip.create_model("ViT-S-16", pretrained=None, force_image_size=size).to(device).eval()
-        return model, LeWrapper(model, max_tokens=None), None
+        return model, LeWrapper(model, max_tokens=None)
     if family in ("hf-clip", "hf-siglip"):
         import transformers as T
 
@@ -57,22 +57,22 @@ def build(family: str, size: int, device: str) -> tuple[torch.nn.Module, object,
                     vocab_size=64, max_position_embeddings=16)
         if family == "hf-clip":
             model = T.CLIPModel(T.CLIPConfig(text_config=text, vision_config=vision, projection_dim=64))
-            return model.to(device).eval(), LeWrapper(model, max_tokens=None), None
+            return model.to(device).eval(), LeWrapper(model, max_tokens=None)
         model = T.SiglipModel(T.SiglipConfig(text_config=text, vision_config=vision)).to(device).eval()
         empty = torch.nn.functional.normalize(torch.randn(256), dim=0).to(device)
-        return model, LeWrapper(model, max_tokens=None, empty_text_embedding=empty), None
+        return model, LeWrapper(model, max_tokens=None, empty_text_embedding=empty)
     if family == "timm-vit":
         import timm
 
         model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=size).to(device).eval()
-        return model, LeWrapper(model, max_tokens=None), None
+        return model, LeWrapper(model, max_tokens=None)
     raise ValueError(f"unknown family {family!r}; one of {FAMILIES}")
 
 
 def _child(family: str, size: int, p: int, device: str) -> None:
     from legrad.engine import budget, pipeline
 
-    model, wrapper, _ = build(family, size, device)
+    _, wrapper = build(family, size, device)
     seen: dict = {}
     original = pipeline.check_call
 
