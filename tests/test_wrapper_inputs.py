@@ -180,4 +180,4 @@ def test_memory_estimate_grows_linearly_with_tokens_for_large_images():
     small = estimate_call_bytes(1, 4097, 256, 4, 512 * 512)
     large = estimate_call_bytes(1, 16385, 256, 4, 1024 * 1024)
     assert 3 < large / small < 4.5
-    assert small < 300 * 2**20
+    assert small < 400 * 2**20  # uncapped, one prompt's [heads, N, N] gradient alone would be 512 MiB

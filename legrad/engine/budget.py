@@ -5,9 +5,13 @@ block) is bounded by :data:`DEFAULT_WORK_BYTES`: :func:`plan_blocks` picks the p
 query block. Before any work, a token limit and a memory estimate are checked (:func:`check_call`).
 
 The estimate follows the engine's own formula: the re-run tower's activations (a few ``[B, N, C]``
-and ``[B, N, 4C]`` tensors, the explained layer's graph included), the relevance working set and the
-output maps. It is an upper estimate of the *extra* memory of one call, compared with a budget: ``max_memory`` if given, otherwise a fraction of what the device
-has available (``MemAvailable`` of ``/proc/meminfo`` on CPU, ``torch.cuda.mem_get_info`` on CUDA).
+and ``[B, N, 4C]`` tensors, the explained layer's graph included), the relevance working set (the
+batched backward's own activations included), the output maps and min-max's temporaries, plus a safety
+margin for what the allocator holds on top of live tensors. It is an upper bound of the *extra* peak
+memory of one call (measured against peak RSS on five tower families in ``bench/bench_memory_estimate.py``
+and ``tests/test_budget_upper_bound.py``; ratios in ``docs/performance.md``), compared with a budget:
+``max_memory`` if given, otherwise a fraction of what the device has available (``MemAvailable`` of
+``/proc/meminfo`` on CPU, ``torch.cuda.mem_get_info`` on CUDA).
 """
 
 from __future__ import annotations
@@ -33,11 +37,21 @@ __all__ = [
 DEFAULT_MAX_TOKENS = 16384
 #: Share of the available memory one call may plan to use when no ``max_memory`` is given.
 AVAILABLE_FRACTION = 0.8
-# Activations of the re-run tower per token and channel: the widest no-grad block (qkv, MLP hidden
-# and its activation) plus the explained layer's graph and its kept queries/keys/values.
-_ACT_FACTOR = 24
-# Output maps: the upsampled maps and min-max's temporaries, float32.
-_MAP_COPIES = 3
+# Activations of the re-run tower per token and channel (units of ``B * N * C`` elements): the widest
+# no-grad block (qkv, MLP hidden and its activation) plus the explained layer's graph and its kept
+# queries/keys/values.
+_ACT_FACTOR = 32
+# The batched backward's own activations per prompt, same units: dS/dO, the MLP hidden's gradient and the
+# activation's backward temporaries. The planner counts 8 (:func:`step_bytes`); measured peaks grow by
+# about 5-11 units per prompt with GELU and about 25 with QuickGELU (x * sigmoid(1.702 x): several
+# [B, N, 4C] temporaries), part of which the safety factor covers.
+_BACKWARD_FACTOR = 20
+# Output maps: the upsampled maps and min-max's temporaries (x - min, its quotient, zeros, the result), float32.
+_MAP_COPIES = 4
+# Peak RSS exceeds live tensors: freed blocks the allocator keeps (fragmentation, measured up to ~2x on
+# small calls with many explained layers) and per-op workspaces. A factor on the sum and a constant.
+_SAFETY_FACTOR = 1.25
+_SAFETY_BYTES = 16 * 2**20
 
 #: Default memory budget (bytes) for the relevance working set of one batched backward: the prompts'
 #: ``dS/dO`` and the ``[chunk, B, heads, block, Nk]`` gradient block. Prompt chunk and query block are
@@ -130,7 +144,10 @@ def available_memory(device: torch.device) -> int | None:
 
 def estimate_call_bytes(batch: int, tokens: int, width: int, prompts: int, out_pixels: int,
                         element_size: int = 4, work_bytes: int | None = None) -> int:
-    """Upper estimate of the extra memory of one LeGrad call, in bytes.
+    """Upper bound of the extra peak memory of one LeGrad call, in bytes.
+
+    The sum of the phases' peaks (they need not overlap, but memory an earlier phase freed is often not
+    given back to the system), times a safety margin for the allocator, plus a constant.
 
     Args:
         batch: images B.
@@ -142,19 +159,27 @@ def estimate_call_bytes(batch: int, tokens: int, width: int, prompts: int, out_p
         work_bytes: relevance working-set budget (None: :data:`DEFAULT_WORK_BYTES`).
 
     Returns:
-        Bytes: activations + relevance working set + output maps.
+        Bytes: ``1.25 * (activations + relevance working set + output maps + input copy) + 16 MiB``.
     """
     work = DEFAULT_WORK_BYTES if work_bytes is None else work_bytes
-    act = batch * tokens * width * element_size * _ACT_FACTOR
-    # One prompt and one query row is the least the engine can hold, whatever the budget; all prompts
-    # and rows at once the most (heads taken as width / 32: no smaller head width is in use).
-    per_prompt_fixed = batch * tokens * width * element_size * 12
-    smallest = per_prompt_fixed + batch * tokens * width * element_size
-    largest = prompts * (per_prompt_fixed + batch * max(1, width // 32) * tokens * tokens * element_size)
-    work = min(work, largest)
+    unit = batch * tokens * width * element_size  # one [B, N, C] tensor
+    act = unit * _ACT_FACTOR
+    # The relevance working set as the planner counts it (8 units per prompt for its backward, plus the
+    # [chunk, B, heads, block, N] gradient block; heads taken as width / 32, no smaller head width is in
+    # use): all prompts and rows when they fit ``work``, else at most ``work``, never less than one
+    # prompt with 64 rows.
+    heads = max(1, width // 32)
+    planned_all = prompts * (8 * unit + batch * heads * tokens * tokens * element_size)
+    planned_least = 8 * unit + batch * heads * min(tokens, 64) * tokens * element_size
+    planned = max(min(work, planned_all), planned_least)
+    # What the backward holds beyond the planner's 8 units, for each prompt of the largest chunk.
+    chunk = max(1, min(prompts, work // max(8 * unit, 1)))
+    backward_extra = chunk * (_BACKWARD_FACTOR - 8) * unit
     relevance = batch * prompts * tokens * element_size
     maps = batch * prompts * out_pixels * 4 * _MAP_COPIES
-    return int(act + max(work, smallest) + relevance + maps)
+    pixels = batch * 3 * out_pixels * 4  # the input moved/cast for the tower (about the output size)
+    live = act + planned + backward_extra + relevance + maps + pixels
+    return int(_SAFETY_FACTOR * live + _SAFETY_BYTES)
 
 
 def _mib(n: float) -> str:

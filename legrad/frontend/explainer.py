@@ -23,6 +23,7 @@ from ..engine.validation import check_layer_index
 from ..preprocess import LePreprocess
 from ..wrapper import LeWrapper
 from .classifier_models import ClassLabels
+from .images import MAX_ASPECT_RATIO, check_image_shape
 from .models import TOY_NAME, default_layer_index, load_model, native_image_size
 
 __all__ = ["Explainer", "Explanation", "clean_prompts", "clean_targets", "MAX_TOKENS"]
@@ -109,6 +110,10 @@ class Explainer:
         max_tokens: largest patch-token count (``(H / patch) * (W / patch)``) :meth:`check_size`
             accepts; None for no limit.
 
+    Attributes:
+        max_aspect_ratio: largest longer/shorter side ratio of an image :meth:`check_images` accepts (the
+            model's own preprocess scales the short side up first); None for no limit.
+
     Raises:
         TypeError, ValueError: from :class:`~legrad.LeWrapper` for unsupported models or layer indices.
     """
@@ -127,6 +132,7 @@ class Explainer:
         self.name = name
         self.max_tokens = max_tokens
         self.native_size = native_image_size(self.wrapper.model)
+        self.max_aspect_ratio: float | None = MAX_ASPECT_RATIO
 
     @classmethod
     def load(cls, name: str = TOY_NAME, pretrained: str | None = None, device: str = "cpu",
@@ -194,6 +200,26 @@ class Explainer:
             )
         return (int(h), int(w))
 
+    def check_images(self, images: Sequence[Image.Image] | Image.Image) -> list[Image.Image]:
+        """The images as a list of RGB PIL images, checked before any preprocessing.
+
+        Raises:
+            TypeError: for a value that is not a PIL image.
+            ValueError: no images, an empty image, or one more elongated than ``max_aspect_ratio`` (an
+                ``ImageTooLargeError``: the model's preprocess would scale its short side up first).
+        """
+        if isinstance(images, Image.Image):
+            images = [images]
+        if not images:
+            raise ValueError("no images to explain")
+        for i, im in enumerate(images):
+            if not isinstance(im, Image.Image):
+                raise TypeError(f"image {i} is a {type(im).__name__}; pass PIL images (legrad.frontend.images.load_image reads files)")
+            if im.width < 1 or im.height < 1:
+                raise ValueError(f"image {i} is empty ({im.width}x{im.height} pixels); pass an image with pixels")
+            check_image_shape(im.width, im.height, f"image {i}", None, self.max_aspect_ratio)
+        return [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+
     def check_layer_index(self, layer_index: int | None) -> int:
         """The layer index to use (the wrapper's default when None), validated.
 
@@ -233,6 +259,7 @@ class Explainer:
         classifiers (``text_embedding``: class indices ``[P]``), the targets' logits and their softmax
         probabilities over all classes."""
         model = self.wrapper.model
+        images = self.check_images(images)
         batch = torch.stack([self.preprocess(im) for im in images]).to(self.device, self._dtype())
         if self.is_classifier:
             from ..classifiers import class_logits
@@ -252,6 +279,7 @@ class Explainer:
                  size: tuple[int, int] | None = None, layer_index: int | None = None) -> torch.Tensor:
         """``[B, P, H, W]`` heatmaps (CPU float32) of the images resized to ``size`` (native when None)."""
         h, w = self.check_size(size)
+        images = self.check_images(images)
         prep = LePreprocess(self.preprocess, (h, w))
         batch = torch.stack([prep(im) for im in images]).to(self.device, self._dtype())
         if self.is_classifier:
@@ -276,16 +304,7 @@ class Explainer:
         Raises:
             TypeError, ValueError: on bad or empty images, prompts, size or layer index, before any computation.
         """
-        if isinstance(images, Image.Image):
-            images = [images]
-        if not images:
-            raise ValueError("no images to explain")
-        for i, im in enumerate(images):
-            if not isinstance(im, Image.Image):
-                raise TypeError(f"image {i} is a {type(im).__name__}; pass PIL images (legrad.frontend.images.load_image reads files)")
-            if im.width < 1 or im.height < 1:
-                raise ValueError(f"image {i} is empty ({im.width}x{im.height} pixels); pass an image with pixels")
-        images = [im.convert("RGB") for im in images]
+        images = self.check_images(images)
         prompts = self.clean(prompts)
         self.check_size(size)
         self.check_layer_index(layer_index)

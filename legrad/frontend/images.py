@@ -4,8 +4,11 @@
 playground and the app) reads an image through. It
 
 * opens regular files only (a FIFO, device or directory is refused before opening, without blocking);
-* refuses images above a pixel limit from their header, before decoding (Pillow's
-  ``DecompressionBombWarning``/``Error`` become :class:`ImageTooLargeError`);
+* decodes only the raster formats of :data:`IMAGE_FORMATS`, whatever the file is called: PostScript/EPS,
+  PDF and the rest are refused (Pillow would run Ghostscript on them, with no time limit);
+* refuses images above a pixel limit or an aspect ratio (:data:`MAX_ASPECT_RATIO`) from their header,
+  before decoding (Pillow's ``DecompressionBombWarning``/``Error`` become :class:`ImageTooLargeError`);
+* turns any other decoding failure (``OverflowError``, ``MemoryError``, ...) into :class:`ImageLoadError`;
 * scales 16-bit (``I;16``, ``I;16B``, ``I``) and float (``F``) images to 8 bits by their range
   instead of clipping, composites transparency over white, converts palette/CMYK/... to RGB;
 * applies the EXIF orientation, so a phone photo is explained upright.
@@ -26,16 +29,26 @@ from . import fetch
 from .errors import ImageLoadError, ImageTooLargeError, one_line
 from .files import open_regular_file
 
-__all__ = ["MAX_IMAGE_PIXELS", "IMAGE_EXTENSIONS", "ALLOW_PRIVATE_ENV", "ImageLoadError", "ImageTooLargeError",
-           "load_image", "decode_image", "to_rgb"]
+__all__ = ["MAX_IMAGE_PIXELS", "MAX_ASPECT_RATIO", "IMAGE_EXTENSIONS", "IMAGE_FORMATS", "ALLOW_PRIVATE_ENV",
+           "ImageLoadError", "ImageTooLargeError", "load_image", "decode_image", "check_image_shape", "to_rgb"]
 
 logger = logging.getLogger(__name__)
 
 #: File suffixes treated as images when walking folders.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
 
+#: Raster formats (Pillow's names) :func:`decode_image` decodes, by content and whatever the file's suffix:
+#: those of :data:`IMAGE_EXTENSIONS` (``PPM`` covers PBM/PGM/PPM; ``JPEG`` covers phones' MPO files).
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF", "PPM")
+
 #: Default largest image (width x height) that :func:`load_image` decodes.
 MAX_IMAGE_PIXELS = 50_000_000
+
+#: Default largest ratio of an image's longer side to its shorter side. A model's own preprocess scales
+#: the *short* side up to its input size S before cropping, so a ``W x 1`` strip becomes ``W*S x S``
+#: pixels (a 955-byte 300000x1 PNG: gigabytes; 34000000x1: an ``OverflowError`` inside Pillow). At 50:1
+#: that intermediate stays below ``50 * S**2`` pixels (7.5 MB at S = 224), and panoramas still pass.
+MAX_ASPECT_RATIO = 50
 
 #: Environment variable that lets :func:`load_image` fetch URLs on private addresses by default.
 ALLOW_PRIVATE_ENV = "LEGRAD_ALLOW_PRIVATE_URLS"
@@ -51,6 +64,7 @@ def load_image(
     allow_private_urls: bool | None = None,
     url_deadline_s: float | None = None,
     max_url_bytes: int | None = None,
+    max_aspect_ratio: float | None = MAX_ASPECT_RATIO,
 ) -> Image.Image:
     """Reads an image from a file path or an ``http(s)`` URL (or converts a PIL image) as upright RGB.
 
@@ -58,7 +72,7 @@ def load_image(
     connection to loopback/private/link-local/... addresses unless ``allow_private_urls``.
 
     Args:
-        source: a path, an ``http(s)://`` URL, or a PIL image (converted, not size-checked).
+        source: a path, an ``http(s)://`` URL, or a PIL image (its size checked as a file's would be).
         max_pixels: largest ``width * height`` decoded; None for no limit.
         name: how messages name the image (default: the source itself); front ends serving visitors
             pass a neutral name so that no server path appears in an error.
@@ -67,17 +81,21 @@ def load_image(
             command-line operator can opt in; servers pass False.
         url_deadline_s: total seconds for a URL download (default ``legrad.frontend.fetch.URL_DEADLINE_S``).
         max_url_bytes: largest URL body (default ``legrad.frontend.fetch.MAX_URL_BYTES``).
+        max_aspect_ratio: largest longer-side / shorter-side ratio (see :data:`MAX_ASPECT_RATIO`); None
+            for no limit.
 
     Returns:
         An RGB PIL image with the EXIF orientation applied.
 
     Raises:
-        ImageTooLargeError: above ``max_pixels`` or the URL byte cap.
+        ImageTooLargeError: above ``max_pixels``, ``max_aspect_ratio`` or the URL byte cap.
         ImageLoadError: missing or non-regular file, refused or failed URL, or data that is not an
-            image (a ``ValueError``).
+            image of :data:`IMAGE_FORMATS` (a ``ValueError``).
     """
     if isinstance(source, Image.Image):
-        return _upright_rgb(source, name or "image")
+        label = name or "image"
+        check_image_shape(source.width, source.height, label, max_pixels, max_aspect_ratio)
+        return _upright_rgb(source, label)
     src = os.fspath(source)
     label = name or src
     if fetch.is_url(src):
@@ -92,40 +110,70 @@ def load_image(
             )
         except ImageLoadError as exc:
             raise type(exc)(f"could not fetch {label}: {exc}") from exc
-        return decode_image(io.BytesIO(data), label, max_pixels)
+        return decode_image(io.BytesIO(data), label, max_pixels, max_aspect_ratio)
     with open_regular_file(src, label, ImageLoadError) as fh:
-        return decode_image(fh, label, max_pixels)
+        return decode_image(fh, label, max_pixels, max_aspect_ratio)
 
 
-def decode_image(fp: Any, name: str, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Decodes an image file object to upright RGB after checking its pixel count from the header.
+def check_image_shape(width: int, height: int, name: str, max_pixels: int | None = MAX_IMAGE_PIXELS,
+                      max_aspect_ratio: float | None = MAX_ASPECT_RATIO) -> None:
+    """Refuses an image size before any decoding or resizing: empty, too many pixels, or too elongated.
+
+    Args:
+        width, height: the image's size in pixels (from its header).
+        name: how messages name the image.
+        max_pixels: largest ``width * height``; None for no limit.
+        max_aspect_ratio: largest ``max(width, height) / min(width, height)``; None for no limit.
+
+    Raises:
+        ImageLoadError: a zero width or height.
+        ImageTooLargeError: above ``max_pixels`` or ``max_aspect_ratio`` (the message says how to fix it).
+    """
+    w, h = int(width), int(height)
+    if w <= 0 or h <= 0:
+        raise ImageLoadError(f"{name}: image has zero width or height ({w}x{h})")
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageTooLargeError(
+            f"{name}: image is too large to decode ({w}x{h} = {w * h / 1e6:.1f} Mpx, limit "
+            f"{max_pixels / 1e6:g} Mpx); downscale it first"
+        )
+    if max_aspect_ratio is not None and max(w, h) > max_aspect_ratio * min(w, h):
+        raise ImageTooLargeError(
+            f"{name}: image is too elongated ({w}x{h}, aspect ratio {max(w, h) / min(w, h):,.0f}:1, limit "
+            f"{max_aspect_ratio:g}:1; models scale the short side up to their input size); crop or pad it "
+            "to a less elongated shape first"
+        )
+
+
+def decode_image(fp: Any, name: str, max_pixels: int | None = MAX_IMAGE_PIXELS,
+                 max_aspect_ratio: float | None = MAX_ASPECT_RATIO) -> Image.Image:
+    """Decodes an image file object to upright RGB after checking its size from the header.
+
+    Only the formats of :data:`IMAGE_FORMATS` are decoded, recognised by content (a PostScript file
+    named ``.png`` is refused, never handed to Ghostscript).
 
     Args:
         fp: a binary file object (or path).
         name: how messages name the image.
         max_pixels: largest ``width * height``; None for no limit.
+        max_aspect_ratio: largest longer-side / shorter-side ratio; None for no limit.
 
     Returns:
         An RGB PIL image.
 
     Raises:
-        ImageTooLargeError: above ``max_pixels`` (or Pillow's own bomb limit).
-        ImageLoadError: not an image, truncated, or a zero-sized image.
+        ImageTooLargeError: above ``max_pixels``, ``max_aspect_ratio`` (or Pillow's own bomb limit), or
+            out of memory while decoding.
+        ImageLoadError: not an image of :data:`IMAGE_FORMATS`, truncated, a zero-sized image, or any other
+            decoding failure.
     """
     limit = f"{max_pixels / 1e6:g} Mpx" if max_pixels else "Pillow's limit"
     try:
         with warnings.catch_warnings():
             # The limit is checked below from the header; Pillow's warning would only repeat it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(fp) as im:
-                w, h = im.size
-                if max_pixels is not None and w * h > max_pixels:
-                    raise ImageTooLargeError(
-                        f"{name}: image is too large to decode ({w}x{h} = {w * h / 1e6:.1f} Mpx, limit {limit}); "
-                        "downscale it first"
-                    )
-                if w == 0 or h == 0:
-                    raise ImageLoadError(f"{name}: image has zero width or height ({w}x{h})")
+            with Image.open(fp, formats=_formats()) as im:
+                check_image_shape(im.width, im.height, name, max_pixels, max_aspect_ratio)
                 im.load()
                 return _upright_rgb(im, name)
     except ImageLoadError:
@@ -133,10 +181,24 @@ def decode_image(fp: Any, name: str, max_pixels: int | None = MAX_IMAGE_PIXELS) 
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"{name}: image is too large to decode (limit {limit}): {one_line(exc, 160)}") from None
     except Image.UnidentifiedImageError:
-        raise ImageLoadError(f"{name}: not a readable image (unknown or unsupported format)") from None
+        raise ImageLoadError(
+            f"{name}: not a readable image (unknown or unsupported format; accepted: {', '.join(IMAGE_FORMATS)}); "
+            "convert it to PNG or JPEG"
+        ) from None
+    except MemoryError:
+        raise ImageTooLargeError(f"{name}: out of memory while decoding the image; downscale it first") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        # UnidentifiedImageError (an OSError) for non-images; OSError/SyntaxError/EOFError for truncated ones.
+        # OSError/SyntaxError/EOFError for truncated or corrupt files.
         raise ImageLoadError(f"{name}: not a readable image ({one_line(exc, 120)})") from None
+    except Exception as exc:  # OverflowError, struct.error, ... from a decoder: still this image's fault
+        raise ImageLoadError(f"{name}: could not decode the image ({type(exc).__name__}: {one_line(exc, 120)})") from None
+
+
+def _formats() -> tuple[str, ...]:
+    # Only the plugins Pillow has (e.g. a build without WebP): an unknown name would be a KeyError in Image.open.
+    if not all(f in Image.OPEN for f in IMAGE_FORMATS):
+        Image.init()
+    return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
 
 
 def _upright_rgb(im: Image.Image, name: str) -> Image.Image:
