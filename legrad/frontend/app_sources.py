@@ -12,8 +12,9 @@ path* (symbolic links and ``..`` resolved) before anything is opened:
 * a URL in that box: only with ``--allow-urls``, only public addresses (``allow_private_urls=False`` is
   passed explicitly, so ``LEGRAD_ALLOW_PRIVATE_URLS`` in the server's environment does not apply).
 
-Every image is then refused if it is far from square (:data:`MAX_ASPECT_RATIO`): the model's preprocess
-scales the short side up first, so a 300000x1 image would become a 67-megapixel tensor.
+Every image is refused from its header if it is far from square (:data:`MAX_ASPECT_RATIO`, stricter than
+the library's default): the model's preprocess scales the short side up first, so a 300000x1 image would
+become a 67-megapixel tensor.
 Nothing here imports gradio; the operator's settings are passed in (``legrad.frontend.app_requests.SETTINGS``).
 """
 
@@ -24,7 +25,7 @@ from typing import Any, Protocol
 
 __all__ = ["UPLOAD_ONLY_MSG", "NO_SOURCE_MSG", "NO_PATH_MSG", "NO_URL_MSG", "URL_FAILED_MSG", "MAX_IMAGE_PIXELS",
            "MAX_URL_BYTES", "URL_DEADLINE_S", "MAX_ASPECT_RATIO", "SourcePolicy", "allowed_path", "checked_upload",
-           "check_proportions", "read_visitor_image", "shared_folder"]
+           "read_visitor_image", "shared_folder"]
 
 #: Largest image decoded for a visitor (pixels), from uploads, shared folders and URLs alike.
 MAX_IMAGE_PIXELS = 40_000_000
@@ -32,7 +33,8 @@ MAX_IMAGE_PIXELS = 40_000_000
 MAX_URL_BYTES = 20 * 1024 * 1024
 #: Total time for a URL download for a visitor (seconds).
 URL_DEADLINE_S = 15.0
-#: Largest ratio of an image's long side to its short side that the app explains.
+#: Largest ratio of an image's long side to its short side that the app explains (checked from the header,
+#: before decoding, by :func:`legrad.frontend.images.load_image`; the library's default is 50).
 MAX_ASPECT_RATIO = 20
 
 UPLOAD_ONLY_MSG = "the image field takes only images uploaded to this page (or its examples); upload the image"
@@ -107,20 +109,6 @@ def allowed_path(text: str, allowed_dirs: tuple[str, ...]) -> str:
     raise ValueError(NO_PATH_MSG)
 
 
-def check_proportions(width: int, height: int) -> None:
-    """Refuses an image whose long side is more than :data:`MAX_ASPECT_RATIO` times its short side.
-
-    Raises:
-        ImageTooLargeError: naming the size and the fix (a ``ValueError``).
-    """
-    from .errors import ImageTooLargeError
-
-    if max(width, height) > MAX_ASPECT_RATIO * max(min(width, height), 1):
-        raise ImageTooLargeError(
-            f"the image is {width}x{height} px: its long side is more than {MAX_ASPECT_RATIO} times its short side; "
-            "crop it closer to a square first")
-
-
 def _source_image(text: str, policy: SourcePolicy):
     from .errors import ImageLoadError, ImageTooLargeError
     from .fetch import URLRefusedError, is_url
@@ -132,7 +120,8 @@ def _source_image(text: str, policy: SourcePolicy):
         if not policy.allow_urls:
             raise ValueError(NO_URL_MSG)
         try:
-            return load_image(text, name="the URL", max_pixels=MAX_IMAGE_PIXELS, allow_private_urls=False,
+            return load_image(text, name="the URL", max_pixels=MAX_IMAGE_PIXELS, max_aspect_ratio=MAX_ASPECT_RATIO,
+                              allow_private_urls=False,
                               url_deadline_s=URL_DEADLINE_S, max_url_bytes=MAX_URL_BYTES)
         except (URLRefusedError, ImageTooLargeError):
             raise
@@ -140,7 +129,8 @@ def _source_image(text: str, policy: SourcePolicy):
             raise ValueError(URL_FAILED_MSG) from None
     if not policy.allowed_dirs:
         raise ValueError(NO_SOURCE_MSG if not policy.allow_urls else NO_PATH_MSG)
-    return load_image(allowed_path(text, policy.allowed_dirs), name=repr(text), max_pixels=MAX_IMAGE_PIXELS)
+    return load_image(allowed_path(text, policy.allowed_dirs), name=repr(text), max_pixels=MAX_IMAGE_PIXELS,
+                      max_aspect_ratio=MAX_ASPECT_RATIO)
 
 
 def read_visitor_image(image: Any, image_source: str | None, policy: SourcePolicy):
@@ -160,7 +150,7 @@ def read_visitor_image(image: Any, image_source: str | None, policy: SourcePolic
             raise ValueError("upload an image, or paste an image URL or path")
         picture = _source_image(text, policy)
     elif hasattr(image, "convert"):  # a PIL image in memory
-        picture = load_image(image, name="the uploaded image")
+        picture = load_image(image, name="the uploaded image", max_aspect_ratio=MAX_ASPECT_RATIO)
     elif type(image).__module__ == "numpy" and hasattr(image, "ndim"):  # an array in memory
         import numpy as np
         from PIL import Image
@@ -168,11 +158,11 @@ def read_visitor_image(image: Any, image_source: str | None, policy: SourcePolic
         arr = np.asarray(image)
         if arr.ndim not in (2, 3) or arr.size == 0:
             raise ValueError("the uploaded image is empty or not an image")
-        picture = load_image(Image.fromarray(arr), name="the uploaded image")
+        picture = load_image(Image.fromarray(arr), name="the uploaded image", max_aspect_ratio=MAX_ASPECT_RATIO)
     else:
         # An upload: the path of Gradio's cached copy; do not show it to anyone.
-        picture = load_image(checked_upload(image, policy), name="the uploaded image", max_pixels=MAX_IMAGE_PIXELS)
-    check_proportions(*picture.size)
+        picture = load_image(checked_upload(image, policy), name="the uploaded image", max_pixels=MAX_IMAGE_PIXELS,
+                             max_aspect_ratio=MAX_ASPECT_RATIO)
     return picture
 
 
