@@ -292,7 +292,7 @@ def test_degenerate_image_is_refused_fast_and_small(servers):
         event, data = default.explain(_file(path))
         elapsed = time.monotonic() - start
         assert event == "complete" and data[0] == [], data
-        assert f"{size[0]}x{size[1]} px" in data[1] and "crop" in data[1], data[1]
+        assert f"{size[0]}x{size[1]}" in data[1] and "elongated" in data[1] and "crop" in data[1], data[1]
         assert elapsed < 30, elapsed
         assert default.peak_rss() - before < 2**30
 
