@@ -89,7 +89,13 @@ def _assert_untouched(model: torch.nn.Module, before: dict) -> None:
 def test_unmodified_models_wrap_explain_and_stay_untouched(kind):
     model = UNMODIFIED[kind]()
     before = _snapshot(model)
-    maps = _explain(LeWrapper(model, apply_correction=False))
+    calls = []
+    handles = [m.register_forward_pre_hook(lambda *a: calls.append(1)) for m in model.modules()]
+    wrapper = LeWrapper(model, apply_correction=False)
+    for h in handles:
+        h.remove()
+    assert calls == []  # the check runs on an eval-mode view of the model: none of the user's hooks fire
+    maps = _explain(wrapper)
     assert torch.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
     _assert_untouched(model, before)
 
@@ -273,3 +279,34 @@ def test_the_issue_example():
     assert LeWrapper(inner, max_tokens=16384).max_tokens == 16384
     assert LeWrapper(inner).max_tokens is None
     assert LeWrapper(LeWrapper(make_tiny_vit(), layer_index=1), layer_index=None).layer_index == -2
+
+
+# ------------------------------------------------------------------------------------------- front ends
+def _drifted_open_clip_blocks(monkeypatch) -> None:
+    from open_clip.transformer import ResidualAttentionBlock
+
+    original = ResidualAttentionBlock.forward
+    monkeypatch.setattr(ResidualAttentionBlock, "forward", lambda self, *a, **k: _shift(original(self, *a, **k)))
+
+
+def test_the_cli_shows_a_drifted_model_as_one_line(tmp_path, monkeypatch, capsys):
+    from helpers.frontend_utils import bundled_scenes
+
+    from legrad.cli import main
+
+    _drifted_open_clip_blocks(monkeypatch)  # the bundled demo model is an open_clip CLIP
+    code = main(["explain", str(bundled_scenes()[0][0]), "-p", "a red circle", "--out", str(tmp_path / "out")])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith("legrad explain: error:") and "differs from the model's own forward" in err[0]
+    assert "verify=False" in err[0] and not (tmp_path / "out").exists()
+
+
+def test_the_front_ends_get_a_model_load_error(monkeypatch):
+    from legrad.frontend.errors import ModelLoadError
+    from legrad.frontend.explainer import Explainer
+
+    _drifted_open_clip_blocks(monkeypatch)
+    with pytest.raises(ModelLoadError, match=r"^toy: legrad's re-run of this open_clip .* at your own risk\.$") as info:
+        Explainer.load("toy")
+    assert isinstance(info.value.__cause__, DriftError) and "\n" not in str(info.value)

@@ -70,7 +70,8 @@ def check_drift(adapter: TowerAdapter, model: nn.Module) -> None:
     """Compares ``adapter.rerun_output`` with ``adapter.own_output`` on a fixed-seed noise input (batch 1).
 
     Costs about two forwards of the image tower; builds no autograd graph beyond a transient one for an
-    explained pooler, and writes nothing (the model's forward runs on an :func:`eval_view`). Families
+    explained pooler, writes nothing and fires none of the model's hooks (both runs use an eval-mode view
+    of the model, :func:`~legrad.adapters.timm_blocks.eval_view`, that shares its weights). Families
     without ``own_output`` (user adapters) and models whose weights are on the meta device are not
     checked (logged).
 
@@ -92,9 +93,13 @@ def check_drift(adapter: TowerAdapter, model: nn.Module) -> None:
         return
     try:
         with torch.no_grad():
-            image = adapter.probe_input()
-            own = adapter.own_output(eval_view(model), image)
-            rerun = adapter.rerun_output(image)
+            # Both runs use the view, so that the check fires none of the user's hooks (HF adapters call the
+            # embedding module as is); the view's adapter is the same family on the same weights.
+            view = eval_view(model)
+            checked = type(adapter).from_model(view) or adapter
+            image = checked.probe_input()
+            own = checked.own_output(view, image)
+            rerun = checked.rerun_output(image)
     except Exception as exc:
         problem = f"could not be compared ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
         raise DriftError(_message(adapter, model, problem)) from exc
