@@ -67,14 +67,15 @@ class LeWrapper:
         max_tokens: largest number of patch tokens per image (a ValueError before any work); None: no limit.
             Omitted: :data:`legrad.engine.budget.DEFAULT_MAX_TOKENS` (16384).
         verify: compare legrad's re-run of the tower with the model's own forward on one noise image
-            (about two forwards; see :mod:`legrad.adapters.drift`). False skips the check, at your own
-            risk: if the installed library computes the tower differently, the maps are silently wrong.
+            (about two forwards; see :mod:`legrad.adapters.drift`); omitted: True. False skips the check,
+            at your own risk: if the installed library computes the tower differently, the maps are
+            silently wrong.
 
     Raises:
         TypeError: if the image tower is not supported (the message lists the supported families).
         ValueError: if ``layer_index`` is out of range for the tower's depth.
-        DriftError: (:class:`legrad.adapters.drift.DriftError`, a RuntimeError) if ``verify`` and the re-run
-            differs from the model's own forward.
+        DriftError: (``legrad.DriftError``, a RuntimeError) if ``verify`` and the re-run differs from the
+            model's own forward.
     """
 
     def __init__(
@@ -109,9 +110,9 @@ class LeWrapper:
         object.__setattr__(self, "_adapter", tower_adapter_for(model))
         object.__setattr__(self, "_tokenizer", s["tokenizer"])
         object.__setattr__(self, "_empty_text_embedding", s["empty_text_embedding"])
-        object.__setattr__(self, "apply_correction", bool(True if s["apply_correction"] is None else s["apply_correction"]))
-        object.__setattr__(self, "correction_threshold",
-                           float(0.8 if s["correction_threshold"] is None else s["correction_threshold"]))
+        correction, threshold = s["apply_correction"], s["correction_threshold"]
+        object.__setattr__(self, "apply_correction", bool(True if correction is None else correction))
+        object.__setattr__(self, "correction_threshold", float(0.8 if threshold is None else threshold))
         object.__setattr__(self, "max_memory", s["max_memory"])
         object.__setattr__(self, "max_tokens", s["max_tokens"])
         object.__setattr__(self, "_verify", bool(s["verify"]))

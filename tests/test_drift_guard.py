@@ -181,6 +181,12 @@ def test_an_unverifiable_comparison_is_a_drift_error(monkeypatch):
         LeWrapper(model)
 
 
+def test_drift_error_is_public():
+    import legrad
+
+    assert legrad.DriftError is DriftError and issubclass(DriftError, RuntimeError)
+
+
 def test_tolerance_follows_the_dtype():
     cpu = torch.device("cpu")
     assert tolerance(torch.float32, cpu) == 1e-4
