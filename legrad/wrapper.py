@@ -74,8 +74,8 @@ class LeWrapper:
     Raises:
         TypeError: if the image tower is not supported (the message lists the supported families).
         ValueError: if ``layer_index`` is out of range for the tower's depth.
-        DriftError: (``legrad.DriftError``, a RuntimeError) if ``verify`` and the re-run differs from the
-            model's own forward.
+        DriftError: (``legrad.DriftError``, a ValueError and a RuntimeError) if ``verify`` and the re-run
+            differs from the model's own forward.
     """
 
     def __init__(

@@ -135,7 +135,6 @@ def _check_refused(model: torch.nn.Module, library: str) -> None:
     for part in (adapter.family, f"torch {torch.__version__}", f"{library} ", "differs from the model's own forward",
                  "LeWrapper(model, verify=False)", "at your own risk"):
         assert part in msg, (part, msg)
-    assert isinstance(info.value, RuntimeError)
 
 
 LIBRARY = {"open_clip": "open_clip", "timm": "timm", "hf_clip": "transformers"}
@@ -184,7 +183,7 @@ def test_an_unverifiable_comparison_is_a_drift_error(monkeypatch):
 def test_drift_error_is_public():
     import legrad
 
-    assert legrad.DriftError is DriftError and issubclass(DriftError, RuntimeError)
+    assert legrad.DriftError is DriftError and issubclass(DriftError, ValueError) and issubclass(DriftError, RuntimeError)
 
 
 def test_tolerance_follows_the_dtype():
@@ -306,6 +305,15 @@ def test_the_cli_shows_a_drifted_model_as_one_line(tmp_path, monkeypatch, capsys
     assert code == 1 and len(err) == 1, err
     assert err[0].startswith("legrad explain: error:") and "differs from the model's own forward" in err[0]
     assert "verify=False" in err[0] and not (tmp_path / "out").exists()
+
+
+def test_legrad_bench_shows_a_drifted_model_as_one_line(monkeypatch, capsys):
+    from legrad.cli import main
+
+    _drifted_open_clip_blocks(monkeypatch)
+    code = main(["bench", "--limit", "1", "--methods", "legrad", "--no-progress", "--no-perturbation"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == 1 and len(err) == 1 and "differs from the model's own forward" in err[0], err
 
 
 def test_the_front_ends_get_a_model_load_error(monkeypatch):

@@ -35,11 +35,12 @@ _LIBRARIES = {"open_clip": "open_clip_torch", "timm": "timm", "transformers": "t
 _RELATIVE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
-class DriftError(RuntimeError):
+class DriftError(ValueError, RuntimeError):
     """The adapter's re-run of the tower does not match the model's own forward (its message is one line).
 
-    A RuntimeError, not a ValueError: the model is a valid argument; what fails is the agreement between
-    the installed model library and legrad's re-implementation of it.
+    A ValueError, as for every other model legrad refuses (the model, as installed, is not one legrad can
+    explain faithfully), so front ends that report bad input on one line report it too; and a RuntimeError,
+    since what fails is the agreement between the installed model library and legrad's re-implementation.
     """
 
 
