@@ -114,6 +114,23 @@ def test_a_model_in_training_mode_is_checked_deterministically_and_keeps_its_mod
     assert any(isinstance(mod, torch.nn.BatchNorm2d) for mod in stem.modules())
 
 
+def test_families_without_own_output_are_not_checked(caplog):
+    from legrad.adapters.base import TowerAdapter
+
+    class Custom(TowerAdapter):  # a user family that declares no own_output
+        family = "custom test family"
+
+        def rerun_output(self, image):
+            raise AssertionError("not called")
+
+    model = make_tiny_vit()
+    with caplog.at_level("INFO", logger="legrad.adapters.drift"):
+        check_drift(Custom(model.visual), model)
+    assert "custom test family: no own_output" in caplog.text
+    with pytest.raises(TypeError, match="the custom test family adapter has no own_output"):
+        Custom(model.visual).own_output(model, None)
+
+
 def test_meta_device_models_are_not_checked():
     LeWrapper(make_tiny_vit().to("meta"))  # nothing to compare against; compute_legrad refuses it later
 
