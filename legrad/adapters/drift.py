@@ -6,12 +6,12 @@ re-run would silently keep the old maths. :func:`check_drift` runs both on one f
 of the tower's native size (batch 1) and raises :class:`DriftError` when they differ beyond a
 tolerance set by the dtype.
 
-The model's own forward runs on an eval-mode *view* of the model
-(:func:`legrad.adapters.timm_blocks.eval_view`: the module objects are copied, parameters and buffers
-are shared, hooks are left out), never on the model itself: a model in training mode would otherwise apply dropout (a random output that cannot be
-compared) and update BatchNorm statistics (a write to the model), and calling ``.eval()`` on it would
-change its mode. Eval semantics is also what the re-run computes. Nothing is cached: every wrap
-checks again.
+Both run on an eval-mode *view* of the model (:func:`legrad.adapters.timm_blocks.eval_view`: the
+module objects are copied, parameters and buffers are shared, hooks are left out), never on the model
+itself: a model in training mode would otherwise apply dropout (a random output that cannot be
+compared) and update BatchNorm statistics (a write to the model), calling ``.eval()`` on it would
+change its mode, and the user's hooks would fire. Eval semantics is also what legrad computes.
+Nothing is cached: every wrap checks again.
 """
 
 from __future__ import annotations
