@@ -19,6 +19,7 @@ __version__ = "2.0.0"
 # name -> module that defines it
 _EXPORTS = {
     "LeWrapper": "legrad.wrapper",
+    "DriftError": "legrad.adapters.drift",
     "LePreprocess": "legrad.preprocess",
     "list_pretrained": "legrad.pretrained",
     "LayerStep": "legrad.engine.step",

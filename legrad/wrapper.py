@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .adapters.base import TowerAdapter
+from .adapters.drift import check_drift
 from .adapters.registry import tower_adapter_for
 from .engine import pipeline
 from .engine.budget import DEFAULT_MAX_TOKENS
@@ -23,7 +24,22 @@ __all__ = ["LeWrapper"]
 
 # Attributes that live on the wrapper itself; everything else is the wrapped model's.
 _OWN_ATTRS = frozenset({"_model", "_adapter", "_layer_index", "_tokenizer", "_empty_text_embedding",
-                        "apply_correction", "correction_threshold", "max_memory", "max_tokens", "_reference"})
+                        "apply_correction", "correction_threshold", "max_memory", "max_tokens", "_reference",
+                        "_verify"})
+
+
+class _Unset:
+    """An argument that was not given (None is a value of its own: "the default" or "no limit")."""
+
+    def __repr__(self) -> str:
+        return "<not given>"
+
+
+_UNSET: Any = _Unset()
+# What an omitted argument means for a new wrapper (re-wrapping keeps the inner wrapper's settings instead).
+_DEFAULTS = dict(layer_index=None, tokenizer=None, empty_text_embedding=None, apply_correction=None,
+                 correction_threshold=None, max_memory=None, max_tokens=DEFAULT_MAX_TOKENS, reference=None,
+                 verify=True)
 
 
 class LeWrapper:
@@ -39,7 +55,8 @@ class LeWrapper:
     Args:
         model: an OpenCLIP ``CLIP``/``CustomTextCLIP``/``CoCa`` model with a supported image tower, a
             ViT image classifier (timm, torchvision, transformers: see :mod:`legrad.classifiers`), or a
-            ``LeWrapper`` (its settings are kept unless given here).
+            ``LeWrapper``: every argument given here (None included) replaces its setting, every
+            omitted one keeps it.
         layer_index: first transformer block used; negative values count from the end (``-2``: the
             last two blocks). None (default): the model's recommended index if it declares one as
             an int attribute ``legrad_layer_index`` (the bundled demo model does: 0), else ``-2``.
@@ -53,58 +70,64 @@ class LeWrapper:
         max_tokens: largest number of patch tokens per image (a ValueError before any work); None: no limit.
         reference: None (default): legrad's maps; ``"1.1"``: the maps of the original package, legrad-torch
             1.1, where they differ (SigLIP/SigLIP2 and CoCa towers; see docs/differences.md).
+            Omitted: :data:`legrad.engine.budget.DEFAULT_MAX_TOKENS` (16384).
+        verify: compare legrad's re-run of the tower with the model's own forward on one noise image
+            (about two forwards; see :mod:`legrad.adapters.drift`); omitted: True. False skips the check,
+            at your own risk: if the installed library computes the tower differently, the maps are
+            silently wrong.
 
     Raises:
         TypeError: if the image tower is not supported (the message lists the supported families).
         ValueError: if ``layer_index`` is out of range for the tower's depth, or ``reference`` is unknown or
             names a release that never supported this tower.
+        DriftError: (``legrad.DriftError``, a ValueError and a RuntimeError) if ``verify`` and the re-run
+            differs from the model's own forward.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        layer_index: int | None = None,
-        tokenizer: Any = None,
-        empty_text_embedding: torch.Tensor | None = None,
-        apply_correction: bool | None = None,
-        correction_threshold: float | None = None,
-        max_memory: float | None = None,
-        max_tokens: int | None = DEFAULT_MAX_TOKENS,
-        reference: str | None = None,
+        layer_index: int | None = _UNSET,
+        tokenizer: Any = _UNSET,
+        empty_text_embedding: torch.Tensor | None = _UNSET,
+        apply_correction: bool | None = _UNSET,
+        correction_threshold: float | None = _UNSET,
+        max_memory: float | None = _UNSET,
+        max_tokens: int | None = _UNSET,
+        reference: str | None = _UNSET,
+        verify: bool = _UNSET,
     ):
-        if isinstance(model, LeWrapper):  # re-wrapping keeps the inner wrapper's settings unless overridden
-            inner = model
-            model = inner.model
-            layer_index = inner.layer_index if layer_index is None else layer_index
-            tokenizer = inner.tokenizer if tokenizer is None else tokenizer
-            if empty_text_embedding is None:
-                empty_text_embedding = inner.empty_text_embedding
-            apply_correction = inner.apply_correction if apply_correction is None else apply_correction
-            if correction_threshold is None:
-                correction_threshold = inner.correction_threshold
-            max_memory = inner.max_memory if max_memory is None else max_memory
-            max_tokens = inner.max_tokens if max_tokens == DEFAULT_MAX_TOKENS else max_tokens
-            reference = inner.reference if reference is None else reference
-        if layer_index is None:
+        given = dict(layer_index=layer_index, tokenizer=tokenizer, empty_text_embedding=empty_text_embedding,
+                     apply_correction=apply_correction, correction_threshold=correction_threshold,
+                     max_memory=max_memory, max_tokens=max_tokens, reference=reference, verify=verify)
+        if isinstance(model, LeWrapper):  # re-wrapping: an omitted argument keeps the inner wrapper's setting
+            kept = {name: getattr(model, "_" + name if name == "verify" else name) for name in given}
+            model = model.model
+        else:
+            kept = dict(_DEFAULTS)
+        s = {name: kept[name] if value is _UNSET else value for name, value in given.items()}
+        if s["layer_index"] is None:
             hint = getattr(model, "legrad_layer_index", None)
-            layer_index = hint if isinstance(hint, int) and not isinstance(hint, bool) else -2
-        apply_correction = True if apply_correction is None else apply_correction
-        correction_threshold = 0.8 if correction_threshold is None else correction_threshold
+            s["layer_index"] = hint if isinstance(hint, int) and not isinstance(hint, bool) else -2
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"LeWrapper expects an OpenCLIP model or a ViT classifier (torch.nn.Module), got {type(model).__name__}"
             )
         object.__setattr__(self, "_model", model)
         object.__setattr__(self, "_adapter", tower_adapter_for(model))
-        pipeline.reference_adapter(self._adapter, reference)  # fails here, not at the first call
-        object.__setattr__(self, "_reference", reference)
-        object.__setattr__(self, "_tokenizer", tokenizer)
-        object.__setattr__(self, "_empty_text_embedding", empty_text_embedding)
-        object.__setattr__(self, "apply_correction", bool(apply_correction))
-        object.__setattr__(self, "correction_threshold", float(correction_threshold))
-        object.__setattr__(self, "max_memory", max_memory)
-        object.__setattr__(self, "max_tokens", max_tokens)
-        self.layer_index = layer_index
+        pipeline.reference_adapter(self._adapter, s["reference"])  # fails here, not at the first call
+        object.__setattr__(self, "_reference", s["reference"])
+        object.__setattr__(self, "_tokenizer", s["tokenizer"])
+        object.__setattr__(self, "_empty_text_embedding", s["empty_text_embedding"])
+        correction, threshold = s["apply_correction"], s["correction_threshold"]
+        object.__setattr__(self, "apply_correction", bool(True if correction is None else correction))
+        object.__setattr__(self, "correction_threshold", float(0.8 if threshold is None else threshold))
+        object.__setattr__(self, "max_memory", s["max_memory"])
+        object.__setattr__(self, "max_tokens", s["max_tokens"])
+        object.__setattr__(self, "_verify", bool(s["verify"]))
+        self.layer_index = s["layer_index"]
+        if self._verify:  # after the argument checks: the comparison costs about two forwards
+            check_drift(self._adapter, model)
 
     # ------------------------------------------------------------------ delegation
     @property

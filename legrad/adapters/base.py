@@ -255,6 +255,52 @@ class TowerAdapter:
         """An image classifier's eval-mode logits ``[B, K]``, recomputed statelessly (no grad)."""
         raise TypeError(f"class_logits needs an image classifier; this model's tower is {self.family}")
 
+    # ------------------------------------------------------------------ drift guard (legrad.adapters.drift)
+    @property
+    def native_size(self) -> tuple[int, int]:
+        """``(H, W)`` the model's own forward accepts: the tower's ``image_size``, its config's, or its
+        patch embedding's ``img_size``."""
+        v = self.visual
+        size = getattr(v, "image_size", None)
+        if size is None:
+            size = getattr(getattr(v, "config", None), "image_size", None)
+        if size is None:
+            size = getattr(getattr(v, "patch_embed", None), "img_size", None)
+        if size is None:
+            raise TypeError(f"the {self.family} adapter does not know its tower's native size (native_size)")
+        return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+    def probe_input(self) -> ModelInput:
+        """The drift guard's input: fixed-seed normal noise ``[1, C, H, W]`` at :attr:`native_size`, on the
+        tower's device and in its dtype (a private generator: the global RNG is not advanced)."""
+        h, w = self.native_size
+        noise = torch.randn(1, self.in_chans, h, w, generator=torch.Generator().manual_seed(0))
+        return noise.to(self.device(), self.param_dtype())
+
+    def own_output(self, model: nn.Module, image: ModelInput) -> torch.Tensor:
+        """The model's own output for ``image`` that :meth:`rerun_output` recomputes (open_clip's
+        ``encode_image``, a classifier's logits, Hugging Face image features), un-normalised.
+
+        Args:
+            model: an eval-mode view of the wrapped model (never the model itself).
+            image: :meth:`probe_input`.
+
+        Raises:
+            TypeError: if the family does not declare it (its re-run then cannot be checked).
+        """
+        raise TypeError(f"the {self.family} adapter has no own_output: its re-run cannot be checked")
+
+    def rerun_output(self, image: ModelInput) -> torch.Tensor:
+        """legrad's stateless re-run of what :meth:`own_output` returns, in the tower's dtype (no grad).
+
+        The default runs the traced forward's blocks (:meth:`trace_tokens`, :meth:`trace_block`,
+        :meth:`pooled_output`) without building a graph.
+        """
+        x, context = self.trace_tokens(image, self.param_dtype())
+        for i in range(self.depth):
+            x, _ = self.trace_block(i, x, context)
+        return self.pooled_output(x)
+
     # ------------------------------------------------------------------ traced forward (gradient baselines)
     def trace(self, image: ModelInput, compute_dtype: torch.dtype) -> tuple[list[LayerStep], torch.Tensor]:
         """Runs the whole tower as ONE differentiable graph (for gradient baselines: GradCAM, CheferCAM).

@@ -12,7 +12,13 @@ from ..ops.functional import apply_module, param
 from ..ops.posembed import resampled_embedding
 from .base import LayerStep, TowerAdapter
 
-__all__ = ["OpenClipViTAdapter", "OpenClipCoCaAdapter", "CoCaReferenceAdapter"]
+__all__ = ["OpenClipViTAdapter", "OpenClipCoCaAdapter", "CoCaReferenceAdapter", "encode_image"]
+
+
+def encode_image(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
+    """An open_clip model's own un-normalised image embedding ``[B, E]`` (the drift guard's reference)."""
+    out = model.encode_image(image, normalize=False)
+    return out[0] if isinstance(out, tuple) else out  # towers built with output_tokens=True
 
 
 def _block_attention(blk: nn.Module) -> AttentionOps:
@@ -152,6 +158,9 @@ class OpenClipViTAdapter(TowerAdapter):
             pooled = pool(apply_module(v.ln_post, x))
         return pooled @ param(v.proj, pooled.dtype) if v.proj is not None else pooled
 
+    def own_output(self, model, image):
+        return encode_image(model, image)
+
     def trace_tokens(self, image, compute_dtype):
         return self._tokens(image, compute_dtype), None
 
@@ -255,6 +264,11 @@ class OpenClipCoCaAdapter(OpenClipViTAdapter):
         for i in range(start, len(blocks)):
             x = self._block(blocks[i], x)
             yield self.pooler_step(i, x)
+
+    def rerun_output(self, image):
+        # The pooler on the last block's output is the embedding: LeGrad's own path, its explained pooler included.
+        *_, last = self.steps(image, self.depth - 1, self.param_dtype())
+        return last.feature.detach()
 
     # The parent's traced forward pools by CLS token; CoCa's is not offered (gradient baselines refuse CoCa).
     trace_tokens = TowerAdapter.trace_tokens

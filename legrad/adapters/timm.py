@@ -31,6 +31,7 @@ from ..ops.attention import LatentPoolOps
 from ..ops.functional import apply_module, param
 from ..ops.posembed import resampled_embedding
 from .base import LayerStep, TowerAdapter
+from .openclip import encode_image
 from .timm_blocks import (
     PATCH_EMBED,
     TIMM_MODEL,
@@ -169,6 +170,14 @@ class _TimmTowerAdapter(TowerAdapter):
     @property
     def num_prefix_tokens(self) -> int:
         return int(getattr(self.trunk, "num_prefix_tokens", 0))
+
+    @property
+    def native_size(self):
+        size = getattr(self.trunk.patch_embed, "img_size", None)  # open_clip's image_size may differ from it
+        return super().native_size if size is None else (int(size[0]), int(size[1]))
+
+    def own_output(self, model, image):
+        return encode_image(model, image)
 
     @property
     def pools_by_average(self) -> bool:

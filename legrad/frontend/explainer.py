@@ -19,10 +19,12 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..adapters.drift import DriftError
 from ..engine.validation import check_layer_index
 from ..preprocess import LePreprocess
 from ..wrapper import LeWrapper
 from .classifier_models import ClassLabels
+from .errors import ModelLoadError
 from .images import MAX_ASPECT_RATIO, check_image_shape
 from .models import TOY_NAME, default_layer_index, load_model, native_image_size
 
@@ -116,6 +118,8 @@ class Explainer:
 
     Raises:
         TypeError, ValueError: from :class:`~legrad.LeWrapper` for unsupported models or layer indices.
+        ModelLoadError: when legrad's re-run of the model does not match its own forward (the one-line
+            :class:`~legrad.adapters.drift.DriftError`, which front ends then show like a failed load).
     """
 
     def __init__(self, model: Any, preprocess: Callable, tokenizer: Callable, layer_index: int = -2,
@@ -123,8 +127,11 @@ class Explainer:
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
                                        or max_tokens < 1):
             raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
-        self.wrapper = model if isinstance(model, LeWrapper) else LeWrapper(
-            model, layer_index=layer_index, tokenizer=None if isinstance(tokenizer, ClassLabels) else tokenizer)
+        try:
+            self.wrapper = model if isinstance(model, LeWrapper) else LeWrapper(
+                model, layer_index=layer_index, tokenizer=None if isinstance(tokenizer, ClassLabels) else tokenizer)
+        except DriftError as exc:
+            raise ModelLoadError(f"{name}: {exc}") from exc
         self.preprocess = preprocess
         if self.is_classifier and not isinstance(tokenizer, ClassLabels):
             tokenizer = ClassLabels(self.wrapper.adapter.num_classes)

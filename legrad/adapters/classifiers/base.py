@@ -48,6 +48,13 @@ class ClassifierAdapter(TowerAdapter):
         """The model's own eval-mode logits ``[B, K]`` recomputed statelessly (no grad)."""
         raise NotImplementedError
 
+    def own_output(self, model, image):
+        out = model(image)
+        return getattr(out, "logits", out)  # transformers return an output object
+
+    def rerun_output(self, image):
+        return self.logits(image)
+
     def prepare_inputs(self, image: Any, **inputs: Any) -> ImageBatch:
         if inputs:
             raise TypeError(f"compute_legrad got unexpected keyword arguments {sorted(inputs)} for {self.family}")

@@ -233,6 +233,9 @@ class HFAdapter(TowerAdapter):
         """Patch + position embeddings (+ CLS) ``[B, N, C]`` for a ``[B, C, H, W]`` batch, any size."""
         return self.visual.embeddings(image, interpolate_pos_encoding=True)
 
+    def own_output(self, model: nn.Module, image: Any) -> torch.Tensor:
+        return pooled_text_features(model.get_image_features(pixel_values=image))  # same output types as text
+
     def encode_prompts(self, model: nn.Module, tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
         """Normalised ``[P, D]`` embeddings of ``prompts`` (used for the empty-prompt correction)."""
         return encode_text(model, tokenizer, prompts)

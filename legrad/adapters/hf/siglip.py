@@ -16,11 +16,12 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
+from torch import nn
 
 from ...ops.attention import attention_ops_for
 from ...ops.functional import layer_norm
 from ..base import ImageBatch, LayerStep
-from .common import HFAdapter, encoder_layer, mlp, sdpa
+from .common import HFAdapter, encoder_layer, mlp, pooled_text_features, sdpa
 
 __all__ = ["HFSiglipAdapter", "HFSiglip2Adapter"]
 
@@ -85,6 +86,11 @@ class HFSiglipAdapter(HFAdapter):
     def steps(self, image: torch.Tensor, start: int, compute_dtype: torch.dtype) -> Iterator[LayerStep]:
         yield from self._run(self._embed(image), start, compute_dtype, None)
 
+    def rerun_output(self, image: Any) -> torch.Tensor:
+        # The head on the last block's output is the embedding: LeGrad's own path, its explained head included.
+        *_, last = self.steps(image, self.depth - 1, self.param_dtype())
+        return last.feature.detach()
+
 
 class HFSiglip2Adapter(HFSiglipAdapter):
     """transformers ``Siglip2Model`` (NaFlex): pre-patchified, padded, variable-size image batches."""
@@ -103,6 +109,19 @@ class HFSiglip2Adapter(HFSiglipAdapter):
         pixel_values, key_mask, spatial_shapes = image
         x = self.visual.embeddings(pixel_values, spatial_shapes)
         yield from self._run(x, start, compute_dtype, key_mask)
+
+    def probe_input(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One noise image on the square grid of the position table (``num_patches``), no padding."""
+        side = max(1, int(self.visual.config.num_patches ** 0.5))
+        noise = torch.randn(1, side * side, self.patch_dim, generator=torch.Generator().manual_seed(0))
+        device = self.device()
+        return (noise.to(device, self.param_dtype()), torch.ones(1, side * side, dtype=torch.bool, device=device),
+                torch.tensor([[side, side]], device=device))
+
+    def own_output(self, model: nn.Module, image: Any) -> torch.Tensor:
+        pixel_values, key_mask, spatial_shapes = image
+        return pooled_text_features(model.get_image_features(
+            pixel_values=pixel_values, pixel_attention_mask=key_mask, spatial_shapes=spatial_shapes))
 
     def prepare_inputs(self, image: Any, **inputs: Any) -> ImageBatch:
         """NaFlex batches: ``image`` is the processor output (a mapping with ``pixel_values``,
