@@ -79,7 +79,7 @@ def test_degenerate_png_beside_a_good_image(tmp_path, images, capsys):
 
 
 def test_any_exception_of_one_image_costs_only_that_image(tmp_path, images, monkeypatch, capsys):
-    import legrad.frontend.images as images_module
+    import legrad.io.images as images_module
 
     original = images_module.load_image
 

@@ -122,8 +122,8 @@ def run(args: argparse.Namespace) -> int:
     from legrad.eval.benchmark import evaluate, format_table
     from legrad.eval.datasets import FolderDataset, ToyScenes
     from legrad.frontend.classifier_models import is_classifier_name
-    from legrad.frontend.errors import ImageLoadError, ModelLoadError
     from legrad.frontend.models import default_layer_index, load_model, native_image_size
+    from legrad.io.errors import ImageLoadError, ModelLoadError
 
     methods = args.methods or list(METHODS)
     for m in methods:

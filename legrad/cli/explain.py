@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from legrad.cli.options import add_device_option, add_model_options, add_quiet_option, unit_float
-from legrad.frontend.errors import one_line
-from legrad.frontend.fetch import is_url
-from legrad.frontend.images import IMAGE_EXTENSIONS
+from legrad.io.errors import one_line
+from legrad.io.fetch import is_url
+from legrad.io.images import IMAGE_EXTENSIONS
 
 _EPILOG = """\
 examples:
@@ -272,10 +272,10 @@ def _explain_all(args: argparse.Namespace, prompts: list, out_dir: Path, lock, e
     from tqdm import tqdm
 
     from legrad.cli.scores import ScoresFile
-    from legrad.frontend.errors import ImageLoadError, ModelLoadError
     from legrad.frontend.explainer import Explainer
-    from legrad.frontend.files import atomic_writer
-    from legrad.frontend.images import load_image
+    from legrad.io.errors import ImageLoadError, ModelLoadError
+    from legrad.io.files import atomic_writer
+    from legrad.io.images import load_image
     from legrad.viz import overlay
 
     prog = "legrad explain"

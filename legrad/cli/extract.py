@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     Under torchrun only rank 0 returns 1 for failed images (the job's exit status is still non-zero).
     """
     from legrad.extract import run as extract
-    from legrad.frontend.errors import ModelLoadError, one_line
+    from legrad.io.errors import ModelLoadError, one_line
 
     prog = "legrad extract"
     # Under torchrun every rank runs this; one copy of each message is enough.

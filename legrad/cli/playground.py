@@ -77,8 +77,8 @@ def default_scene(index: int = 0):
     Raises:
         ValueError: if ``index`` is not one of the bundled scenes.
     """
-    from legrad.frontend.images import load_image
     from legrad.frontend.scenes import absent_phrase, sample_scenes
+    from legrad.io.images import load_image
 
     scenes = sample_scenes()
     count = len(scenes) if scenes else 1
@@ -102,10 +102,10 @@ def run(args: argparse.Namespace, prog: str = "legrad playground") -> int:
         args: the options of :func:`add_options`.
         prog: the program name that starts error messages.
     """
-    from legrad.frontend.errors import ImageLoadError, ModelLoadError
-    from legrad.frontend.images import load_image
     from legrad.frontend.models import TOY_NAME
     from legrad.frontend.options import parse_size
+    from legrad.io.errors import ImageLoadError, ModelLoadError
+    from legrad.io.images import load_image
 
     err = f"{prog}: error:"
     try:
@@ -202,9 +202,9 @@ def run(args: argparse.Namespace, prog: str = "legrad playground") -> int:
 
 def _run_vlm(args: argparse.Namespace, err: str) -> int:
     """``--answer``: where a local VLM found each candidate answer to the question ``--prompt``."""
-    from legrad.frontend.errors import ImageLoadError, ModelLoadError
-    from legrad.frontend.images import load_image
     from legrad.frontend.vlm import VLMExplainer
+    from legrad.io.errors import ImageLoadError, ModelLoadError
+    from legrad.io.images import load_image
     from legrad.viz import visualize
 
     if not args.prompts or len(args.prompts) != 1:

@@ -65,10 +65,10 @@ def _explain_answers(args: argparse.Namespace, answers: list[str], out_dir: Path
 
     from legrad.cli.explain import claim_output_folder, discover, prompt_name
     from legrad.cli.scores import ScoresFile
-    from legrad.frontend.errors import ImageLoadError, ModelLoadError, one_line
-    from legrad.frontend.files import atomic_writer
-    from legrad.frontend.images import load_image
     from legrad.frontend.vlm import VLMExplainer
+    from legrad.io.errors import ImageLoadError, ModelLoadError, one_line
+    from legrad.io.files import atomic_writer
+    from legrad.io.images import load_image
     from legrad.viz import overlay
 
     prog = "legrad explain"

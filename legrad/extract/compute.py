@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.maps import min_max
-from ..frontend.errors import one_line
 from ..frontend.explainer import Explainer
+from ..io.errors import one_line
 from .inputs import ImageTask
 from .store import output_name, write_output
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..frontend.explainer import clean_prompts
-from ..frontend.fetch import is_url
-from ..frontend.files import check_regular_file, read_regular_file
-from ..frontend.images import IMAGE_EXTENSIONS
+from ..io.fetch import is_url
+from ..io.files import check_regular_file, read_regular_file
+from ..io.images import IMAGE_EXTENSIONS
 
 __all__ = ["ImageTask", "MAX_TEXT_BYTES", "discover", "read_prompts_file"]
 

@@ -23,9 +23,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..frontend.explainer import Explainer, clean_prompts
-from ..frontend.files import atomic_writer
 from ..frontend.models import TOY_NAME
 from ..frontend.options import parse_size
+from ..io.files import atomic_writer
 from ..preprocess import LePreprocess
 from .compute import PromptTable, explain_batch
 from .data import ImageDataset, collate, default_workers

@@ -29,8 +29,8 @@ import torch
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
+from ..io.errors import ModelLoadError, one_line
 from .downloads import check_download_reachable, hub_cached, weights_cached
-from .errors import ModelLoadError, one_line
 
 __all__ = ["CLASSIFIER_PREFIXES", "ClassLabels", "is_classifier_name", "load_classifier"]
 

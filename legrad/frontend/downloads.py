@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from .errors import ModelLoadError, one_line
+from ..io.errors import ModelLoadError, one_line
 
 __all__ = ["offline_or_proxied", "hub_cached", "weights_cached", "check_download_reachable"]
 

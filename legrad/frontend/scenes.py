@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import one_line
+from ..io.errors import one_line
 
 __all__ = ["SCENES_DIR", "SampleScene", "sample_scenes", "absent_phrase"]
 

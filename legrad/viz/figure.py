@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..frontend.files import atomic_writer
+from ..io.files import atomic_writer
 from .display import NotebookFigure, notebook_shell
 from .overlays import DISPLAY_MAX_SIDE, fit_for_display, heatmap_to_array, overlay
 

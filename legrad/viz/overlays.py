@@ -77,7 +77,7 @@ def to_rgb_array(image: Any, normalization: Any = None) -> np.ndarray:
 
 def _to_rgb_array(image: Any, normalization: Any = None) -> np.ndarray:
     if isinstance(image, Image.Image):
-        from ..frontend.images import to_rgb  # 16-bit and float modes scaled by their range, alpha over white
+        from ..io.images import to_rgb  # 16-bit and float modes scaled by their range, alpha over white
 
         return np.asarray(to_rgb(image), dtype=np.uint8).copy()
     try:

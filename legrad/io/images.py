@@ -68,7 +68,7 @@ def load_image(
 ) -> Image.Image:
     """Reads an image from a file path or an ``http(s)`` URL (or converts a PIL image) as upright RGB.
 
-    URLs are fetched with :func:`legrad.frontend.fetch.fetch_url`: a total deadline, a byte cap, and no
+    URLs are fetched with :func:`legrad.io.fetch.fetch_url`: a total deadline, a byte cap, and no
     connection to loopback/private/link-local/... addresses unless ``allow_private_urls``.
 
     Args:
@@ -79,8 +79,8 @@ def load_image(
         allow_private_urls: allow URLs on non-public addresses (e.g. an intranet server); None reads
             the environment variable ``LEGRAD_ALLOW_PRIVATE_URLS`` (``1``/``true``/``yes`` allow), so a
             command-line operator can opt in; servers pass False.
-        url_deadline_s: total seconds for a URL download (default ``legrad.frontend.fetch.URL_DEADLINE_S``).
-        max_url_bytes: largest URL body (default ``legrad.frontend.fetch.MAX_URL_BYTES``).
+        url_deadline_s: total seconds for a URL download (default ``legrad.io.fetch.URL_DEADLINE_S``).
+        max_url_bytes: largest URL body (default ``legrad.io.fetch.MAX_URL_BYTES``).
         max_aspect_ratio: largest longer-side / shorter-side ratio (see :data:`MAX_ASPECT_RATIO`); None
             for no limit.
 
