@@ -22,7 +22,7 @@ from helpers.frontend_utils import PYTHON, REPO, bundled_scenes, subprocess_env
 from PIL import Image
 
 from legrad.cli import main
-from legrad.extract.outdir import LOCK_NAME, FolderLock
+from legrad.io.outdir import LOCK_NAME, FolderLock
 
 PROC = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc (read-only, even for root)")
 

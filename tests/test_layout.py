@@ -178,7 +178,7 @@ LAYERS = [
     ("legrad.eval", ("legrad.eval", "legrad.io", "legrad.toy", *_CORE, *_FACADE), {"torch", "tqdm", *_IMAGES}),
     # The front ends' shared helpers: model loading and the Explainer; no overlays, app, CLI or extraction.
     ("legrad.frontend", ("legrad.frontend", "legrad.io", "legrad.toy", "legrad", *_CORE, *_FACADE),
-     {"huggingface_hub", *_MODEL_LIBS, *_IMAGES}),
+     {"huggingface_hub", "tqdm", *_MODEL_LIBS, *_IMAGES}),
     ("legrad.extract", ("legrad.extract", "legrad.frontend", "legrad.io", *_CORE, *_FACADE),
      {"torch", "tqdm", *_IMAGES}),
     # The demo app sits on top: the front-end helpers and the overlays, never the command line.

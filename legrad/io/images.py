@@ -20,6 +20,7 @@ import io
 import logging
 import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,7 @@ from .errors import ImageLoadError, ImageTooLargeError, one_line
 from .files import open_regular_file
 
 __all__ = ["MAX_IMAGE_PIXELS", "MAX_ASPECT_RATIO", "IMAGE_EXTENSIONS", "IMAGE_FORMATS", "ALLOW_PRIVATE_ENV",
-           "ImageLoadError", "ImageTooLargeError", "load_image", "decode_image", "check_image_shape", "to_rgb"]
+           "ImageLoadError", "ImageTooLargeError", "load_image", "find_images", "decode_image", "check_image_shape", "to_rgb"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,26 @@ def load_image(
         return decode_image(io.BytesIO(data), label, max_pixels, max_aspect_ratio)
     with open_regular_file(src, label, ImageLoadError) as fh:
         return decode_image(fh, label, max_pixels, max_aspect_ratio)
+
+
+def find_images(root: str | os.PathLike) -> list[str]:
+    """The images of a folder, walked recursively: regular files with an :data:`IMAGE_EXTENSIONS` suffix,
+    hidden files and folders skipped, sorted by relative path (the same order on every run and every rank).
+
+    Args:
+        root: the folder.
+
+    Returns:
+        Paths relative to ``root``, with ``/`` separators (e.g. ``['a.png', 'cats/b.jpg']``).
+    """
+    base = Path(root)
+    return sorted(
+        f.relative_to(base).as_posix()
+        for f in base.rglob("*")
+        if f.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in f.relative_to(base).parts)
+        and f.is_file()
+    )
 
 
 def check_image_shape(width: int, height: int, name: str, max_pixels: int | None = MAX_IMAGE_PIXELS,
