@@ -6,6 +6,7 @@ Nothing is imported here, so that importing one helper (e.g. :mod:`legrad.fronte
 * :mod:`~legrad.frontend.models` -- loading OpenCLIP and demo models by name (:func:`load_model`);
 * :mod:`~legrad.frontend.classifier_models` -- loading ``timm:``/``torchvision:``/``hf:`` classifiers;
 * :mod:`~legrad.frontend.vlm` -- loading a local VLM and explaining candidate answers;
+* :mod:`~legrad.frontend.loop` -- the one folder loop (read, explain isolated, write, progress);
 * :mod:`~legrad.frontend.downloads` -- failing fast when weights cannot be downloaded;
 * :mod:`~legrad.frontend.options` -- parsing user input (image sizes);
 * :mod:`~legrad.frontend.scenes` -- the bundled demo scenes;
