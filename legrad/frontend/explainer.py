@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from ..adapters.drift import DriftError
+from ..classifiers import class_logits
 from ..engine.validation import check_layer_index
 from ..io.errors import ModelLoadError
 from ..io.images import MAX_ASPECT_RATIO, check_image_shape
@@ -269,8 +270,6 @@ class Explainer:
         images = self.check_images(images)
         batch = torch.stack([self.preprocess(im) for im in images]).to(self.device, self._dtype())
         if self.is_classifier:
-            from ..classifiers import class_logits
-
             logits = class_logits(self.wrapper, batch).float().cpu()
             idx = text_embedding.long().cpu()
             return logits[:, idx], logits.softmax(-1)[:, idx]
