@@ -19,7 +19,7 @@ bundled examples are explained; ``--allow-dir DIR`` lets the "URL / path" box re
 ``--allow-urls`` lets it fetch public http(s) URLs (never loopback/private addresses).
 
 This file is a thin entry point: the page is :mod:`legrad.app.page`, the flags :mod:`legrad.app.server`,
-what a request does :mod:`legrad.frontend.app_requests` (none of which imports gradio at import time).
+what a request does :class:`legrad.app.requests.DemoApp` (none of which imports gradio at import time).
 """
 
 from __future__ import annotations
@@ -27,51 +27,52 @@ from __future__ import annotations
 import sys
 
 from legrad.app.page import CSS, EXAMPLE_TEXT_CHARS, build_demo, example_rows, upload_folders, upload_path
+from legrad.app.requests import (
+    DemoApp,
+    initial_text,
+    model_label,
+    parse_model_label,
+    split_prompts,
+    timeout_message,
+)
 from legrad.app.server import MAX_UPLOAD_MB, main
-from legrad.frontend.app_requests import (  # re-exported: app.predict etc. are the app's API
-    DEFAULT_TIME_LIMIT_S,
+from legrad.app.settings import DEFAULT_TIME_LIMIT_S, MAX_PROMPT_CHARS, MAX_PROMPTS, TOY_LABEL, AppSettings
+from legrad.app.sources import (
     MAX_ASPECT_RATIO,
     MAX_IMAGE_PIXELS,
-    MAX_PROMPT_CHARS,
-    MAX_PROMPTS,
     MAX_URL_BYTES,
     NO_PATH_MSG,
     NO_SOURCE_MSG,
     NO_URL_MSG,
-    SETTINGS,
-    TOY_LABEL,
     UPLOAD_ONLY_MSG,
     URL_DEADLINE_S,
     URL_FAILED_MSG,
-    allowed_path,
     checked_upload,
-    default_layer_for,
-    forget_model,
-    get_explainer,
-    initial_text,
-    is_classifier_label,
-    model_label,
-    model_labels,
-    parse_model_label,
-    predict,
-    prompts_box_for,
-    read_visitor_image,
     shared_folder,
-    split_prompts,
-    timeout_message,
 )
 
-#: Former name of :func:`legrad.app.page.upload_path`.
-_upload_path = upload_path
+#: The app this script's functions answer with (default settings: CPU, uploads only). ``main`` serves a
+#: new :class:`DemoApp` built from the command line's flags instead.
+APP = DemoApp()
+SETTINGS = APP.settings
+predict = APP.predict
+get_explainer = APP.get_explainer
+forget_model = APP.forget_model
+model_labels = APP.model_labels
+is_classifier_label = APP.is_classifier_label
+prompts_box_for = APP.prompts_box_for
+default_layer_for = APP.default_layer_for
+allowed_path = APP.allowed_path
+read_visitor_image = APP.read_visitor_image
 
 __all__ = [
-    "CSS", "DEFAULT_TIME_LIMIT_S", "EXAMPLE_TEXT_CHARS", "MAX_ASPECT_RATIO", "MAX_IMAGE_PIXELS", "MAX_PROMPT_CHARS",
-    "MAX_PROMPTS", "MAX_UPLOAD_MB", "MAX_URL_BYTES", "NO_PATH_MSG", "NO_SOURCE_MSG", "NO_URL_MSG", "SETTINGS",
-    "TOY_LABEL", "UPLOAD_ONLY_MSG", "URL_DEADLINE_S", "URL_FAILED_MSG", "allowed_path", "build_demo",
-    "checked_upload", "default_layer_for", "example_rows", "forget_model", "get_explainer", "initial_text",
-    "is_classifier_label", "main", "model_label", "model_labels", "parse_model_label", "predict",
-    "prompts_box_for", "read_visitor_image", "shared_folder", "split_prompts", "timeout_message",
-    "upload_folders", "upload_path",
+    "APP", "AppSettings", "CSS", "DEFAULT_TIME_LIMIT_S", "DemoApp", "EXAMPLE_TEXT_CHARS", "MAX_ASPECT_RATIO",
+    "MAX_IMAGE_PIXELS", "MAX_PROMPT_CHARS", "MAX_PROMPTS", "MAX_UPLOAD_MB", "MAX_URL_BYTES", "NO_PATH_MSG",
+    "NO_SOURCE_MSG", "NO_URL_MSG", "SETTINGS", "TOY_LABEL", "UPLOAD_ONLY_MSG", "URL_DEADLINE_S", "URL_FAILED_MSG",
+    "allowed_path", "build_demo", "checked_upload", "default_layer_for", "example_rows", "forget_model",
+    "get_explainer", "initial_text", "is_classifier_label", "main", "model_label", "model_labels",
+    "parse_model_label", "predict", "prompts_box_for", "read_visitor_image", "shared_folder", "split_prompts",
+    "timeout_message", "upload_folders", "upload_path",
 ]
 
 if __name__ == "__main__":

@@ -29,14 +29,7 @@ from typing import Any
 
 import torch
 
-from .adapters.classifiers.base import ClassifierAdapter
-from .engine.step import logit_scores
-from .engine.validation import check_targets
-
-__all__ = ["ClassifierAdapter", "logit_scores", "checked_targets", "class_logits"]
-
-#: Validates class targets (see :func:`legrad.engine.validation.check_targets`).
-checked_targets = check_targets
+__all__ = ["class_logits"]
 
 
 def class_logits(wrapper: Any, image: Any) -> torch.Tensor:

@@ -247,7 +247,7 @@ class LeWrapper:
                 classifiers: the logits ``[B, K]`` and the targets' logits), as a
                 :class:`~legrad.engine.scores.LeGradOutput` ``(maps, image_features, scores)``.
             **inputs: extra image inputs of families that need them (Hugging Face ``Siglip2Model``:
-                ``pixel_attention_mask``, ``spatial_shapes``; see :mod:`legrad.hf`).
+                ``pixel_attention_mask``, ``spatial_shapes``; see :mod:`legrad.adapters.hf`).
             answers: vision-language models only (LLaVA, PaliGemma; ``image`` is then the processor output):
                 P candidate answers, strings (tokenised with the wrapper's ``tokenizer``) or 1-D LongTensors of
                 token ids; each map shows where the image raised that answer's log-probability (docs/vlm.md).

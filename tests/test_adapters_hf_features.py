@@ -24,7 +24,7 @@ from helpers.hf_models import (  # noqa: E402
 )
 
 from legrad import LeWrapper  # noqa: E402
-from legrad.hf import encode_text, pooled_text_features  # noqa: E402
+from legrad.adapters.hf import encode_text, pooled_text_features  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ correction

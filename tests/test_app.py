@@ -248,7 +248,7 @@ def test_urls_refused_by_default_and_loopback_refused_when_allowed(app, scenes, 
         assert hits == []
         # With the address check standing in for a public host, a closed port, an HTTP error and a
         # non-image all give one message: the app cannot be used to scan ports.
-        monkeypatch.setattr("legrad.frontend.fetch.is_public_address", lambda a: a == "127.0.0.1")
+        monkeypatch.setattr("legrad.io.fetch.is_public_address", lambda a: a == "127.0.0.1")
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             closed = s.getsockname()[1]
@@ -336,12 +336,12 @@ def test_upload_preprocess_hands_over_the_path_without_decoding(app, scenes, tmp
     monkeypatch.setattr(app.SETTINGS, "upload_dirs", (os.path.realpath(tmp_path),))
     path = tmp_path / "x.png"
     path.write_bytes(b"not an image at all")  # Gradio's own preprocess would fail with a generic error
-    assert app.upload_path(FileData(path=str(path))) == os.path.realpath(path)
-    assert app.upload_path(None) is None
+    assert app.upload_path(FileData(path=str(path)), app.SETTINGS) == os.path.realpath(path)
+    assert app.upload_path(None, app.SETTINGS) is None
     # Anything that is not a file in the upload folder is handed over as a refusal, never as a path.
     for value in (FileData(path="", url="data:image/png;base64,AAAA"), FileData(path="/etc/passwd"),
                   {"path": "http://127.0.0.1:1/x.png"}, FileData(path=str(tmp_path / ".." / "x.png"))):
-        refused = app.upload_path(value)
+        refused = app.upload_path(value, app.SETTINGS)
         assert not isinstance(refused, str)
         _, status = _ask(app, scenes, image=refused)
         assert status == f"**Error:** {app.UPLOAD_ONLY_MSG}"

@@ -126,7 +126,7 @@ def test_gradio_downloads_no_url_given_as_the_image_value(monkeypatch):
     from gradio import processing_utils
 
     from legrad.app.page import build_demo
-    from legrad.frontend.app_requests import SETTINGS
+    from legrad.app.requests import DemoApp
 
     downloads = []
 
@@ -136,8 +136,6 @@ def test_gradio_downloads_no_url_given_as_the_image_value(monkeypatch):
 
     monkeypatch.setattr(processing_utils, "async_ssrf_protected_download", fake_download)
     monkeypatch.setattr(processing_utils, "save_url_to_cache", lambda url, *a, **k: downloads.append(url))
-    for name in ("upload_dirs", "example_files"):  # build_demo sets them; restored after the test
-        monkeypatch.setattr(SETTINGS, name, getattr(SETTINGS, name))
     url = "https://images.example.com/cat.png"
     value = {"path": url, "meta": {"_type": "gradio.FileData"}}
     # The control: a plain Gradio image component downloads it.
@@ -145,7 +143,7 @@ def test_gradio_downloads_no_url_given_as_the_image_value(monkeypatch):
         asyncio.run(processing_utils.async_move_files_to_cache(value, gr.Image(), check_in_upload_folder=True))
     assert downloads == [url]
     downloads.clear()
-    demo = build_demo()
+    demo = build_demo(DemoApp())
     image = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "image")
     for upper in (url, url.upper()):
         with pytest.raises(gr.Error):

@@ -24,12 +24,27 @@ def test_app_help_lists_the_server_flags(capsys):
     (["--max-upload-mb", "0"], "--max-upload-mb must be"),
 ])
 def test_bad_flags_are_refused_before_serving(capsys, argv, message):
-    from legrad.frontend.app_requests import SETTINGS
-
-    before = (SETTINGS.time_limit, SETTINGS.allowed_dirs)
     assert main(["app", *argv]) == 2
     assert message in capsys.readouterr().err
-    assert (SETTINGS.time_limit, SETTINGS.allowed_dirs) == before
+
+
+def test_the_settings_belong_to_the_app_not_the_library():
+    """The operator's settings are an object each app is built with (from the flags), not a module global."""
+    import argparse
+
+    import legrad.app.requests as requests
+    import legrad.app.server as server
+    import legrad.app.settings as settings
+
+    for module in (requests, server, settings):
+        assert not [n for n, v in vars(module).items() if isinstance(v, settings.AppSettings)], module
+    p = argparse.ArgumentParser()
+    server.add_arguments(p)
+    parsed, initial = server.settings_from_flags(p.parse_args(["--time-limit", "0", "--allow-urls", "-p", "a cat"]))
+    assert parsed.time_limit is None and parsed.allow_urls and initial == "a cat"
+    first, second = requests.DemoApp(parsed), requests.DemoApp()
+    assert first.settings is parsed and second.settings.time_limit == settings.DEFAULT_TIME_LIMIT_S
+    assert not second.settings.allow_urls
 
 
 def test_missing_gradio_names_the_extra(capsys, monkeypatch):
@@ -37,10 +52,6 @@ def test_missing_gradio_names_the_extra(capsys, monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a))
-    from legrad.frontend.app_requests import SETTINGS
-
-    for name in ("device", "allowed_dirs", "allow_urls", "max_tokens", "time_limit", "extra_labels"):
-        monkeypatch.setattr(SETTINGS, name, getattr(SETTINGS, name))
     assert main(["app", "--device", "cpu"]) == 1
     assert "pip install 'legrad_torch[app]'" in capsys.readouterr().err
 

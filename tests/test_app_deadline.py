@@ -102,17 +102,16 @@ def test_the_engine_stops_between_units_of_work(monkeypatch):
 def test_the_app_answers_a_stopped_request_honestly(monkeypatch):
     from PIL import Image
 
-    from legrad.frontend import app_requests
+    from legrad.app.requests import TOY_LABEL, AppSettings, DemoApp, timeout_message
 
-    monkeypatch.setattr(app_requests.SETTINGS, "time_limit", 0.5)
+    app = DemoApp(AppSettings(time_limit=0.5))
     monkeypatch.setattr(dl, "_clock", FakeClock(step=1.0))  # every check is a second later
     image = Image.new("RGB", (64, 64), (200, 30, 30))
-    gallery, status = app_requests.predict(image, "", "a red circle", app_requests.TOY_LABEL, "", None, 0.6)
+    gallery, status = app.predict(image, "", "a red circle", TOY_LABEL, "", None, 0.6)
     assert gallery == []
-    assert status == app_requests.timeout_message(0.5)
+    assert status == timeout_message(0.5)
     assert "time limit of 0.5 s" in status and "--time-limit" in status
     # With the real clock and the default limit the same request is answered.
     monkeypatch.setattr(dl, "_clock", dl.time.monotonic)
-    monkeypatch.setattr(app_requests.SETTINGS, "time_limit", app_requests.DEFAULT_TIME_LIMIT_S)
-    gallery, status = app_requests.predict(image, "", "a red circle", app_requests.TOY_LABEL, "", None, 0.6)
+    gallery, status = DemoApp().predict(image, "", "a red circle", TOY_LABEL, "", None, 0.6)
     assert len(gallery) == 1, status

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from legrad import baselines
-from legrad.baselines import METHODS
 from legrad.cli.bench import main
+from legrad.eval import baselines
+from legrad.eval.baselines import METHODS
 from legrad.eval.benchmark import evaluate, format_table
 from legrad.eval.datasets import FolderDataset, ToyScenes, preprocess_mask
 from legrad.eval.metrics import miou, pointing_game
@@ -220,24 +220,6 @@ def test_registered_as_legrad_subcommand(capsys):
 
     assert cli_main(["bench", "--methods", "nope"]) == 2
     assert "unknown method" in capsys.readouterr().err
-
-
-def test_compatibility_aliases_are_the_new_modules():
-    """``legrad.benchmark`` and ``legrad.metrics`` (documented paths) re-export ``legrad.eval`` and the CLI."""
-    import legrad.benchmark
-    import legrad.cli.bench
-    import legrad.eval.benchmark
-    import legrad.eval.datasets
-    import legrad.eval.metrics
-    import legrad.metrics
-
-    for name in legrad.eval.metrics.__all__:
-        assert getattr(legrad.metrics, name) is getattr(legrad.eval.metrics, name), name
-    assert legrad.benchmark.main is legrad.cli.bench.main and legrad.benchmark.run is legrad.cli.bench.run
-    assert legrad.benchmark.evaluate is legrad.eval.benchmark.evaluate
-    assert legrad.benchmark.FolderDataset is legrad.eval.datasets.FolderDataset
-    for name in legrad.benchmark.__all__:
-        assert getattr(legrad.benchmark, name) is not None, name
 
 
 # ----------------------------------------------------------------------------- image classifiers

@@ -20,7 +20,8 @@ from helpers.models import make_tiny_vit, rand_image, unit_text
 from test_wrapper import _snapshot, assert_intact
 
 from legrad import LeWrapper
-from legrad.classifiers import checked_targets, class_logits
+from legrad.classifiers import class_logits
+from legrad.engine.validation import check_targets as checked_targets
 
 TINY = dict(pretrained=False, img_size=32, patch_size=8, depth=3, embed_dim=32, num_heads=2)
 

@@ -187,8 +187,8 @@ def test_help_lists_the_commands(capsys):
 def test_unreachable_weights_host_fails_fast(tmp_path, monkeypatch):
     # No proxy, no offline flag, empty cache, a host that cannot resolve: ModelLoadError at once
     # instead of the Hub client's minute of retries.
-    from legrad.frontend.errors import ModelLoadError
     from legrad.frontend.models import load_model
+    from legrad.io.errors import ModelLoadError
 
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
                 "ALL_PROXY", "all_proxy"):

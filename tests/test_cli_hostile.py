@@ -22,7 +22,7 @@ from helpers.frontend_utils import PYTHON, REPO, bundled_scenes, subprocess_env
 from PIL import Image
 
 from legrad.cli import main
-from legrad.extract.outdir import LOCK_NAME, FolderLock
+from legrad.io.outdir import LOCK_NAME, FolderLock
 
 PROC = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc (read-only, even for root)")
 
@@ -79,7 +79,7 @@ def test_degenerate_png_beside_a_good_image(tmp_path, images, capsys):
 
 
 def test_any_exception_of_one_image_costs_only_that_image(tmp_path, images, monkeypatch, capsys):
-    import legrad.frontend.images as images_module
+    import legrad.io.images as images_module
 
     original = images_module.load_image
 

@@ -334,8 +334,8 @@ def test_legrad_bench_shows_a_drifted_model_as_one_line(monkeypatch, capsys):
 
 
 def test_the_front_ends_get_a_model_load_error(monkeypatch):
-    from legrad.frontend.errors import ModelLoadError
     from legrad.frontend.explainer import Explainer
+    from legrad.io.errors import ModelLoadError
 
     _drifted_open_clip_blocks(monkeypatch)
     with pytest.raises(ModelLoadError, match=r"^toy: legrad's re-run of this open_clip .* at your own risk\.$") as info:

@@ -23,8 +23,8 @@ from PIL import Image
 
 from legrad.cli import main as cli_main
 from legrad.extract import MANIFEST_NAME, load_output, run
-from legrad.extract.outdir import LOCK_NAME, FolderBusyError, FolderLock, OutputFolderError
 from legrad.extract.runconfig import RUN_CONFIG_NAME
+from legrad.io.outdir import LOCK_NAME, FolderBusyError, FolderLock, OutputFolderError
 
 PROMPTS = ["a red circle", "a blue square"]
 

@@ -39,7 +39,7 @@ def test_unreachable_hub_for_an_hf_model_advises_a_local_directory(monkeypatch):
     """For ``hf:`` models --pretrained only takes 'none', so the message must not advise --pretrained PATH."""
     pytest.importorskip("transformers")
     from legrad.frontend.classifier_models import load_classifier
-    from legrad.frontend.errors import ModelLoadError
+    from legrad.io.errors import ModelLoadError
 
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
                 "ALL_PROXY", "all_proxy"):
@@ -64,7 +64,7 @@ def test_unreachable_hub_for_an_hf_model_advises_a_local_directory(monkeypatch):
 def test_random_torchvision_classifier_has_a_visible_map():
     """torchvision starts the head at zero; with --pretrained none the logits must not all be 0 nor the maps flat."""
     from legrad.frontend.explainer import Explainer
-    from legrad.frontend.images import load_image
+    from legrad.io.images import load_image
 
     ex = Explainer.load("torchvision:vit_b_16", "none", "cpu")
     assert bool(ex.wrapper.model.heads.head.weight.any())

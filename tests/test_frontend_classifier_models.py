@@ -12,9 +12,9 @@ from PIL import Image
 
 from legrad.frontend import classifier_models as cl
 from legrad.frontend.classifier_models import ClassLabels
-from legrad.frontend.errors import ModelLoadError
 from legrad.frontend.explainer import Explainer, clean_targets
 from legrad.frontend.models import load_model, native_image_size
+from legrad.io.errors import ModelLoadError
 
 timm = pytest.importorskip("timm")
 

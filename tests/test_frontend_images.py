@@ -1,4 +1,4 @@
-"""Tests of image reading (legrad.frontend.images) and URL fetching (legrad.frontend.fetch): bounded work, refused
+"""Tests of image reading (legrad.io.images) and URL fetching (legrad.io.fetch): bounded work, refused
 addresses, decoding by mode, EXIF orientation."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from legrad.frontend import fetch
-from legrad.frontend.images import ImageLoadError, ImageTooLargeError, load_image, to_rgb
+from legrad.io import fetch
+from legrad.io.images import ImageLoadError, ImageTooLargeError, load_image, to_rgb
 
 
 def _png_bytes(size=(6, 4), colour=(10, 200, 30)) -> bytes:

@@ -1,4 +1,4 @@
-"""Hostile images at the loader (legrad.frontend.images) and the explainer: extreme aspect ratios (which a
+"""Hostile images at the loader (legrad.io.images) and the explainer: extreme aspect ratios (which a
 model's preprocess would upscale), decoder failures, and PostScript disguised as a raster image (which Pillow
 would hand to Ghostscript, with no time limit)."""
 
@@ -20,7 +20,7 @@ import pytest
 from helpers.frontend_utils import PYTHON, REPO, subprocess_env
 from PIL import Image
 
-from legrad.frontend.images import (
+from legrad.io.images import (
     IMAGE_EXTENSIONS,
     IMAGE_FORMATS,
     MAX_ASPECT_RATIO,
@@ -124,7 +124,7 @@ def test_34000000x1_png_is_refused_quickly_and_small(tmp_path):
     path.write_bytes(strip_png(34_000_000))
     code = f"""
 import resource, time
-from legrad.frontend.images import ImageTooLargeError, load_image
+from legrad.io.images import ImageTooLargeError, load_image
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
 try:

@@ -1,4 +1,4 @@
-"""The front-end layout: compatibility aliases resolve to the same objects, and there is one URL test.
+"""The front-end layout: one public path per name (no alias modules), and there is one URL test.
 
 (The layer rules, module sizes and private names of the whole package are checked by tests/test_layout.py.)"""
 
@@ -16,28 +16,34 @@ def _modules() -> list[Path]:
     return sorted(p for p in PKG.rglob("*.py") if "__pycache__" not in p.parts)
 
 
-def test_aliases_resolve_to_the_front_end_objects():
-    import legrad.explainer
-    import legrad.loading
+#: Alias modules of 1.x-era and early 2.0 layouts, dropped in 2.x (one public path per name).
+DROPPED = ("towers", "hf", "baselines", "metrics", "benchmark", "loading", "explainer")
+
+
+def test_every_name_has_one_public_path():
+    """The alias modules are gone (importing one fails), nothing in the repository names them, and the
+    original LeGrad usage keeps working: ``from legrad import LeWrapper, LePreprocess, list_pretrained,
+    visualize`` and, in a checkout, ``from utils import visualize``."""
+    import importlib.util
+    import re
+
+    import legrad
     import legrad.viz
     import utils
-    from legrad.frontend import errors, explainer, files, images, logs, models, options, scenes
 
-    same = {
-        "ModelLoadError": errors.ModelLoadError, "ImageLoadError": errors.ImageLoadError,
-        "ImageTooLargeError": errors.ImageTooLargeError, "load_model": models.load_model,
-        "default_layer_index": models.default_layer_index, "native_image_size": models.native_image_size,
-        "resolve_device": models.resolve_device, "model_choices": models.model_choices, "TOY_NAME": models.TOY_NAME,
-        "load_image": images.load_image, "MAX_IMAGE_PIXELS": images.MAX_IMAGE_PIXELS,
-        "parse_size": options.parse_size, "configure_logging": logs.configure_logging,
-        "absent_phrase": scenes.absent_phrase, "sample_scenes": scenes.sample_scenes,
-    }
-    for name, obj in same.items():
-        assert getattr(legrad.loading, name) is obj, name
-    for name in ("Explainer", "Explanation", "clean_prompts", "clean_targets", "MAX_TOKENS"):
-        assert getattr(legrad.explainer, name) is getattr(explainer, name), name
-    assert legrad.viz.atomic_writer is files.atomic_writer
-    assert utils.visualize is legrad.viz.visualize and utils.overlay is legrad.viz.overlay
+    for name in DROPPED:
+        assert not (PKG / f"{name}.py").exists() and not (PKG / name).exists(), name
+        # (A shared editable install of another checkout may still resolve the name; never to this package.)
+        spec = importlib.util.find_spec(f"legrad.{name}")
+        assert spec is None or not Path(spec.origin).is_relative_to(PKG), spec
+    pattern = re.compile(r"\blegrad\.(" + "|".join(DROPPED) + r")\b(?!\.py)|from legrad import (" + "|".join(DROPPED) + r")\b")
+    docs = [*_modules(), *sorted((REPO / "docs").glob("*.md")), REPO / "README.md", REPO / "app.py",
+            REPO / "playground.py", *sorted((REPO / "examples").glob("*.ipynb"))]
+    named = [p.relative_to(REPO).as_posix() for p in docs if pattern.search(p.read_text(encoding="utf-8"))]
+    assert not named, named
+    for name in ("LeWrapper", "LePreprocess", "list_pretrained", "visualize"):
+        assert name in legrad.__all__ and getattr(legrad, name) is not None, name
+    assert legrad.visualize is legrad.viz.visualize and utils.visualize is legrad.viz.visualize
 
 
 @pytest.mark.parametrize("text, url", [
@@ -46,7 +52,7 @@ def test_aliases_resolve_to_the_front_end_objects():
     ("images/cat.png", False), ("", False), (" http://a", False),
 ])
 def test_is_url(text, url):
-    from legrad.frontend.fetch import is_url
+    from legrad.io.fetch import is_url
 
     assert is_url(text) is url
 
@@ -57,4 +63,4 @@ def test_is_url_is_the_only_url_test():
     hits = [p.relative_to(REPO).as_posix() for p in files
             if "https?://" in p.read_text(encoding="utf-8")
             or '"http://", "https://"' in p.read_text(encoding="utf-8")]
-    assert hits == ["legrad/frontend/fetch.py"]
+    assert hits == ["legrad/io/fetch.py"]

@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
+from legrad.io.files import atomic_writer
 from legrad.preprocess import OPENAI_MEAN, OPENAI_STD
 from legrad.viz import (
     DISPLAY_MAX_SIDE,
-    atomic_writer,
     colorize,
     fit_for_display,
     overlay,

@@ -109,30 +109,33 @@ def test_playground_explains_answers_of_a_local_vlm(saved, capsys, tmp_path):
 
 
 @pytest.mark.slow
-def test_app_request_for_a_local_vlm_the_operator_passed(saved, monkeypatch):
-    from legrad.frontend import app_requests as A
+def test_app_request_for_a_local_vlm_the_operator_passed(saved):
+    import dataclasses
+
+    from legrad.app import requests as A
+
+    app = A.DemoApp()
 
     root = saved[0]
     label = f"hf:{root / 'llava'}"
     text = "what is in the picture ?\na cat\na dog"
     # Not passed by the operator: a visitor's path is never looked at, the choice is refused.
-    gallery, status = A.predict(str(root / "img.png"), None, text, label, alpha=0.5)
+    gallery, status = app.predict(str(root / "img.png"), None, text, label, alpha=0.5)
     assert gallery == [] and "unknown model choice" in status
-    monkeypatch.setattr(A.SETTINGS, "extra_labels", (label,))
-    # The app reads only Gradio's uploads: the test's folder stands for Gradio's upload folder.
-    monkeypatch.setattr(A.SETTINGS, "upload_dirs", (os.path.realpath(root),))
-    assert "Question" in A.prompts_box_for(label)["label"]
+    # The operator's --model entry; the app reads only Gradio's uploads: the test's folder stands for them.
+    app = A.DemoApp(A.AppSettings(extra_labels=(label,), upload_dirs=(os.path.realpath(root),)))
+    assert "Question" in app.prompts_box_for(label)["label"]
     assert A.initial_text([label], [], ["what is in the picture ?", "a cat"]) == "what is in the picture ?\na cat"
-    gallery, status = A.predict(str(root / "img.png"), None, text, label, alpha=0.5)
+    gallery, status = app.predict(str(root / "img.png"), None, text, label, alpha=0.5)
     assert [c for _, c in gallery][0].startswith("a cat: log-prob") and len(gallery) == 2, status
     assert gallery[0][0].size == (48, 40)
-    gallery, status = A.predict(str(root / "img.png"), None, "only a question", label, alpha=0.5)
+    gallery, status = app.predict(str(root / "img.png"), None, "only a question", label, alpha=0.5)
     assert gallery == [] and "candidate answer" in status
-    gallery, status = A.predict(str(root / "img.png"), None, text, label, size_text="64", alpha=0.5)
+    gallery, status = app.predict(str(root / "img.png"), None, text, label, size_text="64", alpha=0.5)
     assert gallery == [] and "size does not apply" in status
-    gallery, status = A.predict(str(root / "img.png"), None, text, label, layer_index=7, alpha=0.5)
+    gallery, status = app.predict(str(root / "img.png"), None, text, label, layer_index=7, alpha=0.5)
     assert gallery == [] and "layer_index=7 is out of range" in status
     # The operator's --time-limit stops a VLM request too, with the app's message.
-    monkeypatch.setattr(A.SETTINGS, "time_limit", 1e-9)
-    gallery, status = A.predict(str(root / "img.png"), None, text, label, alpha=0.5)
+    app.settings = dataclasses.replace(app.settings, time_limit=1e-9)
+    gallery, status = app.predict(str(root / "img.png"), None, text, label, alpha=0.5)
     assert gallery == [] and "Stopped" in status

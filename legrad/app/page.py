@@ -1,6 +1,6 @@
 """The demo app's Gradio page: components, examples, events and the queue (gradio imported lazily, here only).
 
-What a request does is :func:`legrad.frontend.app_requests.predict`; this module wires it to the page
+What a request does is :meth:`legrad.app.requests.DemoApp.predict`; this module wires it to the page
 and locks down the one input Gradio does not check for us, the image field's API value: every value
 is checked on its real path (:func:`upload_path`), and Gradio's own download of a URL value is
 switched off for that field.
@@ -8,21 +8,24 @@ switched off for that field.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..frontend.app_requests import (
-    SETTINGS,
-    UPLOAD_ONLY_MSG,
-    checked_upload,
-    default_layer_for,
-    model_labels,
-    predict,
-    prompts_box_for,
-)
+from ..frontend.scenes import absent_phrase, sample_scenes
+from ..io.fetch import is_url
+from ..io.files import atomic_writer
+from ..toy import scenes
+from ..toy.scenes import VOCABULARY
+from .settings import DEFAULT_CONCURRENCY
+from .sources import UPLOAD_ONLY_MSG, SourcePolicy, checked_upload
+
+if TYPE_CHECKING:
+    from .requests import DemoApp
 
 __all__ = ["CSS", "EXAMPLE_TEXT_CHARS", "DEFAULT_CONCURRENCY", "QUEUE_SIZE", "upload_path", "upload_folders",
            "example_rows", "build_demo"]
@@ -37,8 +40,6 @@ CSS = """
 """
 #: Gradio's example table shows at most this many characters of a text cell.
 EXAMPLE_TEXT_CHARS = 60
-#: Default number of explanations computed at once (``--concurrency``).
-DEFAULT_CONCURRENCY = 2
 #: Requests that may wait in the queue; more are turned away at once.
 QUEUE_SIZE = 32
 
@@ -53,19 +54,20 @@ class _Refused:
 _REFUSED = _Refused()
 
 
-def upload_path(payload: Any) -> Any:
+def upload_path(payload: Any, policy: SourcePolicy) -> Any:
     """Replaces ``gr.Image.preprocess``: the real path of the upload, checked, without opening it.
 
     Gradio checks an API file value against its upload folder only when the value carries a ``meta``
     marker; without it, any ``{"path": ...}`` (a server file, a URL) reaches this function. So every
-    value is checked here on its resolved real path (:func:`~legrad.frontend.app_sources.checked_upload`:
+    value is checked here on its resolved real path (:func:`~legrad.app.sources.checked_upload`:
     Gradio's upload/cache folders or the bundled examples only). A refused value becomes a marker that
-    :func:`~legrad.frontend.app_requests.predict` answers with one fixed message; nothing is opened,
+    :meth:`~legrad.app.requests.DemoApp.predict` answers with one fixed message; nothing is opened,
     fetched or named. Gradio's own preprocessing would also decode the whole file without a pixel
-    limit; :func:`~legrad.frontend.app_requests.read_visitor_image` does that with limits instead.
+    limit; :func:`~legrad.app.sources.read_visitor_image` does that with limits instead.
 
     Args:
         payload: Gradio's ``ImageData``/``FileData`` (or a dict, or None).
+        policy: the app's settings (its upload folders and example images).
 
     Returns:
         The upload's real path, None for no image, or a refused-value marker.
@@ -73,7 +75,7 @@ def upload_path(payload: Any) -> Any:
     if payload is None:
         return None
     try:
-        return checked_upload(payload, SETTINGS)
+        return checked_upload(payload, policy)
     except ValueError:
         return _REFUSED
 
@@ -82,8 +84,6 @@ def _no_downloads(image: Any, gr: Any) -> None:
     """Keeps Gradio from downloading a URL given as the image field's value (with its ``meta`` marker,
     Gradio fetches an ``http(s)`` path into its cache before any of our code runs): the app makes no
     outgoing connection for a visitor; URLs go through the "URL / path" box under ``--allow-urls``."""
-    from ..frontend.fetch import is_url
-
     def refuse_urls(value: Any) -> None:
         text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else ""
         if is_url(text) or "://" in text:
@@ -117,9 +117,6 @@ def upload_folders() -> tuple[str, ...]:
 
 def _example_prompts(phrases: list[str]) -> str:
     """The scene's phrases plus a contrast phrase naming nothing in it, short enough to show in full."""
-    from ..frontend.scenes import absent_phrase
-    from ..toy.scenes import VOCABULARY
-
     words = {w for p in phrases for w in p.split()[1:]}
     others = sorted((v for v in VOCABULARY if not words & set(v.split()[1:])), key=len)
     texts = [", ".join([*phrases, v]) for v in [absent_phrase(phrases), *others]]
@@ -129,15 +126,10 @@ def _example_prompts(phrases: list[str]) -> str:
 
 def example_rows() -> list[list[str]]:
     """Examples from the bundled demo scenes (image path, prompts), so the page works offline."""
-    from ..frontend.scenes import sample_scenes
-
     rows = [[str(sc.path), _example_prompts(list(sc.phrases))] for sc in sample_scenes()]
     if rows:
         return rows
     # No bundled scenes (a trimmed install): draw a few with the bundled generator.
-    from ..frontend.files import atomic_writer
-    from ..toy import scenes
-
     folder = Path(tempfile.gettempdir()) / "legrad_app_examples"
     for i, scene in enumerate(scenes.make_scenes(3, seed=11, n_objects=2)):
         path = folder / f"scene{i}.png"
@@ -147,22 +139,24 @@ def example_rows() -> list[list[str]]:
     return rows
 
 
-def build_demo(initial_model: str | None = None, initial_prompts: str = "", concurrency: int = DEFAULT_CONCURRENCY):
+def build_demo(app: DemoApp, initial_model: str | None = None, initial_prompts: str = "",
+               concurrency: int = DEFAULT_CONCURRENCY) -> Any:
     """The Gradio Blocks app (not launched). Also records Gradio's upload folders and the example images
-    in ``SETTINGS`` (the only files the image field reads).
+    in ``app.settings`` (the only files the image field reads).
 
     Args:
+        app: the app whose settings and request logic the page serves.
         initial_model: the dropdown entry selected at start (the first entry when None).
         initial_prompts: the prompts box's initial text.
         concurrency: explanations computed at once; further requests wait in the queue.
     """
     import gradio as gr
 
-    labels = model_labels()
+    labels = app.model_labels()
     first = initial_model if initial_model in labels else labels[0]
     examples = example_rows()
-    SETTINGS.upload_dirs = upload_folders()
-    SETTINGS.example_files = frozenset(os.path.realpath(row[0]) for row in examples)
+    settings = app.settings = dataclasses.replace(
+        app.settings, upload_dirs=upload_folders(), example_files=frozenset(os.path.realpath(row[0]) for row in examples))
     # Gradio 6 takes css in launch(), older versions in Blocks(); the server passes it to launch.
     blocks_css = {"css": CSS} if "css" in inspect.signature(gr.Blocks).parameters else {}
     with gr.Blocks(title="LeGrad", analytics_enabled=False, **blocks_css) as demo:
@@ -175,17 +169,17 @@ def build_demo(initial_model: str | None = None, initial_prompts: str = "", conc
             with gr.Column():
                 image = gr.Image(type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"],
                                  elem_id="image")
-                image.preprocess = upload_path
+                image.preprocess = functools.partial(upload_path, policy=settings)
                 _no_downloads(image, gr)
-                hint = " or ".join((["https://..."] if SETTINGS.allow_urls else [])
-                                   + (["a file name in the shared folder"] if SETTINGS.allowed_dirs else []))
+                hint = " or ".join((["https://..."] if settings.allow_urls else [])
+                                   + (["a file name in the shared folder"] if settings.allowed_dirs else []))
                 source = gr.Textbox(label="...or an image URL / path", placeholder=hint, elem_id="image-source",
                                     visible=bool(hint))
-                prompts = gr.Textbox(lines=4, value=initial_prompts, elem_id="prompts", **prompts_box_for(first))
+                prompts = gr.Textbox(lines=4, value=initial_prompts, elem_id="prompts", **app.prompts_box_for(first))
                 model = gr.Dropdown(labels, value=first, label="Model", elem_id="model")
                 with gr.Row():
                     size = gr.Textbox(label="Image size (N or HxW; blank = native)", value="", elem_id="size")
-                    layer = gr.Number(value=default_layer_for(first), precision=0, label="Layer index",
+                    layer = gr.Number(value=app.default_layer_for(first), precision=0, label="Layer index",
                                       elem_id="layer-index")
                 alpha = gr.Slider(0.0, 1.0, value=0.6, step=0.05, label="Overlay opacity", elem_id="alpha")
                 button = gr.Button("Explain", variant="primary", elem_id="explain")
@@ -195,9 +189,9 @@ def build_demo(initial_model: str | None = None, initial_prompts: str = "", conc
                                      object_fit="contain", height="auto", **lossless)
                 status = gr.Markdown(elem_id="status")
         gr.Examples(examples, inputs=[image, prompts], label="Demo scenes (bundled model)")
-        model.change(default_layer_for, inputs=model, outputs=layer, queue=False)
-        model.change(lambda lb: gr.update(**prompts_box_for(lb)), inputs=model, outputs=prompts, queue=False)
-        button.click(predict, inputs=[image, source, prompts, model, size, layer, alpha],
+        model.change(app.default_layer_for, inputs=model, outputs=layer, queue=False)
+        model.change(lambda lb: gr.update(**app.prompts_box_for(lb)), inputs=model, outputs=prompts, queue=False)
+        button.click(app.predict, inputs=[image, source, prompts, model, size, layer, alpha],
                      outputs=[gallery, status], api_name="explain", concurrency_limit=concurrency)
     demo.queue(default_concurrency_limit=concurrency, max_size=QUEUE_SIZE)
     return demo

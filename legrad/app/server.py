@@ -8,21 +8,16 @@ import inspect
 import math
 import os
 import sys
+from typing import Any
 
-from ..frontend.app_requests import (
-    DEFAULT_TIME_LIMIT_S,
-    MAX_URL_BYTES,
-    SETTINGS,
-    TOY_LABEL,
-    URL_DEADLINE_S,
-    get_explainer,
-    initial_text,
-    model_label,
-    parse_model_label,
-    shared_folder,
-)
+from ..frontend.logs import configure_logging
+from ..frontend.models import resolve_device
+from ..io.errors import ModelLoadError
+from .settings import DEFAULT_CONCURRENCY, DEFAULT_TIME_LIMIT_S, TOY_LABEL, AppSettings
+from .sources import MAX_URL_BYTES, URL_DEADLINE_S, shared_folder
 
-__all__ = ["MAX_UPLOAD_MB", "GRADIO_MISSING_MSG", "add_arguments", "build_parser", "serve", "main"]
+__all__ = ["MAX_UPLOAD_MB", "GRADIO_MISSING_MSG", "add_arguments", "build_parser", "settings_from_flags", "serve",
+           "main"]
 
 #: Default upload limit (``--max-upload-mb``).
 MAX_UPLOAD_MB = 25
@@ -32,8 +27,6 @@ GRADIO_MISSING_MSG = ("gradio is not installed; install the app's extra: pip ins
 
 def add_arguments(p: argparse.ArgumentParser, verbose: bool = True) -> None:
     """Adds the app's flags to a parser (``verbose``: also ``-v``, which ``legrad`` has at the top level)."""
-    from .page import DEFAULT_CONCURRENCY
-
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
@@ -76,58 +69,72 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+def settings_from_flags(args: argparse.Namespace) -> tuple[AppSettings, str]:
+    """The operator's settings and the prompts box's initial text from the parsed flags.
+
+    Raises:
+        ValueError: for a bad flag (nothing is changed or loaded).
+    """
+    from .requests import initial_text, model_label  # torch: only once the app is served
+
+    initial = initial_text(args.model, args.target, args.prompt)
+    device = resolve_device(args.device)
+    allowed_dirs = tuple(shared_folder(d) for d in args.allow_dir)
+    if not args.max_upload_mb > 0:
+        raise ValueError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be positive, got {args.max_tokens}")
+    if not (math.isfinite(args.time_limit) and args.time_limit >= 0):
+        raise ValueError(f"--time-limit must be a number of seconds >= 0 (0: no limit), got {args.time_limit}")
+    if args.concurrency < 1:
+        raise ValueError(f"--concurrency must be at least 1, got {args.concurrency}")
+    settings = AppSettings(device=device, allowed_dirs=allowed_dirs, allow_urls=bool(args.allow_urls),
+                           max_tokens=args.max_tokens, time_limit=args.time_limit or None,
+                           extra_labels=tuple(dict.fromkeys(model_label(m, args.pretrained) for m in args.model)))
+    return settings, initial
+
+
+def _preload(app: Any) -> None:
+    from .requests import parse_model_label
+
+    extra_labels = app.settings.extra_labels
+    if extra_labels and app.is_vlm_label(extra_labels[0]):  # a local VLM (hf:DIR)
+        app.vlm_explainer(extra_labels[0])
+    else:
+        app.get_explainer(*parse_model_label(extra_labels[0] if extra_labels else TOY_LABEL))
+
+
 def serve(args: argparse.Namespace, prog: str = "app.py") -> int:
-    """Checks the flags, sets :data:`~legrad.frontend.app_requests.SETTINGS` and serves until interrupted.
+    """Checks the flags, builds the app (:class:`~legrad.app.requests.DemoApp`) with the operator's settings
+    and serves it until interrupted.
 
     Returns:
         The exit status: 2 for a bad flag, 1 if gradio is missing or the preloaded model cannot be loaded.
     """
-    from ..frontend.errors import ModelLoadError
-    from ..frontend.logs import configure_logging
-    from ..frontend.models import resolve_device
-
     configure_logging(getattr(args, "verbose", False))
     try:
-        initial = initial_text(args.model, args.target, args.prompt)
-        device = resolve_device(args.device)
-        allowed_dirs = tuple(shared_folder(d) for d in args.allow_dir)
-        if not args.max_upload_mb > 0:
-            raise ValueError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
-        if args.max_tokens is not None and args.max_tokens < 1:
-            raise ValueError(f"--max-tokens must be positive, got {args.max_tokens}")
-        if not (math.isfinite(args.time_limit) and args.time_limit >= 0):
-            raise ValueError(f"--time-limit must be a number of seconds >= 0 (0: no limit), got {args.time_limit}")
-        if args.concurrency < 1:
-            raise ValueError(f"--concurrency must be at least 1, got {args.concurrency}")
+        settings, initial = settings_from_flags(args)
     except ValueError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
-    # Settings change only once every flag is valid (a refused command line leaves them as they were).
-    SETTINGS.device, SETTINGS.allowed_dirs = device, allowed_dirs
-    SETTINGS.allow_urls = bool(args.allow_urls)
-    SETTINGS.max_tokens = args.max_tokens
-    SETTINGS.time_limit = args.time_limit or None
-    SETTINGS.extra_labels = tuple(dict.fromkeys(model_label(m, args.pretrained) for m in args.model))
-    extra_labels = SETTINGS.extra_labels
     # Set before gradio is imported: no usage analytics calls from an offline demo.
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     if importlib.util.find_spec("gradio") is None:
         print(f"{prog}: error: {GRADIO_MISSING_MSG}", file=sys.stderr)
         return 1
+    # The page and the request logic load gradio and torch: imported once the flags are known to be good.
     from .page import CSS, build_demo
+    from .requests import DemoApp
 
+    app = DemoApp(settings)
     if args.preload:
         try:
-            from legrad.frontend.vlm import cached_explainer, is_vlm_dir
-
-            if extra_labels and is_vlm_dir(extra_labels[0]):  # a local VLM (hf:DIR)
-                cached_explainer(extra_labels[0], device)
-            else:
-                get_explainer(*parse_model_label(extra_labels[0] if extra_labels else TOY_LABEL))
+            _preload(app)
         except ModelLoadError as exc:
             print(f"{prog}: error: {exc}", file=sys.stderr)
             return 1
-    demo = build_demo(extra_labels[0] if extra_labels else None, initial, concurrency=args.concurrency)
+    extra_labels = settings.extra_labels
+    demo = build_demo(app, extra_labels[0] if extra_labels else None, initial, concurrency=args.concurrency)
     # Server-side rendering (Gradio 5+) would need Node.js; keep the plain server.
     launch_params = inspect.signature(demo.launch).parameters
     extra = {"ssr_mode": False} if "ssr_mode" in launch_params else {}

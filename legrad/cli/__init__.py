@@ -4,8 +4,9 @@ Each subcommand lives in its own module of this package (``explain``, ``models``
 ``playground``)
 exposing ``add_parser(subparsers) -> argparse.ArgumentParser`` and ``run(args) -> int``; the options and
 argparse converters they share are in :mod:`legrad.cli.options`. To add one, write the module and append
-its import path to :data:`SUBCOMMAND_MODULES`. Keep heavy imports (torch, open_clip) inside ``run`` so
-that ``legrad --help`` and argument errors stay fast.
+its import path to :data:`SUBCOMMAND_MODULES`. Every command module is imported for ``legrad --help``, so it
+stays light: a command that needs torch or a model imports its body in ``run`` (``explain`` ->
+:mod:`legrad.cli.explain_run`, ``bench`` -> :mod:`legrad.cli.bench_run`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import sys
 import threading
 from collections.abc import Sequence
 from typing import Any
+
+from legrad import __version__
+from legrad.frontend.logs import configure_logging, quiet_third_party_progress
 
 __all__ = ["SUBCOMMAND_MODULES", "build_parser", "main"]
 
@@ -34,8 +38,6 @@ SUBCOMMAND_MODULES: list[str] = [
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every registered subcommand."""
-    from legrad import __version__
-
     parser = argparse.ArgumentParser(
         prog="legrad",
         description="LeGrad explainability heatmaps for Vision Transformers: CLIP/SigLIP-style vision-language "
@@ -76,8 +78,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help(sys.stderr)
         return 2
-    from legrad.frontend.logs import configure_logging, quiet_third_party_progress
-
     configure_logging(args.verbose)
     if getattr(args, "quiet", False):  # -q: no progress bar of ours, nor of the model libraries
         quiet_third_party_progress()

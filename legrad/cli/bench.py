@@ -12,15 +12,10 @@ object, on the bundled demo model) or a user dataset (``--data DIR``, format in
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
 import os
 import sys
-import time
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 from legrad.cli.options import non_negative_int, positive_int
 from legrad.eval.datasets import DEFAULT_SEED
@@ -116,101 +111,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs the benchmark from parsed arguments; prints the table, writes JSON. Returns the exit status."""
-    import torch
+    # The body loads torch and the models: imported here so that `legrad --help` stays fast.
+    from legrad.cli.bench_run import run as run_bench
 
-    from legrad.eval.baselines import METHODS, get_method
-    from legrad.eval.benchmark import evaluate, format_table
-    from legrad.eval.datasets import FolderDataset, ToyScenes
-    from legrad.frontend.classifier_models import is_classifier_name
-    from legrad.frontend.errors import ImageLoadError, ModelLoadError
-    from legrad.frontend.models import default_layer_index, load_model, native_image_size
-
-    methods = args.methods or list(METHODS)
-    for m in methods:
-        try:
-            get_method(m)
-        except ValueError as exc:
-            print(f"legrad bench: {exc}", file=sys.stderr)
-            return 2
-    classifier = is_classifier_name(args.model)
-    if classifier and not args.data:
-        print("legrad bench: an image classifier is benchmarked on class targets: give --data DIR, a dataset whose "
-              "prompts are class indices or names (the synthetic scenes are for the CLIP demo model)", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        model, preprocess, tokenizer = load_model(args.model, args.pretrained, args.device)
-    except (ModelLoadError, ValueError) as exc:
-        print(f"legrad bench: {exc}", file=sys.stderr)
-        return 1
-    device = str(next(model.parameters()).device)
-    layer_index = args.layer_index if args.layer_index is not None else default_layer_index(args.model)
-    try:
-        if args.data:
-            samples: Any = FolderDataset(args.data, preprocess, args.annotations)
-            if args.limit:
-                samples.entries = samples.entries[: args.limit]
-        else:
-            h, w = native_image_size(model)
-            if h != w:
-                print(f"legrad bench: synthetic scenes are square; the model expects {h}x{w} (use --data)",
-                      file=sys.stderr)
-                return 2
-            samples = ToyScenes(args.limit or DEFAULT_TOY_LIMIT, args.seed, preprocess, h)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"legrad bench: {exc}", file=sys.stderr)
-        return 1
-
-    t0 = time.perf_counter()
-    try:
-        summaries = evaluate(
-            model, tokenizer, samples, methods, layer_index=layer_index, threshold=args.threshold,
-            pointing_tolerance=args.pointing_tolerance, perturbation=not args.no_perturbation,
-            batch_size=args.batch_size, device=device,
-            progress=not args.no_progress,
-        )
-    except (ImageLoadError, ValueError, TypeError) as exc:
-        print(f"legrad bench: {exc}", file=sys.stderr)
-        return 1
-    elapsed = time.perf_counter() - t0
-    pairs = next(iter(summaries.values()))["pairs"]
-    pretrained = args.pretrained or ("bundled" if args.model == "toy" else "default")
-    kind = "class" if classifier else "prompt"
-    print(f"{samples.describe()}, {pairs} (image, {kind}, mask) pairs; model {args.model} ({pretrained}), "
-          f"layer_index {layer_index}, threshold {args.threshold}, pointing tolerance {args.pointing_tolerance} px, "
-          f"{elapsed:.0f} s\n")
-    print(format_table(summaries))
-    if args.json and args.json != "-":
-        payload = {
-            "config": {
-                "data": args.data or "synthetic", "model": args.model, "pretrained": args.pretrained,
-                "layer_index": layer_index, "images": len(samples), "pairs": pairs, "seed": None if args.data else args.seed,
-                "threshold": args.threshold, "pointing_tolerance": args.pointing_tolerance,
-                "perturbation": not args.no_perturbation, "device": device,
-                "perturbation_score": "target logit" if classifier else "image-text cosine",
-                "seconds": round(elapsed, 1),
-            },
-            "methods": summaries,
-        }
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(_strict_json(payload), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        tmp.replace(out)
-        print(f"\nresults written to {out}")
-    return 0
-
-
-def _strict_json(obj: Any) -> Any:
-    """NaN (not measured) -> null, so that the file is standard JSON."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _strict_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_strict_json(v) for v in obj]
-    return obj
+    return run_bench(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,5 +1,8 @@
 """``legrad explain``: heatmap overlays (and optionally raw maps) for images and prompts (or, for image
-classifiers, class targets)."""
+classifiers, class targets; for local VLMs, candidate answers).
+
+This module is the command's parser and its output names (light: ``legrad --help`` imports it); what the
+command does is :mod:`legrad.cli.explain_run` (and :mod:`legrad.cli.vlm` for ``--answer``)."""
 
 from __future__ import annotations
 
@@ -7,14 +10,13 @@ import argparse
 import hashlib
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from legrad.cli.options import add_device_option, add_model_options, add_quiet_option, unit_float
-from legrad.frontend.errors import one_line
-from legrad.frontend.fetch import is_url
-from legrad.frontend.images import IMAGE_EXTENSIONS
+from legrad.io.fetch import is_url
+from legrad.io.images import find_images
+from legrad.io.outdir import FolderLock, prepare_output_folder
 
 _EPILOG = """\
 examples:
@@ -128,16 +130,11 @@ def discover(inputs: list[str]) -> tuple[list[_Item], list[str]]:
             name = raw.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
             add(raw, Path(name).stem or "url")
         elif os.path.isdir(raw):
-            root = Path(raw)
-            found = sorted(
-                f for f in root.rglob("*")
-                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-                and not any(part.startswith(".") for part in f.relative_to(root).parts)
-            )
+            found = find_images(raw)
             if not found:
                 problems.append(f"{raw}: no images found in this directory")
-            for f in found:
-                add(str(f), str(f.relative_to(root).with_suffix("")))
+            for rel in found:
+                add(str(Path(raw) / rel), str(Path(rel).with_suffix("")))
         elif os.path.isfile(raw):
             add(raw, Path(raw).stem)
         elif os.path.exists(raw):
@@ -148,227 +145,21 @@ def discover(inputs: list[str]) -> tuple[list[_Item], list[str]]:
     return items, problems
 
 
-def _is_memory_error(exc: BaseException) -> bool:
-    import torch
-
-    oom = getattr(torch, "OutOfMemoryError", ())
-    text = str(exc).lower()
-    return isinstance(exc, MemoryError) or (oom and isinstance(exc, oom)) or (
-        isinstance(exc, RuntimeError)
-        and any(s in text for s in ("out of memory", "not enough memory", "can't allocate")))
-
-
-def _describe(exc: BaseException) -> str:
-    text = one_line(exc, 200)
-    return f"out of memory ({text})" if _is_memory_error(exc) and "memory" not in text.lower() else text
-
-
-def _release_memory(exc: BaseException) -> None:
-    """After an out-of-memory error, hands cached blocks back so that smaller retries can fit."""
-    if _is_memory_error(exc):
-        import gc
-
-        import torch
-
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-
-# What explaining one batch may raise for reasons of its images (size, memory), not of the program.
-# Anything: a degenerate image may overflow a size computation (OverflowError) as well as run out of memory.
-# KeyboardInterrupt and SystemExit are not Exceptions: they still stop the run.
-_EXPLAIN_ERRORS = (Exception,)
-
-
-def _explain_isolated(explainer, loaded: list, text, size, layer_index) -> list:
-    """Explains a batch; if it fails, each image alone, so that one bad image costs only itself.
-
-    Returns:
-        ``(item, image, (maps [P, H, W], cos [P], prob [P]) or None, error or None)`` per image.
-    """
-    images = [im for _, im in loaded]
-    try:
-        maps = explainer.heatmaps(images, text, size, layer_index).numpy()
-        cos, prob = explainer.similarity(images, text)
-    except _EXPLAIN_ERRORS as exc:
-        _release_memory(exc)
-        if len(loaded) == 1:
-            return [(loaded[0][0], loaded[0][1], None, _describe(exc))]
-        return [r for pair in loaded for r in _explain_isolated(explainer, [pair], text, size, layer_index)]
-    cos, prob = cos.numpy(), prob.numpy()
-    return [(item, image, (maps[b], cos[b], prob[b]), None) for b, (item, image) in enumerate(loaded)]
-
-
-def run(args: argparse.Namespace) -> int:
-    """Explains every image; returns 0 if all succeeded, 1 if any failed."""
-    import numpy as np
-
-    from legrad.cli.scores import ScoresFile
-    from legrad.extract.outdir import FolderLock
-    from legrad.frontend.classifier_models import is_classifier_name
-    from legrad.frontend.explainer import clean_prompts, clean_targets
-    from legrad.viz import colorize
-
-    prog = "legrad explain"
-
-    def error(msg: str) -> None:
-        print(f"{prog}: error: {msg}", file=sys.stderr)
-
-    if getattr(args, "answers", None):
-        from legrad.cli.vlm import run_vlm
-
-        return run_vlm(args)
-    classifier = is_classifier_name(args.model)
-    if classifier and args.prompts:
-        error(f"{args.model} is an image classifier: give class targets with --target (an index or a class "
-              "name), not text prompts with -p")
-        return 2
-    if not classifier and args.targets:
-        error(f"--target is for image classifiers (--model timm:..., torchvision:..., hf:...); {args.model} "
-              "takes text prompts with -p")
-        return 2
-    if not (args.targets if classifier else args.prompts):
-        error("give class targets with --target" if classifier else
-              "give text prompts with -p (or, with a classifier --model such as timm:vit_base_patch16_224, "
-              "class targets with --target)")
-        return 2
-    try:
-        prompts = clean_targets(args.targets) if classifier else clean_prompts(args.prompts)
-        colorize(np.zeros((1, 1)), args.colormap)
-    except (TypeError, ValueError) as exc:
-        error(str(exc))
-        return 2
-    out_dir = Path(args.out)
-    lock = FolderLock(out_dir)
-    try:
-        # Before any work: a file given as --out, a read-only folder, a folder in use by another run or
-        # holding someone else's scores.csv are refused here. A new folder is created only later, once the
-        # model and settings are known to be good.
-        claim_output_folder(lock, out_dir, create=False)
-        ScoresFile(out_dir / "scores.csv")
-    except ValueError as exc:
-        lock.release()
-        error(str(exc))
-        return 2
-    try:
-        return _explain_all(args, prompts, out_dir, lock, error)
-    finally:
-        lock.release()
-
-
-def claim_output_folder(lock, out_dir: Path, create: bool) -> None:
+def claim_output_folder(lock: FolderLock, out_dir: Path, create: bool) -> None:
     """Checks that ``out_dir`` is a writable folder and locks it for this run (only if it exists, unless
-    ``create``). Raises the ValueError of :mod:`legrad.extract.outdir`."""
-    from legrad.extract.outdir import prepare_output_folder
-
+    ``create``). Raises the ValueError of :mod:`legrad.io.outdir`."""
     if create or os.path.lexists(out_dir):
         prepare_output_folder(out_dir)
         lock.acquire()
 
 
-def _explain_all(args: argparse.Namespace, prompts: list, out_dir: Path, lock, error) -> int:
-    import numpy as np
-    from tqdm import tqdm
+def run(args: argparse.Namespace) -> int:
+    """Explains every image; returns 0 if all succeeded, 1 if any failed, 2 for bad arguments."""
+    # The command's body loads torch and the models: imported here so that `legrad --help` stays fast.
+    if getattr(args, "answers", None):
+        from legrad.cli.vlm import run_vlm
 
-    from legrad.cli.scores import ScoresFile
-    from legrad.frontend.errors import ImageLoadError, ModelLoadError
-    from legrad.frontend.explainer import Explainer
-    from legrad.frontend.files import atomic_writer
-    from legrad.frontend.images import load_image
-    from legrad.viz import overlay
+        return run_vlm(args)
+    from legrad.cli.explain_run import run as run_explain
 
-    prog = "legrad explain"
-    items, problems = discover(args.inputs)
-    for msg in problems:
-        print(f"{prog}: skipped {msg}", file=sys.stderr)
-    if not items:
-        error("no images to explain")
-        return 1
-
-    try:
-        explainer = Explainer.load(args.model, args.pretrained, args.device)
-    except (ModelLoadError, ValueError) as exc:
-        error(str(exc))
-        return 1
-    try:
-        size = explainer.check_size(args.size)
-        layer_index = explainer.check_layer_index(args.layer_index)
-        text = explainer.encode_prompts(prompts)  # classifiers: unknown class names end here
-    except (TypeError, ValueError) as exc:
-        error(str(exc))
-        return 2
-    if explainer.is_classifier:
-        prompts = explainer.target_labels(text)
-    # A prompt (or class) given twice is one (image, prompt) pair: one overlay and one row.
-    first = {prompt: i for i, prompt in reversed(list(enumerate(prompts)))}
-    keep = sorted(first.values())
-    if len(keep) < len(prompts):
-        prompts, text = [prompts[i] for i in keep], text[keep]
-    try:
-        claim_output_folder(lock, out_dir, create=True)
-        # Read again under the lock: the rows of earlier runs into this folder are kept.
-        scores = ScoresFile(out_dir / "scores.csv")
-    except ValueError as exc:
-        error(str(exc))
-        return 2
-
-    names = [prompt_name(prompt) for prompt in prompts]
-    ok = failed = written = 0
-    scores_failed = False
-
-    def flush_scores() -> None:
-        nonlocal scores_failed
-        try:
-            scores.flush()
-        except OSError as exc:
-            if not scores_failed:
-                bar.write(f"{prog}: could not write {scores.path}: {exc}", file=sys.stderr)
-            scores_failed = True
-
-    bar = tqdm(total=len(items), unit="img", disable=args.quiet, file=sys.stderr, desc="explain")
-    try:
-        for start in range(0, len(items), args.batch_size):
-            chunk = items[start:start + args.batch_size]
-            loaded = []
-            for item in chunk:
-                try:
-                    loaded.append((item, load_image(item.source)))
-                except Exception as exc:  # any failure of one image costs only that image
-                    msg = str(exc) if isinstance(exc, ImageLoadError) else f"{item.source}: {_describe(exc)}"
-                    bar.write(f"{prog}: skipped {msg}", file=sys.stderr)
-                    failed += 1
-            results = _explain_isolated(explainer, loaded, text, size, layer_index) if loaded else []
-            for item, image, result, err in results:
-                if result is None:
-                    bar.write(f"{prog}: failed {item.source}: {err}", file=sys.stderr)
-                    failed += 1
-                    continue
-                maps, cos, prob = result
-                try:
-                    for p, (name, prompt) in enumerate(zip(names, prompts)):
-                        base = out_dir / f"{item.key}__{name}"
-                        with atomic_writer(base.with_suffix(".png")) as fh:
-                            overlay(image, maps[p], alpha=args.alpha, colormap=args.colormap).save(fh, "PNG")
-                        written += 1
-                        if args.save_maps:
-                            with atomic_writer(base.with_suffix(".npy")) as fh:
-                                np.save(fh, maps[p].astype(np.float32))
-                        # Row per overlay as soon as it exists: scores.csv then describes every overlay.
-                        scores.add(item.source, prompt, float(cos[p]), float(prob[p]),
-                                   base.with_suffix(".png").relative_to(out_dir).as_posix())
-                    ok += 1
-                except Exception as exc:
-                    bar.write(f"{prog}: failed to write outputs for {item.source}: {_describe(exc)}",
-                              file=sys.stderr)
-                    failed += 1
-            flush_scores()  # after every batch, so that a killed run keeps the rows of what it finished
-            bar.update(len(chunk))
-    finally:
-        bar.close()
-        flush_scores()  # also on Ctrl-C and SIGTERM: rows of the overlays written so far
-
-    failed += len(problems)
-    total = ok + failed
-    print(f"{prog}: {ok} of {total} images explained, {failed} failed; {written} overlays written to {out_dir}/")
-    return 1 if failed or scores_failed else 0
+    return run_explain(args)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from legrad.frontend.models import TOY_NAME
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Registers ``legrad models``."""
@@ -18,8 +20,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Prints the pairs, the bundled demo model first."""
-    from legrad.frontend.models import TOY_NAME
-    from legrad.pretrained import list_pretrained
+    from legrad.pretrained import list_pretrained  # the adapters and torch: only once the command runs
 
     pairs = list_pretrained()
     rows = [(TOY_NAME, "(bundled demo model, offline; the default)")] + [(m, t) for m, t in pairs]

@@ -10,8 +10,18 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["add_device_option", "add_model_options", "add_quiet_option", "image_size", "non_negative_int",
+from legrad.frontend.options import parse_size
+
+__all__ = ["Stop", "add_device_option", "add_model_options", "add_quiet_option", "image_size", "non_negative_int",
            "positive_int", "unit_float"]
+
+
+class Stop(Exception):
+    """Ends a command with exit status ``code`` after its one error line (the exception's message)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 # ---------------------------------------------------------------------------------------------- converters
@@ -42,8 +52,6 @@ def unit_float(text: str) -> float:
 
 def image_size(text: str) -> tuple[int, int] | None:
     """``N`` or ``HxW`` (see :func:`legrad.frontend.options.parse_size`)."""
-    from legrad.frontend.options import parse_size
-
     try:
         return parse_size(text)
     except ValueError as exc:

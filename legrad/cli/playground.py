@@ -19,6 +19,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from legrad.frontend.models import TOY_NAME
+from legrad.frontend.options import parse_size
+from legrad.frontend.scenes import absent_phrase, sample_scenes
+from legrad.frontend.vlm import VLMExplainer
+from legrad.io.errors import ImageLoadError, ModelLoadError
+from legrad.io.images import load_image
+from legrad.io.outdir import prepare_output_folder
+from legrad.toy.scenes import make_scenes
+
 __all__ = ["DEFAULT_OUT", "add_options", "add_parser", "default_scene", "run"]
 
 #: Where the figure goes by default (relative to the working directory).
@@ -77,9 +86,6 @@ def default_scene(index: int = 0):
     Raises:
         ValueError: if ``index`` is not one of the bundled scenes.
     """
-    from legrad.frontend.images import load_image
-    from legrad.frontend.scenes import absent_phrase, sample_scenes
-
     scenes = sample_scenes()
     count = len(scenes) if scenes else 1
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
@@ -88,8 +94,6 @@ def default_scene(index: int = 0):
         scene = scenes[index]
         phrases = list(scene.phrases)
         return load_image(scene.path), phrases, absent_phrase(phrases), f"bundled demo scene {index} ({scene.path.name})"
-    from legrad.toy.scenes import make_scenes
-
     drawn = make_scenes(1, seed=3, n_objects=3)[0]
     phrases = [o.phrase for o in drawn.objects]
     return drawn.image, phrases, absent_phrase(phrases), "demo scene (legrad.toy.make_scenes, seed 3)"
@@ -102,11 +106,6 @@ def run(args: argparse.Namespace, prog: str = "legrad playground") -> int:
         args: the options of :func:`add_options`.
         prog: the program name that starts error messages.
     """
-    from legrad.frontend.errors import ImageLoadError, ModelLoadError
-    from legrad.frontend.images import load_image
-    from legrad.frontend.models import TOY_NAME
-    from legrad.frontend.options import parse_size
-
     err = f"{prog}: error:"
     try:
         size = parse_size(args.size)
@@ -116,8 +115,6 @@ def run(args: argparse.Namespace, prog: str = "legrad playground") -> int:
     if not 0.0 <= args.alpha <= 1.0:
         print(f"{err} --alpha must be in [0, 1], got {args.alpha}", file=sys.stderr)
         return 2
-    from legrad.extract.outdir import prepare_output_folder
-
     try:
         # Before any work: the figure must have somewhere to go.
         if args.out.is_dir():
@@ -128,6 +125,7 @@ def run(args: argparse.Namespace, prog: str = "legrad playground") -> int:
         print(f"{err} {exc}", file=sys.stderr)
         return 2
 
+    # torch and matplotlib: only once the options are known to be good (`legrad --help` stays fast).
     from legrad.frontend.classifier_models import is_classifier_name
     from legrad.frontend.explainer import Explainer
     from legrad.viz import visualize
@@ -202,10 +200,7 @@ def run(args: argparse.Namespace, prog: str = "legrad playground") -> int:
 
 def _run_vlm(args: argparse.Namespace, err: str) -> int:
     """``--answer``: where a local VLM found each candidate answer to the question ``--prompt``."""
-    from legrad.frontend.errors import ImageLoadError, ModelLoadError
-    from legrad.frontend.images import load_image
-    from legrad.frontend.vlm import VLMExplainer
-    from legrad.viz import visualize
+    from legrad.viz import visualize  # matplotlib: only once a figure is drawn
 
     if not args.prompts or len(args.prompts) != 1:
         print(f"{err} with --answer, give exactly one question with --prompt", file=sys.stderr)

@@ -7,7 +7,7 @@ import io
 import os
 from pathlib import Path
 
-from legrad.frontend.files import atomic_writer, read_regular_file
+from legrad.io.files import atomic_writer, read_regular_file
 
 #: Columns, in file order; files of earlier versions lack ``overlay``.
 COLUMNS = ("image", "prompt", "similarity", "probability", "overlay")

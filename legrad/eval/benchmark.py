@@ -25,7 +25,25 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+from tqdm.auto import tqdm
+
+from ..engine.validation import check_targets
+from ..wrapper import LeWrapper
+from .baselines import METHODS, get_method
 from .datasets import Sample
+from .metrics import (
+    DEFAULT_FRACTIONS,
+    check_fractions,
+    check_threshold,
+    check_tolerance,
+    confusion,
+    miou_from_confusion,
+    perturbation_auc,
+    perturbation_curve,
+    pixel_accuracy_from_confusion,
+    pointing_game,
+)
 
 __all__ = ["MethodResult", "class_targets", "evaluate", "format_table"]
 
@@ -48,8 +66,6 @@ class MethodResult:
 
     def summary(self, fractions: Sequence[float]) -> dict[str, Any]:
         """Means and dataset-level scores as plain numbers (NaN where not measured)."""
-        from .metrics import miou_from_confusion, pixel_accuracy_from_confusion
-
         valid = [h for h in self.hits if not math.isnan(h)]
         n_pairs = len(self.hits)
         out: dict[str, Any] = {
@@ -115,22 +131,7 @@ def evaluate(
             prompts that are not classes of the model, before any work where the samples can list their
             prompts up front (:meth:`FolderDataset.prompt_lists`), else at the sample.
     """
-    import torch
-
-    from ..wrapper import LeWrapper
-    from .baselines import get_method
-    from .metrics import (
-        DEFAULT_FRACTIONS,
-        check_fractions,
-        check_threshold,
-        check_tolerance,
-        confusion,
-        perturbation_auc,
-        perturbation_curve,
-        pointing_game,
-    )
-
-    names = list(methods) if methods is not None else _all_methods()
+    names = list(methods) if methods is not None else list(METHODS)
     fns = {name: get_method(name) for name in names}
     if len(samples) == 0:
         raise ValueError("no samples to evaluate")
@@ -139,63 +140,78 @@ def evaluate(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     check_tolerance(pointing_tolerance)
-    # A wrapper of our own: setting layer_index on the caller's wrapper would change their object. The
-    # tokenizer lets towers that need the empty-prompt correction (SigLIP-style) build it.
-    if isinstance(model, LeWrapper):
-        wrapper = LeWrapper(model.model, layer_index=layer_index, tokenizer=tokenizer,
-                            apply_correction=model.apply_correction, correction_threshold=model.correction_threshold)
-    else:
-        wrapper = LeWrapper(model, layer_index=layer_index, tokenizer=tokenizer)
+    wrapper = _own_wrapper(model, layer_index, tokenizer)
     classifier = wrapper.adapter.scorer == "logit"
     if classifier:
-        num_classes = wrapper.adapter.num_classes
         listed = samples.prompt_lists() if hasattr(samples, "prompt_lists") else []
         for where, prompts in listed:  # resolve every class up front: a bad one fails before any work
-            class_targets(tokenizer, prompts, num_classes, where)
+            class_targets(tokenizer, prompts, wrapper.adapter.num_classes, where)
     results = {name: MethodResult() for name in names}
-
+    scoring = _Scoring(threshold, pointing_tolerance, perturbation, fr, fill, batch_size)
     indices: Any = range(len(samples))
     if progress:
-        from tqdm.auto import tqdm
-
         indices = tqdm(indices, desc="legrad bench", unit="image", file=sys.stderr)
     for i in indices:
         sample = samples[i]
         image = sample.image[None].to(device)
         masks = sample.masks.to(device)
         if classifier:
-            text, target = None, class_targets(tokenizer, sample.prompts, num_classes, sample.name)
+            text, target = None, class_targets(tokenizer, sample.prompts, wrapper.adapter.num_classes, sample.name)
         else:
             with torch.no_grad():
                 text, target = wrapper.encode_text(tokenizer(sample.prompts).to(device), normalize=True).float(), None
         for name, fn in fns.items():
-            res = results[name]
-            if res.error:
-                continue
-            t0 = time.perf_counter()
-            try:
-                # Text methods keep the 3-argument call, so that methods registered by users still work.
-                maps = fn(wrapper, None, image, target=target) if classifier else fn(wrapper, text, image)  # [1, P, H, W]
-            except NotImplementedError as exc:
-                res.error = str(exc)
-                logger.warning("%s skipped: %s", name, exc)
-                continue
-            res.seconds += time.perf_counter() - t0
-            res.images += 1
-            res.hits.extend(pointing_game(maps[0], masks, pointing_tolerance).tolist())
-            counts = confusion(maps[0], masks, threshold).sum(0)
-            res.counts = counts if res.counts is None else res.counts + counts
-            if perturbation:
-                for positive, aucs in ((True, res.pos_auc), (False, res.neg_auc)):
-                    curve = perturbation_curve(wrapper, image, text, maps, target=target, positive=positive,
-                                               fractions=fr, fill=fill, batch_size=batch_size)[0]  # [P, F]
-                    aucs.extend(perturbation_auc(curve, fr).tolist())
-                    total = curve.sum(0)
-                    if positive:
-                        res.pos_curve = total if res.pos_curve is None else res.pos_curve + total
-                    else:
-                        res.neg_curve = total if res.neg_curve is None else res.neg_curve + total
+            if not results[name].error:
+                _run_method(name, fn, results[name], wrapper, image, masks, text, target, scoring)
     return {name: res.summary(fr) for name, res in results.items()}
+
+
+def _own_wrapper(model: Any, layer_index: int, tokenizer: Callable | None) -> LeWrapper:
+    """A wrapper of our own: setting ``layer_index`` on the caller's wrapper would change their object. The
+    tokenizer lets towers that need the empty-prompt correction (SigLIP-style) build it."""
+    if isinstance(model, LeWrapper):
+        return LeWrapper(model.model, layer_index=layer_index, tokenizer=tokenizer,
+                         apply_correction=model.apply_correction, correction_threshold=model.correction_threshold)
+    return LeWrapper(model, layer_index=layer_index, tokenizer=tokenizer)
+
+
+@dataclass(frozen=True)
+class _Scoring:
+    threshold: float | str
+    pointing_tolerance: int
+    perturbation: bool
+    fractions: tuple[float, ...]
+    fill: float
+    batch_size: int
+
+
+def _run_method(name: str, fn: Callable, res: MethodResult, wrapper: LeWrapper, image: torch.Tensor,
+                masks: torch.Tensor, text: torch.Tensor | None, target: torch.Tensor | None, sc: _Scoring) -> None:
+    """One method on one image ``[1, 3, H, W]`` with its masks ``[P, H, W]``: the maps, then their scores."""
+    t0 = time.perf_counter()
+    try:
+        # Text methods keep the 3-argument call, so that methods registered by users still work.
+        maps = fn(wrapper, None, image, target=target) if target is not None else fn(wrapper, text, image)
+    except NotImplementedError as exc:  # [1, P, H, W] above; a method this model cannot run
+        res.error = str(exc)
+        logger.warning("%s skipped: %s", name, exc)
+        return
+    res.seconds += time.perf_counter() - t0
+    res.images += 1
+    res.hits.extend(pointing_game(maps[0], masks, sc.pointing_tolerance).tolist())
+    counts = confusion(maps[0], masks, sc.threshold).sum(0)
+    res.counts = counts if res.counts is None else res.counts + counts
+    if not sc.perturbation:
+        return
+    for positive, aucs in ((True, res.pos_auc), (False, res.neg_auc)):
+        curve = perturbation_curve(wrapper, image, text, maps, target=target, positive=positive,
+                                   fractions=sc.fractions, fill=sc.fill, batch_size=sc.batch_size)[0]  # [P, F]
+        aucs.extend(perturbation_auc(curve, sc.fractions).tolist())
+        total = curve.sum(0)
+        if positive:
+            res.pos_curve = total if res.pos_curve is None else res.pos_curve + total
+        else:
+            res.neg_curve = total if res.neg_curve is None else res.neg_curve + total
 
 
 def class_targets(labels: Callable | None, prompts: Sequence[str], num_classes: int, where: str) -> Any:
@@ -214,8 +230,6 @@ def class_targets(labels: Callable | None, prompts: Sequence[str], num_classes: 
     Raises:
         ValueError, TypeError: naming the sample and the prompt that is not a class of the model.
     """
-    from ..engine.validation import check_targets
-
     try:
         if labels is None:
             bad = [p for p in prompts if not str(p).strip().lstrip("+-").isdigit()]
@@ -228,12 +242,6 @@ def class_targets(labels: Callable | None, prompts: Sequence[str], num_classes: 
         return check_targets(target, 1, num_classes)
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"{where}: {exc}") from None
-
-
-def _all_methods() -> list[str]:
-    from .baselines import METHODS
-
-    return list(METHODS)
 
 
 _COLUMNS = (

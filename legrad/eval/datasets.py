@@ -187,7 +187,7 @@ class FolderDataset:
         import torch
         from PIL import Image
 
-        from legrad.frontend.images import load_image
+        from legrad.io.images import load_image
 
         image_path, pairs = self.entries[i]
         image = load_image(image_path)

@@ -17,15 +17,17 @@ shard, and rank 0 merges the shards after a barrier. Per-image results do not de
 processes (up to floating-point batching noise).
 
 Modules: :mod:`~legrad.extract.inputs` (folder, JSONL manifest, prompts file), :mod:`~legrad.extract.store`
-(the ``.npz`` layout, its validation, manifest records), :mod:`~legrad.extract.outdir` (folder lock and
-writability check), :mod:`~legrad.extract.runconfig` (the run configuration), :mod:`~legrad.extract.data` (DataLoader
-decoding), :mod:`~legrad.extract.distributed` (the process group), :mod:`~legrad.extract.compute` (prompt
-table, heatmaps per batch) and :mod:`~legrad.extract.runner` (the run loop and the manifest merge).
+(the ``.npz`` layout, its validation, manifest records), :mod:`~legrad.extract.runconfig` (the run
+configuration), :mod:`~legrad.extract.data` (DataLoader decoding), :mod:`~legrad.extract.distributed` (the
+process group), :mod:`~legrad.extract.compute` (prompt table, heatmaps per batch) and
+:mod:`~legrad.extract.runner` (the run loop and the manifest merge). The folder lock and writability check
+(:mod:`legrad.io.outdir`, shared with ``legrad explain``) and the folder walk, per-image isolation and
+progress bar (:mod:`legrad.frontend.loop`, shared with ``legrad explain``) are in the layers below.
 """
 
+from ..io.outdir import FolderBusyError, OutputFolderError
 from .data import default_workers
 from .inputs import ImageTask, discover
-from .outdir import FolderBusyError, OutputFolderError
 from .runner import ExtractResult, run
 from .store import FORMAT_VERSION, MANIFEST_NAME, check_map_size, load_output, output_name
 

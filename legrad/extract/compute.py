@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.maps import min_max
-from ..frontend.errors import one_line
 from ..frontend.explainer import Explainer
+from ..frontend.loop import explain_isolated
+from ..io.errors import one_line
 from .inputs import ImageTask
 from .store import output_name, write_output
 
@@ -107,10 +108,14 @@ def explain_batch(batch: dict[str, Any], todo: list[ImageTask], explainer: Expla
         The number of images whose output was written.
     """
     items = [todo[p] for p in batch["pos"]]
-    rows = [prompts.rows(t.prompts) for t in items]
-    try:
+
+    def compute(sel: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        # The whole batch, or one image of it when the batch failed (see explain_isolated).
+        whole = sel == list(range(len(items)))
+        heat, clip = (batch["heat"], batch["clip"]) if whole else (batch["heat"][sel], batch["clip"][sel])
+        rows = [prompts.rows(items[b].prompts) for b in sel]
         table = prompts.table.to(device)
-        if all(t.prompts == items[0].prompts for t in items):
+        if all(items[b].prompts == items[sel[0]].prompts for b in sel):
             text = table[rows[0].to(device)]  # [P, D], shared
         else:
             # Per-image prompt lists: pad each to the longest with its first prompt, drop the padding after.
@@ -118,33 +123,26 @@ def explain_batch(batch: dict[str, Any], todo: list[ImageTask], explainer: Expla
             padded = torch.stack([torch.cat([r, r[:1].expand(width - len(r))]) for r in rows])
             text = table[padded.to(device)]  # [B, Pmax, D]
         with torch.no_grad():
-            emb = model.encode_image(batch["clip"].to(device, model_dtype, non_blocking=True))
+            emb = model.encode_image(clip.to(device, model_dtype, non_blocking=True))
             emb = F.normalize(emb.float(), dim=-1)
-        maps = heatmaps(explainer.wrapper, batch["heat"].to(device, non_blocking=True), text, start, map_hw)
-        maps = maps.cpu().numpy()
-        sims = [(table[r.to(device)] @ emb[b]).cpu().numpy().astype(np.float32) for b, r in enumerate(rows)]
-    except Exception as exc:  # e.g. out of memory, or an overflow of a degenerate image: one image's problem
-        if len(items) > 1:
-            # Each image alone: one that cannot be explained must not cost the rest of its batch.
-            del exc
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            return sum(
-                explain_batch({"pos": [pos], "heat": batch["heat"][b:b + 1], "clip": batch["clip"][b:b + 1],
-                               "sizes": batch["sizes"][b:b + 1], "sources": batch["sources"][b:b + 1]},
-                              todo, explainer, model, model_dtype, device, prompts, start, map_hw, dtype,
-                              out_dir, config, finish)
-                for b, pos in enumerate(batch["pos"]))
-        msg = "explaining failed: " + one_line(exc, 240)
-        finish(items[0], None, msg)
-        return 0
+        maps = heatmaps(explainer.wrapper, heat.to(device, non_blocking=True), text, start, map_hw).cpu().numpy()
+        return [(maps[i], (table[r.to(device)] @ emb[i]).cpu().numpy().astype(np.float32))
+                for i, r in enumerate(rows)]
+
+    # e.g. out of memory, or an overflow of a degenerate image: one image's problem, not its batch's.
+    outcomes = explain_isolated(list(range(len(items))), compute,
+                                describe=lambda exc: "explaining failed: " + one_line(exc, 240))
     n_ok = 0
-    for b, t in enumerate(items):
+    for b, (t, (result, error)) in enumerate(zip(items, outcomes)):
+        if result is None:
+            finish(t, None, error)
+            continue
+        item_maps, sims = result
         p = len(t.prompts)
         arrays = {
-            "maps": maps[b, :p].astype(dtype),
+            "maps": item_maps[:p].astype(dtype),
             "prompts": np.array(list(t.prompts), dtype=str),
-            "similarity": sims[b],
+            "similarity": sims,
             "image": np.array(t.image),
             "image_size": np.array(batch["sizes"][b], dtype=np.int32),
             "input_size": np.array(config["input_size"], dtype=np.int32),
@@ -160,6 +158,6 @@ def explain_batch(batch: dict[str, Any], todo: list[ImageTask], explainer: Expla
                               f"({exc.strerror}); free space or fix the folder, then rerun to resume") from None
             finish(t, None, f"could not write {output_name(t.key)}: {exc}")
             continue
-        finish(t, sims[b].tolist(), None)
+        finish(t, sims.tolist(), None)
         n_ok += 1
     return n_ok

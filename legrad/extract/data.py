@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from ..frontend.errors import one_line
-from ..frontend.images import decode_image, load_image
+from ..io.errors import one_line
+from ..io.images import decode_image, load_image
 from .inputs import ImageTask
 from .store import read_source
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..frontend.explainer import clean_prompts
-from ..frontend.fetch import is_url
-from ..frontend.files import check_regular_file, read_regular_file
-from ..frontend.images import IMAGE_EXTENSIONS
+from ..io.fetch import is_url
+from ..io.files import check_regular_file, read_regular_file
+from ..io.images import IMAGE_EXTENSIONS, find_images
 
 __all__ = ["ImageTask", "MAX_TEXT_BYTES", "discover", "read_prompts_file"]
 
@@ -59,14 +59,7 @@ def read_prompts_file(path: str | os.PathLike) -> list[str]:
 
 
 def _walk_folder(root: Path) -> list[tuple[str, str]]:
-    found = sorted(
-        f.relative_to(root).as_posix()
-        for f in root.rglob("*")
-        if f.suffix.lower() in IMAGE_EXTENSIONS
-        and not any(part.startswith(".") for part in f.relative_to(root).parts)
-        and f.is_file()
-    )
-    return [(rel, str(root / rel)) for rel in found]
+    return [(rel, str(root / rel)) for rel in find_images(root)]
 
 
 def _jsonl_key(image: str, base: Path) -> str:

@@ -16,7 +16,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from ..frontend.files import atomic_writer, read_regular_file
+from ..io.files import atomic_writer, read_regular_file
 
 __all__ = ["RUN_CONFIG_NAME", "check_run_config", "weights_identity", "write_run_config"]
 

@@ -10,7 +10,6 @@ import heapq
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,15 +22,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..frontend.explainer import Explainer, clean_prompts
-from ..frontend.files import atomic_writer
+from ..frontend.loop import progress_bar
 from ..frontend.models import TOY_NAME
 from ..frontend.options import parse_size
+from ..io.files import atomic_writer
+from ..io.outdir import FolderLock, OutputFolderError, prepare_output_folder
 from ..preprocess import LePreprocess
 from .compute import PromptTable, explain_batch
 from .data import ImageDataset, collate, default_workers
 from .distributed import Dist
 from .inputs import ImageTask, discover, read_prompts_file
-from .outdir import FolderLock, OutputFolderError, prepare_output_folder
 from .runconfig import check_run_config, weights_identity, write_run_config
 from .store import (
     DTYPES,
@@ -149,7 +149,7 @@ def run(
     Raises:
         ValueError, TypeError: bad arguments or input (before any work).
         OutputFolderError: (a ValueError) ``out`` is not a writable folder, another run holds it
-            (:class:`~legrad.extract.outdir.FolderBusyError`), or it holds another configuration's results.
+            (:class:`~legrad.io.outdir.FolderBusyError`), or it holds another configuration's results.
         ModelLoadError: when the model cannot be loaded.
         OSError: when the manifest cannot be written at the end (full disk); an output file that cannot
             be written because the disk is full or read-only also stops the run with it.
@@ -177,47 +177,66 @@ def run(
         # is created only once the settings are known to be valid.
         lock = FolderLock(out_dir)
         _claim(ctx, lock, out_dir, create=False)
-        if isinstance(model, Explainer):
-            explainer = model
-        elif isinstance(model, str):
-            explainer = Explainer.load(model, pretrained, ctx.device, layer_index)
-        else:
-            raise TypeError(f"model must be a model name or an Explainer, got {type(model).__name__}")
-        input_hw = explainer.check_size(size_hw)
-        start = explainer.check_layer_index(layer_index) % explainer.wrapper.adapter.depth
-        map_hw = (explainer.wrapper.adapter.grid_size(*input_hw) if map_spec == "grid"
-                  else input_hw if map_spec == "input" else map_spec)
-        weights = None if isinstance(model, Explainer) else weights_identity(pretrained, out_dir)
-        config = {
-            "format": FORMAT_VERSION,
-            "model": explainer.name if isinstance(model, Explainer) else model,
-            "pretrained": None if isinstance(model, Explainer) else pretrained,
-            # Replaced weights under the same path are other weights: their outputs are not "done".
-            "weights": None if weights is None else {"size": weights["size"], "sha256": weights["sha256"]},
-            "layer": start,
-            "input_size": list(input_hw),
-            "map_size": map_spec if isinstance(map_spec, str) else list(map_spec),
-            "dtype": dtype,
-        }
+        explainer = _load_explainer(model, pretrained, ctx.device, layer_index)
+        input_hw, start, map_hw, weights, config = _configuration(explainer, model, pretrained, size_hw, layer_index,
+                                                                  map_spec, dtype, out_dir)
         # The prompts given for every image (JSONL lines may carry their own: those are checked per image).
         run_config = {"config": config, "prompts": clean_prompts(glob_prompts) if glob_prompts else None}
         _claim(ctx, lock, out_dir, create=True)
-        problem = None
-        if ctx.rank == 0:
-            reason = check_run_config(out_dir, run_config, overwrite)
-            if reason is None:
-                try:
-                    write_run_config(out_dir, run_config, weights)
-                except OSError as exc:
-                    reason = f"cannot write into --out {str(out_dir)!r} ({exc.strerror or exc})"
-            problem = None if reason is None else OutputFolderError(reason)
-        _refuse_unless_all_agree(ctx, problem)
+        _refuse_unless_all_agree(ctx, _record_run_config(ctx, out_dir, run_config, weights, overwrite))
         return _extract(ctx, explainer, tasks, out_dir, config, input_hw, start, map_hw, np.dtype(DTYPES[dtype]),
                         batch_size, workers, progress)
     finally:
         if lock is not None:
             lock.release()
         ctx.close()
+
+
+def _load_explainer(model: str | Explainer, pretrained: str | None, device: Any, layer_index: int | None) -> Explainer:
+    if isinstance(model, Explainer):
+        return model
+    if isinstance(model, str):
+        return Explainer.load(model, pretrained, device, layer_index)
+    raise TypeError(f"model must be a model name or an Explainer, got {type(model).__name__}")
+
+
+def _configuration(explainer: Explainer, model: str | Explainer, pretrained: str | None,
+                   size_hw: tuple[int, int] | None, layer_index: int | None, map_spec: Any, dtype: str,
+                   out_dir: Path) -> tuple[tuple[int, int], int, tuple[int, int], dict | None, dict[str, Any]]:
+    """The run's settings as the model makes them: ``(input_hw, start, map_hw, weights, config)``; ``config`` is
+    stored in every output and compared on resume."""
+    input_hw = explainer.check_size(size_hw)
+    start = explainer.check_layer_index(layer_index) % explainer.wrapper.adapter.depth
+    map_hw = (explainer.wrapper.adapter.grid_size(*input_hw) if map_spec == "grid"
+              else input_hw if map_spec == "input" else map_spec)
+    ready = isinstance(model, Explainer)
+    weights = None if ready else weights_identity(pretrained, out_dir)
+    config = {
+        "format": FORMAT_VERSION,
+        "model": explainer.name if ready else model,
+        "pretrained": None if ready else pretrained,
+        # Replaced weights under the same path are other weights: their outputs are not "done".
+        "weights": None if weights is None else {"size": weights["size"], "sha256": weights["sha256"]},
+        "layer": start,
+        "input_size": list(input_hw),
+        "map_size": map_spec if isinstance(map_spec, str) else list(map_spec),
+        "dtype": dtype,
+    }
+    return input_hw, start, map_hw, weights, config
+
+
+def _record_run_config(ctx: Dist, out_dir: Path, run_config: dict[str, Any], weights: dict | None,
+                       overwrite: bool) -> OutputFolderError | None:
+    """Rank 0 compares the folder's recorded configuration with this run's and records it; the refusal, if any."""
+    if ctx.rank != 0:
+        return None
+    reason = check_run_config(out_dir, run_config, overwrite)
+    if reason is None:
+        try:
+            write_run_config(out_dir, run_config, weights)
+        except OSError as exc:
+            reason = f"cannot write into --out {str(out_dir)!r} ({exc.strerror or exc})"
+    return None if reason is None else OutputFolderError(reason)
 
 
 def _claim(ctx: Dist, lock: FolderLock, out_dir: Path, create: bool) -> None:
@@ -241,34 +260,40 @@ def _refuse_unless_all_agree(ctx: Dist, problem: OutputFolderError | None) -> No
         raise OutputFolderError("rank 0 refused the output folder (see its message)")
 
 
-def _extract(ctx: Dist, explainer: Explainer, tasks: list[ImageTask], out_dir: Path, config: dict,
-             input_hw: tuple[int, int], start: int, map_hw: tuple[int, int], dtype: np.dtype,
-             batch_size: int, workers: int, progress: bool) -> ExtractResult:
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    mine = tasks[ctx.rank::ctx.world]
-
-    # Resume: outputs that exist and validate are done (checked in threads: zlib releases the GIL).
+def _resume(mine: list[ImageTask], out_dir: Path, config: dict, map_hw: tuple[int, int], dtype: np.dtype,
+            workers: int) -> dict[int, list[float]]:
+    """The similarities of this rank's images whose output exists and validates (checked in threads: zlib
+    releases the GIL), by input position."""
     def check(task: ImageTask) -> list[float] | None:
         return valid_similarities(out_dir / output_name(task.key), task, config, map_hw, dtype)
 
     with ThreadPoolExecutor(max_workers=max(1, min(workers, 8))) as pool:
         existing = list(pool.map(check, mine))
-    done = {t.index: sim for t, sim in zip(mine, existing) if sim is not None}
+    return {t.index: sim for t, sim in zip(mine, existing) if sim is not None}
+
+
+def _extract(ctx: Dist, explainer: Explainer, tasks: list[ImageTask], out_dir: Path, config: dict,
+             input_hw: tuple[int, int], start: int, map_hw: tuple[int, int], dtype: np.dtype,
+             batch_size: int, workers: int, progress: bool) -> ExtractResult:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mine = tasks[ctx.rank::ctx.world]
+    done = _resume(mine, out_dir, config, map_hw, dtype, workers)
     todo = [t for t in mine if t.index not in done]
 
     prompts = PromptTable(explainer, [p for t in tasks for p in t.prompts], {p for t in todo for p in t.prompts})
     device = explainer.device
-    model = explainer.wrapper.model
     # Images for the similarity go in the weights' dtype; integer (quantised) weights take float32.
     param_dtype = explainer.wrapper.adapter.param_dtype()
     model_dtype = param_dtype if param_dtype.is_floating_point else torch.float32
 
     records: dict[int, dict[str, Any]] = {t.index: record(t, done[t.index], None) for t in mine if t.index in done}
     failures: list[tuple[str, str]] = []
-    computed = 0
+
+    def finish(task: ImageTask, sim: list[float] | None, error: str | None) -> None:
+        records[task.index] = record(task, sim, error)
+        if error is not None:
+            failures.append((task.image, error))
+            logger.warning("failed %s: %s", task.image, error)
 
     loader = None
     if todo:
@@ -277,45 +302,23 @@ def _extract(ctx: Dist, explainer: Explainer, tasks: list[ImageTask], out_dir: P
                             collate_fn=collate, pin_memory=device.type == "cuda")
     if ctx.rank == 0:
         _remove_stale_temps(out_dir)  # before the collective below, i.e. before any rank writes
-    n_local = len(loader) if loader is not None else 0
-    n_steps, = ctx.reduce([n_local], op="max")
+    n_steps, = ctx.reduce([len(loader) if loader is not None else 0], op="max")
     g_skipped, = ctx.reduce([len(done)])
 
-    bar = tqdm(total=len(tasks), initial=g_skipped, unit="img", desc="extract", file=sys.stderr,
-               disable=not progress or ctx.rank != 0, dynamic_ncols=True)
+    def explain(batch: dict[str, Any]) -> int:
+        for pos, err in batch["errors"]:
+            finish(todo[pos], None, err)
+        if not batch["pos"]:
+            return 0
+        return explain_batch(batch, todo, explainer, explainer.wrapper.model, model_dtype, device, prompts, start,
+                             map_hw, dtype, out_dir, config, finish)
+
     t0 = time.perf_counter()
-    with bar, (logging_redirect_tqdm() if ctx.rank == 0 and progress else contextlib.nullcontext()):
-
-        def finish(task: ImageTask, sim: list[float] | None, error: str | None) -> None:
-            records[task.index] = record(task, sim, error)
-            if error is not None:
-                failures.append((task.image, error))
-                logger.warning("failed %s: %s", task.image, error)
-
-        batches: Iterator[dict[str, Any]] = iter(loader) if loader is not None else iter(())
-        for _ in range(n_steps):
-            batch = next(batches, None)
-            finished = 0
-            if batch is not None:
-                for pos, err in batch["errors"]:
-                    finish(todo[pos], None, err)
-                finished += len(batch["errors"])
-                if batch["pos"]:
-                    n_ok = explain_batch(batch, todo, explainer, model, model_dtype, device, prompts, start,
-                                         map_hw, dtype, out_dir, config, finish)
-                    computed += n_ok
-                    finished += len(batch["pos"])
-            # Lock-step count of finished images: keeps rank 0's bar global with plain collectives.
-            g_finished, = ctx.reduce([finished])
-            bar.update(g_finished)
+    computed = _steps(ctx, loader, n_steps, explain, progress_bar(len(tasks), "extract", progress and ctx.rank == 0,
+                                                                 initial=g_skipped))
     seconds = time.perf_counter() - t0
 
-    # This rank's shard, done images included (the manifest is rebuilt from the outputs on every run),
-    # sorted by input position so that rank 0 can merge the shards as streams.
-    shard = out_dir / _shard_name(ctx.rank, ctx.world)
-    with atomic_writer(shard) as fh:
-        for index in sorted(records):
-            fh.write((json.dumps({"index": index, **records[index]}) + "\n").encode("utf-8"))
+    _write_shard(out_dir, ctx, records)
     g_computed, g_failed = ctx.reduce([computed, len(failures)])
     manifest = out_dir / MANIFEST_NAME
     if ctx.rank == 0:
@@ -327,6 +330,33 @@ def _extract(ctx: Dist, explainer: Explainer, tasks: list[ImageTask], out_dir: P
     logger.info("extract: %d images, %d computed, %d already done, %d failed (%.2f images/s)", result.total,
                 result.computed, result.skipped, result.failed, result.images_per_second)
     return result
+
+
+def _steps(ctx: Dist, loader: DataLoader | None, n_steps: int, explain: Any, bar_context: Any) -> int:
+    """Runs this rank's batches in lock-step with the other ranks (``n_steps``: the most batches of any rank);
+    returns the images this rank explained."""
+    computed = 0
+    batches: Iterator[dict[str, Any]] = iter(loader) if loader is not None else iter(())
+    with bar_context as bar:
+        for _ in range(n_steps):
+            batch = next(batches, None)
+            finished = 0
+            if batch is not None:
+                computed += explain(batch)
+                finished = len(batch["errors"]) + len(batch["pos"])
+            # Lock-step count of finished images: keeps rank 0's bar global with plain collectives.
+            g_finished, = ctx.reduce([finished])
+            bar.update(g_finished)
+    return computed
+
+
+def _write_shard(out_dir: Path, ctx: Dist, records: dict[int, dict[str, Any]]) -> None:
+    """This rank's shard, done images included (the manifest is rebuilt from the outputs on every run), sorted
+    by input position so that rank 0 can merge the shards as streams."""
+    shard = out_dir / _shard_name(ctx.rank, ctx.world)
+    with atomic_writer(shard) as fh:
+        for index in sorted(records):
+            fh.write((json.dumps({"index": index, **records[index]}) + "\n").encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------- shards

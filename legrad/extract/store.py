@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from ..frontend.fetch import is_url
-from ..frontend.files import atomic_writer, check_regular_file, read_regular_file
 from ..frontend.options import parse_size
+from ..io.fetch import is_url
+from ..io.files import atomic_writer, check_regular_file, read_regular_file
 from .inputs import ImageTask
 
 __all__ = ["DTYPES", "FORMAT_VERSION", "MANIFEST_NAME", "NPZ_KEYS", "check_map_size", "load_output", "output_name",

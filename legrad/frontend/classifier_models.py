@@ -29,8 +29,9 @@ import torch
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
+from ..adapters.registry import tower_adapter_for
+from ..io.errors import ModelLoadError, one_line
 from .downloads import check_download_reachable, hub_cached, weights_cached
-from .errors import ModelLoadError, one_line
 
 __all__ = ["CLASSIFIER_PREFIXES", "ClassLabels", "is_classifier_name", "load_classifier"]
 
@@ -164,8 +165,6 @@ def _looks_like_path(text: str) -> bool:
 
 
 def _check_supported(model: torch.nn.Module, name: str) -> None:
-    from ..adapters.registry import tower_adapter_for
-
     try:
         adapter = tower_adapter_for(model)
     except TypeError as exc:
@@ -344,8 +343,6 @@ def _load_torchvision(spec: str, pretrained: str | None, device: str) -> tuple[A
 
 
 def _num_classes(model: Any) -> int:
-    from ..adapters.registry import tower_adapter_for
-
     return int(tower_adapter_for(model).num_classes)
 
 

@@ -8,9 +8,11 @@ themselves) and when the weights are already cached.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Sequence
+from urllib.parse import urlparse
 
-from .errors import ModelLoadError, one_line
+from ..io.errors import ModelLoadError, one_line
 
 __all__ = ["offline_or_proxied", "hub_cached", "weights_cached", "check_download_reachable"]
 
@@ -65,8 +67,6 @@ def check_download_reachable(url: str | None, what: str, alternative: str = "or 
     Raises:
         ModelLoadError: the host does not accept a connection within 5 s.
     """
-    import socket
-    from urllib.parse import urlparse
 
     if offline_or_proxied():
         return

@@ -20,12 +20,13 @@ import torch
 from PIL import Image
 
 from ..adapters.drift import DriftError
+from ..classifiers import class_logits
 from ..engine.validation import check_layer_index
+from ..io.errors import ModelLoadError
+from ..io.images import MAX_ASPECT_RATIO, check_image_shape
 from ..preprocess import LePreprocess
 from ..wrapper import LeWrapper
 from .classifier_models import ClassLabels
-from .errors import ModelLoadError
-from .images import MAX_ASPECT_RATIO, check_image_shape
 from .models import TOY_NAME, default_layer_index, load_model, native_image_size
 
 __all__ = ["Explainer", "Explanation", "clean_prompts", "clean_targets", "MAX_TOKENS"]
@@ -221,7 +222,7 @@ class Explainer:
             raise ValueError("no images to explain")
         for i, im in enumerate(images):
             if not isinstance(im, Image.Image):
-                raise TypeError(f"image {i} is a {type(im).__name__}; pass PIL images (legrad.frontend.images.load_image reads files)")
+                raise TypeError(f"image {i} is a {type(im).__name__}; pass PIL images (legrad.io.images.load_image reads files)")
             if im.width < 1 or im.height < 1:
                 raise ValueError(f"image {i} is empty ({im.width}x{im.height} pixels); pass an image with pixels")
             check_image_shape(im.width, im.height, f"image {i}", None, self.max_aspect_ratio)
@@ -269,8 +270,6 @@ class Explainer:
         images = self.check_images(images)
         batch = torch.stack([self.preprocess(im) for im in images]).to(self.device, self._dtype())
         if self.is_classifier:
-            from ..classifiers import class_logits
-
             logits = class_logits(self.wrapper, batch).float().cpu()
             idx = text_embedding.long().cpu()
             return logits[:, idx], logits.softmax(-1)[:, idx]

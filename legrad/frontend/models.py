@@ -14,8 +14,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from ..io.errors import ModelLoadError, one_line
 from .downloads import check_download_reachable, offline_or_proxied, weights_cached
-from .errors import ModelLoadError, one_line
 
 __all__ = [
     "TOY_NAME",

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import one_line
+from ..io.errors import one_line
+from ..toy.scenes import VOCABULARY
 
 __all__ = ["SCENES_DIR", "SampleScene", "sample_scenes", "absent_phrase"]
 
@@ -37,7 +39,6 @@ def sample_scenes(folder: str | os.PathLike | None = None) -> list[SampleScene]:
     Raises:
         ValueError: if ``scenes.json`` exists but is malformed.
     """
-    import json
 
     folder = SCENES_DIR if folder is None else Path(folder)
     index = folder / "scenes.json"
@@ -53,7 +54,6 @@ def sample_scenes(folder: str | os.PathLike | None = None) -> list[SampleScene]:
 
 def absent_phrase(phrases: Sequence[str]) -> str:
     """A demo-vocabulary phrase sharing neither colour nor shape with ``phrases`` (a contrast prompt)."""
-    from legrad.toy.scenes import VOCABULARY
 
     words = {w for p in phrases for w in p.split()[1:]}
     for v in VOCABULARY:

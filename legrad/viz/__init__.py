@@ -7,10 +7,9 @@
 The engine never imports this package.
 """
 
-from ..frontend.files import atomic_writer
 from .display import NotebookFigure
 from .figure import visualize
 from .overlays import DISPLAY_MAX_SIDE, colorize, fit_for_display, heatmap_to_array, overlay, to_rgb_array
 
 __all__ = ["overlay", "visualize", "NotebookFigure", "to_rgb_array", "heatmap_to_array", "colorize",
-           "fit_for_display", "atomic_writer", "DISPLAY_MAX_SIDE"]
+           "fit_for_display", "DISPLAY_MAX_SIDE"]

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
+from matplotlib import colormaps
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 
-from ..frontend.files import atomic_writer
+from ..io.files import atomic_writer
 from .display import NotebookFigure, notebook_shell
 from .overlays import DISPLAY_MAX_SIDE, fit_for_display, heatmap_to_array, overlay
 
@@ -66,8 +71,6 @@ def _show_mode(show: bool | None, save_path: Any) -> str:
         return "none"
     # Auto: only an interactive interpreter with a GUI backend gets a (non-blocking) window, so
     # scripts, tests and servers never block.
-    import matplotlib
-
     interactive = hasattr(sys, "ps1") or bool(sys.flags.interactive)
     backend = matplotlib.get_backend().lower()
     gui = backend not in {"agg", "pdf", "ps", "svg", "cairo", "template"} and "inline" not in backend
@@ -195,9 +198,6 @@ def _row_titles(text_prompts: Any, num_images: int, num_prompts: int) -> list[li
 
 def _add_colorbar(fig: Any, axes: np.ndarray, colormap: str) -> None:
     """One colour bar beside the heatmap panels, for the maps' [0, 1] scale."""
-    from matplotlib import colormaps
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
 
     mappable = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=colormaps[colormap])
     bar = fig.colorbar(mappable, ax=list(axes.ravel()), fraction=0.025, pad=0.01, shrink=0.9)
@@ -205,7 +205,6 @@ def _add_colorbar(fig: Any, axes: np.ndarray, colormap: str) -> None:
 
 
 def _wrap(title: str, width: int = 28) -> str:
-    import textwrap
 
     lines = [wrapped for line in title.splitlines() for wrapped in (textwrap.wrap(line, width) or [""])]
     return "\n".join(lines[:4])

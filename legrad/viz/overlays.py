@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..io.images import to_rgb
 from ..preprocess import OPENAI_MEAN, OPENAI_STD, normalization_of
 
 __all__ = ["overlay", "to_rgb_array", "heatmap_to_array", "colorize", "fit_for_display",
@@ -76,9 +77,7 @@ def to_rgb_array(image: Any, normalization: Any = None) -> np.ndarray:
 
 
 def _to_rgb_array(image: Any, normalization: Any = None) -> np.ndarray:
-    if isinstance(image, Image.Image):
-        from ..frontend.images import to_rgb  # 16-bit and float modes scaled by their range, alpha over white
-
+    if isinstance(image, Image.Image):  # 16-bit and float modes scaled by their range, alpha over white
         return np.asarray(to_rgb(image), dtype=np.uint8).copy()
     try:
         import torch

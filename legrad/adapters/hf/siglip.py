@@ -35,7 +35,7 @@ class HFSiglipAdapter(HFAdapter):
     #: How to provide the correction's prompt embedding (shown when it is missing).
     correction_hint = (
         "pass LeWrapper(model, tokenizer=processor) with the model's AutoProcessor or AutoTokenizer, or "
-        "LeWrapper(model, empty_text_embedding=legrad.hf.encode_text(model, processor, 'a photo of a')[0]), "
+        "LeWrapper(model, empty_text_embedding=legrad.adapters.hf.encode_text(model, processor, 'a photo of a')[0]), "
         "or turn the correction off with apply_correction=False"
     )
     hf_kind = "siglip"

@@ -20,6 +20,7 @@ import io
 import logging
 import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,7 @@ from .errors import ImageLoadError, ImageTooLargeError, one_line
 from .files import open_regular_file
 
 __all__ = ["MAX_IMAGE_PIXELS", "MAX_ASPECT_RATIO", "IMAGE_EXTENSIONS", "IMAGE_FORMATS", "ALLOW_PRIVATE_ENV",
-           "ImageLoadError", "ImageTooLargeError", "load_image", "decode_image", "check_image_shape", "to_rgb"]
+           "ImageLoadError", "ImageTooLargeError", "load_image", "find_images", "decode_image", "check_image_shape", "to_rgb"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def load_image(
 ) -> Image.Image:
     """Reads an image from a file path or an ``http(s)`` URL (or converts a PIL image) as upright RGB.
 
-    URLs are fetched with :func:`legrad.frontend.fetch.fetch_url`: a total deadline, a byte cap, and no
+    URLs are fetched with :func:`legrad.io.fetch.fetch_url`: a total deadline, a byte cap, and no
     connection to loopback/private/link-local/... addresses unless ``allow_private_urls``.
 
     Args:
@@ -79,8 +80,8 @@ def load_image(
         allow_private_urls: allow URLs on non-public addresses (e.g. an intranet server); None reads
             the environment variable ``LEGRAD_ALLOW_PRIVATE_URLS`` (``1``/``true``/``yes`` allow), so a
             command-line operator can opt in; servers pass False.
-        url_deadline_s: total seconds for a URL download (default ``legrad.frontend.fetch.URL_DEADLINE_S``).
-        max_url_bytes: largest URL body (default ``legrad.frontend.fetch.MAX_URL_BYTES``).
+        url_deadline_s: total seconds for a URL download (default ``legrad.io.fetch.URL_DEADLINE_S``).
+        max_url_bytes: largest URL body (default ``legrad.io.fetch.MAX_URL_BYTES``).
         max_aspect_ratio: largest longer-side / shorter-side ratio (see :data:`MAX_ASPECT_RATIO`); None
             for no limit.
 
@@ -113,6 +114,26 @@ def load_image(
         return decode_image(io.BytesIO(data), label, max_pixels, max_aspect_ratio)
     with open_regular_file(src, label, ImageLoadError) as fh:
         return decode_image(fh, label, max_pixels, max_aspect_ratio)
+
+
+def find_images(root: str | os.PathLike) -> list[str]:
+    """The images of a folder, walked recursively: regular files with an :data:`IMAGE_EXTENSIONS` suffix,
+    hidden files and folders skipped, sorted by relative path (the same order on every run and every rank).
+
+    Args:
+        root: the folder.
+
+    Returns:
+        Paths relative to ``root``, with ``/`` separators (e.g. ``['a.png', 'cats/b.jpg']``).
+    """
+    base = Path(root)
+    return sorted(
+        f.relative_to(base).as_posix()
+        for f in base.rglob("*")
+        if f.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in f.relative_to(base).parts)
+        and f.is_file()
+    )
 
 
 def check_image_shape(width: int, height: int, name: str, max_pixels: int | None = MAX_IMAGE_PIXELS,

@@ -1,6 +1,6 @@
 """Bounded, public-address-only HTTP(S) fetching of image URLs.
 
-``fetch_url`` is what :func:`legrad.frontend.images.load_image` uses for ``http(s)://`` sources. Every request:
+``fetch_url`` is what :func:`legrad.io.images.load_image` uses for ``http(s)://`` sources. Every request:
 
 * resolves the host itself and connects to the checked IP address (so a second DNS answer cannot
   swap in another address after the check), refusing loopback, private, link-local, multicast,

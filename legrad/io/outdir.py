@@ -1,4 +1,5 @@
-"""Output folders of the command-line runs: checked writable before any work, and held by one run at a time.
+"""Output folders of the command-line runs (``legrad explain``, ``extract``, ``playground``): checked writable
+before any work, and held by one run at a time.
 
 :func:`prepare_output_folder` creates the folder and proves it writable (a small temp file written, synced
 and removed), so that a read-only or full folder is a one-line error before a model loads, not a

@@ -15,13 +15,20 @@ path* (symbolic links and ``..`` resolved) before anything is opened:
 Every image is refused from its header if it is far from square (:data:`MAX_ASPECT_RATIO`, stricter than
 the library's default): the model's preprocess scales the short side up first, so a 300000x1 image would
 become a 67-megapixel tensor.
-Nothing here imports gradio; the operator's settings are passed in (``legrad.frontend.app_requests.SETTINGS``).
+Nothing here imports gradio; the operator's settings are passed in (a :class:`~legrad.app.settings.AppSettings`).
 """
 
 from __future__ import annotations
 
 import os
 from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+from ..io.errors import ImageLoadError, ImageTooLargeError
+from ..io.fetch import URLRefusedError, is_url
+from ..io.images import load_image
 
 __all__ = ["UPLOAD_ONLY_MSG", "NO_SOURCE_MSG", "NO_PATH_MSG", "NO_URL_MSG", "URL_FAILED_MSG", "MAX_IMAGE_PIXELS",
            "MAX_URL_BYTES", "URL_DEADLINE_S", "MAX_ASPECT_RATIO", "SourcePolicy", "allowed_path", "checked_upload",
@@ -34,7 +41,7 @@ MAX_URL_BYTES = 20 * 1024 * 1024
 #: Total time for a URL download for a visitor (seconds).
 URL_DEADLINE_S = 15.0
 #: Largest ratio of an image's long side to its short side that the app explains (checked from the header,
-#: before decoding, by :func:`legrad.frontend.images.load_image`; the library's default is 50).
+#: before decoding, by :func:`legrad.io.images.load_image`; the library's default is 50).
 MAX_ASPECT_RATIO = 20
 
 UPLOAD_ONLY_MSG = "the image field takes only images uploaded to this page (or its examples); upload the image"
@@ -49,7 +56,7 @@ _MAX_TEXT = 2048
 
 
 class SourcePolicy(Protocol):
-    """What the operator lets visitors read (``legrad.frontend.app_requests.AppSettings`` has these)."""
+    """What the operator lets visitors read (:class:`legrad.app.settings.AppSettings` has these)."""
 
     upload_dirs: tuple[str, ...]
     example_files: frozenset[str]
@@ -76,8 +83,6 @@ def checked_upload(value: Any, policy: SourcePolicy) -> str:
     Raises:
         ValueError: :data:`UPLOAD_ONLY_MSG` for every refused value (nothing about it is revealed or opened).
     """
-    from .fetch import is_url
-
     path = value.get("path") if isinstance(value, dict) else getattr(value, "path", value)
     if isinstance(path, os.PathLike):
         path = os.fspath(path)
@@ -110,10 +115,6 @@ def allowed_path(text: str, allowed_dirs: tuple[str, ...]) -> str:
 
 
 def _source_image(text: str, policy: SourcePolicy):
-    from .errors import ImageLoadError, ImageTooLargeError
-    from .fetch import URLRefusedError, is_url
-    from .images import load_image
-
     if len(text) > _MAX_TEXT:
         raise ValueError("the image URL / path is too long")
     if is_url(text):
@@ -142,8 +143,6 @@ def read_visitor_image(image: Any, image_source: str | None, policy: SourcePolic
         ValueError: no image, a refused source, an image far from square, or an unreadable image
             (an ``ImageLoadError``).
     """
-    from .images import load_image
-
     if image is None:
         text = (image_source or "").strip()
         if not text:
@@ -152,9 +151,6 @@ def read_visitor_image(image: Any, image_source: str | None, policy: SourcePolic
     elif hasattr(image, "convert"):  # a PIL image in memory
         picture = load_image(image, name="the uploaded image", max_aspect_ratio=MAX_ASPECT_RATIO)
     elif type(image).__module__ == "numpy" and hasattr(image, "ndim"):  # an array in memory
-        import numpy as np
-        from PIL import Image
-
         arr = np.asarray(image)
         if arr.ndim not in (2, 3) or arr.size == 0:
             raise ValueError("the uploaded image is empty or not an image")

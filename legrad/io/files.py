@@ -92,7 +92,7 @@ def open_regular_file(
         path: the file.
         name: how messages name it (default: the path); servers pass a neutral name, so that no
             server path appears in an error.
-        error: the exception type raised (e.g. :class:`~legrad.frontend.errors.ImageLoadError`).
+        error: the exception type raised (e.g. :class:`~legrad.io.errors.ImageLoadError`).
 
     Returns:
         A binary file object (blocking reads), to be closed by the caller.
