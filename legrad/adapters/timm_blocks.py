@@ -181,7 +181,7 @@ class TimmBlock:
     def attention(self, x: torch.Tensor, rope: torch.Tensor | None, bias: torch.Tensor | None):
         h_in = self.attn_input(x)
         q, k, v = self.ops.qkv(h_in, rope=rope)
-        return h_in, q, k, v, self.ops.attend(q, k, v, bias)
+        return h_in, q, k, v, self.ops.attend(q, k, v, bias=bias)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
         h_in, _, _, _, o = self.attention(x, rope, bias)
