@@ -27,7 +27,7 @@ from ..ops.attention import AttentionOps
 from ..ops.functional import apply_module
 from .base import TowerAdapter
 
-__all__ = ["Block", "Pooler", "Run", "BlockTower", "identity", "chain", "attention", "after_attention", "plain_block",
+__all__ = ["Block", "Fn", "Pooler", "Run", "BlockTower", "identity", "chain", "pool", "attention", "after_attention", "plain_block",
            "explained_block", "traced_block", "pooler_step"]
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
@@ -236,6 +236,11 @@ class BlockTower(TowerAdapter):
         return pool(pooler, x)
 
     def rerun_output(self, image: ModelInput) -> torch.Tensor:
+        return self.readout(image)
+
+    def readout(self, image: ModelInput) -> torch.Tensor:
+        """The model's own output (embedding, or a classifier's logits) recomputed by the plain runner,
+        in the tower's dtype (call it under ``torch.no_grad()``)."""
         run = self.declare(image, self.param_dtype())
         x = run.tokens
         for block in run.blocks:

@@ -55,8 +55,7 @@ class _TimmClassifier(ClassifierAdapter):
         return linear(t.head, apply_module(t.fc_norm, y))
 
     def logits(self, image):
-        x, _, _ = self._run(image, self.depth, self.param_dtype())
-        return self.pooled_output(x)
+        return self.readout(image)
 
 
 class TimmClassifierAdapter(_TimmClassifier, TimmViTAdapter):
