@@ -115,20 +115,21 @@ class Run:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def attention(block: Block, x: torch.Tensor, run: Run):
-    """``(h, q, k, v, o)``: the attention's input, per-head queries/keys/values and output on ``x``."""
+def attention(block: Block, x: torch.Tensor, run: Run | None = None):
+    """``(h, q, k, v, o)``: the attention's input, per-head queries/keys/values and output on ``x``
+    (``run``: the call's rotary table and key mask; None for neither)."""
     h = block.norm1(x)
-    q, k, v = block.attn.qkv(h, rope=run.rope)
-    return h, q, k, v, block.attn.attend(q, k, v, bias=block.bias, key_mask=run.key_mask)
+    q, k, v = block.attn.qkv(h, rope=None if run is None else run.rope)
+    return h, q, k, v, block.attn.attend(q, k, v, bias=block.bias, key_mask=None if run is None else run.key_mask)
 
 
-def after_attention(block: Block, x: torch.Tensor, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+def after_attention(block: Block, x: torch.Tensor, h: torch.Tensor | None, o: torch.Tensor) -> torch.Tensor:
     """The rest of the block given its attention output ``o``: both residual branches."""
     x = x + block.scale1(block.attn.out(o, h))
     return x + block.scale2(block.mlp_out(block.mlp_in(block.norm2(x))))
 
 
-def plain_block(block: Block, x: torch.Tensor, run: Run) -> torch.Tensor:
+def plain_block(block: Block, x: torch.Tensor, run: Run | None = None) -> torch.Tensor:
     """The block's output ``[B, N, C]`` (eval semantics, no graph of its own)."""
     h, _, _, _, o = attention(block, x, run)
     return after_attention(block, x, h, o)
