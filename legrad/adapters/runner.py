@@ -26,6 +26,7 @@ from ..engine.step import LayerStep, ModelInput
 from ..ops.attention import AttentionOps
 from ..ops.functional import apply_module
 from .base import TowerAdapter
+from .capabilities import missing
 
 __all__ = ["Block", "Fn", "Pooler", "Run", "BlockTower", "identity", "chain", "pool", "attention", "after_attention", "plain_block",
            "explained_block", "traced_block", "pooler_step"]
@@ -199,11 +200,11 @@ class BlockTower(TowerAdapter):
 
     def declare(self, image: ModelInput, dtype: torch.dtype) -> Run:
         """The call's :class:`Run`: tokens in ``dtype`` entering block 0, and every block."""
-        raise NotImplementedError
+        raise missing(self, "declare", "the block runner")
 
     def head(self, pooled: torch.Tensor) -> torch.Tensor:
         """A layer's feature ``[B, E]`` from the mean ``[B, C]`` of its block's output tokens."""
-        raise NotImplementedError
+        raise missing(self, "head", "the block runner (towers without a pooler)")
 
     def pooler(self) -> Pooler | None:
         """The attention pooler explained at every layer, or None (the token mean and :meth:`head`)."""
@@ -233,7 +234,7 @@ class BlockTower(TowerAdapter):
         """The embedding of an attention-pooled tower (its pooler on the last block's output ``x``)."""
         pooler = self.pooler()
         if pooler is None:
-            raise NotImplementedError(f"the {self.family} adapter declares neither a pooler nor pooled_output")
+            raise missing(self, "pooled_output", "return_scores, the gradient baselines and the drift guard")
         return pool(pooler, x)
 
     def rerun_output(self, image: ModelInput) -> torch.Tensor:
