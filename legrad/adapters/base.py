@@ -107,16 +107,6 @@ class TowerAdapter(Capabilities):
         raise missing(self, "embed_dim", "the pipeline")
 
     @property
-    def uses_attention_pooler(self) -> bool:
-        """Whether the embedding comes from an attention pooler (its queries are the explained rows)."""
-        return False
-
-    @property
-    def pools_by_average(self) -> bool:
-        """Whether the embedding is the average of the patch tokens (else: the first token's row)."""
-        return False
-
-    @property
     def num_prefix_tokens(self) -> int:
         """Tokens before the patch tokens (class token, registers); used for memory estimates."""
         return 1

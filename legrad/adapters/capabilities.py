@@ -33,6 +33,16 @@ class Capabilities:
     visual: nn.Module
 
     @property
+    def uses_attention_pooler(self) -> bool:
+        """Whether the embedding comes from an attention pooler (its queries are the explained rows)."""
+        return False
+
+    @property
+    def pools_by_average(self) -> bool:
+        """Whether the embedding is the average of the patch tokens (else: the first token's row)."""
+        return False
+
+    @property
     def num_classes(self) -> int:
         """Classes of an image classifier (``scorer == "logit"``)."""
         raise missing(self, "num_classes", "an image classifier's target check")
