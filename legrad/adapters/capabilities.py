@@ -169,7 +169,7 @@ class Capabilities:
             for i in range(self.depth):
                 x, step = self.trace_block(i, x, context)
                 steps.append(step)
-            embedding = self.pooled_output(x)
+            embedding = self.trace_output(x, context)
         for step in steps:
             step.feature = embedding
         return steps, embedding
@@ -183,6 +183,10 @@ class Capabilities:
     def trace_block(self, layer: int, x: torch.Tensor, context: Any) -> tuple[torch.Tensor, LayerStep]:
         """Block ``layer`` in the traced graph: its output and its step (``out``, ``tokens`` in the graph)."""
         raise missing(self, "trace_block", "the gradient baselines")
+
+    def trace_output(self, x: torch.Tensor, context: Any) -> torch.Tensor:
+        """The traced graph's embedding from the last block's tokens (default: :meth:`pooled_output`)."""
+        return self.pooled_output(x)
 
     def pooled_output(self, x: torch.Tensor) -> torch.Tensor:
         """The tower's own embedding ``[B, E]`` from the last block's tokens (what ``encode_image`` returns)."""

@@ -193,15 +193,15 @@ class OpenClipCoCaAdapter(OpenClipViTAdapter):
         return Pooler(attention_ops_for(pool_.attn), keys=lambda z: (apply_module(pool_.ln_k, z), 1),
                       queries=queries, finish=self._finish)
 
+    def pooled_output(self, x):
+        return pool(self.pooler(), x)  # the pooler's embedding, not the parent's token pooling
+
     def _finish(self, y: torch.Tensor) -> torch.Tensor:
         """From the pooler's projected output ``[B, L, C]`` to the image embedding."""
         vis = self.visual
         y = apply_module(vis.ln_post, y)
         y = y[:, 0] if vis.pool_type == "tok" else y.mean(1)
         return y @ param(vis.proj, y.dtype) if vis.proj is not None else y
-
-    def pooled_output(self, x):
-        return pool(self.pooler(), x)
 
 
 class CoCaReferenceAdapter(OpenClipCoCaAdapter):

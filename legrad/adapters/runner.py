@@ -16,7 +16,7 @@ holds ``[B, C]`` there instead of ``[B, N, C]``) exists only in :func:`explained
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -113,7 +113,6 @@ class Run:
     prefix: int
     rope: torch.Tensor | None = None
     key_mask: torch.Tensor | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def attention(block: Block, x: torch.Tensor, run: Run | None = None):
@@ -247,8 +246,11 @@ class BlockTower(TowerAdapter):
         x = run.tokens
         for block in run.blocks:
             x = plain_block(block, x, run)
+        return self.trace_output(x, run)
+
+    def trace_output(self, x: torch.Tensor, context: Run) -> torch.Tensor:
         pooler = self.pooler()
-        return self.pooled_output(x) if pooler is None else pool(pooler, x, run.key_mask)
+        return self.pooled_output(x) if pooler is None else pool(pooler, x, context.key_mask)
 
     def trace_tokens(self, image: ModelInput, compute_dtype: torch.dtype) -> tuple[torch.Tensor, Run]:
         run = self.declare(image, compute_dtype)
