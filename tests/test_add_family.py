@@ -1,8 +1,10 @@
-"""The worked example of docs/architecture.md ("Adding a model family"): a toy ViT family declared for
-the block runner in a few dozen lines, registered with ``legrad.register_tower``, explained, and checked
-against a slow oracle written here with explicit attention probabilities."""
+"""The worked example of docs/architecture.md ("Adding a model family"): the toy ViT family declared there
+for the block runner (its code block is run here as written), registered with ``legrad.register_tower``,
+explained, and checked against a slow oracle written here with explicit attention probabilities."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,40 +53,13 @@ class ToyViT(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- the family
-# docs/architecture.md quotes this block: keep the two in step.
-from legrad.adapters.runner import Block, BlockTower, Run, chain  # noqa: E402
-from legrad.ops.attention import attention_ops_for  # noqa: E402
-from legrad.ops.functional import apply_module, param  # noqa: E402
+DOC = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
 
 
-class ToyAdapter(BlockTower):
-    family = "toy ViT"
-
-    @classmethod
-    def from_model(cls, model):
-        return cls(model) if type(model) is ToyViT else None
-
-    depth = property(lambda self: len(self.visual.blocks))
-    patch_size = property(lambda self: (8, 8))
-    embed_dim = property(lambda self: self.visual.proj.out_features)
-    native_size = property(lambda self: (24, 24))
-
-    def declare(self, image, dtype):
-        v = self.visual
-        x = F.conv2d(image.to(dtype), param(v.patch.weight, dtype), param(v.patch.bias, dtype), stride=8)
-        x = torch.cat([param(v.cls, dtype).expand(len(x), -1, -1), x.flatten(2).transpose(1, 2)], 1)
-        blocks = [Block(attn=attention_ops_for(b.attn), norm1=chain(b.norm1), norm2=chain(b.norm2),
-                        mlp_in=chain(b.fc1, b.act), mlp_out=chain(b.fc2)) for b in v.blocks]
-        return Run(x + param(v.pos, dtype), blocks, prefix=1)
-
-    def head(self, pooled):  # a layer's feature from the mean of its tokens
-        return apply_module(self.visual.proj, apply_module(self.visual.norm, pooled))
-
-    def pooled_output(self, x):  # the model's own readout (gradient baselines, drift guard)
-        return self.head(x[:, 0])
-
-    def own_output(self, model, image):  # the drift guard compares the re-run with this
-        return model(image)
+def doc_example() -> str:
+    """The python block of docs/architecture.md's "Adding a model family" section: the family under test."""
+    section = DOC.read_text(encoding="utf-8").split("## Adding a model family", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
 # ---------------------------------------------------------------------------------------------- oracle
@@ -113,26 +88,32 @@ def oracle(model: ToyViT, image: torch.Tensor, text: torch.Tensor, start: int) -
 
 
 @pytest.fixture
-def registered():
-    legrad.register_tower(ToyAdapter)
-    yield
-    unregister_tower(ToyAdapter)
+def toy_adapter():
+    namespace = {"ToyViT": ToyViT}
+    exec(compile(doc_example(), str(DOC), "exec"), namespace)  # registers the family (@legrad.register_tower)
+    yield namespace["ToyAdapter"]
+    unregister_tower(namespace["ToyAdapter"])
 
 
-def test_toy_family_matches_the_oracle(registered):
+def test_the_example_is_short():
+    lines = [line for line in doc_example().splitlines() if line.strip()]
+    assert len(lines) <= 40, len(lines)
+
+
+def test_toy_family_matches_the_oracle(toy_adapter):
     torch.manual_seed(0)
     model = ToyViT().eval()
     image = torch.randn(2, 3, 24, 24)
     text = F.normalize(torch.randn(3, 16), dim=-1)
     wrapper = legrad.LeWrapper(model)  # the drift guard runs here: the re-run equals model(image)
-    assert isinstance(wrapper.adapter, ToyAdapter)
+    assert isinstance(wrapper.adapter, toy_adapter)
     for layer_index in (0, -1):
         got = wrapper.compute_legrad(text, image=image, layer_index=layer_index)
         want = oracle(model, image, text, layer_index % 3)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
-def test_toy_family_gets_the_baselines_and_return_scores(registered):
+def test_toy_family_gets_the_baselines_and_return_scores(toy_adapter):
     from legrad.eval.baselines import gradcam
 
     torch.manual_seed(1)
@@ -148,7 +129,7 @@ def test_toy_family_gets_the_baselines_and_return_scores(registered):
     assert gradcam(wrapper, text, image).shape == (1, 2, 24, 24)
 
 
-def test_toy_family_drift_is_refused(registered):
+def test_toy_family_drift_is_refused(toy_adapter):
     torch.manual_seed(2)
     model = ToyViT().eval()
     model.blocks[1].forward = lambda x: x  # the model no longer computes what the family declares
