@@ -81,11 +81,6 @@ class TowerAdapter(Capabilities):
             return cls(visual)
         return None
 
-    @classmethod
-    def supports_config(cls, model_cfg: dict) -> bool:
-        """Whether an OpenCLIP model config (``open_clip.get_model_config``) builds a tower of this family."""
-        return False
-
     @property
     def depth(self) -> int:
         """Number of transformer blocks."""

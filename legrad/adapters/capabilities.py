@@ -1,5 +1,5 @@
 """The optional capabilities of a tower adapter: what the gradient baselines, perturbation metrics,
-``return_scores``, the drift guard, reference mode and ``class_logits`` ask of a family, beyond the core
+``return_scores``, the drift guard, reference mode, ``class_logits`` and ``list_pretrained`` ask of a family, beyond the core
 protocol of :class:`~legrad.adapters.base.TowerAdapter` that the pipeline needs. A family that lacks
 one raises :class:`MissingCapability` naming the family and the method.
 """
@@ -31,6 +31,11 @@ class Capabilities:
 
     family: str
     visual: nn.Module
+
+    @classmethod
+    def supports_config(cls, model_cfg: dict) -> bool:
+        """Whether an OpenCLIP model config (``open_clip.get_model_config``) builds a tower of this family."""
+        return False
 
     @property
     def uses_attention_pooler(self) -> bool:

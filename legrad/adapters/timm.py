@@ -324,19 +324,14 @@ class TimmMapAdapter(_TimmTowerAdapter):
     pool_after_norm = True
 
     def _pool_keys(self, z: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Tokens the pooler attends to and how many of them are prefix tokens."""
-        t = self.trunk
-        x = apply_module(t.norm, z) if self.pool_after_norm else z
+        """The pooler's keys (with its position embedding) on block output ``z`` and how many of them are
+        prefix tokens."""
+        t, pool = self.trunk, self.trunk.attn_pool
+        keys = apply_module(t.norm, z) if self.pool_after_norm else z
         npt = self.num_prefix_tokens
         # timm's VisionTransformer hides prefix tokens from the pooler unless pool_include_prefix; Eva does not.
         if hasattr(t, "pool_include_prefix") and not t.pool_include_prefix:
-            return x[:, npt:], 0
-        return x, npt
-
-    def _pool_keys_at(self, z: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """The pooler's keys (with its position embedding) on block output ``z``."""
-        pool = self.trunk.attn_pool
-        keys, npt = self._pool_keys(z)
+            keys, npt = keys[:, npt:], 0
         if pool.pos_embed is not None:
             if pool.pos_embed.shape[0] != keys.shape[1]:
                 raise ValueError(
@@ -361,7 +356,7 @@ class TimmMapAdapter(_TimmTowerAdapter):
             y = y[:, 0] if pool.pool == "token" else y.mean(1)
             return self._after_pool(y)
 
-        return Pooler(ops, keys=self._pool_keys_at, queries=queries, finish=finish)
+        return Pooler(ops, keys=self._pool_keys, queries=queries, finish=finish)
 
 
 class TimmMapReferenceAdapter(TimmMapAdapter):

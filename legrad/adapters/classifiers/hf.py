@@ -14,7 +14,7 @@ from ...engine.validation import check_image
 from ...ops.attention import HFSelfAttentionOps
 from ...ops.functional import layer_norm, linear
 from ..base import ImageBatch
-from ..hf.common import activation, pixel_values
+from ..hf.common import mlp_in, pixel_values
 from ..runner import Block, BlockTower, Run, chain
 from ..timm_blocks import eval_view
 from .base import ClassifierAdapter
@@ -111,10 +111,8 @@ class HFViTClassifierAdapter(ClassifierAdapter, BlockTower):
 
     @staticmethod
     def _block(layer: nn.Module) -> Block:
-        mlp = layer.mlp
         return Block(attn=HFSelfAttentionOps(layer.attention), norm1=chain(layer.layernorm_before),
-                     norm2=chain(layer.layernorm_after), mlp_in=lambda t: activation(mlp.activation_fn, linear(mlp.fc1, t)),
-                     mlp_out=chain(mlp.fc2))
+                     norm2=chain(layer.layernorm_after), mlp_in=mlp_in(layer.mlp), mlp_out=chain(layer.mlp.fc2))
 
     def declare(self, image, dtype):
         # The embedding module is a pure function of the pixels in eval mode (its dropout is skipped).

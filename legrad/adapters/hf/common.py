@@ -20,7 +20,7 @@ from ...engine.validation import check_image
 from ...ops.attention import HFSelfAttentionOps
 from ...ops.functional import linear
 from ..base import ImageBatch
-from ..runner import Block, BlockTower, Run, chain
+from ..runner import Block, BlockTower, Fn, Run, chain
 
 __all__ = [
     "HFAdapter",
@@ -30,6 +30,7 @@ __all__ = [
     "hf_family",
     "activation",
     "hf_block",
+    "mlp_in",
     "pixel_values",
 ]
 
@@ -89,13 +90,16 @@ def activation(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return mod(x)
 
 
+def mlp_in(mlp: nn.Module) -> Fn:
+    """A transformers MLP up to its final layer: ``activation_fn(fc1(x))``."""
+    return lambda x: activation(mlp.activation_fn, linear(mlp.fc1, x))
+
+
 def hf_block(layer: nn.Module) -> Block:
     """One pre-norm encoder layer (CLIP/SigLIP layout: ``layer_norm1``, ``self_attn``, ``layer_norm2``,
     ``mlp.fc1 -> activation_fn -> mlp.fc2``), declared for the runner."""
-    mlp = layer.mlp
     return Block(attn=HFSelfAttentionOps(layer.self_attn), norm1=chain(layer.layer_norm1),
-                 norm2=chain(layer.layer_norm2), mlp_in=lambda t: activation(mlp.activation_fn, linear(mlp.fc1, t)),
-                 mlp_out=chain(mlp.fc2))
+                 norm2=chain(layer.layer_norm2), mlp_in=mlp_in(layer.mlp), mlp_out=chain(layer.mlp.fc2))
 
 
 def pooled_text_features(output: Any) -> torch.Tensor:

@@ -22,7 +22,7 @@ from ...ops.attention import attention_ops_for
 from ...ops.functional import layer_norm, linear
 from ..base import ImageBatch
 from ..runner import Pooler
-from .common import HFAdapter, activation, pooled_text_features
+from .common import HFAdapter, mlp_in, pooled_text_features
 
 __all__ = ["HFSiglipAdapter", "HFSiglip2Adapter"]
 
@@ -64,8 +64,7 @@ class HFSiglipAdapter(HFAdapter):
         post = self.visual.post_layernorm
 
         def finish(y: torch.Tensor) -> torch.Tensor:
-            m = head.mlp
-            y = y + linear(m.fc2, activation(m.activation_fn, linear(m.fc1, layer_norm(head.layernorm, y))))
+            y = y + linear(head.mlp.fc2, mlp_in(head.mlp)(layer_norm(head.layernorm, y)))
             return y[:, 0]
 
         return Pooler(attention_ops_for(head.attention), keys=lambda z: (layer_norm(post, z), 0),
