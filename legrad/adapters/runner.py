@@ -237,9 +237,6 @@ class BlockTower(TowerAdapter):
         return pool(pooler, x)
 
     def rerun_output(self, image: ModelInput) -> torch.Tensor:
-        return self.readout(image)
-
-    def readout(self, image: ModelInput) -> torch.Tensor:
         """The model's own output (embedding, or a classifier's logits) recomputed by the plain runner,
         in the tower's dtype (call it under ``torch.no_grad()``)."""
         run = self.declare(image, self.param_dtype())

@@ -135,6 +135,3 @@ class HFViTClassifierAdapter(ClassifierAdapter, BlockTower):
         if self._two_heads and mat.shape[-2] == mat.shape[-1]:
             return mat[:, :2].mean(1)
         return super().pooled_row(mat, num_prefix_tokens)
-
-    def logits(self, image):
-        return self.readout(image)

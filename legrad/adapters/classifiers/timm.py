@@ -54,9 +54,6 @@ class _TimmClassifier(ClassifierAdapter):
         t = self.trunk
         return linear(t.head, apply_module(t.fc_norm, y))
 
-    def logits(self, image):
-        return self.readout(image)
-
 
 class TimmClassifierAdapter(_TimmClassifier, TimmViTAdapter):
     """timm ViT-style classifiers pooled by class token or average (ViT, DeiT, EVA/EVA02, registers)."""

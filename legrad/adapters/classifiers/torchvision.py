@@ -101,6 +101,3 @@ class TorchvisionViTAdapter(ClassifierAdapter, BlockTower):
 
     def pooled_output(self, x):
         return self.head(x[:, 0])
-
-    def logits(self, image):
-        return self.readout(image)
