@@ -116,3 +116,12 @@ def test_from_model_leaves_class_entry_points_alone():
     adapter = LeWrapper(build_tiny("coca_base")).adapter
     assert type(adapter) is OpenClipViTAdapter and "compute_legrad_coca" in adapter.entry_points
     assert OpenClipViTAdapter.entry_points == before and "compute_legrad_coca" not in before
+
+
+def test_each_open_clip_config_is_claimed_by_one_family_and_never_by_a_classifier():
+    import open_clip
+
+    for name in ("ViT-B-16", "coca_ViT-B-32", "ViT-B-16-SigLIP", "EVA02-B-16", "EVA01-g-14-plus", "PE-Core-B-16"):
+        cfg = open_clip.get_model_config(name)
+        claimed = [cls for cls in adapter_classes() if cls.supports_config(cfg)]
+        assert len(claimed) == 1 and claimed[0].scorer == "cosine", (name, claimed)

@@ -32,6 +32,10 @@ class ClassifierAdapter(TowerAdapter):
     entry_points: ClassVar[tuple[str, ...]] = ("compute_legrad",)
     uses_empty_prompt_correction: ClassVar[bool] = False
 
+    @classmethod
+    def supports_config(cls, model_cfg: dict) -> bool:
+        return False  # OpenCLIP configs build CLIP towers, never classifiers (which share the timm towers' code)
+
     @property
     def embed_dim(self) -> int:
         return self.num_classes
