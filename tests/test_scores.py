@@ -149,12 +149,12 @@ def test_no_second_forward(monkeypatch):
     model's own forward is never called."""
     model = make_tiny_vit("vit-p8")
     wrapper = LeWrapper(model, layer_index=1)
-    cls = type(wrapper.adapter)
+    from legrad.adapters import runner
+
     runs = []
-    plain, explained = cls._block, cls._explained_block
-    monkeypatch.setattr(cls, "_block", lambda self, blk, x: (runs.append("plain"), plain(self, blk, x))[1])
-    monkeypatch.setattr(cls, "_explained_block", lambda self, layer, blk, x: (
-        runs.append(layer), explained(self, layer, blk, x))[1])
+    plain, explained = runner.plain_block, runner.explained_block
+    monkeypatch.setattr(runner, "plain_block", lambda *a: (runs.append("plain"), plain(*a))[1])
+    monkeypatch.setattr(runner, "explained_block", lambda layer, *a: (runs.append(layer), explained(layer, *a))[1])
     forwards = []
     handle = model.visual.register_forward_hook(lambda *a: forwards.append(1))
     try:

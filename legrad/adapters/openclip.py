@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.attention import AttentionOps, attention_ops_for
+from ..ops.attention import attention_ops_for
 from ..ops.functional import apply_module, param
 from ..ops.posembed import resampled_embedding
-from .base import LayerStep, TowerAdapter
+from .runner import Block, BlockTower, Pooler, Run, chain, pool
 
 __all__ = ["OpenClipViTAdapter", "OpenClipCoCaAdapter", "CoCaReferenceAdapter", "encode_image"]
 
@@ -21,8 +21,11 @@ def encode_image(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out  # towers built with output_tokens=True
 
 
-def _block_attention(blk: nn.Module) -> AttentionOps:
-    return attention_ops_for(blk.attn)
+def _block(blk: nn.Module) -> Block:
+    """An open_clip ``ResidualAttentionBlock``: pre-norm, optional layer scales, ``c_fc -> gelu -> c_proj``."""
+    return Block(attn=attention_ops_for(blk.attn), norm1=chain(blk.ln_1), scale1=chain(blk.ls_1),
+                 norm2=chain(blk.ln_2), mlp_in=chain(blk.mlp.c_fc, blk.mlp.gelu), mlp_out=chain(blk.mlp.c_proj),
+                 scale2=chain(blk.ls_2))
 
 
 def _plain_openclip_vit_cfg(v: dict) -> bool:
@@ -33,7 +36,7 @@ def _plain_openclip_vit_cfg(v: dict) -> bool:
     return v.get("block_type") in (None, "default") and not any(v.get(k) for k in custom_flags)
 
 
-class OpenClipViTAdapter(TowerAdapter):
+class OpenClipViTAdapter(BlockTower):
     """open_clip ``VisionTransformer`` with CLS or average pooling (OpenAI/LAION CLIP, CLIPA, MetaCLIP...).
 
     Layer feature: ``proj(ln_post(mean over all tokens of block l's output)))``; gradient w.r.t.
@@ -65,7 +68,8 @@ class OpenClipViTAdapter(TowerAdapter):
             from open_clip.coca_model import CoCa
 
             if isinstance(model, CoCa):  # a CoCa model whose image tower pools by CLS token (coca_base)
-                adapter.entry_points = (*adapter.entry_points, "compute_legrad_coca")
+                # an attribute of this instance: the class's entry points stay as declared
+                adapter.entry_points = (*type(adapter).entry_points, "compute_legrad_coca")
         return adapter
 
     def for_reference(self, reference):
@@ -106,38 +110,13 @@ class OpenClipViTAdapter(TowerAdapter):
         # Patch dropout only acts in training mode: eval semantics means it is skipped.
         return apply_module(v.ln_pre, x)
 
-    @staticmethod
-    def _mlp_hidden(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        mlp = blk.mlp
-        return apply_module(mlp.gelu, apply_module(mlp.c_fc, apply_module(blk.ln_2, x)))
+    def declare(self, image, dtype):
+        return Run(self._tokens(image, dtype), [_block(b) for b in self.visual.transformer.resblocks], prefix=1)
 
-    def _block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        ops = _block_attention(blk)
-        q, k, v = ops.qkv(apply_module(blk.ln_1, x))
-        x = x + apply_module(blk.ls_1, ops.out(ops.attend(q, k, v)))
-        return x + apply_module(blk.ls_2, apply_module(blk.mlp.c_proj, self._mlp_hidden(blk, x)))
-
-    def _head(self, pooled: torch.Tensor) -> torch.Tensor:
+    def head(self, pooled: torch.Tensor) -> torch.Tensor:
         v = self.visual
         y = apply_module(v.ln_post, pooled)
         return y @ param(v.proj, y.dtype) if v.proj is not None else y
-
-    def _explained_block(self, layer: int, blk: nn.Module, x: torch.Tensor):
-        ops = _block_attention(blk)
-        q, k, v = ops.qkv(apply_module(blk.ln_1, x))
-        o = ops.attend(q, k, v).detach().requires_grad_(True)
-        with torch.enable_grad():
-            x1 = x + apply_module(blk.ls_1, ops.out(o))
-            hidden = self._mlp_hidden(blk, x1)
-            # The token mean commutes with c_proj and ls_2 (both linear), so the graph holds the pooled
-            # vector there instead of [B, N, D]: the batched backward then skips one big matmul per prompt.
-            pooled = x1.mean(1) + apply_module(blk.ls_2, apply_module(blk.mlp.c_proj, hidden.mean(1)))
-            feature = self._head(pooled)
-        with torch.no_grad():
-            x_next = x1.detach() + apply_module(blk.ls_2, apply_module(blk.mlp.c_proj, hidden.detach()))
-        step = LayerStep(layer=layer, feature=feature, out=o, value=v, num_prefix_tokens=1, query=q, key=k,
-                         block_output=x_next)
-        return step, x_next
 
     @property
     def pools_by_average(self):
@@ -149,43 +128,17 @@ class OpenClipViTAdapter(TowerAdapter):
         if v.pool_type not in ("tok", "avg"):
             raise ValueError(f"open_clip pool_type={v.pool_type!r} gives no single image embedding")
 
-        def pool(t):
+        def take(t):
             return t[:, 0] if v.pool_type == "tok" else t[:, 1:].mean(1)
 
         if v.final_ln_after_pool:
-            pooled = apply_module(v.ln_post, pool(x))
+            pooled = apply_module(v.ln_post, take(x))
         else:
-            pooled = pool(apply_module(v.ln_post, x))
+            pooled = take(apply_module(v.ln_post, x))
         return pooled @ param(v.proj, pooled.dtype) if v.proj is not None else pooled
 
     def own_output(self, model, image):
         return encode_image(model, image)
-
-    def trace_tokens(self, image, compute_dtype):
-        return self._tokens(image, compute_dtype), None
-
-    def trace_block(self, layer, x, context):
-        blk = self.visual.transformer.resblocks[layer]
-        ops = _block_attention(blk)
-        h = apply_module(blk.ln_1, x)
-        q, k, v = ops.qkv(h)
-        o = ops.attend(q, k, v)
-        x = x + apply_module(blk.ls_1, ops.out(o))
-        x = x + apply_module(blk.ls_2, apply_module(blk.mlp.c_proj, self._mlp_hidden(blk, x)))
-        return x, LayerStep(layer=layer, feature=x, out=o, value=v.detach(), num_prefix_tokens=1,
-                            query=q.detach(), key=k.detach(), tokens=h)
-
-    def steps(self, image, start, compute_dtype):
-        model_dtype = self.param_dtype()
-        x = self._tokens(image, model_dtype)
-        blocks = self.visual.transformer.resblocks
-        for i in range(start):
-            x = self._block(blocks[i], x)
-        x = x.to(compute_dtype)
-        for i in range(start, len(blocks)):
-            step, x = self._explained_block(i, blocks[i], x)
-            yield step
-            del step  # free this layer's graph before building the next one
 
 
 class OpenClipCoCaAdapter(OpenClipViTAdapter):
@@ -219,61 +172,36 @@ class OpenClipCoCaAdapter(OpenClipViTAdapter):
         # string values ('parallel', 'cascade') select open_clip's experimental second pooler
         return _plain_openclip_vit_cfg(v) and bool(pool) and not isinstance(pool, str)
 
-    @property
-    def uses_attention_pooler(self):
-        return True
-
     def for_reference(self, reference):
         if self.visual.proj is None:
             super().for_reference(reference)  # raises: the original needs the projection
         return CoCaReferenceAdapter(self.visual)
 
-    def _pool_attention(self, z: torch.Tensor):
-        """Pooler queries (contrastive rows only), keys and values on block output ``z``: ``(ops, q, k, v)``."""
-        vis = self.visual
-        pool = vis.attn_pool
-        ops = attention_ops_for(pool.attn)
-        keys = apply_module(pool.ln_k, z)
-        queries = apply_module(pool.ln_q, param(pool.query, keys.dtype))
-        # ln_post and the projection act per query, so only the contrastive query rows are computed.
-        rows = queries[:1] if vis.pool_type == "tok" or self.reference_query_zero else queries[1:]
-        q, k, v = ops.qkv(rows.unsqueeze(0).expand(keys.shape[0], -1, -1), keys)
-        return ops, q, k, v
-
-    def _pool_output(self, ops: AttentionOps, o: torch.Tensor) -> torch.Tensor:
-        """From the pooler's per-head attention output ``o`` to the image embedding."""
-        vis = self.visual
-        y = apply_module(vis.ln_post, ops.out(o))
-        y = y[:, 0] if vis.pool_type == "tok" else y.mean(1)
-        return y @ param(vis.proj, y.dtype) if vis.proj is not None else y
-
-    def pooler_step(self, layer: int, z: torch.Tensor) -> LayerStep:
-        """The explained pooler on block ``layer``'s output ``z`` ``[B, N, C]``."""
-        ops, q, k, v = self._pool_attention(z)
-        o = ops.attend(q, k, v).detach().requires_grad_(True)
-        with torch.enable_grad():
-            feature = self._pool_output(ops, o)
-        return LayerStep(layer=layer, feature=feature, out=o, value=v, num_prefix_tokens=1, query=q, key=k)
-
-    def steps(self, image, start, compute_dtype):
-        x = self._tokens(image, self.param_dtype())
-        blocks = self.visual.transformer.resblocks
-        for i in range(start):
-            x = self._block(blocks[i], x)
-        x = x.to(compute_dtype)
-        for i in range(start, len(blocks)):
-            x = self._block(blocks[i], x)
-            yield self.pooler_step(i, x)
-
-    def rerun_output(self, image):
-        # The pooler on the last block's output is the embedding: LeGrad's own path, its explained pooler included.
-        *_, last = self.steps(image, self.depth - 1, self.param_dtype())
-        return last.feature.detach()
-
-    # The parent's traced forward pools by CLS token; CoCa's is not offered (gradient baselines refuse CoCa).
-    trace_tokens = TowerAdapter.trace_tokens
     #: Whether the explained query is always query 0 (legrad-torch 1.1), whatever ``pool_type`` says.
     reference_query_zero = False
+
+    def pooler(self) -> Pooler:
+        vis = self.visual
+        pool_ = vis.attn_pool
+
+        def queries(keys: torch.Tensor) -> torch.Tensor:
+            q = apply_module(pool_.ln_q, param(pool_.query, keys.dtype))
+            # ln_post and the projection act per query, so only the contrastive query rows are computed.
+            rows = q[:1] if vis.pool_type == "tok" or self.reference_query_zero else q[1:]
+            return rows.unsqueeze(0).expand(keys.shape[0], -1, -1)
+
+        return Pooler(attention_ops_for(pool_.attn), keys=lambda z: (apply_module(pool_.ln_k, z), 1),
+                      queries=queries, finish=self._finish)
+
+    def pooled_output(self, x):
+        return pool(self.pooler(), x)  # the pooler's embedding, not the parent's token pooling
+
+    def _finish(self, y: torch.Tensor) -> torch.Tensor:
+        """From the pooler's projected output ``[B, L, C]`` to the image embedding."""
+        vis = self.visual
+        y = apply_module(vis.ln_post, y)
+        y = y[:, 0] if vis.pool_type == "tok" else y.mean(1)
+        return y @ param(vis.proj, y.dtype) if vis.proj is not None else y
 
 
 class CoCaReferenceAdapter(OpenClipCoCaAdapter):
@@ -291,6 +219,6 @@ class CoCaReferenceAdapter(OpenClipCoCaAdapter):
     def for_reference(self, reference):
         return self
 
-    def _pool_output(self, ops: AttentionOps, o: torch.Tensor) -> torch.Tensor:
-        y = ops.out(o)[:, 0]
+    def _finish(self, y: torch.Tensor) -> torch.Tensor:
+        y = y[:, 0]
         return y @ param(self.visual.proj, y.dtype)

@@ -13,7 +13,7 @@ from typing import Any
 
 from .base import UNSUPPORTED_HINT, TowerAdapter
 
-__all__ = ["register_tower", "tower_adapter_for", "supported_tower_names", "adapter_classes"]
+__all__ = ["register_tower", "unregister_tower", "tower_adapter_for", "supported_tower_names", "adapter_classes"]
 
 # (module, adapter classes) in lookup order. Classifiers first: they match the model itself, and the
 # transformers CLIP/SigLIP adapters refuse every other transformers class.
@@ -38,6 +38,12 @@ def register_tower(cls: type[TowerAdapter]) -> type[TowerAdapter]:
         raise TypeError(f"register_tower expects a TowerAdapter subclass, got {cls!r}")
     _registered.insert(0, cls)
     return cls
+
+
+def unregister_tower(cls: type[TowerAdapter]) -> None:
+    """Removes an adapter added by :func:`register_tower` (nothing happens if it is not registered)."""
+    while cls in _registered:
+        _registered.remove(cls)
 
 
 def adapter_classes() -> list[type[TowerAdapter]]:

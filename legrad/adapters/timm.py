@@ -20,7 +20,6 @@ for the input's patch grid from the modules' own parameters and settings, withou
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -30,12 +29,11 @@ from torch import nn
 from ..ops.attention import LatentPoolOps
 from ..ops.functional import apply_module, param
 from ..ops.posembed import resampled_embedding
-from .base import LayerStep, TowerAdapter
 from .openclip import encode_image
+from .runner import BlockTower, Pooler, Run
 from .timm_blocks import (
     PATCH_EMBED,
     TIMM_MODEL,
-    TimmBlock,
     apply_head_module,
     apply_mlp,
     eval_view,
@@ -46,6 +44,7 @@ from .timm_blocks import (
     reference_problem,
     rel_pos_mlp_bias,
     rope_table,
+    timm_block,
     trunk_problem,
 )
 
@@ -110,7 +109,7 @@ def timm_config_support(model_cfg: dict, pooled_by_map: bool | None = None) -> b
 
 
 # ---------------------------------------------------------------------------------------------- adapters
-class _TimmTowerAdapter(TowerAdapter):
+class _TimmTowerAdapter(BlockTower):
     """Shared stateless trunk for timm towers; subclasses define what a layer's feature is."""
 
     pooled_by_map: ClassVar[bool] = False
@@ -247,14 +246,15 @@ class _TimmTowerAdapter(TowerAdapter):
             return None
         return rel_pos_mlp_bias(rel_pos, grid, device)
 
-    def _block_inputs(self, grid: tuple[int, int], device: torch.device):
-        rope = self._rope(grid, device)
+    def declare(self, image, dtype):
+        grid = self.grid_size(image.shape[-2], image.shape[-1])
+        device = image.device
         shared = self._rel_bias(getattr(self.trunk, "shared_rel_pos", None), grid, device)
         blocks = []
         for blk in self.trunk.blocks:
             bias = self._rel_bias(getattr(blk.attn, "rel_pos", None), grid, device)
-            blocks.append((TimmBlock(blk), bias if bias is not None else shared))
-        return rope, blocks
+            blocks.append(timm_block(blk, bias if bias is not None else shared))
+        return Run(self._tokens(image, dtype), blocks, prefix=self.num_prefix_tokens, rope=self._rope(grid, device))
 
     # ------------------------------------------------------------------ head
     def _after_pool(self, y: torch.Tensor) -> torch.Tensor:
@@ -263,35 +263,6 @@ class _TimmTowerAdapter(TowerAdapter):
         y = apply_module(t.fc_norm, y)
         y = apply_module(t.head, y)
         return apply_head_module(self.visual.head, y)
-
-    def trace_tokens(self, image, compute_dtype):
-        grid = self.grid_size(image.shape[-2], image.shape[-1])
-        return self._tokens(image, compute_dtype), self._block_inputs(grid, image.device)
-
-    def trace_block(self, layer, x, context):
-        rope, blocks = context
-        blk, bias = blocks[layer]
-        h_in, q, k, v, o = blk.attention(x, rope, bias)
-        x = x + blk.attn_residual(blk.ops.out(o, h_in))
-        x = x + blk.mlp_branch(x)
-        return x, LayerStep(layer=layer, feature=x, out=o, value=v.detach(), num_prefix_tokens=self.num_prefix_tokens,
-                            query=q.detach(), key=k.detach(), scale=blk.ops.scale, attn_bias=bias, tokens=h_in)
-
-    def _run(self, image: torch.Tensor, start: int, compute_dtype: torch.dtype):
-        """Embeds the image and runs the blocks below ``start`` (in the model dtype).
-
-        Returns:
-            ``(x, rope, blocks)``: tokens ``[B, N, C]`` entering block ``start``, in ``compute_dtype``; the
-            rotary table (or None); ``(block, attention bias)`` for every block.
-        """
-        model_dtype = self.param_dtype()
-        grid = self.grid_size(image.shape[-2], image.shape[-1])
-        rope, blocks = self._block_inputs(grid, image.device)
-        x = self._tokens(image, model_dtype)
-        for i in range(start):
-            blk, bias = blocks[i]
-            x = blk.forward(x, rope, bias)
-        return x.to(compute_dtype), rope, blocks
 
 
 class TimmViTAdapter(_TimmTowerAdapter):
@@ -322,17 +293,8 @@ class TimmViTAdapter(_TimmTowerAdapter):
                 pooled = 0.5 * (x.amax(1) + pooled)
         return self._after_pool(pooled)
 
-    def steps(self, image, start, compute_dtype):
-        x, rope, blocks = self._run(image, start, compute_dtype)
-        npt = self.num_prefix_tokens
-        for i in range(start, len(blocks)):
-            blk, bias = blocks[i]
-            o, q, k, v, pooled, x = blk.explained(x, rope, bias)
-            with torch.enable_grad():
-                feature = self._after_pool(apply_module(self.trunk.norm, pooled))
-            yield LayerStep(layer=i, feature=feature, out=o, value=v, num_prefix_tokens=npt, query=q, key=k,
-                            scale=blk.ops.scale, attn_bias=bias, block_output=x)
-            del o, q, k, v, pooled, feature  # the consumer is done with this layer: free its graph now
+    def head(self, pooled):
+        return self._after_pool(apply_module(self.trunk.norm, pooled))
 
 
 class TimmMapAdapter(_TimmTowerAdapter):
@@ -349,10 +311,6 @@ class TimmMapAdapter(_TimmTowerAdapter):
     uses_empty_prompt_correction = True
     pooled_by_map = True
 
-    @property
-    def uses_attention_pooler(self):
-        return True
-
     def for_reference(self, reference):
         if self.scorer != "cosine":  # timm classifiers share this class; the original never explained them
             return None
@@ -366,20 +324,14 @@ class TimmMapAdapter(_TimmTowerAdapter):
     pool_after_norm = True
 
     def _pool_keys(self, z: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Tokens the pooler attends to and how many of them are prefix tokens."""
-        t = self.trunk
-        x = apply_module(t.norm, z) if self.pool_after_norm else z
+        """The pooler's keys (with its position embedding) on block output ``z`` and how many of them are
+        prefix tokens."""
+        t, pool = self.trunk, self.trunk.attn_pool
+        keys = apply_module(t.norm, z) if self.pool_after_norm else z
         npt = self.num_prefix_tokens
         # timm's VisionTransformer hides prefix tokens from the pooler unless pool_include_prefix; Eva does not.
         if hasattr(t, "pool_include_prefix") and not t.pool_include_prefix:
-            return x[:, npt:], 0
-        return x, npt
-
-    def _pool_attention(self, z: torch.Tensor):
-        """Pooler queries/keys/values on block output ``z``: ``(ops, q, k, v, prefix tokens among keys)``."""
-        pool = self.trunk.attn_pool
-        ops = LatentPoolOps(pool)
-        keys, npt = self._pool_keys(z)
+            keys, npt = keys[:, npt:], 0
         if pool.pos_embed is not None:
             if pool.pos_embed.shape[0] != keys.shape[1]:
                 raise ValueError(
@@ -387,40 +339,24 @@ class TimmMapAdapter(_TimmTowerAdapter):
                     f"tokens; the image gives {keys.shape[1]}: use the model's own image size"
                 )
             keys = keys + param(pool.pos_embed, keys.dtype)
-        latent = ops.latent(keys.shape[0], keys.dtype)
-        if pool.pool == "token":  # later ops are per latent row: only row 0 reaches the embedding
-            latent = latent[:, :1]
-        q, k, v = ops.qkv(latent, keys)
-        return ops, q, k, v, npt
+        return keys, npt
 
-    def _pool_output(self, ops: LatentPoolOps, o: torch.Tensor) -> torch.Tensor:
-        """From the pooler's per-head attention output ``o`` to the tower's embedding."""
+    def pooler(self) -> Pooler:
         pool = self.trunk.attn_pool
-        y = ops.out(o)
-        if pool.mlp is not None:
-            y = y + apply_mlp(pool.mlp, apply_module(pool.norm, y))
-        y = y[:, 0] if pool.pool == "token" else y.mean(1)
-        return self._after_pool(y)
+        ops = LatentPoolOps(pool)
 
-    def pooled_output(self, x):
-        ops, q, k, v, _ = self._pool_attention(x)
-        return self._pool_output(ops, ops.attend(q, k, v))
+        def queries(keys: torch.Tensor) -> torch.Tensor:
+            latent = ops.latent(keys.shape[0], keys.dtype)
+            # later ops are per latent row: only row 0 reaches the embedding
+            return latent[:, :1] if pool.pool == "token" else latent
 
-    def pooler_step(self, layer: int, z: torch.Tensor) -> LayerStep:
-        """The explained pooler on block ``layer``'s output ``z`` ``[B, N, C]``."""
-        ops, q, k, v, npt = self._pool_attention(z)
-        o = ops.attend(q, k, v).detach().requires_grad_(True)
-        with torch.enable_grad():
-            feature = self._pool_output(ops, o)
-        return LayerStep(layer=layer, feature=feature, out=o, value=v, num_prefix_tokens=npt, query=q, key=k,
-                         scale=ops.scale)
+        def finish(y: torch.Tensor) -> torch.Tensor:
+            if pool.mlp is not None:
+                y = y + apply_mlp(pool.mlp, apply_module(pool.norm, y))
+            y = y[:, 0] if pool.pool == "token" else y.mean(1)
+            return self._after_pool(y)
 
-    def steps(self, image, start, compute_dtype) -> Iterator[LayerStep]:
-        x, rope, blocks = self._run(image, start, compute_dtype)
-        for i in range(start, len(blocks)):
-            blk, bias = blocks[i]
-            x = blk.forward(x, rope, bias)
-            yield self.pooler_step(i, x)
+        return Pooler(ops, keys=self._pool_keys, queries=queries, finish=finish)
 
 
 class TimmMapReferenceAdapter(TimmMapAdapter):

@@ -1,7 +1,7 @@
 """Stateless building blocks of timm's ViT-style trunks, shared by the open_clip timm towers
 (:mod:`legrad.adapters.timm`) and the timm classifiers (:mod:`legrad.adapters.classifiers.timm`).
 
-:class:`TimmBlock` runs one timm block (pre- or post-norm) from its weights; the MLP helpers know
+:func:`timm_block` declares one timm block (pre- or post-norm) for the runner (:mod:`legrad.adapters.runner`); the MLP helpers know
 timm's MLP classes; :func:`eval_view` gives convolutional stems eval semantics without touching the
 user's modules; :func:`trunk_problem` says why a trunk is not supported (from its classes, never its
 name); :func:`rope_table` / :func:`rel_pos_mlp_bias` build grid-dependent position tables from the
@@ -21,9 +21,10 @@ from torch import nn
 
 from ..ops.attention import LatentPoolOps, TimmSelfAttentionOps, attention_ops_for, exact_types
 from ..ops.functional import apply_module, linear, param
+from .runner import Block, Fn, chain
 
 __all__ = [
-    "TRUNKS", "PATCH_EMBED", "TIMM_MODEL", "TimmBlock", "eval_view", "is_exact", "mlp_kind", "mlp_hidden",
+    "TRUNKS", "PATCH_EMBED", "TIMM_MODEL", "timm_block", "eval_view", "is_exact", "mlp_kind", "mlp_hidden",
     "mlp_final", "apply_mlp", "apply_head_module", "trunk_problem", "head_problem", "reference_problem",
     "rope_table", "rel_pos_mlp_bias",
 ]
@@ -142,76 +143,35 @@ def apply_head_module(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- blocks
-class TimmBlock:
-    """One timm block as residual branches: pre-norm ``x + s(f(norm(x)))`` or post-norm ``x + norm(f(x))``."""
+def _layer_scale(blk: nn.Module, which: int) -> Fn:
+    gamma = getattr(blk, f"gamma_{which}", None)  # EvaBlock stores layer scale as a bare parameter
+    if gamma is not None:
+        return lambda y: y * param(gamma, y.dtype)
+    return chain(getattr(blk, f"ls{which}", None))
 
-    def __init__(self, blk: nn.Module):
-        self.blk = blk
-        if is_exact(blk, _PRE_NORM_BLOCKS):
-            self.post_norm = False
-        elif is_exact(blk, _POST_NORM_BLOCKS):
-            self.post_norm = True
-        else:
-            raise TypeError(f"legrad does not support the timm block {type(blk).__module__}.{type(blk).__name__}")
-        self.ops = attention_ops_for(blk.attn)
-        if not isinstance(self.ops, TimmSelfAttentionOps):
-            raise TypeError(f"legrad does not support {type(blk.attn).__name__} inside {type(blk).__name__}")
-        _mlp_parts(blk.mlp)
 
-    def _scale(self, which: int, y: torch.Tensor) -> torch.Tensor:
-        blk = self.blk
-        gamma = getattr(blk, f"gamma_{which}", None)  # EvaBlock stores layer scale as a bare parameter
-        if gamma is not None:
-            return y * param(gamma, y.dtype)
-        ls = getattr(blk, f"ls{which}", None)
-        return y if ls is None else apply_module(ls, y)
+def timm_block(blk: nn.Module, bias: torch.Tensor | None = None) -> Block:
+    """One timm block, declared: pre-norm ``x + s(f(norm(x)))`` or post-norm ``x + norm(f(x))``.
 
-    def attn_input(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.post_norm else apply_module(self.blk.norm1, x)
-
-    def attn_residual(self, y: torch.Tensor) -> torch.Tensor:
-        """The attention branch's contribution to the residual stream, given the attention output."""
-        return apply_module(self.blk.norm1, y) if self.post_norm else self._scale(1, y)
-
-    def mlp_branch(self, x1: torch.Tensor) -> torch.Tensor:
-        if self.post_norm:
-            return apply_module(self.blk.norm2, apply_mlp(self.blk.mlp, x1))
-        return self._scale(2, apply_mlp(self.blk.mlp, apply_module(self.blk.norm2, x1)))
-
-    def attention(self, x: torch.Tensor, rope: torch.Tensor | None, bias: torch.Tensor | None):
-        h_in = self.attn_input(x)
-        q, k, v = self.ops.qkv(h_in, rope=rope)
-        return h_in, q, k, v, self.ops.attend(q, k, v, bias)
-
-    def forward(self, x: torch.Tensor, rope: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
-        h_in, _, _, _, o = self.attention(x, rope, bias)
-        x = x + self.attn_residual(self.ops.out(o, h_in))
-        return x + self.mlp_branch(x)
-
-    def explained(self, x: torch.Tensor, rope: torch.Tensor | None, bias: torch.Tensor | None):
-        """Block output (no grad) and the token mean of it as a function of a leaf attention output ``o``.
-
-        Returns:
-            ``(o, q, k, v, pooled, x_next)``: ``pooled`` ``[B, C]`` is in the graph of ``o``.
-        """
-        h_in, q, k, v, o = self.attention(x, rope, bias)
-        o = o.detach().requires_grad_(True)
-        blk = self.blk
-        with torch.enable_grad():
-            x1 = x + self.attn_residual(self.ops.out(o, h_in))
-            if self.post_norm:
-                branch = self.mlp_branch(x1)
-                pooled = (x1 + branch).mean(1)
-                x_next = (x1 + branch).detach()
-            else:
-                hidden = mlp_hidden(blk.mlp, apply_module(blk.norm2, x1))
-                # The token mean commutes with the final linear layer and the layer scale, so the graph
-                # keeps [B, hidden] there instead of [B, N, hidden] (cheaper batched backward).
-                pooled = x1.mean(1) + self._scale(2, linear(mlp_final(blk.mlp), hidden.mean(1)))
-        if not self.post_norm:
-            with torch.no_grad():
-                x_next = x1.detach() + self._scale(2, linear(mlp_final(blk.mlp), hidden.detach()))
-        return o, q, k, v, pooled, x_next
+    Raises:
+        TypeError: for a block, attention or MLP class legrad does not know.
+    """
+    if is_exact(blk, _PRE_NORM_BLOCKS):
+        post_norm = False
+    elif is_exact(blk, _POST_NORM_BLOCKS):
+        post_norm = True
+    else:
+        raise TypeError(f"legrad does not support the timm block {type(blk).__module__}.{type(blk).__name__}")
+    ops = attention_ops_for(blk.attn)
+    if not isinstance(ops, TimmSelfAttentionOps):
+        raise TypeError(f"legrad does not support {type(blk.attn).__name__} inside {type(blk).__name__}")
+    mlp = blk.mlp
+    final = chain(mlp_final(mlp))
+    if post_norm:
+        return Block(attn=ops, scale1=chain(blk.norm1), mlp_in=lambda t: mlp_hidden(mlp, t), mlp_out=final,
+                     scale2=chain(blk.norm2), post_norm=True, bias=bias)
+    return Block(attn=ops, norm1=chain(blk.norm1), scale1=_layer_scale(blk, 1), norm2=chain(blk.norm2),
+                 mlp_in=lambda t: mlp_hidden(mlp, t), mlp_out=final, scale2=_layer_scale(blk, 2), bias=bias)
 
 
 # ---------------------------------------------------------------------------------------------- support
@@ -229,7 +189,7 @@ def trunk_problem(trunk: nn.Module, pooled_by_map: bool | None = None,
         return "shared relative position bias is not supported"
     for blk in trunk.blocks:
         try:
-            TimmBlock(blk)
+            timm_block(blk)
         except TypeError as e:
             return str(e)
         rel = getattr(blk.attn, "rel_pos", None)

@@ -4,7 +4,8 @@ Fused attention kernels never materialise the post-softmax probabilities ``A``. 
 gradient of a score ``s`` with respect to ``A``; because the attention output is ``O = A V`` per head,
 ``ds/dA = (ds/dO) V^T``. So each attention type only has to produce per-head queries, keys and values,
 the per-head output ``O`` (any kernel may compute it) and the output projection. One small class per
-attention module type; adding a new module (e.g. open_clip's own ``Attention``) is one new class.
+attention module type, all with the one signature of :class:`AttentionOps` (``qkv`` / ``attend`` /
+``out`` / ``scale``); adding a new module (e.g. open_clip's own ``Attention``) is one new class.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = [
     "register_attention_ops",
     "TimmSelfAttentionOps",
     "LatentPoolOps",
+    "HFSelfAttentionOps",
     "apply_rope",
     "exact_types",
 ]
@@ -48,7 +50,9 @@ def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 class AttentionOps:
     """Stateless view of one attention module: projections and the attention kernel.
 
-    Subclasses set ``module_type`` and implement :meth:`qkv` and :meth:`out`.
+    Every implementation has this one signature, so a block runner never needs to know which module it
+    runs. Subclasses set ``module_type`` (or override :meth:`handles`) and implement :meth:`qkv` and
+    :meth:`out`; :meth:`attend` and :attr:`scale` have defaults.
     """
 
     module_type: ClassVar[type | tuple[type, ...]] = ()
@@ -65,19 +69,45 @@ class AttentionOps:
     def num_heads(self) -> int:
         return self.module.num_heads
 
+    @property
+    def scale(self) -> float | None:
+        """Softmax temperature of ``q k^T``; None for the default ``hd ** -0.5``."""
+        return None
+
     def qkv(
-        self, x_q: torch.Tensor, x_kv: torch.Tensor | None = None
+        self, x_q: torch.Tensor, x_kv: torch.Tensor | None = None, *, rope: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-head queries, keys and values ``[B, H, N, hd]`` in the inputs' dtype."""
+        """Per-head queries, keys and values ``[B, H, N, hd]`` in the inputs' dtype.
+
+        Args:
+            x_q: ``[B, Nq, C]`` tokens (or learned queries) the queries come from.
+            x_kv: ``[B, Nk, C]`` tokens the keys and values come from (None: ``x_q``, self-attention).
+            rope: ``[N, 2 * hd]`` rotary table (``[sin | cos]``) of the patch tokens, for rotary attention.
+        """
         raise NotImplementedError
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Per-head attention output ``O = softmax(q k^T * scale) v``, ``[B, H, Nq, hd]``."""
-        return F.scaled_dot_product_attention(q, k, v)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bias: torch.Tensor | None = None,
+               key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-head attention output ``O = softmax(q k^T * scale + bias) v``, ``[B, H, Nq, hd]``.
 
-    def out(self, o: torch.Tensor) -> torch.Tensor:
-        """Output projection of merged heads: ``[B, H, N, hd]`` -> ``[B, N, C]``."""
+        Args:
+            bias: additive logit bias broadcastable to ``[B, H, Nq, Nk]`` (relative positions).
+            key_mask: ``[B, Nk]`` bool, False for padded keys (never attended to).
+        """
+        mask = None if bias is None else bias.to(q.dtype)
+        if key_mask is not None:
+            keep = key_mask[:, None, None, :]
+            mask = keep if mask is None else mask.masked_fill(~keep, float("-inf"))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+
+    def out(self, o: torch.Tensor, x_in: torch.Tensor | None = None) -> torch.Tensor:
+        """Output projection of the heads: ``[B, H, N, hd]`` -> ``[B, N, C]``; ``x_in`` (the attention's
+        input) only for gated attention."""
         raise NotImplementedError
+
+    def _no_rope(self, rope: torch.Tensor | None) -> None:
+        if rope is not None:
+            raise ValueError(f"{type(self).__name__} has no rotary embedding")
 
 
 class MultiheadAttentionOps(AttentionOps):
@@ -90,7 +120,8 @@ class MultiheadAttentionOps(AttentionOps):
         if module.bias_k is not None or module.add_zero_attn:
             raise TypeError("nn.MultiheadAttention with add_bias_kv/add_zero_attn is not supported by legrad")
 
-    def qkv(self, x_q, x_kv=None):
+    def qkv(self, x_q, x_kv=None, *, rope=None):
+        self._no_rope(rope)
         m = self.module
         x_kv = x_q if x_kv is None else x_kv
         dt = x_q.dtype
@@ -111,8 +142,43 @@ class MultiheadAttentionOps(AttentionOps):
         h = m.num_heads
         return split_heads(q, h), split_heads(k, h), split_heads(v, h)
 
-    def out(self, o):
+    def out(self, o, x_in=None):
         return apply_module(self.module.out_proj, merge_heads(o))
+
+
+class HFSelfAttentionOps(AttentionOps):
+    """transformers self-attention with separate ``q_proj``/``k_proj``/``v_proj`` and ``out_proj`` (CLIP,
+    SigLIP and the vision towers of VLMs) or ``o_proj`` (ViT/DeiT classifiers). Not in the lookup table:
+    the Hugging Face adapters check their layout and build it directly."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__(module)
+        out = getattr(module, "out_proj", None) or getattr(module, "o_proj", None)
+        if not all(isinstance(getattr(module, p, None), nn.Linear) for p in ("q_proj", "k_proj", "v_proj")) \
+                or not isinstance(out, nn.Linear):
+            raise TypeError(f"legrad expects q_proj/k_proj/v_proj/out_proj Linear layers in {type(module).__name__}")
+        self.proj = out
+
+    @property
+    def num_heads(self) -> int:
+        m = self.module
+        return int(getattr(m, "num_heads", None) or m.num_attention_heads)
+
+    @property
+    def scale(self) -> float | None:
+        s = getattr(self.module, "scale", getattr(self.module, "scaling", None))
+        return None if s is None else float(s)
+
+    def qkv(self, x_q, x_kv=None, *, rope=None):
+        self._no_rope(rope)
+        if x_kv is not None and x_kv is not x_q:
+            raise ValueError("transformers self-attention takes one input sequence")
+        m, h = self.module, self.num_heads
+        return split_heads(linear(m.q_proj, x_q), h), split_heads(linear(m.k_proj, x_q), h), \
+            split_heads(linear(m.v_proj, x_q), h)
+
+    def out(self, o, x_in=None):
+        return linear(self.proj, merge_heads(o))
 
 
 _REGISTRY: list[type[AttentionOps]] = [MultiheadAttentionOps]
@@ -208,7 +274,7 @@ class TimmSelfAttentionOps(AttentionOps):
     def has_gate(self) -> bool:
         return getattr(self.module, "gate", None) is not None
 
-    def qkv(self, x_q, x_kv=None, rope: torch.Tensor | None = None):
+    def qkv(self, x_q, x_kv=None, *, rope=None):
         """Per-head ``q, k, v`` ``[B, H, N, hd]`` after q/k norms and rotary embedding (prefix tokens unrotated)."""
         if x_kv is not None and x_kv is not x_q:
             raise ValueError("timm self-attention takes one input sequence")
@@ -239,12 +305,7 @@ class TimmSelfAttentionOps(AttentionOps):
             v = v.repeat_interleave(h // h_kv, dim=1)
         return q, k, v
 
-    def attend(self, q, k, v, bias: torch.Tensor | None = None):
-        if bias is not None:
-            bias = bias.to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
-
-    def out(self, o, x_in: torch.Tensor | None = None):
+    def out(self, o, x_in=None):
         """Output projection; ``x_in`` (the attention's input) is needed only by gated attention."""
         m = self.module
         y = merge_heads(o)
@@ -278,8 +339,9 @@ class LatentPoolOps(AttentionOps):
         lat = param(self.module.latent, dtype)
         return lat.expand(batch, -1, -1)
 
-    def qkv(self, x_q, x_kv=None):
+    def qkv(self, x_q, x_kv=None, *, rope=None):
         """``x_q``: latent queries ``[B, L, Dl]``; ``x_kv``: tokens ``[B, N, C]``."""
+        self._no_rope(rope)
         if x_kv is None:
             raise ValueError("AttentionPoolLatent needs the tokens as x_kv")
         m = self.module
@@ -291,10 +353,7 @@ class LatentPoolOps(AttentionOps):
         k, v = kv.unbind(0)
         return apply_module(m.q_norm, q), apply_module(m.k_norm, k), v
 
-    def attend(self, q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-
-    def out(self, o):
+    def out(self, o, x_in=None):
         return apply_module(self.module.proj, merge_heads(o))
 
 

@@ -34,26 +34,20 @@ class ClassifierAdapter(TowerAdapter):
 
     @classmethod
     def supports_config(cls, model_cfg: dict) -> bool:
-        return False  # OpenCLIP configs build CLIP towers, never classifiers
-
-    @property
-    def num_classes(self) -> int:
-        raise NotImplementedError
+        return False  # OpenCLIP configs build CLIP towers, never classifiers (which share the timm towers' code)
 
     @property
     def embed_dim(self) -> int:
         return self.num_classes
 
     def logits(self, image: torch.Tensor) -> torch.Tensor:
-        """The model's own eval-mode logits ``[B, K]`` recomputed statelessly (no grad)."""
-        raise NotImplementedError
+        """The model's own eval-mode logits ``[B, K]`` recomputed statelessly (no grad): the re-run of the
+        model's own output (:meth:`rerun_output`), which for a classifier is its logits."""
+        return self.rerun_output(image)
 
     def own_output(self, model, image):
         out = model(image)
         return getattr(out, "logits", out)  # transformers return an output object
-
-    def rerun_output(self, image):
-        return self.logits(image)
 
     def prepare_inputs(self, image: Any, **inputs: Any) -> ImageBatch:
         if inputs:

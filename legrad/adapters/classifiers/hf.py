@@ -5,18 +5,17 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...engine.validation import check_image
-from ...ops.attention import merge_heads
+from ...ops.attention import HFSelfAttentionOps
 from ...ops.functional import layer_norm, linear
-from ..base import ImageBatch, LayerStep
-from ..hf.common import activation, pixel_values
+from ..base import ImageBatch
+from ..hf.common import mlp_in, pixel_values
+from ..runner import Block, BlockTower, Run, chain
 from ..timm_blocks import eval_view
 from .base import ClassifierAdapter
 
@@ -41,7 +40,7 @@ def _hf_class_name(model: nn.Module) -> str | None:
     return None
 
 
-class HFViTClassifierAdapter(ClassifierAdapter):
+class HFViTClassifierAdapter(ClassifierAdapter, BlockTower):
     """transformers ``ViTForImageClassification``, ``DeiTForImageClassification`` (+ ``WithTeacher``).
 
     Layer logits: ``classifier(layernorm(mean over all tokens of block l))`` (the average of both
@@ -106,36 +105,19 @@ class HFViTClassifierAdapter(ClassifierAdapter):
     def num_classes(self):
         return self.heads[0].out_features
 
-    def _head(self, y: torch.Tensor) -> torch.Tensor:
-        y = layer_norm(self.visual.layernorm, y)
+    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+        y = layer_norm(self.visual.layernorm, pooled)
         return sum(linear(h, y) for h in self.heads) / len(self.heads)
 
-    def _tokens(self, image: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _block(layer: nn.Module) -> Block:
+        return Block(attn=HFSelfAttentionOps(layer.attention), norm1=chain(layer.layernorm_before),
+                     norm2=chain(layer.layernorm_after), mlp_in=mlp_in(layer.mlp), mlp_out=chain(layer.mlp.fc2))
+
+    def declare(self, image, dtype):
         # The embedding module is a pure function of the pixels in eval mode (its dropout is skipped).
-        return eval_view(self.visual.embeddings)(image, interpolate_pos_encoding=True)
-
-    @classmethod
-    def _attention(cls, layer: nn.Module, x: torch.Tensor):
-        return cls._attention_on(layer, layer_norm(layer.layernorm_before, x))
-
-    @staticmethod
-    def _attention_on(layer: nn.Module, h: torch.Tensor):
-        """``(q, k, v, scale, o)`` of a layer's self-attention on its pre-normed input ``h``."""
-        attn = layer.attention
-        heads = attn.num_attention_heads
-        q, k, v = (linear(p, h).unflatten(-1, (heads, -1)).transpose(1, 2) for p in (attn.q_proj, attn.k_proj,
-                                                                                      attn.v_proj))
-        scale = float(attn.scaling)
-        return q, k, v, scale, F.scaled_dot_product_attention(q, k, v, scale=scale)
-
-    @staticmethod
-    def _mlp_hidden(layer: nn.Module, x1: torch.Tensor) -> torch.Tensor:
-        return activation(layer.mlp.activation_fn, linear(layer.mlp.fc1, layer_norm(layer.layernorm_after, x1)))
-
-    def _layer(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        o = self._attention(layer, x)[-1]
-        x = x + linear(layer.attention.o_proj, merge_heads(o))
-        return x + linear(layer.mlp.fc2, self._mlp_hidden(layer, x))
+        tokens = eval_view(self.visual.embeddings)(image, interpolate_pos_encoding=True).to(dtype)
+        return Run(tokens, [self._block(layer) for layer in self.visual.layers], prefix=self._prefix)
 
     @property
     def _two_heads(self) -> bool:
@@ -153,40 +135,3 @@ class HFViTClassifierAdapter(ClassifierAdapter):
         if self._two_heads and mat.shape[-2] == mat.shape[-1]:
             return mat[:, :2].mean(1)
         return super().pooled_row(mat, num_prefix_tokens)
-
-    def logits(self, image):
-        x = self._tokens(image)
-        for layer in self.visual.layers:
-            x = self._layer(layer, x)
-        return self.pooled_output(x)
-
-    def trace_tokens(self, image, compute_dtype):
-        return self._tokens(image).to(compute_dtype), None
-
-    def trace_block(self, layer, x, context):
-        blk = self.visual.layers[layer]
-        h = layer_norm(blk.layernorm_before, x)
-        q, k, v, scale, o = self._attention_on(blk, h)
-        x = x + linear(blk.attention.o_proj, merge_heads(o))
-        x = x + linear(blk.mlp.fc2, self._mlp_hidden(blk, x))
-        return x, LayerStep(layer=layer, feature=x, out=o, value=v.detach(), num_prefix_tokens=self._prefix,
-                            query=q.detach(), key=k.detach(), scale=scale, tokens=h)
-
-    def steps(self, image, start, compute_dtype) -> Iterator[LayerStep]:
-        x = self._tokens(image)
-        layers = self.visual.layers
-        for i in range(start):
-            x = self._layer(layers[i], x)
-        x = x.to(compute_dtype)
-        for i in range(start, len(layers)):
-            layer = layers[i]
-            q, k, v, scale, o = self._attention(layer, x)
-            o = o.detach().requires_grad_(True)
-            with torch.enable_grad():
-                x1 = x + linear(layer.attention.o_proj, merge_heads(o))
-                hidden = self._mlp_hidden(layer, x1)
-                feature = self._head(x1.mean(1) + linear(layer.mlp.fc2, hidden.mean(1)))
-            with torch.no_grad():
-                x = x1.detach() + linear(layer.mlp.fc2, hidden.detach())
-            yield LayerStep(layer=i, feature=feature, out=o, value=v, num_prefix_tokens=self._prefix, query=q,
-                            key=k, scale=scale, block_output=x)

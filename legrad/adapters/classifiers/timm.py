@@ -54,10 +54,6 @@ class _TimmClassifier(ClassifierAdapter):
         t = self.trunk
         return linear(t.head, apply_module(t.fc_norm, y))
 
-    def logits(self, image):
-        x, _, _ = self._run(image, self.depth, self.param_dtype())
-        return self.pooled_output(x)
-
 
 class TimmClassifierAdapter(_TimmClassifier, TimmViTAdapter):
     """timm ViT-style classifiers pooled by class token or average (ViT, DeiT, EVA/EVA02, registers)."""

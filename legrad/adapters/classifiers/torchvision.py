@@ -4,16 +4,15 @@ definition torchcam uses; re-run statelessly from the weights."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ...ops.attention import MultiheadAttentionOps
-from ...ops.functional import apply_module, linear, param
+from ...ops.functional import apply_module, param
 from ...ops.posembed import resampled_embedding
-from ..base import LayerStep
+from ..runner import Block, BlockTower, Run, chain
 from .base import ClassifierAdapter
 
 __all__ = ["TorchvisionViTAdapter"]
@@ -28,7 +27,7 @@ def _last_linear(seq: nn.Module) -> int | None:
     return idx
 
 
-class TorchvisionViTAdapter(ClassifierAdapter):
+class TorchvisionViTAdapter(ClassifierAdapter, BlockTower):
     """torchvision ``VisionTransformer`` (``vit_b_16``...): ``nn.MultiheadAttention`` blocks, class token.
 
     Layer logits: ``heads(encoder.ln(mean over all tokens of block l))``. Inputs of another size than the
@@ -59,10 +58,6 @@ class TorchvisionViTAdapter(ClassifierAdapter):
     def from_model(cls, model):
         return cls(model) if cls.matches(model) else None
 
-    def __init__(self, model: nn.Module):
-        super().__init__(model)
-        self._ops = [MultiheadAttentionOps(blk.self_attention) for blk in model.encoder.layers]
-
     @property
     def depth(self):
         return len(self.visual.encoder.layers)
@@ -91,62 +86,18 @@ class TorchvisionViTAdapter(ClassifierAdapter):
         # Encoder dropout only acts in training mode: eval semantics skips it.
         return x + resampled_embedding(m.encoder.pos_embedding, (g0, g0), grid, 1, dtype)
 
-    def _mlp_hidden(self, blk: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, nn.Linear]:
+    @staticmethod
+    def _block(blk: nn.Module) -> Block:
         children = list(blk.mlp.children())
         last = _last_linear(blk.mlp)
-        h = apply_module(blk.ln_2, x)
-        for child in children[:last]:
-            h = apply_module(child, h)
-        return h, children[last]
+        return Block(attn=MultiheadAttentionOps(blk.self_attention), norm1=chain(blk.ln_1), norm2=chain(blk.ln_2),
+                     mlp_in=chain(*children[:last]), mlp_out=chain(children[last]))
 
-    def _block(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        blk, ops = self.visual.encoder.layers[i], self._ops[i]
-        q, k, v = ops.qkv(apply_module(blk.ln_1, x))
-        x = x + ops.out(ops.attend(q, k, v))
-        hidden, fc2 = self._mlp_hidden(blk, x)
-        return x + linear(fc2, hidden)
+    def declare(self, image, dtype):
+        return Run(self._tokens(image, dtype), [self._block(b) for b in self.visual.encoder.layers], prefix=1)
 
-    def _head(self, y: torch.Tensor) -> torch.Tensor:
-        return apply_module(self.visual.heads, apply_module(self.visual.encoder.ln, y))
+    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+        return apply_module(self.visual.heads, apply_module(self.visual.encoder.ln, pooled))
 
     def pooled_output(self, x):
-        return self._head(x[:, 0])
-
-    def logits(self, image):
-        x = self._tokens(image, self.param_dtype())
-        for i in range(self.depth):
-            x = self._block(i, x)
-        return self.pooled_output(x)
-
-    def trace_tokens(self, image, compute_dtype):
-        return self._tokens(image, compute_dtype), None
-
-    def trace_block(self, layer, x, context):
-        blk, ops = self.visual.encoder.layers[layer], self._ops[layer]
-        h = apply_module(blk.ln_1, x)
-        q, k, v = ops.qkv(h)
-        o = ops.attend(q, k, v)
-        x = x + ops.out(o)
-        hidden, fc2 = self._mlp_hidden(blk, x)
-        x = x + linear(fc2, hidden)
-        return x, LayerStep(layer=layer, feature=x, out=o, value=v.detach(), num_prefix_tokens=1,
-                            query=q.detach(), key=k.detach(), tokens=h)
-
-    def steps(self, image, start, compute_dtype) -> Iterator[LayerStep]:
-        x = self._tokens(image, self.param_dtype())
-        for i in range(start):
-            x = self._block(i, x)
-        x = x.to(compute_dtype)
-        for i in range(start, self.depth):
-            blk, ops = self.visual.encoder.layers[i], self._ops[i]
-            q, k, v = ops.qkv(apply_module(blk.ln_1, x))
-            o = ops.attend(q, k, v).detach().requires_grad_(True)
-            with torch.enable_grad():
-                x1 = x + ops.out(o)
-                hidden, fc2 = self._mlp_hidden(blk, x1)
-                # The token mean commutes with the MLP's last linear layer: the graph keeps [B, C] there.
-                feature = self._head(x1.mean(1) + linear(fc2, hidden.mean(1)))
-            with torch.no_grad():
-                x = x1.detach() + linear(fc2, hidden.detach())
-            yield LayerStep(layer=i, feature=feature, out=o, value=v, num_prefix_tokens=1, query=q, key=k,
-                            block_output=x)
+        return self.head(x[:, 0])

@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...engine.validation import check_image
-from ...ops.attention import merge_heads, split_heads
-from ...ops.functional import layer_norm, linear
-from ..base import ImageBatch, TowerAdapter
+from ...ops.attention import HFSelfAttentionOps
+from ...ops.functional import linear
+from ..base import ImageBatch
+from ..runner import Block, BlockTower, Fn, Run, chain
 
 __all__ = [
     "HFAdapter",
@@ -28,11 +29,8 @@ __all__ = [
     "pooled_text_features",
     "hf_family",
     "activation",
-    "mlp",
-    "self_qkv",
-    "attn_scale",
-    "sdpa",
-    "encoder_layer",
+    "hf_block",
+    "mlp_in",
     "pixel_values",
 ]
 
@@ -92,32 +90,16 @@ def activation(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return mod(x)
 
 
-def mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return linear(mlp.fc2, activation(mlp.activation_fn, linear(mlp.fc1, x)))
+def mlp_in(mlp: nn.Module) -> Fn:
+    """A transformers MLP up to its final layer: ``activation_fn(fc1(x))``."""
+    return lambda x: activation(mlp.activation_fn, linear(mlp.fc1, x))
 
 
-def self_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    h = attn.num_heads
-    return (split_heads(linear(attn.q_proj, x), h), split_heads(linear(attn.k_proj, x), h),
-            split_heads(linear(attn.v_proj, x), h))
-
-
-def attn_scale(attn: nn.Module, q: torch.Tensor) -> float:
-    return float(getattr(attn, "scale", q.shape[-1] ** -0.5))
-
-
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
-          scale: float) -> torch.Tensor:
-    mask = None if key_mask is None else key_mask[:, None, None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-
-
-def encoder_layer(layer: nn.Module, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-    """One pre-norm encoder layer (CLIP/SigLIP layout) with eval semantics, from its weights."""
-    attn = layer.self_attn
-    q, k, v = self_qkv(attn, layer_norm(layer.layer_norm1, x))
-    x = x + linear(attn.out_proj, merge_heads(sdpa(q, k, v, key_mask, attn_scale(attn, q))))
-    return x + mlp(layer.mlp, layer_norm(layer.layer_norm2, x))
+def hf_block(layer: nn.Module) -> Block:
+    """One pre-norm encoder layer (CLIP/SigLIP layout: ``layer_norm1``, ``self_attn``, ``layer_norm2``,
+    ``mlp.fc1 -> activation_fn -> mlp.fc2``), declared for the runner."""
+    return Block(attn=HFSelfAttentionOps(layer.self_attn), norm1=chain(layer.layer_norm1),
+                 norm2=chain(layer.layer_norm2), mlp_in=mlp_in(layer.mlp), mlp_out=chain(layer.mlp.fc2))
 
 
 def pooled_text_features(output: Any) -> torch.Tensor:
@@ -181,7 +163,7 @@ def encode_text(model: nn.Module, tokenizer: Any, texts: str | Sequence[str], **
     return F.normalize(emb.float(), dim=-1)
 
 
-class HFAdapter(TowerAdapter):
+class HFAdapter(BlockTower):
     """Common part of the transformers adapters: found through ``from_model`` (no ``.visual``)."""
 
     #: The family :func:`hf_family` names for the model classes this adapter handles.
@@ -209,7 +191,7 @@ class HFAdapter(TowerAdapter):
         return False  # transformers models are recognised by from_model
 
     @classmethod
-    def from_model(cls, model: nn.Module) -> TowerAdapter | None:
+    def from_model(cls, model: nn.Module) -> HFAdapter | None:
         return cls(model) if hf_family(model) == cls.hf_kind else None
 
     @property
@@ -225,13 +207,13 @@ class HFAdapter(TowerAdapter):
     def in_chans(self) -> int:
         return self.visual.config.num_channels
 
-    @property
-    def _layers(self) -> nn.ModuleList:
-        return self.visual.encoder.layers
-
     def _embed(self, image: torch.Tensor) -> torch.Tensor:
         """Patch + position embeddings (+ CLS) ``[B, N, C]`` for a ``[B, C, H, W]`` batch, any size."""
         return self.visual.embeddings(image, interpolate_pos_encoding=True)
+
+    def _run(self, tokens: torch.Tensor, prefix: int, key_mask: torch.Tensor | None = None) -> Run:
+        return Run(tokens, [hf_block(layer) for layer in self.visual.encoder.layers], prefix=prefix,
+                   key_mask=key_mask)
 
     def own_output(self, model: nn.Module, image: Any) -> torch.Tensor:
         return pooled_text_features(model.get_image_features(pixel_values=image))  # same output types as text

@@ -12,16 +12,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from ...ops.attention import attention_ops_for
-from ...ops.functional import layer_norm
-from ..base import ImageBatch, LayerStep
-from .common import HFAdapter, encoder_layer, mlp, pooled_text_features, sdpa
+from ...ops.functional import layer_norm, linear
+from ..base import ImageBatch
+from ..runner import Pooler
+from .common import HFAdapter, mlp_in, pooled_text_features
 
 __all__ = ["HFSiglipAdapter", "HFSiglip2Adapter"]
 
@@ -53,43 +54,22 @@ class HFSiglipAdapter(HFAdapter):
     def embed_dim(self) -> int:
         return self.visual.head.probe.shape[-1]
 
-    @property
-    def uses_attention_pooler(self) -> bool:
-        return True
+    def declare(self, image, dtype):
+        return self._run(self._embed(image).to(dtype), prefix=0)
 
-    def _pool_step(self, layer: int, x: torch.Tensor, key_mask: torch.Tensor | None) -> LayerStep:
-        """The pooling head on block ``layer``'s tokens ``x`` ``[B, N, C]``; its attention is explained."""
+    def pooler(self) -> Pooler:
+        """The pooling head (probe + ``nn.MultiheadAttention``, layernorm, residual mlp) on ``post_layernorm``
+        of a block's output; the probe's attention is explained."""
         head = self.visual.head
-        tokens = layer_norm(self.visual.post_layernorm, x)
-        ops = attention_ops_for(head.attention)
-        probe = head.probe.detach().to(tokens.dtype).expand(tokens.shape[0], -1, -1)
-        q, k, v = ops.qkv(probe, tokens)
-        scale = q.shape[-1] ** -0.5  # nn.MultiheadAttention always uses 1/sqrt(head_dim)
-        o = sdpa(q, k, v, key_mask, scale).detach().requires_grad_(True)
-        with torch.enable_grad():
-            pooled = ops.out(o)
-            pooled = pooled + mlp(head.mlp, layer_norm(head.layernorm, pooled))
-            feature = pooled[:, 0]
-        return LayerStep(layer=layer, feature=feature, out=o, value=v, num_prefix_tokens=0, key_mask=key_mask,
-                         query=q, key=k, scale=scale)
+        post = self.visual.post_layernorm
 
-    def _run(self, x: torch.Tensor, start: int, compute_dtype: torch.dtype,
-             key_mask: torch.Tensor | None) -> Iterator[LayerStep]:
-        layers = self._layers
-        for i in range(start):
-            x = encoder_layer(layers[i], x, key_mask)
-        x = x.to(compute_dtype)
-        for i in range(start, len(layers)):
-            x = encoder_layer(layers[i], x, key_mask)
-            yield self._pool_step(i, x, key_mask)
+        def finish(y: torch.Tensor) -> torch.Tensor:
+            y = y + linear(head.mlp.fc2, mlp_in(head.mlp)(layer_norm(head.layernorm, y)))
+            return y[:, 0]
 
-    def steps(self, image: torch.Tensor, start: int, compute_dtype: torch.dtype) -> Iterator[LayerStep]:
-        yield from self._run(self._embed(image), start, compute_dtype, None)
-
-    def rerun_output(self, image: Any) -> torch.Tensor:
-        # The head on the last block's output is the embedding: LeGrad's own path, its explained head included.
-        *_, last = self.steps(image, self.depth - 1, self.param_dtype())
-        return last.feature.detach()
+        return Pooler(attention_ops_for(head.attention), keys=lambda z: (layer_norm(post, z), 0),
+                      queries=lambda keys: head.probe.detach().to(keys.dtype).expand(keys.shape[0], -1, -1),
+                      finish=finish)
 
 
 class HFSiglip2Adapter(HFSiglipAdapter):
@@ -104,11 +84,10 @@ class HFSiglip2Adapter(HFSiglipAdapter):
         """Length of one flattened patch, ``num_channels * patch_size ** 2``."""
         return self.visual.embeddings.patch_embedding.in_features
 
-    def steps(self, image: Any, start: int, compute_dtype: torch.dtype) -> Iterator[LayerStep]:
-        """Args: ``image`` is a ``(pixel_values [B, N, C*p*p], key_mask [B, N] bool, spatial_shapes [B, 2])`` tuple."""
+    def declare(self, image, dtype):
+        """``image``: a ``(pixel_values [B, N, C*p*p], key_mask [B, N] bool, spatial_shapes [B, 2])`` tuple."""
         pixel_values, key_mask, spatial_shapes = image
-        x = self.visual.embeddings(pixel_values, spatial_shapes)
-        yield from self._run(x, start, compute_dtype, key_mask)
+        return self._run(self.visual.embeddings(pixel_values, spatial_shapes).to(dtype), prefix=0, key_mask=key_mask)
 
     def probe_input(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One noise image on the square grid of the position table (``num_patches``), no padding."""

@@ -33,10 +33,10 @@ from ...engine.deadline import check_deadline
 from ...engine.maps import grid_maps
 from ...engine.relevance import NonFiniteError
 from ...engine.validation import check_layer_index, check_output_size, check_prompt_chunk
-from ...ops.attention import merge_heads
-from ...ops.functional import layer_norm, linear
+from ...ops.functional import linear
 from ..base import TowerAdapter
-from ..hf.common import attn_scale, encoder_layer, mlp, sdpa, self_qkv
+from ..hf.common import hf_block
+from ..runner import after_attention, attention, plain_block
 from .inputs import VLMInputs, pack, read_inputs, tokenize_answers
 
 __all__ = ["VLMAdapter", "VisionBlock"]
@@ -317,23 +317,22 @@ class VLMAdapter(TowerAdapter):
             return maps, scores.reshape(call.batch, cols).to(out_device)
         return maps
 
+    def _blocks(self) -> list:
+        return [hf_block(layer) for layer in self.visual.encoder.layers]
+
     def _vision_blocks(self, pixels: torch.Tensor, start: int) -> Iterator[VisionBlock]:
-        layers = self.visual.encoder.layers
+        blocks = self._blocks()
         x = self._embed(pixels)
         for i in range(start):
-            x = encoder_layer(layers[i], x, None)
+            x = plain_block(blocks[i], x)
         x = x.float()  # the explained blocks run in float32
         for i in range(start, self.depth):
-            blk = layers[i]
-            q, k, v = self_qkv(blk.self_attn, layer_norm(blk.layer_norm1, x))
-            o = sdpa(q, k, v, None, attn_scale(blk.self_attn, q))
+            h, _, _, v, o = attention(blocks[i], x)
             yield VisionBlock(i, x, o, v)
-            x = encoder_layer(blk, x, None)
+            x = after_attention(blocks[i], x, h, o)
 
     def _block_output(self, layer: int, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-        blk = self.visual.encoder.layers[layer]
-        x = x + linear(blk.self_attn.out_proj, merge_heads(o))
-        return x + mlp(blk.mlp, layer_norm(blk.layer_norm2, x))
+        return after_attention(hf_block(self.visual.encoder.layers[layer]), x, None, o)
 
     def _relevance(self, call: VLMInputs, answers: list[torch.Tensor], items: list, start: int,
                    chunk: int) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -414,10 +413,9 @@ class VLMAdapter(TowerAdapter):
         device = self.device()
         with torch.inference_mode(False), torch.no_grad():
             pixels = self._tower_pixels(call).to(device=device, dtype=self.param_dtype())
-            layers = self.visual.encoder.layers
             x = self._embed(pixels)
-            for i in range(self.depth):
-                x = encoder_layer(layers[i], x, None)
+            for block in self._blocks()[: self.depth]:  # the blocks that feed the image features
+                x = plain_block(block, x)
             tiles = self._tile_rows(call)
             images = [b for b, _, _ in items]
             rows = torch.tensor([r for b in images for r in tiles[b]], device=device)

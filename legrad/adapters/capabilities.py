@@ -1,0 +1,198 @@
+"""The optional capabilities of a tower adapter: what the gradient baselines, perturbation metrics,
+``return_scores``, the drift guard, reference mode, ``class_logits`` and ``list_pretrained`` ask of a family, beyond the core
+protocol of :class:`~legrad.adapters.base.TowerAdapter` that the pipeline needs. A family that lacks
+one raises :class:`MissingCapability` naming the family and the method.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..engine.step import LayerStep, ModelInput
+
+__all__ = ["Capabilities", "MissingCapability", "missing"]
+
+
+class MissingCapability(TypeError, NotImplementedError):
+    """A family does not provide an optional capability (a ``TypeError``; also a ``NotImplementedError``,
+    which callers of earlier releases catch)."""
+
+
+def missing(adapter: Any, method: str, needed_by: str) -> MissingCapability:
+    """The error for ``adapter`` lacking ``method``, which ``needed_by`` needs."""
+    return MissingCapability(f"the {adapter.family} adapter has no {method}, which {needed_by} needs")
+
+
+class Capabilities:
+    """Optional members of a tower adapter, with defaults (or :class:`MissingCapability`)."""
+
+    family: str
+    visual: nn.Module
+
+    @classmethod
+    def supports_config(cls, model_cfg: dict) -> bool:
+        """Whether an OpenCLIP model config (``open_clip.get_model_config``) builds a tower of this family."""
+        return False
+
+    @property
+    def uses_attention_pooler(self) -> bool:
+        """Whether the embedding comes from an attention pooler (its queries are the explained rows)."""
+        return False
+
+    @property
+    def pools_by_average(self) -> bool:
+        """Whether the embedding is the average of the patch tokens (else: the first token's row)."""
+        return False
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of an image classifier (``scorer == "logit"``)."""
+        raise missing(self, "num_classes", "an image classifier's target check")
+
+
+    def pooled_row(self, mat: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+        """The pooled token's row of a token-to-token matrix ``[B, Nq, Nk]`` -> ``[B, Nk]`` (baselines).
+
+        Attention poolers (``Nq != Nk``): the mean of their query rows; average pooling (or no prefix
+        token): the mean of the patch rows; otherwise the first (class) token's row.
+        """
+        nq, nk = mat.shape[-2:]
+        if nq != nk:
+            return mat.mean(1)
+        if self.pools_by_average or num_prefix_tokens == 0:
+            return mat[:, num_prefix_tokens:].mean(1)
+        return mat[:, 0]
+
+    def for_reference(self, reference: str) -> Any:
+        """An adapter computing the original package's maps (``LeWrapper(reference=...)``) for this tower.
+
+        Args:
+            reference: a release of legrad-torch (``"1.1"``).
+
+        Returns:
+            The adapter (``self`` where the two agree), or None if the original never supported the family.
+
+        Raises:
+            ValueError: if the family was supported but this tower has something the original never handled.
+        """
+        return None
+
+    def final_embedding(self, step: LayerStep) -> torch.Tensor:
+        """The model's own image embedding ``[B, E]`` (what ``encode_image`` returns, un-normalised; the
+        logits ``[B, K]`` for classifiers) from the step of the tower's last block (no second pass).
+
+        Attention-pooled towers: the last step's feature (the pooler on the final tokens). Others: the
+        tower's own pooling and head (:meth:`pooled_output`) on ``step.block_output``.
+
+        Raises:
+            NotImplementedError: if the family's steps carry no ``block_output``.
+        """
+        if self.uses_attention_pooler:
+            return step.feature.detach()
+        if step.block_output is None:
+            raise missing(self, "block_output in its steps", "return_scores")
+        return self.pooled_output(step.block_output)
+
+    def logits(self, image: torch.Tensor) -> torch.Tensor:
+        """An image classifier's eval-mode logits ``[B, K]``, recomputed statelessly (no grad)."""
+        raise missing(self, "logits", "class_logits (image classifiers only)")
+
+    # ------------------------------------------------------------------ drift guard (legrad.adapters.drift)
+    @property
+    def native_size(self) -> tuple[int, int]:
+        """``(H, W)`` the model's own forward accepts: the tower's ``image_size``, its config's, or its
+        patch embedding's ``img_size``."""
+        v = self.visual
+        size = getattr(v, "image_size", None)
+        if size is None:
+            size = getattr(getattr(v, "config", None), "image_size", None)
+        if size is None:
+            size = getattr(getattr(v, "patch_embed", None), "img_size", None)
+        if size is None:
+            raise missing(self, "native_size", "the drift guard")
+        return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+    def probe_input(self) -> ModelInput:
+        """The drift guard's input: fixed-seed normal noise ``[1, C, H, W]`` at :attr:`native_size`, on the
+        tower's device and in its dtype (a private generator: the global RNG is not advanced)."""
+        h, w = self.native_size
+        noise = torch.randn(1, self.in_chans, h, w, generator=torch.Generator().manual_seed(0))
+        return noise.to(self.device(), self.param_dtype())
+
+    def own_output(self, model: nn.Module, image: ModelInput) -> torch.Tensor:
+        """The model's own output for ``image`` that :meth:`rerun_output` recomputes (open_clip's
+        ``encode_image``, a classifier's logits, Hugging Face image features), un-normalised.
+
+        Args:
+            model: an eval-mode view of the wrapped model (never the model itself).
+            image: :meth:`probe_input`.
+
+        Raises:
+            TypeError: if the family does not declare it (its re-run then cannot be checked).
+        """
+        raise missing(self, "own_output", "the drift guard")
+
+    def rerun_output(self, image: ModelInput) -> torch.Tensor:
+        """legrad's stateless re-run of what :meth:`own_output` returns, in the tower's dtype (no grad).
+
+        The default runs the traced forward's blocks (:meth:`trace_tokens`, :meth:`trace_block`,
+        :meth:`pooled_output`) without building a graph.
+        """
+        x, context = self.trace_tokens(image, self.param_dtype())
+        for i in range(self.depth):
+            x, _ = self.trace_block(i, x, context)
+        return self.pooled_output(x)
+
+    # ------------------------------------------------------------------ traced forward (gradient baselines)
+    def trace(self, image: ModelInput, compute_dtype: torch.dtype) -> tuple[list[LayerStep], torch.Tensor]:
+        """Runs the whole tower as ONE differentiable graph (for gradient baselines: GradCAM, CheferCAM).
+
+        Unlike :meth:`steps`, later blocks depend on earlier ones in the graph, and the embedding is the
+        model's own pooled output (what ``encode_image`` returns, un-normalised). Call it under
+        ``torch.no_grad()``; the graph is built under ``enable_grad``. Families provide
+        :meth:`trace_tokens`, :meth:`trace_block` and :meth:`pooled_output`.
+
+        Args:
+            image: as for :meth:`steps`.
+            compute_dtype: dtype of the graph.
+
+        Returns:
+            ``(steps, embedding)``: one :class:`LayerStep` per block (``out`` and ``tokens`` are non-leaf
+            tensors of the graph, ``feature`` is the embedding) and the ``[B, E]`` embedding.
+
+        Raises:
+            NotImplementedError: if the family has no traced forward.
+        """
+        # The embedded tokens are the graph's only leaf: every later activation is a function of them.
+        x, context = self.trace_tokens(image, compute_dtype)
+        x = x.detach().requires_grad_(True)
+        steps = []
+        with torch.enable_grad():
+            for i in range(self.depth):
+                x, step = self.trace_block(i, x, context)
+                steps.append(step)
+            embedding = self.trace_output(x, context)
+        for step in steps:
+            step.feature = embedding
+        return steps, embedding
+
+    def trace_tokens(self, image: ModelInput, compute_dtype: torch.dtype) -> tuple[torch.Tensor, Any]:
+        """Tokens ``[B, N, C]`` entering the first block, in ``compute_dtype`` (the traced graph's leaf),
+        and a context handed to every :meth:`trace_block` (per-call tables such as rotary embeddings)."""
+        raise missing(self, "traced forward (trace_tokens, trace_block)",
+                      "the gradient baselines (GradCAM, CheferCAM; LeGrad and raw attention still work)")
+
+    def trace_block(self, layer: int, x: torch.Tensor, context: Any) -> tuple[torch.Tensor, LayerStep]:
+        """Block ``layer`` in the traced graph: its output and its step (``out``, ``tokens`` in the graph)."""
+        raise missing(self, "trace_block", "the gradient baselines")
+
+    def trace_output(self, x: torch.Tensor, context: Any) -> torch.Tensor:
+        """The traced graph's embedding from the last block's tokens (default: :meth:`pooled_output`)."""
+        return self.pooled_output(x)
+
+    def pooled_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The tower's own embedding ``[B, E]`` from the last block's tokens (what ``encode_image`` returns)."""
+        raise missing(self, "pooled_output", "return_scores, the gradient baselines and the drift guard")
