@@ -72,9 +72,12 @@ def _shares_colour(scene: Scene, k: int) -> bool:
     return any(o.colour == scene.objects[k].colour for j, o in enumerate(scene.objects) if j != k)
 
 
-def pointing(model: torch.nn.Module, preprocess, tokenizer, n: int, seed: int, batch: int = 50) -> dict[str, float]:
-    """Pointing game over all objects of ``n`` scenes, and over the objects sharing their colour."""
-    wrapper = LeWrapper(model)
+def pointing(
+    model: torch.nn.Module, preprocess, tokenizer, n: int, seed: int, layer_index: int | None = None, batch: int = 50
+) -> dict[str, float]:
+    """Pointing game over all objects of ``n`` scenes, and over the objects sharing their colour
+    (``layer_index`` None: the model's default)."""
+    wrapper = LeWrapper(model, layer_index=layer_index)
     vocab = _vocab(model, tokenizer)
     index = {p: i for i, p in enumerate(VOCABULARY)}
     scenes = make_scenes(n, seed=seed, size=model.visual.image_size[0])
@@ -93,14 +96,16 @@ def pointing(model: torch.nn.Module, preprocess, tokenizer, n: int, seed: int, b
     return {"pg": float(h.mean()), "pg_shared": float(h[sh].mean()), "objects": len(h), "shared": int(sh.sum())}
 
 
-def demo_scenes(model: torch.nn.Module, preprocess, tokenizer, folder: Path = ASSETS) -> list[dict]:
+def demo_scenes(
+    model: torch.nn.Module, preprocess, tokenizer, folder: Path = ASSETS, layer_index: int | None = None
+) -> list[dict]:
     """Per object of the bundled demo scenes: map right, ranking right, its similarity and rank.
 
     The scenes are drawn again (for their masks); each must equal its PNG in ``folder`` pixel for pixel.
     """
     from PIL import Image
 
-    wrapper = LeWrapper(model)
+    wrapper = LeWrapper(model, layer_index=layer_index)
     vocab = _vocab(model, tokenizer)
     index = {p: i for i, p in enumerate(VOCABULARY)}
     rows = []
@@ -131,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=1000, help="fresh scenes per metric")
     p.add_argument("--seed", type=int, default=2026, help="seed of the held-out scenes")
     p.add_argument("--checkpoint", default=None, help="checkpoint to load instead of the bundled one")
+    p.add_argument("--layer-index", type=int, default=None, help="LeGrad layer_index (default: the model's own)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -138,9 +144,10 @@ def main(argv: list[str] | None = None) -> None:
     preprocess, tokenizer = make_preprocess(cfg), make_tokenizer(cfg)
     t0 = time.time()
     rec = recognition(model, preprocess, tokenizer, args.n, args.seed)
-    pg = pointing(model, preprocess, tokenizer, args.n, args.seed + 1)
-    rows = demo_scenes(model, preprocess, tokenizer)
-    print(f"checkpoint {args.checkpoint or CHECKPOINT_PATH}, layer_index {LeWrapper(model).layer_index}, "
+    pg = pointing(model, preprocess, tokenizer, args.n, args.seed + 1, args.layer_index)
+    rows = demo_scenes(model, preprocess, tokenizer, layer_index=args.layer_index)
+    layer_index = LeWrapper(model, layer_index=args.layer_index).layer_index
+    print(f"checkpoint {args.checkpoint or CHECKPOINT_PATH}, layer_index {layer_index}, "
           f"held-out seeds {args.seed} (single-object) / {args.seed + 1} (1-3 objects), {time.time() - t0:.0f}s")
     print(f"recognition {rec:.3f} ({args.n} single-object scenes)")
     print(f"pointing game {pg['pg']:.3f} ({pg['objects']} objects of {args.n} scenes)")
