@@ -8,7 +8,7 @@ On fresh held-out scenes, with the default ``LeWrapper(model)`` (the model's rec
 * pointing game: every object of 1-3 object scenes is prompted with its phrase; a hit when the map's
   argmax pixel is inside the object's mask;
 * shared-colour pointing: the same, restricted to objects whose colour another object of the scene has;
-* demo scenes (``assets/``, drawn again with their masks by `legrad.toy.scenes.sample_scenes`): for every
+* demo scenes (``assets/``, drawn again with their masks by `legrad.toy.scenes.draw_sample_scenes`): for every
   object, the map's argmax is inside its mask and its phrase scores above every absent vocabulary phrase.
 
 The held-out seed (default 2026) is used neither by training (``[seed, 1]`` / ``[seed, 2]`` streams of
@@ -30,7 +30,7 @@ import torch
 from legrad import LeWrapper
 from legrad.toy import COLOURS, SHAPES, VOCABULARY, Scene, make_scenes, phrase_for
 from legrad.toy.model import CHECKPOINT_PATH, load_checkpoint, make_preprocess, make_tokenizer
-from legrad.toy.scenes import sample_scenes
+from legrad.toy.scenes import draw_sample_scenes
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
@@ -109,11 +109,11 @@ def demo_scenes(
     vocab = _vocab(model, tokenizer)
     index = {p: i for i, p in enumerate(VOCABULARY)}
     rows = []
-    for i, scene in enumerate(sample_scenes()):
+    for i, scene in enumerate(draw_sample_scenes()):
         png = folder / f"scene_{i}.png"
         with Image.open(png) as im:
             if not np.array_equal(np.asarray(im.convert("RGB")), np.asarray(scene.image)):
-                raise ValueError(f"{png} is not the scene legrad.toy.scenes.sample_scenes draws")
+                raise ValueError(f"{png} is not the scene legrad.toy.scenes.draw_sample_scenes draws")
             image = preprocess(im.convert("RGB")).unsqueeze(0)
         ids = [index[p] for p in scene.phrases]
         with torch.no_grad():

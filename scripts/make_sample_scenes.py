@@ -1,6 +1,6 @@
 """Write the demo scenes in ``assets/`` (PNGs + ``scenes.json`` with their phrases and captions).
 
-The scenes are drawn deterministically from ``--seed`` by `legrad.toy.scenes.sample_scenes` (no
+The scenes are drawn deterministically from ``--seed`` by `legrad.toy.scenes.draw_sample_scenes` (no
 selection by model quality): the first scenes with 2-3 objects, plus the first one where two objects
 share a colour (the hard case).
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from legrad.toy.scenes import sample_scenes
+from legrad.toy.scenes import draw_sample_scenes
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=7)
     args = p.parse_args(argv)
 
-    chosen = sample_scenes(args.n, args.seed, args.size)
+    chosen = draw_sample_scenes(args.n, args.seed, args.size)
 
     args.out.mkdir(parents=True, exist_ok=True)
     entries = []

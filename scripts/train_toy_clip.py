@@ -4,11 +4,12 @@ Each step draws a fresh batch of scenes (1-3 objects each) and encodes every phr
 vocabulary. The loss is a multi-positive CLIP loss over (image, phrase) pairs: each object phrase
 of an image must beat, for that image, every phrase not in it (image -> text), and beat, for that
 phrase, every image of the batch not containing it (text -> image). Since all phrases are scored
-every step, the same-colour / same-shape hard negatives are always present.
+every step, the same-colour / same-shape hard negatives are always present. Options add scenes
+redrawn until two objects share a colour or a shape (``--hard-prob``) and a dense loss on the patch
+tokens of chosen blocks against the object masks (``--dense-layers``, ``--dense-weight``).
 
-Example (the bundled checkpoint):
-    OMP_NUM_THREADS=1 python scripts/train_toy_clip.py --seed 0 --steps 2400 \\
-        --out legrad/assets/toy_clip.pt
+The bundled checkpoint is made in two stages (a from-scratch run, then a fine-tune with ``--init``);
+the exact commands and times are in docs/demo_model.md.
 """
 
 from __future__ import annotations

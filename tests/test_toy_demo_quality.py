@@ -22,7 +22,7 @@ import torch
 from legrad import LeWrapper
 from legrad.toy import COLOURS, SHAPES, VOCABULARY, load_model, make_scenes, phrase_for
 from legrad.toy.model import CHECKPOINT_PATH, build_model, load_checkpoint
-from legrad.toy.scenes import make_scene, sample_scenes
+from legrad.toy.scenes import draw_sample_scenes, make_scene
 
 SEED = 777001  # used by no training stream, validation or benchmark
 RECOGNITION_THRESHOLD = 0.40
@@ -108,7 +108,7 @@ def test_points_at_the_prompted_object_also_when_its_colour_is_shared(toy):
 def test_the_bundled_demo_scenes(toy):
     model, preprocess, tokenizer = toy
     vocab = _vocab(model, tokenizer)
-    scenes = sample_scenes()  # the assets/ scenes, drawn again with their masks
+    scenes = draw_sample_scenes()  # the assets/ scenes, drawn again with their masks
     assert sum(len(s.objects) for s in scenes) == 14
     assert all(h for h, _ in _hits(model, preprocess, tokenizer, scenes[:1]))  # the playground's default scene
     assert sum(h for h, _ in _hits(model, preprocess, tokenizer, scenes)) >= DEMO_MAPS_RIGHT

@@ -22,7 +22,7 @@ __all__ = [
     "make_scene",
     "make_scenes",
     "phrase_for",
-    "sample_scenes",
+    "draw_sample_scenes",
 ]
 
 #: Shape names, in vocabulary order.
@@ -259,7 +259,7 @@ def make_scenes(n: int, seed: int, size: int = 64, n_objects: int | None = None)
     return [make_scene(rng, size=size, n_objects=n_objects) for _ in range(n)]
 
 
-def sample_scenes(n: int = 6, seed: int = 7, size: int = 192) -> list[Scene]:
+def draw_sample_scenes(n: int = 6, seed: int = 7, size: int = 192) -> list[Scene]:
     """The demo scenes of ``assets/`` (``scripts/make_sample_scenes.py``), drawn again with their masks.
 
     Drawn deterministically from ``seed``, with no selection by model quality: the first scenes with
