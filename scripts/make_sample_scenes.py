@@ -1,7 +1,8 @@
 """Write the demo scenes shipped in the package, ``legrad/assets/scenes/`` (PNGs + ``scenes.json`` with their phrases and captions).
 
-The scenes are drawn deterministically from ``--seed`` (no selection by model quality): the first
-scenes with 2-3 objects, plus the first one where two objects share a colour (the hard case).
+The scenes are drawn deterministically from ``--seed`` by `legrad.toy.scenes.draw_sample_scenes` (no
+selection by model quality): the first scenes with 2-3 objects, plus the first one where two objects
+share a colour (the hard case).
 
 Example:
     python scripts/make_sample_scenes.py --out legrad/assets/scenes --n 6 --size 192
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from legrad.toy import make_scene
+from legrad.toy.scenes import draw_sample_scenes
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,18 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=7)
     args = p.parse_args(argv)
 
-    rng = np.random.default_rng(args.seed)
-    chosen, have_shared = [], False
-    while len(chosen) < args.n:
-        scene = make_scene(rng, size=args.size)
-        colours = [o.colour for o in scene.objects]
-        shared = len(set(colours)) < len(colours)
-        if len(scene.objects) < 2:
-            continue
-        if len(chosen) == args.n - 1 and not have_shared and not shared:
-            continue  # keep the last slot for a same-colour scene
-        have_shared |= shared
-        chosen.append(scene)
+    chosen = draw_sample_scenes(args.n, args.seed, args.size)
 
     args.out.mkdir(parents=True, exist_ok=True)
     entries = []

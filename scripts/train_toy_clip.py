@@ -4,11 +4,12 @@ Each step draws a fresh batch of scenes (1-3 objects each) and encodes every phr
 vocabulary. The loss is a multi-positive CLIP loss over (image, phrase) pairs: each object phrase
 of an image must beat, for that image, every phrase not in it (image -> text), and beat, for that
 phrase, every image of the batch not containing it (text -> image). Since all phrases are scored
-every step, the same-colour / same-shape hard negatives are always present.
+every step, the same-colour / same-shape hard negatives are always present. Options add scenes
+redrawn until two objects share a colour or a shape (``--hard-prob``) and a dense loss on the patch
+tokens of chosen blocks against the object masks (``--dense-layers``, ``--dense-weight``).
 
-Example (the bundled checkpoint):
-    OMP_NUM_THREADS=1 python scripts/train_toy_clip.py --seed 0 --steps 2400 \\
-        --out legrad/assets/toy_clip.pt
+The bundled checkpoint is made in two stages (a from-scratch run, then a fine-tune with ``--init``);
+the exact commands and times are in docs/demo_model.md.
 """
 
 from __future__ import annotations
@@ -68,7 +69,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--curriculum-steps", type=int, default=0,
                    help="first steps draw larger objects (--curriculum-radius), which makes shapes easier")
     p.add_argument("--curriculum-radius", type=str, default="0.16,0.30")
+    p.add_argument("--hard-prob", type=float, default=0.0,
+                   help="fraction of scenes redrawn until two objects share a colour or a shape (hard negatives)")
+    p.add_argument("--dense-layers", type=str, default="",
+                   help="comma-separated blocks whose patch tokens (ln_post + proj) get the dense loss")
+    p.add_argument("--dense-weight", type=float, default=0.0,
+                   help="weight of the dense loss: each patch mostly covered by an object must score its "
+                        "object's phrase above every other phrase and a learned background embedding")
     return p.parse_args(argv)
+
+
+def _is_hard(phrases: list[str]) -> bool:
+    """Whether two objects share a colour or a shape (the scene then holds its own hard negatives)."""
+    words = [p.split()[1:] for p in phrases]
+    colours, shapes = [w[0] for w in words], [w[1] for w in words]
+    return len(set(colours)) < len(colours) or len(set(shapes)) < len(shapes)
 
 
 def render(
@@ -76,16 +91,54 @@ def render(
     size: int,
     hires_prob: float,
     radius_range: tuple[float, float] | None = None,
-) -> tuple[Image.Image, list[str]]:
-    """Draw one training scene at ``size`` px (sometimes rendered larger and downsampled)."""
+    hard_prob: float = 0.0,
+    grid: int = 0,
+) -> tuple[Image.Image, list[str], torch.Tensor | None]:
+    """Draw one training scene at ``size`` px (sometimes rendered larger and downsampled).
+
+    With probability ``hard_prob`` scenes are redrawn (at most 50 times) until two objects share a
+    colour or a shape. With ``grid`` > 0 also returns each object's coverage of the ``grid x grid``
+    patches, ``[objects, grid, grid]`` in [0, 1].
+    """
     render_size = size
     if scene_rng.random() < hires_prob:
         render_size = int(size * scene_rng.uniform(1.5, 3.0))
-    scene = make_scene(scene_rng, size=render_size, radius_range=radius_range)
+    want_hard = hard_prob > 0 and scene_rng.random() < hard_prob
+    for _ in range(50):
+        scene = make_scene(scene_rng, size=render_size, radius_range=radius_range)
+        if not want_hard or _is_hard(scene.phrases):
+            break
     img = scene.image
     if render_size != size:
         img = img.resize((size, size), Image.BICUBIC)
-    return img, scene.phrases
+    cover = None
+    if grid > 0:
+        masks = torch.from_numpy(np.stack([o.mask for o in scene.objects]).astype(np.float32))
+        cover = F.adaptive_avg_pool2d(masks[None], (grid, grid))[0]
+    return img, scene.phrases, cover
+
+
+def dense_targets(covers: list[torch.Tensor], pos_ids: list[list[int]], background: int) -> torch.Tensor:
+    """Per-patch class targets ``[B, grid*grid]``: the phrase of the object covering >= 30 % of the
+    patch (the most covered one), ``background`` where objects cover < 2 %, -100 (ignored) otherwise."""
+    out = []
+    for cover, ids in zip(covers, pos_ids):
+        flat = cover.flatten(1)  # [k, N]
+        best, arg = flat.max(0)
+        t = torch.full_like(arg, -100)
+        t[best >= 0.3] = torch.tensor(ids)[arg[best >= 0.3]]
+        t[flat.sum(0) < 0.02] = background
+        out.append(t)
+    return torch.stack(out)
+
+
+def dense_loss(
+    patch_f: torch.Tensor, txt_f: torch.Tensor, bg: torch.Tensor, scale: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
+    """Cross-entropy of every patch embedding ``[B, N, E]`` over the phrases and a background embedding."""
+    classes = torch.cat([txt_f, F.normalize(bg, dim=-1)[None]])  # [V + 1, E]
+    logits = scale * F.normalize(patch_f, dim=-1) @ classes.T  # [B, N, V + 1]
+    return F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
 
 
 def to_tensor(images: list[Image.Image], cfg: ToyConfig) -> torch.Tensor:
@@ -117,27 +170,29 @@ def multi_positive_loss(logits: torch.Tensor, pos: torch.Tensor) -> tuple[torch.
 
 
 def encode_image_all(
-    model: torch.nn.Module, x: torch.Tensor, deep_layers: tuple[int, ...] = ()
-) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    model: torch.nn.Module, x: torch.Tensor, deep_layers: tuple[int, ...] = (), dense_layers: tuple[int, ...] = ()
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """The model's image embedding (its own pooling), the embedding of the mean of all final tokens,
-    and the mean-token embeddings after the blocks in ``deep_layers`` (all through ``ln_post`` and
-    ``proj``).
+    the mean-token embeddings after the blocks in ``deep_layers`` and the patch-token embeddings
+    ``[B, N, E]`` after the blocks in ``dense_layers`` (all through ``ln_post`` and ``proj``).
 
     The first equals ``model.encode_image(x)``.
     """
     visual = model.visual
     tokens = visual._embeds(x)
-    deep = []
+    deep, dense = [], []
     for i, blk in enumerate(visual.transformer.resblocks):
         tokens = blk(tokens)
         if i in deep_layers:
             deep.append(visual.ln_post(tokens.mean(dim=1)) @ visual.proj)
+        if i in dense_layers:
+            dense.append(visual.ln_post(tokens[:, 1:]) @ visual.proj)
     if visual.pool_type == "avg":  # open_clip normalises every token, then averages the patch tokens
         cls_f = visual.ln_post(tokens)[:, 1:].mean(dim=1) @ visual.proj
     else:
         cls_f = visual.ln_post(tokens[:, 0]) @ visual.proj
     mean_f = visual.ln_post(tokens.mean(dim=1)) @ visual.proj
-    return cls_f, mean_f, deep
+    return cls_f, mean_f, deep, dense
 
 
 @torch.no_grad()
@@ -230,6 +285,10 @@ def main(argv: list[str] | None = None) -> None:
         model.visual.patch_dropout = PatchDropout(args.patch_dropout)  # identity in eval mode
     curriculum_radius = tuple(float(v) for v in args.curriculum_radius.split(","))
     deep_layers = tuple(int(i) for i in args.deep_layers.split(",") if i.strip())
+    dense_layers = tuple(int(i) % cfg.vision_layers for i in args.dense_layers.split(",") if i.strip())
+    grid = cfg.image_size // cfg.patch_size if dense_layers and args.dense_weight > 0 else 0
+    # Training-only: the background class of the dense loss (not part of the saved model).
+    bg_embed = torch.nn.Parameter(torch.randn(cfg.embed_dim) * 0.02)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"config {cfg}\nparams {n_params / 1e6:.2f}M, kept token rows {len(token_ids)}", flush=True)
@@ -238,7 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "embedding" in name or "logit_scale" in name else decay).append(p)
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [{"params": decay, "weight_decay": args.weight_decay},
+         {"params": [*no_decay, bg_embed], "weight_decay": 0.0}],
         lr=args.lr,
         betas=(0.9, 0.98),
         eps=1e-6,
@@ -265,6 +325,9 @@ def main(argv: list[str] | None = None) -> None:
         "curriculum_steps": args.curriculum_steps,
         "curriculum_radius": args.curriculum_radius,
         "init": None if args.init is None else str(args.init),
+        "hard_prob": args.hard_prob,
+        "dense_layers": list(dense_layers),
+        "dense_weight": args.dense_weight,
     }
     t0 = time.time()
     run_loss = None
@@ -273,13 +336,17 @@ def main(argv: list[str] | None = None) -> None:
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         images, pos = [], torch.zeros(args.batch_size, len(VOCABULARY), dtype=torch.bool)
+        covers, pos_ids = [], []
         for b in range(args.batch_size):
-            img, phrases = render(scene_rng, cfg.image_size, args.hires_prob,
-                                  curriculum_radius if step < args.curriculum_steps else None)
+            img, phrases, cover = render(scene_rng, cfg.image_size, args.hires_prob,
+                                         curriculum_radius if step < args.curriculum_steps else None,
+                                         args.hard_prob, grid)
             images.append(img)
-            pos[b, [vocab_index[p] for p in phrases]] = True
+            pos_ids.append([vocab_index[p] for p in phrases])
+            pos[b, pos_ids[-1]] = True
+            covers.append(cover)
         x = to_tensor(images, cfg)
-        cls_f, mean_f, deep_f = encode_image_all(model, x, deep_layers)
+        cls_f, mean_f, deep_f, dense_f = encode_image_all(model, x, deep_layers, dense_layers if grid else ())
         txt_f = F.normalize(model.encode_text(vocab_tokens), dim=-1)
         scale = model.logit_scale.exp()
         l_i2t, l_t2i = multi_positive_loss(scale * F.normalize(cls_f, dim=-1) @ txt_f.T, pos)
@@ -290,6 +357,10 @@ def main(argv: list[str] | None = None) -> None:
         for f in deep_f:
             d_i2t, d_t2i = multi_positive_loss(scale * F.normalize(f, dim=-1) @ txt_f.T, pos)
             loss = loss + args.deep_weight * 0.5 * (d_i2t + d_t2i)
+        if dense_f:
+            target = dense_targets(covers, pos_ids, len(VOCABULARY))
+            l_dense = sum(dense_loss(f, txt_f, bg_embed, scale, target) for f in dense_f) / len(dense_f)
+            loss = loss + args.dense_weight * l_dense
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -112,4 +112,6 @@ def test_quickstart_runs_and_shows_each_figure_once(monkeypatch):
             assert _pngs(cell) == [], cell.source
     # The seed's pattern took the demo model's recommended layer index.
     echoed = [o for c in nb.cells if "model.layer_index" in c.get("source", "") for o in c.outputs]
-    assert [o["data"]["text/plain"] for o in echoed if o.output_type == "execute_result"] == ["0"]
+    from legrad.toy import LAYER_INDEX
+
+    assert [o["data"]["text/plain"] for o in echoed if o.output_type == "execute_result"] == [str(LAYER_INDEX)]

@@ -37,15 +37,47 @@ def test_training_embedding_is_the_models_own(pool_type):
     model = build_model(ToyConfig(vision_layers=2, vision_width=32, vision_head_width=16, pool_type=pool_type)).eval()
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
-        own, mean_f, deep = train.encode_image_all(model, x, deep_layers=(0,))
+        own, mean_f, deep, dense = train.encode_image_all(model, x, deep_layers=(0,), dense_layers=(1,))
         expected = model.encode_image(x)
+        # The dense embeddings are the last block's patch tokens through ln_post and proj.
+        tokens = model.visual._embeds(x)
+        for blk in model.visual.transformer.resblocks:
+            tokens = blk(tokens)
+        patches = torch.stack([model.visual.ln_post(tokens[:, 1 + n]) @ model.visual.proj for n in range(64)], dim=1)
     torch.testing.assert_close(own, expected, rtol=0, atol=1e-6)
     assert mean_f.shape == own.shape and len(deep) == 1
+    assert len(dense) == 1 and dense[0].shape == (3, 64, own.shape[-1])
+    torch.testing.assert_close(dense[0], patches, rtol=0, atol=1e-5)
+
+
+def test_dense_targets_follow_the_masks():
+    # Two objects on a 4x4 patch grid, coverages written by hand.
+    a = torch.zeros(4, 4)
+    a[0, 0], a[0, 1], a[1, 1] = 1.0, 0.5, 0.25
+    b = torch.zeros(4, 4)
+    b[3, 3], b[1, 1] = 0.4, 0.2
+    target = train.dense_targets([torch.stack([a, b])], [[7, 11]], background=40)[0].view(4, 4)
+    expected = torch.full((4, 4), 40)
+    expected[0, 0], expected[0, 1], expected[3, 3] = 7, 7, 11
+    expected[1, 1] = -100  # covered (45 %) but by no object for >= 30 %: ignored
+    assert torch.equal(target, expected)
+
+
+def test_hard_scenes_share_a_colour_or_a_shape():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    scenes = [train.render(rng, 64, 0.0, hard_prob=1.0, grid=8) for _ in range(40)]
+    assert all(train._is_hard(phrases) for _, phrases, _ in scenes)
+    assert all(cover.shape == (len(phrases), 8, 8) for _, phrases, cover in scenes)
+    plain = [train.render(rng, 64, 0.0)[1] for _ in range(40)]
+    assert not all(train._is_hard(p) for p in plain)  # the check can fail: most plain scenes are not hard
 
 
 @pytest.mark.slow
 def test_training_is_deterministic_and_stop_after_reproduces_a_snapshot(tmp_path):
-    full = [*TINY, "--steps", "3", "--eval-every", "1"]
+    full = [*TINY, "--steps", "3", "--eval-every", "1", "--hard-prob", "0.5", "--dense-layers", "0",
+            "--dense-weight", "1"]
     train.main([*full, "--out", str(tmp_path / "a.pt"), "--snapshots", str(tmp_path / "snaps")])
     train.main([*full, "--out", str(tmp_path / "b.pt")])
     _assert_same(tmp_path / "a.pt", tmp_path / "b.pt")

@@ -42,10 +42,10 @@ __all__ = [
     "save_checkpoint",
 ]
 
-#: Recommended ``layer_index`` for `LeWrapper` on the demo model (chosen with
-#: ``bench/toy_localization.py``; see docs/demo_model.md): LeGrad aggregates the blocks from
-#: this index to the last one.
-LAYER_INDEX: int = 0
+#: Recommended ``layer_index`` for `LeWrapper` on the demo model (chosen on validation scenes with
+#: ``bench/toy_demo_quality.py --layer-index``; see docs/demo_model.md): LeGrad aggregates the blocks
+#: from this index to the last one (6: the last six of twelve).
+LAYER_INDEX: int = 6
 
 #: Where the bundled checkpoint lives (package data).
 CHECKPOINT_PATH: Path = Path(__file__).resolve().parent.parent / "assets" / "toy_clip.pt"

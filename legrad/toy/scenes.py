@@ -22,6 +22,7 @@ __all__ = [
     "make_scene",
     "make_scenes",
     "phrase_for",
+    "draw_sample_scenes",
 ]
 
 #: Shape names, in vocabulary order.
@@ -256,3 +257,33 @@ def make_scenes(n: int, seed: int, size: int = 64, n_objects: int | None = None)
     """
     rng = np.random.default_rng(seed)
     return [make_scene(rng, size=size, n_objects=n_objects) for _ in range(n)]
+
+
+def draw_sample_scenes(n: int = 6, seed: int = 7, size: int = 192) -> list[Scene]:
+    """The demo scenes of ``assets/`` (``scripts/make_sample_scenes.py``), drawn again with their masks.
+
+    Drawn deterministically from ``seed``, with no selection by model quality: the first scenes with
+    2-3 objects, the last slot kept for one where two objects share a colour (the hard case).
+
+    Args:
+        n: Number of scenes.
+        seed: Seed of the random stream.
+        size: Side of the square images in pixels.
+
+    Returns:
+        The scenes.
+    """
+    rng = np.random.default_rng(seed)
+    chosen: list[Scene] = []
+    have_shared = False
+    while len(chosen) < n:
+        scene = make_scene(rng, size=size)
+        colours = [o.colour for o in scene.objects]
+        shared = len(set(colours)) < len(colours)
+        if len(scene.objects) < 2:
+            continue
+        if len(chosen) == n - 1 and not have_shared and not shared:
+            continue
+        have_shared |= shared
+        chosen.append(scene)
+    return chosen

@@ -1,0 +1,122 @@
+"""The bundled demo model convinces: it recognises a lone object against the phrases one word away,
+points at the prompted object (also when another object has its colour), and gets every object of the
+bundled demo scenes right, with the default ``LeWrapper(model)``.
+
+These are the checks of ``bench/toy_demo_quality.py`` (the benchmark: 1000 scenes per metric, seed
+2026) on 50 scenes of a seed used nowhere else. The bundled checkpoint does NOT meet issue 21's
+demo-quality bars (docs/demo_model.md); the thresholds guard what it does, 3 standard errors of these
+sample sizes below the benchmark's values, far above a random-init copy:
+* recognition: benchmark 0.623 (0.66 here); 50 scenes have SE ~0.07 -> 0.40; random init 0.02.
+* pointing game: benchmark 0.889 (0.91 here, 101 objects, SE ~0.03) -> 0.79; random init 0.17.
+* shared colour: benchmark 0.500 (0.43 here, 60 objects, SE ~0.065) -> 0.30; random init ~0.13.
+* demo scenes: 11 of 14 maps right (scene 0, the playground's default, all three); every object's
+  phrase above every phrase sharing neither colour nor shape with its scene (min 0.21 vs max 0.01).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from legrad import LeWrapper
+from legrad.toy import COLOURS, SHAPES, VOCABULARY, load_model, make_scenes, phrase_for
+from legrad.toy.model import CHECKPOINT_PATH, build_model, load_checkpoint
+from legrad.toy.scenes import draw_sample_scenes, make_scene
+
+SEED = 777001  # used by no training stream, validation or benchmark
+RECOGNITION_THRESHOLD = 0.40
+PG_THRESHOLD = 0.79
+PG_SHARED_THRESHOLD = 0.30
+DEMO_MAPS_RIGHT = 11
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load_model()
+
+
+def _side(model) -> int:
+    return model.visual.image_size[0]
+
+
+def _vocab(model, tokenizer) -> torch.Tensor:
+    with torch.no_grad():
+        return model.encode_text(tokenizer(list(VOCABULARY)), normalize=True)
+
+
+def _recognition(model, preprocess, tokenizer, scenes) -> float:
+    vocab = _vocab(model, tokenizer)
+    with torch.no_grad():
+        sims = model.encode_image(torch.stack([preprocess(s.image) for s in scenes]), normalize=True) @ vocab.T
+    hits = 0
+    for s, row in zip(scenes, sims):
+        o = s.objects[0]
+        own = row[VOCABULARY.index(o.phrase)]
+        # Every phrase one word away: the same shape in the 7 other colours, the same colour in the 4 other shapes.
+        others = [phrase_for(c, o.shape) for c in COLOURS if c != o.colour] + [
+            phrase_for(o.colour, s) for s in SHAPES if s != o.shape]
+        assert len(others) == 11
+        hits += all(own > row[VOCABULARY.index(p)] for p in others)
+    return hits / len(scenes)
+
+
+def _hits(model, preprocess, tokenizer, scenes) -> list[tuple[bool, bool]]:
+    """(argmax inside the mask, the object's colour is shared) per object, default LeWrapper."""
+    wrapper = LeWrapper(model)
+    vocab = _vocab(model, tokenizer)
+    out = []
+    for s in scenes:
+        image = preprocess(s.image).unsqueeze(0)
+        maps = wrapper.compute_legrad(vocab[[VOCABULARY.index(p) for p in s.phrases]], image=image)[0]
+        side = maps.shape[-1]
+        for k, o in enumerate(s.objects):
+            y, x = np.unravel_index(int(maps[k].argmax()), (side, side))
+            scale = o.mask.shape[0] / side
+            shared = any(p.colour == o.colour for j, p in enumerate(s.objects) if j != k)
+            out.append((bool(o.mask[int((y + 0.5) * scale), int((x + 0.5) * scale)]), shared))
+    return out
+
+
+def test_recognises_a_lone_object_against_phrases_one_word_away(toy):
+    model, preprocess, tokenizer = toy
+    scenes = make_scenes(50, seed=SEED, size=_side(model), n_objects=1)
+    assert _recognition(model, preprocess, tokenizer, scenes) >= RECOGNITION_THRESHOLD
+    torch.manual_seed(0)
+    random_model = build_model(load_checkpoint(CHECKPOINT_PATH, fold=False)[1]).eval()
+    assert _recognition(random_model, preprocess, tokenizer, scenes) < RECOGNITION_THRESHOLD / 2  # it can fail
+
+
+def test_points_at_the_prompted_object_also_when_its_colour_is_shared(toy):
+    model, preprocess, tokenizer = toy
+    hits = _hits(model, preprocess, tokenizer, make_scenes(50, seed=SEED + 1, size=_side(model)))
+    assert np.mean([h for h, _ in hits]) >= PG_THRESHOLD
+    # Scenes drawn until two objects share a colour (a property of the scene, not of the model).
+    rng = np.random.default_rng(SEED + 2)
+    shared_scenes = []
+    while len(shared_scenes) < 30:
+        s = make_scene(rng, size=_side(model))
+        if len({o.colour for o in s.objects}) < len(s.objects):
+            shared_scenes.append(s)
+    shared = [h for h, sh in _hits(model, preprocess, tokenizer, shared_scenes) if sh]
+    assert len(shared) >= 60
+    assert np.mean(shared) >= PG_SHARED_THRESHOLD
+
+
+def test_the_bundled_demo_scenes(toy):
+    model, preprocess, tokenizer = toy
+    vocab = _vocab(model, tokenizer)
+    scenes = draw_sample_scenes()  # the assets/ scenes, drawn again with their masks
+    assert sum(len(s.objects) for s in scenes) == 14
+    assert all(h for h, _ in _hits(model, preprocess, tokenizer, scenes[:1]))  # the playground's default scene
+    assert sum(h for h, _ in _hits(model, preprocess, tokenizer, scenes)) >= DEMO_MAPS_RIGHT
+    for s in scenes:
+        with torch.no_grad():
+            sims = (model.encode_image(preprocess(s.image).unsqueeze(0), normalize=True) @ vocab.T)[0]
+        present = [VOCABULARY.index(p) for p in s.phrases]
+        words = {w for p in s.phrases for w in p.split()[1:]}
+        # Contrast prompts as the playground picks them: sharing neither colour nor shape with the scene.
+        unrelated = [i for i, v in enumerate(VOCABULARY) if not words & set(v.split()[1:])]
+        assert unrelated and sims[present].min() > sims[unrelated].max(), s.caption
