@@ -8,7 +8,7 @@ On fresh held-out scenes, with the default ``LeWrapper(model)`` (the model's rec
 * pointing game: every object of 1-3 object scenes is prompted with its phrase; a hit when the map's
   argmax pixel is inside the object's mask;
 * shared-colour pointing: the same, restricted to objects whose colour another object of the scene has;
-* demo scenes (``assets/``, drawn again with their masks by `legrad.toy.scenes.draw_sample_scenes`): for every
+* demo scenes (``legrad/assets/scenes/``, drawn again with their masks by `legrad.toy.scenes.draw_sample_scenes`): for every
   object, the map's argmax is inside its mask and its phrase scores above every absent vocabulary phrase.
 
 The held-out seed (default 2026) is used neither by training (``[seed, 1]`` / ``[seed, 2]`` streams of
@@ -28,11 +28,10 @@ import numpy as np
 import torch
 
 from legrad import LeWrapper
+from legrad.frontend.scenes import SCENES_DIR
 from legrad.toy import COLOURS, SHAPES, VOCABULARY, Scene, make_scenes, phrase_for
 from legrad.toy.model import CHECKPOINT_PATH, load_checkpoint, make_preprocess, make_tokenizer
 from legrad.toy.scenes import draw_sample_scenes
-
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
 def hard_negatives(colour: str, shape: str) -> list[str]:
@@ -97,7 +96,7 @@ def pointing(
 
 
 def demo_scenes(
-    model: torch.nn.Module, preprocess, tokenizer, folder: Path = ASSETS, layer_index: int | None = None
+    model: torch.nn.Module, preprocess, tokenizer, folder: Path = SCENES_DIR, layer_index: int | None = None
 ) -> list[dict]:
     """Per object of the bundled demo scenes: map right, ranking right, its similarity and rank.
 

@@ -108,7 +108,7 @@ def test_points_at_the_prompted_object_also_when_its_colour_is_shared(toy):
 def test_the_bundled_demo_scenes(toy):
     model, preprocess, tokenizer = toy
     vocab = _vocab(model, tokenizer)
-    scenes = draw_sample_scenes()  # the assets/ scenes, drawn again with their masks
+    scenes = draw_sample_scenes()  # the bundled scenes (legrad/assets/scenes), drawn again with their masks
     assert sum(len(s.objects) for s in scenes) == 14
     assert all(h for h, _ in _hits(model, preprocess, tokenizer, scenes[:1]))  # the playground's default scene
     assert sum(h for h, _ in _hits(model, preprocess, tokenizer, scenes)) >= DEMO_MAPS_RIGHT

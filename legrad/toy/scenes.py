@@ -260,7 +260,7 @@ def make_scenes(n: int, seed: int, size: int = 64, n_objects: int | None = None)
 
 
 def draw_sample_scenes(n: int = 6, seed: int = 7, size: int = 192) -> list[Scene]:
-    """The demo scenes of ``assets/`` (``scripts/make_sample_scenes.py``), drawn again with their masks.
+    """The demo scenes shipped in ``legrad/assets/scenes/`` (``scripts/make_sample_scenes.py``), drawn again with their masks.
 
     Drawn deterministically from ``seed``, with no selection by model quality: the first scenes with
     2-3 objects, the last slot kept for one where two objects share a colour (the hard case).
