@@ -59,7 +59,7 @@ class LeWrapper:
             omitted one keeps it.
         layer_index: first transformer block used; negative values count from the end (``-2``: the
             last two blocks). None (default): the model's recommended index if it declares one as
-            an int attribute ``legrad_layer_index`` (the bundled demo model does: 0), else ``-2``.
+            an int attribute ``legrad_layer_index`` (the bundled demo model does: 6), else ``-2``.
         tokenizer: optional tokenizer, used by towers that need an auxiliary prompt (SigLIP's
             empty-prompt correction), or a VLM's processor (tokenises string answers).
         empty_text_embedding: optional precomputed ``[D]`` embedding of that auxiliary prompt.

@@ -241,3 +241,31 @@ def test_legrad_points_at_the_prompted_object(toy, scenes):
     assert hits / total >= PG_THRESHOLD, hits / total
     assert patch_hits / total >= PATCH_PG_THRESHOLD, patch_hits / total
     assert hits / total >= centre_hits / total + 0.3
+
+
+def test_recommended_layer_index_fits_the_checkpoint_depth(tmp_path):
+    # LAYER_INDEX was tuned on the bundled 12-block checkpoint; a shallower checkpoint must still load and
+    # explain with its own default instead of an out-of-range block.
+    from legrad.frontend.explainer import Explainer
+    from legrad.toy.model import (
+        LAYER_INDEX,
+        ToyConfig,
+        build_model,
+        known_token_ids,
+        load_checkpoint,
+        make_tokenizer,
+        recommended_layer_index,
+        save_checkpoint,
+    )
+
+    cfg = ToyConfig()
+    assert cfg.vision_layers <= LAYER_INDEX  # the case this test is about
+    torch.manual_seed(0)
+    ck = tmp_path / "shallow.pt"
+    save_checkpoint(build_model(cfg), cfg, ck, known_token_ids(make_tokenizer(cfg)))
+    model = load_checkpoint(ck)[0]
+    assert model.legrad_layer_index == recommended_layer_index(cfg.vision_layers) == -2
+    assert LeWrapper(model).layer_index == -2
+    assert Explainer.load("toy", str(ck)).wrapper.layer_index == -2
+    assert recommended_layer_index(LAYER_INDEX + 1) == LAYER_INDEX
+    assert load_checkpoint(CHECKPOINT_PATH)[0].legrad_layer_index == LAYER_INDEX

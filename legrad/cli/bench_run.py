@@ -18,7 +18,7 @@ from ..eval.baselines import METHODS, get_method
 from ..eval.benchmark import evaluate, format_table
 from ..eval.datasets import FolderDataset, ToyScenes
 from ..frontend.classifier_models import is_classifier_name
-from ..frontend.models import default_layer_index, load_model, native_image_size
+from ..frontend.models import load_model, model_layer_index, native_image_size
 from ..io.errors import ImageLoadError, ModelLoadError
 from ..io.files import atomic_writer
 from .bench import DEFAULT_TOY_LIMIT
@@ -86,7 +86,7 @@ def _benchmark(args: argparse.Namespace) -> int:
     except (ModelLoadError, ValueError) as exc:
         raise Stop(str(exc), 1) from None
     device = str(next(model.parameters()).device)
-    layer_index = args.layer_index if args.layer_index is not None else default_layer_index(args.model)
+    layer_index = args.layer_index if args.layer_index is not None else model_layer_index(model, args.model)
     samples = _samples(args, model, preprocess)
     t0 = time.perf_counter()
     try:

@@ -27,7 +27,7 @@ from ..io.images import MAX_ASPECT_RATIO, check_image_shape
 from ..preprocess import LePreprocess
 from ..wrapper import LeWrapper
 from .classifier_models import ClassLabels
-from .models import TOY_NAME, default_layer_index, load_model, native_image_size
+from .models import TOY_NAME, load_model, model_layer_index, native_image_size
 
 __all__ = ["Explainer", "Explanation", "clean_prompts", "clean_targets", "MAX_TOKENS"]
 
@@ -153,7 +153,7 @@ class Explainer:
             ModelLoadError: when the model cannot be loaded.
         """
         model, preprocess, tokenizer = load_model(name, pretrained, device)
-        li = default_layer_index(name) if layer_index is None else layer_index
+        li = layer_index if layer_index is not None else model_layer_index(model, name)
         label = name if pretrained is None else f"{name} ({pretrained})"
         return cls(model, preprocess, tokenizer, layer_index=li, name=label, max_tokens=max_tokens)
 

@@ -23,6 +23,7 @@ __all__ = [
     "load_model",
     "resolve_device",
     "default_layer_index",
+    "model_layer_index",
     "default_pretrained",
     "native_image_size",
     "model_choices",
@@ -67,6 +68,15 @@ def default_layer_index(name: str) -> int:
             return -2
         return int(LAYER_INDEX)
     return -2
+
+
+def model_layer_index(model: Any, name: str) -> int:
+    """The loaded model's own recommended ``layer_index`` (the demo model's, for its depth), else
+    :func:`default_layer_index` of its name."""
+    hint = getattr(model, "legrad_layer_index", None)
+    if isinstance(hint, int) and not isinstance(hint, bool):
+        return hint
+    return default_layer_index(name)
 
 
 def default_pretrained(name: str) -> str | None:

@@ -29,6 +29,7 @@ from legrad.toy.scenes import VOCABULARY
 __all__ = [
     "CHECKPOINT_PATH",
     "LAYER_INDEX",
+    "recommended_layer_index",
     "ToyConfig",
     "build_model",
     "create_model_and_transforms",
@@ -256,6 +257,15 @@ def fold_normalization(
     return replace(cfg, mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std))
 
 
+def recommended_layer_index(depth: int) -> int:
+    """The recommended first explained block of a demo-model checkpoint with ``depth`` image blocks.
+
+    `LAYER_INDEX` was tuned on the bundled checkpoint; a checkpoint too shallow to have that block (one
+    trained with ``--vision-layers 6``, say) gets LeWrapper's general default, ``-2``.
+    """
+    return LAYER_INDEX if 0 <= LAYER_INDEX < depth else -2
+
+
 def load_checkpoint(
     path: str | Path, device: str | torch.device = "cpu", fold: bool = True
 ) -> tuple[torch.nn.Module, ToyConfig, dict]:
@@ -269,8 +279,8 @@ def load_checkpoint(
 
     Returns:
         ``(model, cfg, meta)`` with the model in eval mode, fp32; ``cfg.mean``/``cfg.std`` are the
-        statistics the returned model takes. The model carries ``legrad_layer_index`` (`LAYER_INDEX`),
-        which `legrad.LeWrapper` uses when no ``layer_index`` is given.
+        statistics the returned model takes. The model carries ``legrad_layer_index``
+        (`recommended_layer_index`), which `legrad.LeWrapper` uses when no ``layer_index`` is given.
     """
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if payload.get("format") != _FORMAT_VERSION:
@@ -287,7 +297,7 @@ def load_checkpoint(
         cfg = fold_normalization(model, cfg)
     # What open_clip's factory records for its models (legrad.viz reads it for normalization=model).
     model.visual.preprocess_cfg = {"size": cfg.image_size, "mean": cfg.mean, "std": cfg.std}
-    model.legrad_layer_index = LAYER_INDEX
+    model.legrad_layer_index = recommended_layer_index(cfg.vision_layers)
     return model.to(device), cfg, payload["meta"]
 
 
