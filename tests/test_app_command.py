@@ -68,3 +68,33 @@ def test_help_loads_neither_gradio_nor_torch():
     out = subprocess.run([PYTHON, "app.py", "--help"], cwd=REPO, env=subprocess_env(), capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and "--time-limit" in out.stdout and "--concurrency" in out.stdout
+
+
+@pytest.mark.subprocess
+def test_start_up_line_names_the_apps_own_share_flag(tmp_path):
+    # Gradio's own start-up text advises `share=True` in `launch()`; the app's switch is --share.
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**subprocess_env(), "GRADIO_TEMP_DIR": str(tmp_path)}
+    proc = subprocess.Popen([PYTHON, str(REPO / "app.py"), "--port", str(port), "--device", "cpu"], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "serving on" in line:
+                break
+    finally:
+        proc.terminate()
+        rest, _ = proc.communicate(timeout=30)
+    text = "".join(lines) + (rest or "")
+    assert f"serving on http://127.0.0.1:{port}" in text and "--share" in text, text
+    assert "share=True" not in text, text

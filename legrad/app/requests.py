@@ -290,7 +290,9 @@ class DemoApp:
             return [], f"**Error:** the explanation failed ({type(exc).__name__}); try a smaller size or another image"
 
         best = result.prompts[int(result.similarity[0].argmax())]
-        status = f"{explainer.name}, layer index {layer}, {h}x{w} px: best {'class' if explainer.is_classifier else 'match'} *{best}*."
+        status = (f"{explainer.name}, layer index {layer}, maps at {h}x{w} px: best "
+                  f"{'class' if explainer.is_classifier else 'match'} *{best}*. "
+                  f"{'Logits' if explainer.is_classifier else 'Similarities'} are the model's own, at its native input size.")
         return gallery, status
 
 

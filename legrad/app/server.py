@@ -140,8 +140,16 @@ def serve(args: argparse.Namespace, prog: str = "app.py") -> int:
     extra = {"ssr_mode": False} if "ssr_mode" in launch_params else {}
     if "css" in launch_params:
         extra["css"] = CSS
+    # Gradio's own start-up lines advise `share=True` in `launch()`; this app's switch is --share, so it
+    # prints its own line instead (the real address, after Gradio has bound the port).
+    quiet = not args.share and "quiet" in launch_params and "prevent_thread_lock" in launch_params
+    if quiet:
+        extra.update(quiet=True, prevent_thread_lock=True)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=False,
                 max_file_size=int(args.max_upload_mb * 2**20), **extra)
+    if quiet:
+        print(f"{prog}: serving on {demo.local_url} (a public link: --share; stop with Ctrl-C)", flush=True)
+        demo.block_thread()
     return 0
 
 
