@@ -10,7 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers.frontend_utils import PYTHON, REPO, bundled_scenes, copy_scenes, subprocess_env
+from helpers.frontend_utils import (
+    PYTHON,
+    REPO,
+    bundled_scenes,
+    copy_scenes,
+    signal_after_first_output,
+    subprocess_env,
+)
 from helpers.oracles import openclip_vit_oracle
 from PIL import Image
 
@@ -202,7 +209,6 @@ def test_unreachable_weights_host_fails_fast(tmp_path, monkeypatch):
 @pytest.mark.subprocess
 def test_interrupted_run_leaves_only_complete_files(workspace, tmp_path):
     import signal
-    import time
 
     root, scenes = workspace
     src = tmp_path / "many"
@@ -210,25 +216,10 @@ def test_interrupted_run_leaves_only_complete_files(workspace, tmp_path):
     for i in range(40):
         shutil.copy(scenes[i % len(scenes)][0], src / f"img{i:02d}.png")
     out = tmp_path / "out"
-    proc = subprocess.Popen([PYTHON, "-m", "legrad", "explain", str(src), "-p", PROMPTS[0], "--out", str(out),
-                             "--batch-size", "1", "--save-maps"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=subprocess_env(), cwd=REPO,
-                            # A job started in the background by a non-interactive shell (a CI script)
-                            # inherits SIGINT ignored, and Python keeps ignoring it: restore the default
-                            # so that the child sees the Ctrl-C this test sends.
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        deadline = time.monotonic() + 180
-        while not list(out.glob("*.png")) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be interrupted"
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, err
+    code, err = signal_after_first_output(["explain", str(src), "-p", PROMPTS[0], "--out", str(out),
+                                           "--batch-size", "1", "--save-maps"], out, "*.png", signal.SIGINT,
+                                          step_s=0.05)
+    assert code == 130, err
     assert "interrupted" in err and "Traceback" not in err
     pngs = list(out.glob("*.png"))
     assert 0 < len(pngs) < 40

@@ -9,16 +9,14 @@ import hashlib
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from helpers.degenerate_png import write_gray_png
-from helpers.frontend_utils import PYTHON, REPO, bundled_scenes, subprocess_env
+from helpers.frontend_utils import REPO, bundled_scenes, signal_after_first_output
 from PIL import Image
 
 from legrad.cli import main
@@ -183,21 +181,9 @@ def test_sigterm_keeps_the_rows_of_the_overlays_written(tmp_path):
     for i in range(40):
         shutil.copy(scenes[i % len(scenes)][0], src / f"img{i:02d}.png")
     out = tmp_path / "out"
-    proc = subprocess.Popen([PYTHON, "-m", "legrad", "explain", str(src), "-p", "a red circle", "--out", str(out),
-                             "--batch-size", "1", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=subprocess_env(), cwd=REPO)
-    try:
-        deadline = time.monotonic() + 180
-        while not list(out.glob("*.png")) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert proc.poll() is None, "the run ended before it could be terminated"
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    code, err = signal_after_first_output(["explain", str(src), "-p", "a red circle", "--out", str(out),
+                                           "--batch-size", "1", "-q"], out, "*.png", signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, err
     assert "terminated" in err and "Traceback" not in err
     pngs = _overlays(out)
     assert 0 < len(pngs) < 40

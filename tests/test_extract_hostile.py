@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from helpers.degenerate_png import write_gray_png
-from helpers.frontend_utils import REPO, subprocess_env
+from helpers.frontend_utils import REPO, signal_after_first_output, subprocess_env
 from PIL import Image
 
 from legrad.cli import main as cli_main
@@ -250,22 +250,9 @@ def test_sigterm_stops_cleanly_and_the_rerun_resumes(tmp_path):
     data = tmp_path / "data"
     _scenes(data, 24)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "legrad", "extract", str(data), "--out", str(out), "-p", PROMPTS[0],
-           "--batch-size", "1", "--workers", "0", "-q"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
-                            cwd=REPO)
-    try:
-        deadline = time.monotonic() + 180
-        while not list(out.glob("*.npz")) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert proc.poll() is None, "the run ended before it could be terminated"
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    code, err = signal_after_first_output(["extract", str(data), "--out", str(out), "-p", PROMPTS[0],
+                                           "--batch-size", "1", "--workers", "0", "-q"], out, "*.npz", signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, err
     assert "terminated" in err and "Traceback" not in err
     done = sorted(p.name for p in out.glob("*.npz"))
     assert 0 < len(done) < 24

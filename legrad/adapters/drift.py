@@ -6,7 +6,7 @@ re-run would silently keep the old maths. :func:`check_drift` runs both on one f
 of the tower's native size (batch 1) and raises :class:`DriftError` when they differ beyond a
 tolerance set by the dtype.
 
-Both run on an eval-mode *view* of the model (:func:`legrad.adapters.timm_blocks.eval_view`: the
+Both run on an eval-mode *view* of the model (:func:`legrad.ops.functional.eval_view`: the
 module objects are copied, parameters and buffers are shared, hooks are left out), never on the model
 itself: a model in training mode would otherwise apply dropout (a random output that cannot be
 compared) and update BatchNorm statistics (a write to the model), calling ``.eval()`` on it would
@@ -22,8 +22,8 @@ import logging
 import torch
 from torch import nn
 
+from ..ops.functional import eval_view
 from .base import TowerAdapter
-from .timm_blocks import eval_view
 
 __all__ = ["DriftError", "check_drift", "tolerance", "library_versions"]
 
@@ -72,7 +72,7 @@ def check_drift(adapter: TowerAdapter, model: nn.Module) -> None:
 
     Costs about two forwards of the image tower; builds no autograd graph beyond a transient one for an
     explained pooler, writes nothing and fires none of the model's hooks (both runs use an eval-mode view
-    of the model, :func:`~legrad.adapters.timm_blocks.eval_view`, that shares its weights). Families
+    of the model, :func:`~legrad.ops.functional.eval_view`, that shares its weights). Families
     without ``own_output`` (user adapters) and models whose weights are on the meta device are not
     checked (logged).
 

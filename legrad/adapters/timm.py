@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.attention import LatentPoolOps
-from ..ops.functional import apply_module, param
+from ..ops.functional import apply_module, eval_view, param
 from ..ops.posembed import resampled_embedding
 from .openclip import encode_image
 from .runner import BlockTower, Pooler, Run
@@ -36,7 +36,6 @@ from .timm_blocks import (
     TIMM_MODEL,
     apply_head_module,
     apply_mlp,
-    eval_view,
     head_problem,
     is_exact,
     mlp_final,

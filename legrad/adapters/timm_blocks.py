@@ -2,17 +2,14 @@
 (:mod:`legrad.adapters.timm`) and the timm classifiers (:mod:`legrad.adapters.classifiers.timm`).
 
 :func:`timm_block` declares one timm block (pre- or post-norm) for the runner (:mod:`legrad.adapters.runner`); the MLP helpers know
-timm's MLP classes; :func:`eval_view` gives convolutional stems eval semantics without touching the
-user's modules; :func:`trunk_problem` says why a trunk is not supported (from its classes, never its
+timm's MLP classes; :func:`trunk_problem` says why a trunk is not supported (from its classes, never its
 name); :func:`rope_table` / :func:`rel_pos_mlp_bias` build grid-dependent position tables from the
 modules' own settings, without writing to them. timm itself is only imported when a timm model is used.
 """
 
 from __future__ import annotations
 
-import copy
 import inspect
-from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -24,7 +21,7 @@ from ..ops.functional import apply_module, linear, param
 from .runner import Block, Fn, chain
 
 __all__ = [
-    "TRUNKS", "PATCH_EMBED", "TIMM_MODEL", "timm_block", "eval_view", "is_exact", "mlp_kind", "mlp_hidden",
+    "TRUNKS", "PATCH_EMBED", "TIMM_MODEL", "timm_block", "is_exact", "mlp_kind", "mlp_hidden",
     "mlp_final", "apply_mlp", "apply_head_module", "trunk_problem", "head_problem", "reference_problem",
     "rope_table", "rel_pos_mlp_bias",
 ]
@@ -69,31 +66,6 @@ def mlp_kind(mlp: nn.Module) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- eval view
-_HOOK_DICTS = (
-    "_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
-    "_forward_hooks_always_called", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
-)
-
-
-def eval_view(module: nn.Module) -> nn.Module:
-    """A copy of a module tree in eval mode that shares the original's parameters and buffers.
-
-    Used for convolutional stems (ViTamin's MbConv stages, MobileCLIP's ConvStem with BatchNorm), whose
-    forward is pure in eval mode but would use batch statistics, dropout or drop-path in train mode.
-    Nothing is copied but the module objects themselves (parameter/buffer dicts are shared, so weight
-    updates and ``.to()`` are seen); the user's module, its mode and its hooks are untouched, and the
-    view's hooks are empty.
-    """
-    view = copy.copy(module)
-    d = view.__dict__
-    d["_modules"] = OrderedDict((k, None if c is None else eval_view(c)) for k, c in module._modules.items())
-    d["training"] = False
-    for name in _HOOK_DICTS:
-        if name in d:
-            d[name] = OrderedDict()
-    return view
-
-
 # ---------------------------------------------------------------------------------------------- MLPs
 def _mlp_parts(mlp: nn.Module) -> tuple[str, nn.Linear]:
     kind = mlp_kind(mlp)

@@ -8,11 +8,14 @@ recorded) and never writes to a module.
 
 from __future__ import annotations
 
+import copy
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["param", "apply_module", "linear", "layer_norm"]
+__all__ = ["param", "apply_module", "linear", "layer_norm", "eval_view"]
 
 # Modules whose forward is a pure function of their input (no parameters, no train-mode behaviour).
 _STATELESS = (
@@ -105,3 +108,28 @@ def apply_module(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
         f"legrad does not know how to apply {type(mod).__module__}.{type(mod).__name__} statelessly; "
         "please open an issue with the model name."
     )
+
+
+_HOOK_DICTS = (
+    "_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_always_called", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+)
+
+
+def eval_view(module: nn.Module) -> nn.Module:
+    """A copy of a module tree in eval mode that shares the original's parameters and buffers.
+
+    Used for convolutional stems (ViTamin's MbConv stages, MobileCLIP's ConvStem with BatchNorm), whose
+    forward is pure in eval mode but would use batch statistics, dropout or drop-path in train mode.
+    Nothing is copied but the module objects themselves (parameter/buffer dicts are shared, so weight
+    updates and ``.to()`` are seen); the user's module, its mode and its hooks are untouched, and the
+    view's hooks are empty.
+    """
+    view = copy.copy(module)
+    d = view.__dict__
+    d["_modules"] = OrderedDict((k, None if c is None else eval_view(c)) for k, c in module._modules.items())
+    d["training"] = False
+    for name in _HOOK_DICTS:
+        if name in d:
+            d[name] = OrderedDict()
+    return view

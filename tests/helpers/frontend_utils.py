@@ -36,3 +36,32 @@ def subprocess_env() -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+def signal_after_first_output(args: list[str], out: Path, pattern: str, sig: int, step_s: float = 0.02
+                              ) -> tuple[int, str]:
+    """Runs ``python -m legrad ARGS``, sends ``sig`` once a file matching ``pattern`` appears in ``out``,
+    and returns ``(exit status, stderr)``. Fails if the run ends before it could be signalled."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen([PYTHON, "-m", "legrad", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=subprocess_env(), cwd=REPO,
+                            # A job started in the background by a non-interactive shell (a CI script)
+                            # inherits SIGINT ignored, and Python keeps ignoring it: restore the default
+                            # so that the child sees the Ctrl-C a test sends.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 180
+        while not list(out.glob(pattern)) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(step_s)
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before it could be signalled: {proc.communicate()[1][-2000:]}")
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, err

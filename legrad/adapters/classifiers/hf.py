@@ -12,11 +12,10 @@ from torch import nn
 
 from ...engine.validation import check_image
 from ...ops.attention import HFSelfAttentionOps
-from ...ops.functional import layer_norm, linear
+from ...ops.functional import eval_view, layer_norm, linear
 from ..base import ImageBatch
 from ..hf.common import mlp_in, pixel_values
 from ..runner import Block, BlockTower, Run, chain
-from ..timm_blocks import eval_view
 from .base import ClassifierAdapter
 
 __all__ = ["HFViTClassifierAdapter"]
