@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import os
 import shutil
 import signal
@@ -140,7 +141,18 @@ def test_colliding_names_then_a_subset_lose_nothing(tmp_path, images):
     assert len(second) == 4
     assert {(r["image"], r["prompt"]): r["overlay"] for r in second} == {
         (r["image"], r["prompt"]): r["overlay"] for r in first}
-    assert {name: (out / name).read_bytes() for name in _overlays(out)} == before  # same pixels redrawn
+    after = {name: (out / name).read_bytes() for name in _overlays(out)}
+    redrawn = second[-1]["overlay"]
+    # The three overlays this run did not redraw are untouched (the same bytes); the redrawn one is the
+    # same picture from a batch of one instead of two: float results may differ across batch shapes
+    # (and CPUs), so its pixels are compared with a tolerance of a few 8-bit levels, far below how much
+    # it differs from any other overlay.
+    assert {n: v for n, v in after.items() if n != redrawn} == {n: v for n, v in before.items() if n != redrawn}
+    pixels = {n: np.asarray(Image.open(out / n).convert("RGB"), dtype=np.int16) for n in after}
+    new_px = pixels[redrawn]
+    old_px = np.asarray(Image.open(io.BytesIO(before[redrawn])).convert("RGB"), dtype=np.int16)
+    assert np.abs(new_px - old_px).max() <= 3
+    assert min(np.abs(new_px - px).mean() for n, px in pixels.items() if n != redrawn) > 5 * np.abs(new_px - old_px).mean() + 1
     # The redrawn pair's row is the last one; the others are kept as they were.
     assert (second[-1]["image"], second[-1]["prompt"]) == (b, "a red circle")
     assert [r for r in second[:-1]] == [r for r in first if (r["image"], r["prompt"]) != (b, "a red circle")]

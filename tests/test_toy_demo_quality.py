@@ -9,8 +9,13 @@ sample sizes below the benchmark's values, far above a random-init copy:
 * recognition: benchmark 0.623 (0.66 here); 50 scenes have SE ~0.07 -> 0.40; random init 0.02.
 * pointing game: benchmark 0.889 (0.91 here, 101 objects, SE ~0.03) -> 0.79; random init 0.17.
 * shared colour: benchmark 0.500 (0.43 here, 60 objects, SE ~0.065) -> 0.30; random init ~0.13.
-* demo scenes: 11 of 14 maps right (scene 0, the playground's default, all three); every object's
-  phrase above every phrase sharing neither colour nor shape with its scene (min 0.21 vs max 0.01).
+* demo scenes: a map is *right* when its peak inside the object beats its peak outside by more than
+  ``TIE`` (0.01 of the [0, 1] map) and *wrong* when the reverse holds; closer peaks are near-ties whose
+  argmax another CPU, thread count or batch shape may flip (measured: 10 right, 1 wrong, 3 near-ties, the
+  closest right one by 0.018; a plain argmax count gave 11 here and 10 on another machine). Thresholds:
+  >= 9 right, <= 2 wrong (one object of margin each way); scene 0, the playground's default, all three
+  right. Every object's phrase is above every phrase sharing neither colour nor shape with its scene
+  (min 0.21 vs max 0.01).
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ SEED = 777001  # used by no training stream, validation or benchmark
 RECOGNITION_THRESHOLD = 0.40
 PG_THRESHOLD = 0.79
 PG_SHARED_THRESHOLD = 0.30
-DEMO_MAPS_RIGHT = 11
+DEMO_MAPS_RIGHT = 9
+DEMO_MAPS_WRONG = 2
+TIE = 0.01  # peaks closer than this are near-ties (float noise across CPUs is ~1e-5)
 
 pytestmark = pytest.mark.slow
 
@@ -105,13 +112,31 @@ def test_points_at_the_prompted_object_also_when_its_colour_is_shared(toy):
     assert np.mean(shared) >= PG_SHARED_THRESHOLD
 
 
+def _peak_margins(model, preprocess, tokenizer, scenes) -> list[float]:
+    """Per object: the map's peak inside the object's mask minus its peak outside (default LeWrapper)."""
+    wrapper = LeWrapper(model)
+    vocab = _vocab(model, tokenizer)
+    out = []
+    for s in scenes:
+        maps = wrapper.compute_legrad(vocab[[VOCABULARY.index(p) for p in s.phrases]],
+                                      image=preprocess(s.image).unsqueeze(0))[0].numpy()
+        side = maps.shape[-1]
+        for k, o in enumerate(s.objects):
+            centres = ((np.arange(side) + 0.5) * (o.mask.shape[0] / side)).astype(int)
+            inside = o.mask[np.ix_(centres, centres)]  # the same pixel-centre rule as _hits
+            out.append(float(maps[k][inside].max() - maps[k][~inside].max()))
+    return out
+
+
 def test_the_bundled_demo_scenes(toy):
     model, preprocess, tokenizer = toy
     vocab = _vocab(model, tokenizer)
     scenes = draw_sample_scenes()  # the bundled scenes (legrad/assets/scenes), drawn again with their masks
     assert sum(len(s.objects) for s in scenes) == 14
-    assert all(h for h, _ in _hits(model, preprocess, tokenizer, scenes[:1]))  # the playground's default scene
-    assert sum(h for h, _ in _hits(model, preprocess, tokenizer, scenes)) >= DEMO_MAPS_RIGHT
+    margins = _peak_margins(model, preprocess, tokenizer, scenes)
+    assert all(m > TIE for m in margins[:len(scenes[0].objects)])  # the playground's default scene
+    assert sum(m > TIE for m in margins) >= DEMO_MAPS_RIGHT
+    assert sum(m < -TIE for m in margins) <= DEMO_MAPS_WRONG
     for s in scenes:
         with torch.no_grad():
             sims = (model.encode_image(preprocess(s.image).unsqueeze(0), normalize=True) @ vocab.T)[0]
