@@ -217,9 +217,11 @@ def test_correction_threshold_and_switch():
     torch.testing.assert_close(low, timm_oracle(model, image, text, -2, empty=empty, threshold=0.3),
                                atol=1e-5, rtol=0)
     assert not torch.allclose(low, plain)
-    # nothing exceeds a threshold of 1: the correction changes nothing
+    # nothing exceeds a threshold of 1: the correction changes nothing (up to float rounding: the corrected
+    # path scores the empty prompt beside the text in one batch, a batch shape whose kernels may round
+    # differently on another CPU; 2e-7 seen with AVX2 kernels)
     torch.testing.assert_close(wrapper.compute_legrad_siglip(text, image=image, correction_threshold=1.0), plain,
-                               atol=0, rtol=0)
+                               atol=1e-6, rtol=0)
     assert LeWrapper(model, apply_correction=False).compute_legrad(text, image=image).equal(plain)
 
 
