@@ -249,7 +249,7 @@ def _hostile_folder(root: Path) -> Path:
     Image.new("RGB", (64, 64), (220, 30, 30)).save(src / "good.png")
     (src / "ps.png").write_bytes(EPS_FOREVER)  # PostScript that never ends, named like a PNG
     (src / "strip.png").write_bytes(strip_png(34_000_000))
-    # 15,000 scans of a 2048x2048 image: about 40 s of decoding if it were not refused from its markers.
+    # 15,000 scans of a 2048x2048 image: 40 s to minutes of decoding if it were not refused from its markers.
     (src / "scans.jpg").write_bytes(many_scans_jpeg(15_000, (2048, 2048)))
     return src
 

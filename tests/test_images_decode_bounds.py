@@ -48,7 +48,7 @@ def test_the_many_scans_fixture_is_a_valid_jpeg_that_is_slow_to_decode():
 
 
 def test_a_15000_scan_jpeg_is_refused_at_once_naming_the_file_and_the_limit(tmp_path):
-    # 2048x2048 and 15,000 scans: about 260 KB, and about 40 s of decoding (the 1 MB file: a minute).
+    # 2048x2048 and 15,000 scans: about 260 KB, and 40 s (idle) to minutes (busy machine) of decoding (the 1 MB file: a minute).
     path = tmp_path / "bomb.jpg"
     path.write_bytes(many_scans_jpeg(15_000, (2048, 2048)))
     assert path.stat().st_size < 400_000
