@@ -199,6 +199,12 @@ def available_ram() -> int | None:
 
 
 def check_decode_memory(im: Image.Image, name: str) -> None:
+    """Refuses an opened, not yet decoded image whose decoding would need more than
+    :data:`DECODE_MEMORY_FRACTION` of the available memory (no check where that is unknown).
+
+    Raises:
+        ImageTooLargeError: naming the image, the memory needed and the memory available.
+    """
     need = decode_bytes(im.width, im.height, im.mode,
                         jpeg_progressive=im.format in ("JPEG", "MPO") and bool(im.info.get("progressive")))
     avail = available_ram()
@@ -211,6 +217,12 @@ def check_decode_memory(im: Image.Image, name: str) -> None:
 
 
 def check_jpeg_scans(im: Image.Image, name: str, max_scans: int) -> None:
+    """Refuses an opened, not yet decoded JPEG of more than ``max_scans`` scans (its file read in place:
+    a memory map or a ``BytesIO``'s buffer; the file position is kept).
+
+    Raises:
+        ImageTooLargeError: naming the image and the limit.
+    """
     # Before im.load(): Pillow's decoder (libjpeg) cannot be stopped once it runs, whatever the deadline.
     offset = im.tile[0][2] if im.tile else 0
     fp = im.fp
