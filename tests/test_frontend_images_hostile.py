@@ -1,6 +1,7 @@
 """Hostile images at the loader (legrad.io.images) and the explainer: extreme aspect ratios (which a
-model's preprocess would upscale), decoder failures, and PostScript disguised as a raster image (which Pillow
-would hand to Ghostscript, with no time limit)."""
+model's preprocess would upscale), decoder failures, PostScript disguised as a raster image (which Pillow
+would hand to Ghostscript, with no time limit), and, in the command-line runs, a JPEG of 15,000 scans
+(more in tests/test_images_decode_bounds.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from helpers.frontend_utils import PYTHON, REPO, subprocess_env
+from helpers.jpeg_scans import many_scans_jpeg
 from PIL import Image
 
 from legrad.io.images import (
@@ -247,6 +249,8 @@ def _hostile_folder(root: Path) -> Path:
     Image.new("RGB", (64, 64), (220, 30, 30)).save(src / "good.png")
     (src / "ps.png").write_bytes(EPS_FOREVER)  # PostScript that never ends, named like a PNG
     (src / "strip.png").write_bytes(strip_png(34_000_000))
+    # 15,000 scans of a 2048x2048 image: 40 s to minutes of decoding if it were not refused from its markers.
+    (src / "scans.jpg").write_bytes(many_scans_jpeg(15_000, (2048, 2048)))
     return src
 
 
@@ -254,11 +258,13 @@ def _hostile_folder(root: Path) -> Path:
 def test_explain_folder_with_postscript_and_a_strip_keeps_the_good_image(tmp_path):
     src = _hostile_folder(tmp_path)
     out = tmp_path / "out"
-    code, _, stderr = _run_to_end(["explain", str(src), "-p", "a red circle", "--out", str(out)])
-    assert code == 1, stderr  # two images failed, and the exit status says so
+    code, stdout, stderr = _run_to_end(["explain", str(src), "-p", "a red circle", "--out", str(out)])
+    assert code == 1, stderr  # three images failed, and the exit status says so
     assert "Traceback" not in stderr
     assert "ps.png" in stderr and "accepted: PNG" in stderr
     assert "strip.png" in stderr and "elongated" in stderr
+    assert "scans.jpg" in stderr and "more than 100 scans" in stderr
+    assert "1 of 4 images explained, 3 failed" in stdout
     with open(out / "scores.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [Path(r["image"]).name for r in rows] == ["good.png"]
@@ -282,3 +288,4 @@ def test_extract_folder_with_postscript_and_a_strip_ends_with_the_good_image(tmp
     assert records["good.png"]["status"] == "ok" and (out / "good.png.npz").is_file()
     assert records["ps.png"]["status"] == "error" and "accepted: PNG" in records["ps.png"]["error"]
     assert records["strip.png"]["status"] == "error" and "elongated" in records["strip.png"]["error"]
+    assert records["scans.jpg"]["status"] == "error" and "more than 100 scans" in records["scans.jpg"]["error"]

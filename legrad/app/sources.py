@@ -14,7 +14,9 @@ path* (symbolic links and ``..`` resolved) before anything is opened:
 
 Every image is refused from its header if it is far from square (:data:`MAX_ASPECT_RATIO`, stricter than
 the library's default): the model's preprocess scales the short side up first, so a 300000x1 image would
-become a 67-megapixel tensor.
+become a 67-megapixel tensor. JPEGs of more than ``legrad.io.images.MAX_JPEG_SCANS`` scans are refused
+before decoding, and the request's time limit (``--time-limit``) is checked before every chunk of a file
+the decoder reads (a decoder cannot be stopped within a chunk).
 Nothing here imports gradio; the operator's settings are passed in (a :class:`~legrad.app.settings.AppSettings`).
 """
 
@@ -26,6 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from ..engine.deadline import check_deadline
 from ..io.errors import ImageLoadError, ImageTooLargeError
 from ..io.fetch import URLRefusedError, is_url
 from ..io.images import load_image
@@ -123,7 +126,7 @@ def _source_image(text: str, policy: SourcePolicy):
         try:
             return load_image(text, name="the URL", max_pixels=MAX_IMAGE_PIXELS, max_aspect_ratio=MAX_ASPECT_RATIO,
                               allow_private_urls=False,
-                              url_deadline_s=URL_DEADLINE_S, max_url_bytes=MAX_URL_BYTES)
+                              url_deadline_s=URL_DEADLINE_S, max_url_bytes=MAX_URL_BYTES, interrupt=check_deadline)
         except (URLRefusedError, ImageTooLargeError):
             raise
         except ImageLoadError:
@@ -131,7 +134,7 @@ def _source_image(text: str, policy: SourcePolicy):
     if not policy.allowed_dirs:
         raise ValueError(NO_SOURCE_MSG if not policy.allow_urls else NO_PATH_MSG)
     return load_image(allowed_path(text, policy.allowed_dirs), name=repr(text), max_pixels=MAX_IMAGE_PIXELS,
-                      max_aspect_ratio=MAX_ASPECT_RATIO)
+                      max_aspect_ratio=MAX_ASPECT_RATIO, interrupt=check_deadline)
 
 
 def read_visitor_image(image: Any, image_source: str | None, policy: SourcePolicy):
@@ -158,7 +161,7 @@ def read_visitor_image(image: Any, image_source: str | None, policy: SourcePolic
     else:
         # An upload: the path of Gradio's cached copy; do not show it to anyone.
         picture = load_image(checked_upload(image, policy), name="the uploaded image", max_pixels=MAX_IMAGE_PIXELS,
-                             max_aspect_ratio=MAX_ASPECT_RATIO)
+                             max_aspect_ratio=MAX_ASPECT_RATIO, interrupt=check_deadline)
     return picture
 
 

@@ -8,10 +8,19 @@ playground and the app) reads an image through. It
   PDF and the rest are refused (Pillow would run Ghostscript on them, with no time limit);
 * refuses images above a pixel limit or an aspect ratio (:data:`MAX_ASPECT_RATIO`) from their header,
   before decoding (Pillow's ``DecompressionBombWarning``/``Error`` become :class:`ImageTooLargeError`);
+* refuses JPEGs with more than :data:`MAX_JPEG_SCANS` scans before decoding: each scan of a progressive
+  JPEG walks the whole image again, so a 1 MB file of 15,000 tiny scans would hold a worker for a minute;
+* checks the memory decoding needs, from the header (:func:`decode_bytes`), against the memory the
+  system has available, and calls an optional ``interrupt`` before every chunk of input the decoder
+  reads (the app passes its ``--time-limit`` check);
 * turns any other decoding failure (``OverflowError``, ``MemoryError``, ...) into :class:`ImageLoadError`;
 * scales 16-bit (``I;16``, ``I;16B``, ``I``) and float (``F``) images to 8 bits by their range
-  instead of clipping, composites transparency over white, converts palette/CMYK/... to RGB;
+  instead of clipping, in bands of rows (a few MB of temporaries whatever the image's size),
+  composites transparency over white, converts palette/CMYK/... to RGB;
 * applies the EXIF orientation, so a phone photo is explained upright.
+
+Multi-frame files (animated GIF/WebP/PNG, multi-page TIFF, MPO) are read as their first frame only:
+the other frames are never decoded, so their number costs nothing but the file's bytes.
 """
 
 from __future__ import annotations
@@ -20,18 +29,29 @@ import io
 import logging
 import os
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from . import fetch
+from .decode_limits import (
+    MAX_JPEG_SCANS,
+    Interrupted,
+    InterruptibleReader,
+    check_decode_memory,
+    check_jpeg_scans,
+    count_jpeg_scans,
+    decode_bytes,
+)
 from .errors import ImageLoadError, ImageTooLargeError, one_line
 from .files import open_regular_file
 
-__all__ = ["MAX_IMAGE_PIXELS", "MAX_ASPECT_RATIO", "IMAGE_EXTENSIONS", "IMAGE_FORMATS", "ALLOW_PRIVATE_ENV",
-           "ImageLoadError", "ImageTooLargeError", "load_image", "find_images", "decode_image", "check_image_shape", "to_rgb"]
+__all__ = ["MAX_IMAGE_PIXELS", "MAX_ASPECT_RATIO", "MAX_JPEG_SCANS", "IMAGE_EXTENSIONS", "IMAGE_FORMATS",
+           "ALLOW_PRIVATE_ENV", "ImageLoadError", "ImageTooLargeError", "load_image", "find_images", "decode_image",
+           "check_image_shape", "count_jpeg_scans", "decode_bytes", "to_rgb"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +86,8 @@ def load_image(
     url_deadline_s: float | None = None,
     max_url_bytes: int | None = None,
     max_aspect_ratio: float | None = MAX_ASPECT_RATIO,
+    max_jpeg_scans: int | None = MAX_JPEG_SCANS,
+    interrupt: Callable[[], None] | None = None,
 ) -> Image.Image:
     """Reads an image from a file path or an ``http(s)`` URL (or converts a PIL image) as upright RGB.
 
@@ -84,12 +106,16 @@ def load_image(
         max_url_bytes: largest URL body (default ``legrad.io.fetch.MAX_URL_BYTES``).
         max_aspect_ratio: largest longer-side / shorter-side ratio (see :data:`MAX_ASPECT_RATIO`); None
             for no limit.
+        max_jpeg_scans: largest number of scans of a JPEG (see :data:`MAX_JPEG_SCANS`); None for no limit.
+        interrupt: called before every chunk of the file the decoder reads (e.g.
+            ``legrad.engine.deadline.check_deadline``); what it raises ends the decoding and is raised as is.
 
     Returns:
         An RGB PIL image with the EXIF orientation applied.
 
     Raises:
-        ImageTooLargeError: above ``max_pixels``, ``max_aspect_ratio`` or the URL byte cap.
+        ImageTooLargeError: above ``max_pixels``, ``max_aspect_ratio``, ``max_jpeg_scans``, the memory
+            available for decoding, or the URL byte cap.
         ImageLoadError: missing or non-regular file, refused or failed URL, or data that is not an
             image of :data:`IMAGE_FORMATS` (a ``ValueError``).
     """
@@ -111,9 +137,11 @@ def load_image(
             )
         except ImageLoadError as exc:
             raise type(exc)(f"could not fetch {label}: {exc}") from exc
-        return decode_image(io.BytesIO(data), label, max_pixels, max_aspect_ratio)
+        return decode_image(io.BytesIO(data), label, max_pixels, max_aspect_ratio, max_jpeg_scans=max_jpeg_scans,
+                            interrupt=interrupt)
     with open_regular_file(src, label, ImageLoadError) as fh:
-        return decode_image(fh, label, max_pixels, max_aspect_ratio)
+        return decode_image(fh, label, max_pixels, max_aspect_ratio, max_jpeg_scans=max_jpeg_scans,
+                            interrupt=interrupt)
 
 
 def find_images(root: str | os.PathLike) -> list[str]:
@@ -167,36 +195,52 @@ def check_image_shape(width: int, height: int, name: str, max_pixels: int | None
 
 
 def decode_image(fp: Any, name: str, max_pixels: int | None = MAX_IMAGE_PIXELS,
-                 max_aspect_ratio: float | None = MAX_ASPECT_RATIO) -> Image.Image:
-    """Decodes an image file object to upright RGB after checking its size from the header.
+                 max_aspect_ratio: float | None = MAX_ASPECT_RATIO, *,
+                 max_jpeg_scans: int | None = MAX_JPEG_SCANS,
+                 interrupt: Callable[[], None] | None = None) -> Image.Image:
+    """Decodes an image file object to upright RGB after checking its size and decode work from the header.
 
     Only the formats of :data:`IMAGE_FORMATS` are decoded, recognised by content (a PostScript file
-    named ``.png`` is refused, never handed to Ghostscript).
+    named ``.png`` is refused, never handed to Ghostscript). Before decoding: the size limits, the
+    scans of a JPEG (:func:`count_jpeg_scans`), and the memory decoding needs (:func:`decode_bytes`)
+    against what the system has available. While decoding, ``interrupt`` is called before every chunk of
+    input (Pillow reads 64 KiB at a time; a libtiff-decoded TIFF reads its file by itself, unchecked).
 
     Args:
         fp: a binary file object (or path).
         name: how messages name the image.
         max_pixels: largest ``width * height``; None for no limit.
         max_aspect_ratio: largest longer-side / shorter-side ratio; None for no limit.
+        max_jpeg_scans: largest number of scans of a JPEG (see :data:`MAX_JPEG_SCANS`); None for no limit.
+        interrupt: called before every chunk of input the decoder reads; what it raises (e.g. the app's
+            ``RequestTimeoutError``) ends the decoding and is raised as is.
 
     Returns:
         An RGB PIL image.
 
     Raises:
-        ImageTooLargeError: above ``max_pixels``, ``max_aspect_ratio`` (or Pillow's own bomb limit), or
-            out of memory while decoding.
+        ImageTooLargeError: above ``max_pixels``, ``max_aspect_ratio``, ``max_jpeg_scans`` (or Pillow's own
+            bomb limit), more than the available memory, or out of memory while decoding.
         ImageLoadError: not an image of :data:`IMAGE_FORMATS`, truncated, a zero-sized image, or any other
             decoding failure.
+        Exception: what ``interrupt`` raised, as is.
     """
     limit = f"{max_pixels / 1e6:g} Mpx" if max_pixels else "Pillow's limit"
     try:
         with warnings.catch_warnings():
             # The limit is checked below from the header; Pillow's warning would only repeat it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(fp, formats=_formats()) as im:
+            # A path (no read) is opened by Pillow and read unchecked; load_image always hands a file object.
+            reader = InterruptibleReader(fp, interrupt) if interrupt is not None and hasattr(fp, "read") else fp
+            with Image.open(reader, formats=_formats()) as im:
                 check_image_shape(im.width, im.height, name, max_pixels, max_aspect_ratio)
+                if im.format in ("JPEG", "MPO") and max_jpeg_scans is not None:
+                    check_jpeg_scans(im, name, max_jpeg_scans)
+                check_decode_memory(im, name)
                 im.load()
                 return _upright_rgb(im, name)
+    except Interrupted as stop:
+        raise stop.cause from None
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as exc:
@@ -222,33 +266,50 @@ def _formats() -> tuple[str, ...]:
     return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
 
 
+# EXIF orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose).
+_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90}
+
+
 def _upright_rgb(im: Image.Image, name: str) -> Image.Image:
+    # A new RGB image (never ``im`` itself: the caller closes it), rotated after the conversion: rotating first
+    # would copy the source in its own mode (float: 4 bytes a pixel) and the result is an RGB copy anyway.
     if im.width == 0 or im.height == 0:
         raise ImageLoadError(f"{name}: image has zero width or height ({im.width}x{im.height})")
     try:
-        im = ImageOps.exif_transpose(im)
+        orientation = im.getexif().get(0x0112, 1)
     except Exception as exc:  # malformed EXIF must not make a readable image unreadable
         logger.warning("%s: ignoring unreadable EXIF orientation (%s)", name, one_line(exc, 80))
-    return to_rgb(im)
+        orientation = 1
+    rgb = to_rgb(im, name)
+    if orientation in _ORIENTATION:
+        return rgb.transpose(_ORIENTATION[orientation])
+    return rgb.copy() if rgb is im else rgb
 
 
-def to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image, name: str | None = None) -> Image.Image:
     """Converts any Pillow mode to 8-bit RGB by what the pixels mean.
 
     ``I;16*`` are scaled by 255/65535; ``I`` (32-bit int) by 255/65535 when its values fit 16 bits
     (how 16-bit PNG/TIFF data arrives), else min-max; ``F`` (float) by 255 when in [0, 1], else
-    min-max (a constant image becomes mid-grey if outside [0, 1]). Alpha (``RGBA``, ``LA``, ``PA``,
+    min-max (a constant image becomes mid-grey if outside [0, 1]). These are converted in bands of
+    rows, so the temporaries stay a few MB whatever the image's size. Alpha (``RGBA``, ``LA``, ``PA``,
     palette transparency) is composited over white; other modes use Pillow's conversion.
+
+    Args:
+        im: the image.
+        name: how messages name the image (default: "the image").
 
     Raises:
         ImageLoadError: a float image holding NaN or infinity, or a mode Pillow cannot convert.
     """
     mode = im.mode
+    label = name or "the image"
     if mode == "RGB":
         return im
     if mode in _U16_MODES or mode in ("I", "F"):
-        arr = np.asarray(im)
-        return Image.fromarray(_scale_to_u8(arr, mode)).convert("RGB")
+        return _scaled_rgb(im, label)
     if mode == "P" and "transparency" in im.info or mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         rgba = im.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -256,21 +317,51 @@ def to_rgb(im: Image.Image) -> Image.Image:
     try:
         return im.convert("RGB")
     except (ValueError, OSError) as exc:
-        raise ImageLoadError(f"images of mode {mode!r} cannot be converted to RGB ({one_line(exc, 80)})") from None
+        raise ImageLoadError(f"{label}: images of mode {mode!r} cannot be converted to RGB "
+                             f"({one_line(exc, 80)})") from None
 
 
-def _scale_to_u8(arr: np.ndarray, mode: str) -> np.ndarray:
-    a = arr.astype(np.float64)
-    if mode == "F" and not np.all(np.isfinite(a)):
-        raise ImageLoadError("float image holds NaN or infinite values")
+# Pixels per band of :func:`_scaled_rgb`: its float64 temporaries are 8 bytes each (a few of them at once).
+_BAND_PIXELS = 1 << 20
+
+
+def _bands(im: Image.Image) -> Iterator[tuple[int, int, np.ndarray]]:
+    # (first row, end row, the rows' values): Pillow copies only the band (crop), numpy only that copy.
+    w, h = im.size
+    rows = max(1, _BAND_PIXELS // max(w, 1))
+    for y in range(0, h, rows):
+        end = min(h, y + rows)
+        yield y, end, np.asarray(im.crop((0, y, w, end)))
+
+
+def _scaled_rgb(im: Image.Image, name: str) -> Image.Image:
+    """A 16-bit, 32-bit int or float image scaled to 8-bit grey, as RGB; the range is found in a first pass
+    over bands of rows, and the scaling done band by band into the 8-bit result (the full image is never
+    held in float64: a 50 Mpx float32 TIFF would need 400 MB per copy)."""
+    mode = im.mode
     if mode in _U16_MODES:
         lo, hi = 0.0, 65535.0
-    elif mode == "I" and a.min() >= 0 and a.max() <= 65535:
-        lo, hi = 0.0, 65535.0
-    elif mode == "F" and a.min() >= 0 and a.max() <= 1:
-        lo, hi = 0.0, 1.0
     else:
-        lo, hi = float(a.min()), float(a.max())
-        if hi == lo:
-            return np.full(a.shape, 128, dtype=np.uint8)
-    return np.clip(np.rint((a - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+        lo, hi = np.inf, -np.inf
+        for _, _, band in _bands(im):
+            if mode == "F" and not np.isfinite(band).all():
+                raise ImageLoadError(f"{name}: float image holds NaN or infinite values; replace them (e.g. "
+                                     "with numpy.nan_to_num) and save it again")
+            lo, hi = min(lo, float(band.min())), max(hi, float(band.max()))
+        if (mode == "I" and lo >= 0 and hi <= 65535) or (mode == "F" and lo >= 0 and hi <= 1):
+            lo, hi = 0.0, 65535.0 if mode == "I" else 1.0
+        elif hi == lo:
+            return Image.new("RGB", im.size, (128, 128, 128))
+    grey = np.empty((im.height, im.width), dtype=np.uint8)
+    for y, end, band in _bands(im):
+        grey[y:end] = _scale_to_u8(band, lo, hi)
+    return Image.fromarray(grey).convert("RGB")
+
+
+def _scale_to_u8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    a = values.astype(np.float64)
+    a -= lo
+    a *= 255.0 / (hi - lo)
+    np.rint(a, out=a)
+    np.clip(a, 0, 255, out=a)
+    return a.astype(np.uint8)
