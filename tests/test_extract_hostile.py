@@ -183,7 +183,8 @@ def test_replaced_weights_under_the_same_path_are_not_done(tmp_path):
     recorded = json.loads((out / RUN_CONFIG_NAME).read_text())["weights_file"]
     st = ck.stat()
     assert recorded == {"file": str(ck.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                        "sha256": hashlib.sha256(ck.read_bytes()).hexdigest()}
+                        "ctime_ns": st.st_ctime_ns, "inode": st.st_ino, "device": st.st_dev,
+                        "hashed_at_ns": recorded["hashed_at_ns"], "sha256": hashlib.sha256(ck.read_bytes()).hexdigest()}
     old_maps = {p.name: load_output(p)["maps"] for p in out.glob("*.npz")}
 
     # Touched, same bytes: still the same weights, nothing recomputed.
@@ -231,8 +232,8 @@ def test_a_full_disk_stops_the_run_with_one_line(tmp_path, monkeypatch, capsys):
     _scenes(data, 6)
     calls = []
 
-    def full(path, arrays):
-        calls.append(path)
+    def full(folder, name, arrays):
+        calls.append(name)
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(compute, "write_output", full)
