@@ -295,3 +295,128 @@ def test_a_prompt_given_twice_is_one_overlay_and_one_row(tmp_path, images):
     assert main(["explain", b, "-p", "a cat", "-p", "a  cat ", "-p", "a dog", "--out", str(out), "-q"]) == 0
     rows = _check_rows_match_overlays(out)
     assert [r["prompt"] for r in rows] == ["a cat", "a dog"]
+
+
+# ---------------------------------------------------------------------------------------------- issue 26 item 2
+def test_a_link_planted_as_the_lock_is_refused_before_any_work(tmp_path, images, monkeypatch, capsys):
+    from legrad.frontend.explainer import Explainer
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOCK_NAME).symlink_to(victim)
+    monkeypatch.setattr(Explainer, "load", _no_model)
+    assert main(["explain", str(images / "cat-photo.png"), "-p", "x", "--out", str(out), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "symbolic link" in err[0] and LOCK_NAME in err[0]
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_planted_sub_folder_link_sends_no_overlay_outside(tmp_path, images, capsys):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    shutil.copy(images / "cat-photo.png", src / "top.png")
+    shutil.copy(images / "cat photo.png", src / "sub" / "inner.png")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sub").symlink_to(outside)
+    assert main(["explain", str(src), "-p", "a red circle", "--out", str(out), "-q", "--save-maps"]) == 1
+    captured = capsys.readouterr()
+    assert "inner.png" in captured.err and "symbolic link" in captured.err and "Traceback" not in captured.err
+    assert list(outside.iterdir()) == []
+    rows = _check_rows_match_overlays(out)  # the link is not followed when listing overlays either
+    assert [r["image"] for r in rows] == [str(src / "top.png")]
+
+
+@pytest.mark.parametrize("name", ["scores.csv", "scores.jsonl"])
+def test_a_linked_scores_file_is_refused_without_quoting_its_target(tmp_path, images, monkeypatch, capsys, name):
+    from legrad.frontend.explainer import Explainer
+
+    secret = tmp_path / "secret.csv"
+    secret.write_text("TOPSECRET_TOKEN,hunter2\n1,2\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).symlink_to(secret)
+    monkeypatch.setattr(Explainer, "load", _no_model)
+    assert main(["explain", str(images / "cat-photo.png"), "-p", "x", "--out", str(out), "-q"]) == 2
+    captured = capsys.readouterr()
+    assert "symbolic link" in captured.err
+    assert "TOPSECRET" not in captured.err + captured.out and "hunter2" not in captured.err + captured.out
+    assert secret.read_text() == "TOPSECRET_TOKEN,hunter2\n1,2\n"
+
+
+@PROC
+def test_playground_replaces_a_link_planted_as_its_figure(tmp_path, capsys):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    link = tmp_path / "fig.png"
+    link.symlink_to(victim)
+    assert main(["playground", "--out", str(link)]) == 0
+    assert victim.read_text() == "precious\n"
+    assert not link.is_symlink() and Image.open(link).format == "PNG"
+
+
+# ---------------------------------------------------------------------------------------------- issue 26 item 5
+@pytest.mark.parametrize("raw", ["=1+2", "+x", "-a cat", "@SUM(A1)", "\tx", "\rx", "'=x", "''-x", "'", "'abc",
+                                 "", "plain", "a=b", "-0.5"])
+def test_spreadsheet_cells_round_trip(raw):
+    from legrad.cli.scores import spreadsheet_cell, spreadsheet_value
+
+    cell = spreadsheet_cell(raw)
+    assert spreadsheet_value(cell) == raw
+    assert not cell.startswith(("=", "+", "-", "@", "\t", "\r"))
+    assert (cell == raw) == (not raw.lstrip("'").startswith(("=", "+", "-", "@", "\t", "\r")))
+
+
+def test_scores_numbers_stay_numbers():
+    from legrad.cli.scores import spreadsheet_cell
+
+    assert spreadsheet_cell("-0.500000", number=True) == "-0.500000"
+    assert spreadsheet_cell("+1e-3", number=True) == "+1e-3"
+    assert spreadsheet_cell("-inf", number=True) == "-inf"
+    assert spreadsheet_cell("=1+2", number=True) == "'=1+2"  # not a number: text rules
+
+
+def test_formula_cells_are_neutralised_and_the_sidecar_keeps_raw_values(tmp_path, images, monkeypatch):
+    import json
+
+    src = tmp_path / "src"
+    src.mkdir()
+    names = ["=HYPERLINK(1).png", "@x.png", "+y.png"]
+    for name in names:
+        shutil.copy(images / "cat-photo.png", src / name)
+    monkeypatch.chdir(src)  # relative inputs: the image column starts with the file name
+    prompts = ["=1+2", "@SUM(A1)", "-a cat", "+x", "'=quoted", "a dog"]
+    out = tmp_path / "out"
+    argv = ["explain", *names, "--out", str(out), "-q"]
+    assert main([*argv, *(a for p in prompts for a in ("-p", p))]) == 0
+    text = (out / "scores.csv").read_text()
+    rows = _scores(out)
+    assert len(rows) == len(names) * len(prompts)
+    for row in rows:
+        for col in ("image", "prompt", "overlay"):
+            assert not row[col].startswith(("=", "+", "-", "@", "\t", "\r")), row
+        float(row["similarity"]), float(row["probability"])  # numbers, no quote in front
+    assert {r["image"] for r in rows} == {"'" + n for n in names}
+    assert {r["prompt"] for r in rows} == {"'=1+2", "'@SUM(A1)", "'-a cat", "'+x", "''=quoted", "a dog"}
+    raw = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert [(r["image"], r["prompt"], r["overlay"]) for r in raw] == [
+        (spreadsheet_value(r["image"]), spreadsheet_value(r["prompt"]), r["overlay"]) for r in rows]
+    assert {r["prompt"] for r in raw} == set(prompts) and {r["image"] for r in raw} == set(names)
+    assert all(r["similarity"] == float(c["similarity"]) for r, c in zip(raw, rows))
+
+    # A rerun reads the rows back: they come out exactly as they were, beside the new pair's row.
+    assert main([*argv, "-p", "a bird"]) == 0
+    again = (out / "scores.csv").read_text()
+    assert again.startswith(text) and len(again.splitlines()) == len(text.splitlines()) + len(names)
+    raw2 = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert raw2[:len(raw)] == raw
+
+
+def spreadsheet_value(cell):
+    from legrad.cli.scores import spreadsheet_value as value
+
+    return value(cell)

@@ -183,7 +183,8 @@ def test_replaced_weights_under_the_same_path_are_not_done(tmp_path):
     recorded = json.loads((out / RUN_CONFIG_NAME).read_text())["weights_file"]
     st = ck.stat()
     assert recorded == {"file": str(ck.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                        "sha256": hashlib.sha256(ck.read_bytes()).hexdigest()}
+                        "ctime_ns": st.st_ctime_ns, "inode": st.st_ino, "device": st.st_dev,
+                        "hashed_at_ns": recorded["hashed_at_ns"], "sha256": hashlib.sha256(ck.read_bytes()).hexdigest()}
     old_maps = {p.name: load_output(p)["maps"] for p in out.glob("*.npz")}
 
     # Touched, same bytes: still the same weights, nothing recomputed.
@@ -231,8 +232,8 @@ def test_a_full_disk_stops_the_run_with_one_line(tmp_path, monkeypatch, capsys):
     _scenes(data, 6)
     calls = []
 
-    def full(path, arrays):
-        calls.append(path)
+    def full(folder, name, arrays):
+        calls.append(name)
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(compute, "write_output", full)
@@ -266,3 +267,114 @@ def test_the_sigterm_handler_is_restored(tmp_path):
     cli_main(["extract", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "-p", "x"])
     assert signal.getsignal(signal.SIGTERM) is before
     shutil.rmtree(tmp_path / "o", ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- issue 26 item 2
+def test_a_link_planted_as_the_lock_is_refused_and_its_target_untouched(tmp_path, monkeypatch):
+    from legrad.frontend.explainer import Explainer
+
+    data = tmp_path / "data"
+    _scenes(data, 1)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOCK_NAME).symlink_to(victim)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(Explainer, "load", no_model)
+    with pytest.raises(OutputFolderError, match="symbolic link"):
+        run(data, out, PROMPTS, **KW)
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_planted_sub_folder_link_sends_no_output_outside(tmp_path):
+    data = tmp_path / "data"
+    _scenes(data, 1)
+    _scenes(data / "sub", 1)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    stale = outside / ".img00.png.npz.abcd1234.tmp"  # like a temp file of a killed run: not ours to delete
+    stale.write_text("keep")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sub").symlink_to(outside)
+    result = run(data, out, PROMPTS, **KW)
+    assert (result.computed, result.failed) == (1, 1)
+    assert "sub/img00.png" in result.failures[0][0] and "symbolic link" in result.failures[0][1]
+    assert sorted(p.name for p in outside.iterdir()) == [stale.name] and stale.read_text() == "keep"
+    # Nor is a finished output reached through the link taken for one on a rerun.
+    (out / "sub").unlink()
+    assert run(data, out, PROMPTS, **KW).computed == 1
+    (out / "sub" / "img00.png.npz").rename(outside / "img00.png.npz")
+    (out / "sub").rmdir()
+    (out / "sub").symlink_to(outside)
+    again = run(data, out, PROMPTS, **KW)
+    assert (again.skipped, again.failed) == (1, 1)
+
+
+def test_a_linked_run_configuration_is_never_read(tmp_path):
+    data = tmp_path / "data"
+    _scenes(data, 1)
+    secret = tmp_path / "secret.json"
+    secret.write_text(json.dumps({"config": {"model": "TOPSECRET"}, "prompts": ["hunter2"]}))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / RUN_CONFIG_NAME).symlink_to(secret)
+    with pytest.raises(OutputFolderError, match="symbolic link") as info:
+        run(data, out, PROMPTS, **KW)
+    assert "TOPSECRET" not in str(info.value) and "hunter2" not in str(info.value)
+    assert run(data, out, PROMPTS, overwrite=True, **KW).computed == 1  # replaced: the target is never written
+    assert json.loads(secret.read_text())["prompts"] == ["hunter2"]
+    assert not (out / RUN_CONFIG_NAME).is_symlink()
+
+
+# ---------------------------------------------------------------------------------------------- issue 26 item 6
+def test_weights_swapped_with_the_same_size_and_mtime_are_detected(tmp_path):
+    data = tmp_path / "data"
+    _scenes(data, 1)
+    ck, other = tmp_path / "ck.pt", tmp_path / "c2.pt"  # names of one length: checkpoints of one size
+    _random_toy_checkpoint(ck, seed=1)
+    _random_toy_checkpoint(other, seed=2)
+    out = tmp_path / "out"
+    kw = dict(KW, pretrained=str(ck))
+    assert run(data, out, PROMPTS, **kw).computed == 1
+    st = ck.stat()
+    assert other.stat().st_size == st.st_size
+    ck.write_bytes(other.read_bytes())  # in place: same inode, same size
+    os.utime(ck, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the old mtime
+    assert (ck.stat().st_size, ck.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    with pytest.raises(OutputFolderError, match="weights"):
+        run(data, out, PROMPTS, **kw)
+
+
+def test_a_recorded_weights_hash_is_reused_only_for_the_same_file(tmp_path, monkeypatch):
+    import time
+
+    from legrad.extract import runconfig
+
+    monkeypatch.setattr(runconfig, "_RACY_NS", -10**18)  # trust any recorded hash the stat matches (see below)
+    ck, other = tmp_path / "ck.pt", tmp_path / "c2.pt"
+    _random_toy_checkpoint(ck, seed=1)
+    _random_toy_checkpoint(other, seed=2)
+    assert ck.stat().st_size == other.stat().st_size
+    out = tmp_path / "out"
+    out.mkdir()
+    first = runconfig.weights_identity(str(ck), out)
+    assert first["sha256"] == hashlib.sha256(ck.read_bytes()).hexdigest()
+    runconfig.write_run_config(out, {"config": {}, "prompts": None}, first)
+    assert runconfig.weights_identity(str(ck), out) == first  # unchanged: reused, not hashed again
+
+    st = ck.stat()
+    time.sleep(0.05)  # past the kernel's coarse timestamp tick, so that the write gets a new ctime
+    ck.write_bytes(other.read_bytes())
+    os.utime(ck, ns=(st.st_atime_ns, st.st_mtime_ns))
+    swapped = runconfig.weights_identity(str(ck), out)
+    assert swapped["sha256"] == hashlib.sha256(other.read_bytes()).hexdigest() != first["sha256"]
+
+    # Without the test's override, a hash taken within 2 s of the file's last change is not trusted.
+    monkeypatch.undo()
+    runconfig.write_run_config(out, {"config": {}, "prompts": None}, swapped)
+    assert runconfig.weights_identity(str(ck), out)["hashed_at_ns"] != swapped["hashed_at_ns"]

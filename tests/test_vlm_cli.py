@@ -139,3 +139,47 @@ def test_app_request_for_a_local_vlm_the_operator_passed(saved):
     app.settings = dataclasses.replace(app.settings, time_limit=1e-9)
     gallery, status = app.predict(str(root / "img.png"), None, text, label, alpha=0.5)
     assert gallery == [] and "Stopped" in status
+
+
+# ---------------------------------------------------------------------------------------------- issue 26 item 8
+def _no_load(*args, **kwargs):
+    raise AssertionError("the model must not load")
+
+
+@pytest.mark.parametrize("answer", ["<image>", "a <image> cat"])
+def test_an_answer_holding_the_image_token_is_refused_before_the_model_loads(saved, capsys, monkeypatch, tmp_path,
+                                                                            answer):
+    from legrad.frontend.vlm import VLMExplainer, image_token_texts
+
+    root = saved[0]
+    assert image_token_texts(f"hf:{root / 'llava'}") == {"<image>"}
+    monkeypatch.setattr(VLMExplainer, "load", _no_load)
+    out = tmp_path / "out"
+    assert main(["explain", str(root / "img.png"), "--model", f"hf:{root / 'llava'}", "--prompt", "q", "--answer",
+                 "a cat", "--answer", answer, "--out", str(out), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--answer {answer!r}" in err[0] and "image token" in err[0]
+    assert not out.exists()
+    assert main(["playground", "--model", f"hf:{root / 'llava'}", "--prompt", "q", "--answer", answer, "--out",
+                 str(tmp_path / "pg.png")]) == 2
+    assert "image token" in capsys.readouterr().err
+
+
+def test_an_image_token_the_files_do_not_name_is_refused_before_any_compute(saved, capsys, monkeypatch, tmp_path):
+    import legrad.cli.vlm as cli_vlm
+    from legrad.frontend.vlm import VLMExplainer
+
+    root = saved[0]
+    # A folder whose files do not say which token is the image's: the loaded tokenizer tells.
+    monkeypatch.setattr(cli_vlm, "image_token_texts", lambda name: set())
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("nothing may be computed")
+
+    monkeypatch.setattr(VLMExplainer, "explain", no_compute)
+    out = tmp_path / "out"
+    assert main(["explain", str(root / "img.png"), "--model", f"hf:{root / 'llava'}", "--prompt", "q", "--answer",
+                 "<image>", "--out", str(out), "--device", "cpu", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--answer '<image>'" in err[0] and "image token" in err[0]
+    assert not list(out.rglob("*.png"))

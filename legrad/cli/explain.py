@@ -32,12 +32,14 @@ target's logit and probability its softmax probability over all classes.
 
 Outputs are OUT/<image>-<hash>__<prompt>-<hash>.png (and .npy with --save-maps: the [H, W] float32 map
 in [0, 1] at the explained size), plus OUT/scores.csv with one row per overlay (image, prompt,
-similarity, probability, overlay). The hashes (of the image's real path or URL, and of the exact prompt)
+similarity, probability, overlay; a text cell a spreadsheet would run as a formula, e.g. starting with
+=, +, - or @, gets a ' in front) and OUT/scores.jsonl with the same rows, raw. The hashes (of the image's real path or URL, and of the exact prompt)
 make each name stable and distinct: a later run into OUT redraws only its own pairs' overlays and
 replaces only their rows. Images found by walking a directory keep their sub-folder under OUT.
 Unreadable images, and images that cannot be explained (e.g. out of memory), are reported and skipped;
-the exit status is 1 if any image failed. One run per OUT at a time (lock file OUT/.legrad.lock); SIGTERM
-stops like Ctrl-C, keeping the rows of the overlays written (exit status 143).
+the exit status is 1 if any image failed. One run per OUT at a time (lock file OUT/.legrad.lock); no
+symbolic link inside OUT is followed (docs/cli.md). SIGTERM stops like Ctrl-C, keeping the rows of the
+overlays written (exit status 143).
 """
 
 

@@ -19,8 +19,7 @@ from ..frontend.explainer import Explainer, clean_prompts, clean_targets
 from ..frontend.loop import run_folder
 from ..io import images
 from ..io.errors import ModelLoadError
-from ..io.files import atomic_writer
-from ..io.outdir import FolderLock
+from ..io.outdir import FolderLock, write_in_folder
 from ..viz import colorize, overlay
 from .explain import claim_output_folder, discover, prompt_name
 from .options import Stop
@@ -68,16 +67,16 @@ class Outputs:
               similarity: Sequence[float], probability: Sequence[float]) -> None:
         """One image's overlays ``OUT/<key>__<name>.png`` (maps ``[P, H, W]``) and their ``scores.csv`` rows."""
         for p, (name, label) in enumerate(zip(names, labels)):
-            base = self.out_dir / f"{key}__{name}"
-            with atomic_writer(base.with_suffix(".png")) as fh:
+            base = f"{key}__{name}"
+            # Never through a link planted in OUT (a sub-folder link would send the overlay elsewhere).
+            with write_in_folder(self.out_dir, f"{base}.png") as fh:
                 overlay(image, maps[p], alpha=self.args.alpha, colormap=self.args.colormap).save(fh, "PNG")
             self.written += 1
             if self.args.save_maps:
-                with atomic_writer(base.with_suffix(".npy")) as fh:
+                with write_in_folder(self.out_dir, f"{base}.npy") as fh:
                     np.save(fh, maps[p].astype(np.float32))
             # Row per overlay as soon as it exists: scores.csv then describes every overlay.
-            self.scores.add(source, label, float(similarity[p]), float(probability[p]),
-                            base.with_suffix(".png").relative_to(self.out_dir).as_posix())
+            self.scores.add(source, label, float(similarity[p]), float(probability[p]), f"{base}.png")
 
     def flush(self) -> None:
         """Writes ``scores.csv``; a failure is reported once and makes the exit status 1."""

@@ -22,7 +22,7 @@ from pathlib import Path
 from legrad.frontend.models import TOY_NAME
 from legrad.frontend.options import parse_size
 from legrad.frontend.scenes import absent_phrase, sample_scenes
-from legrad.frontend.vlm import VLMExplainer
+from legrad.frontend.vlm import VLMExplainer, check_answer_text, image_token_texts
 from legrad.io.errors import ImageLoadError, ModelLoadError
 from legrad.io.images import load_image
 from legrad.io.outdir import prepare_output_folder
@@ -206,11 +206,21 @@ def _run_vlm(args: argparse.Namespace, err: str) -> int:
         print(f"{err} with --answer, give exactly one question with --prompt", file=sys.stderr)
         return 2
     try:
+        check_answer_text(args.answers, image_token_texts(args.model))  # before the model loads
+    except ValueError as exc:
+        print(f"{err} --{exc}", file=sys.stderr)
+        return 2
+    try:
         image = load_image(args.image) if args.image else default_scene(args.scene)[0]
         explainer = VLMExplainer.load(args.model, args.device, args.layer_index)
     except (ImageLoadError, ModelLoadError, ValueError) as exc:
         print(f"{err} {exc}", file=sys.stderr)
         return 1
+    try:
+        explainer.check_answers(args.answers)  # what the model's files did not tell: before any compute
+    except (TypeError, ValueError) as exc:
+        print(f"{err} --{exc}", file=sys.stderr)
+        return 2
     try:
         maps, logp = explainer.explain(image, args.prompts[0], args.answers)
     except (TypeError, ValueError) as exc:

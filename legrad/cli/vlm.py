@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..frontend.vlm import VLMExplainer
+from ..frontend.vlm import VLMExplainer, check_answer_text, image_token_texts
 from ..io.errors import ModelLoadError
 from .explain_run import PROG, Outputs, check_colormap, explain_items, find_items
 from .options import Stop
@@ -30,6 +30,11 @@ def _checked_answers(args: argparse.Namespace) -> list[str]:
     if args.size is not None or args.pretrained is not None:
         raise Stop("--size and --pretrained do not apply to a VLM (its processor sizes the image; the weights are "
                    "DIR's)", 2)
+    try:
+        # The image token read from DIR's files: refused before the model loads (rechecked once it has).
+        check_answer_text(args.answers, image_token_texts(args.model))
+    except ValueError as exc:
+        raise Stop(f"--{exc}", 2) from None
     return list(dict.fromkeys(args.answers))  # an answer given twice is one overlay and one row
 
 
@@ -45,6 +50,10 @@ def run_vlm(args: argparse.Namespace) -> int:
             explainer = VLMExplainer.load(args.model, args.device, args.layer_index)
         except (ModelLoadError, ValueError) as exc:
             raise Stop(str(exc), 1) from None
+        try:
+            explainer.check_answers(answers)  # what the files did not tell: before any image is explained
+        except (TypeError, ValueError) as exc:
+            raise Stop(f"--{exc}", 2) from None
         question = args.prompts[0]
 
         def explain(images: list[Any]) -> list[tuple[Any, Any, Any]]:

@@ -150,7 +150,7 @@ def explain_batch(batch: dict[str, Any], todo: list[ImageTask], explainer: Expla
             "source": np.array(json.dumps(batch["sources"][b], sort_keys=True)),
         }
         try:
-            write_output(out_dir / output_name(t.key), arrays)
+            write_output(out_dir, output_name(t.key), arrays)
         except OSError as exc:
             if exc.errno in FOLDER_ERRNOS:
                 # No later image could be written either: stop now, not after computing all of them.

@@ -6,7 +6,9 @@ Named ``runner`` rather than ``run`` so that the module never shadows :func:`leg
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import heapq
+import io
 import json
 import logging
 import os
@@ -25,8 +27,14 @@ from ..frontend.explainer import Explainer, clean_prompts
 from ..frontend.loop import progress_bar
 from ..frontend.models import TOY_NAME
 from ..frontend.options import parse_size
-from ..io.files import atomic_writer
-from ..io.outdir import FolderLock, OutputFolderError, prepare_output_folder
+from ..io.outdir import (
+    FolderLock,
+    OutputFolderError,
+    is_file_in_folder,
+    open_in_folder,
+    prepare_output_folder,
+    write_in_folder,
+)
 from ..preprocess import LePreprocess
 from .compute import PromptTable, explain_batch
 from .data import ImageDataset, collate, default_workers
@@ -265,7 +273,7 @@ def _resume(mine: list[ImageTask], out_dir: Path, config: dict, map_hw: tuple[in
     """The similarities of this rank's images whose output exists and validates (checked in threads: zlib
     releases the GIL), by input position."""
     def check(task: ImageTask) -> list[float] | None:
-        return valid_similarities(out_dir / output_name(task.key), task, config, map_hw, dtype)
+        return valid_similarities(out_dir, output_name(task.key), task, config, map_hw, dtype)
 
     with ThreadPoolExecutor(max_workers=max(1, min(workers, 8))) as pool:
         existing = list(pool.map(check, mine))
@@ -353,8 +361,7 @@ def _steps(ctx: Dist, loader: DataLoader | None, n_steps: int, explain: Any, bar
 def _write_shard(out_dir: Path, ctx: Dist, records: dict[int, dict[str, Any]]) -> None:
     """This rank's shard, done images included (the manifest is rebuilt from the outputs on every run), sorted
     by input position so that rank 0 can merge the shards as streams."""
-    shard = out_dir / _shard_name(ctx.rank, ctx.world)
-    with atomic_writer(shard) as fh:
+    with write_in_folder(out_dir, _shard_name(ctx.rank, ctx.world)) as fh:
         for index in sorted(records):
             fh.write((json.dumps({"index": index, **records[index]}) + "\n").encode("utf-8"))
 
@@ -365,25 +372,36 @@ def _shard_name(rank: int, world: int) -> str:
 
 
 def _remove_stale_temps(out_dir: Path) -> None:
-    """Deletes temp files a killed run left behind (``atomic_writer`` names them ``.<name>.<random>.tmp``)."""
-    for pattern in ("**/.*.npz.*.tmp", f".{MANIFEST_NAME}.*.tmp", f".{_SHARD_GLOB}.*.tmp"):
-        for tmp in out_dir.glob(pattern):
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+    """Deletes temp files a killed run left behind (``write_in_folder`` names them ``.<name>.<random>.tmp``).
+
+    Walked without following links (``os.walk``'s default; ``Path.glob('**')`` follows them before Python
+    3.13): a sub-folder link planted in ``out_dir`` must not lead to deleting files elsewhere.
+    """
+    top_dir = os.fspath(out_dir)
+    for root, _dirs, files in os.walk(top_dir):
+        top = root == top_dir
+        for name in files:
+            if fnmatch.fnmatchcase(name, ".*.npz.*.tmp") or (top and (
+                    fnmatch.fnmatchcase(name, f".{MANIFEST_NAME}.*.tmp")
+                    or fnmatch.fnmatchcase(name, f".{_SHARD_GLOB}.*.tmp"))):
+                path = os.path.join(root, name)
+                if not os.path.islink(path):
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
 
 
 def _merge_shards(out_dir: Path, world: int, manifest: Path) -> list[tuple[str, str]]:
     """Merges the ranks' shards (each in input order) into ``manifest`` atomically; returns the failures."""
-    shards = [out_dir / _shard_name(r, world) for r in range(world)]
-    missing = [str(s) for s in shards if not s.is_file()]
+    names = [_shard_name(r, world) for r in range(world)]
+    missing = [str(out_dir / n) for n in names if not is_file_in_folder(out_dir, n)]
     if missing:
         raise RuntimeError(f"manifest shards missing after the barrier: {missing}; is --out on a filesystem "
                            "shared by all nodes?")
     failures: list[tuple[str, str]] = []
-    handles = [s.open(encoding="utf-8") for s in shards]
+    handles = [io.TextIOWrapper(open_in_folder(out_dir, n), encoding="utf-8") for n in names]
     try:
         streams = [(json.loads(line) for line in fh if line.strip()) for fh in handles]
-        with atomic_writer(manifest) as out:
+        with write_in_folder(out_dir, manifest.name) as out:
             for rec in heapq.merge(*streams, key=lambda r: r["index"]):
                 rec.pop("index")
                 if rec["status"] != "ok":

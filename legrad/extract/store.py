@@ -18,7 +18,8 @@ import numpy as np
 
 from ..frontend.options import parse_size
 from ..io.fetch import is_url
-from ..io.files import atomic_writer, check_regular_file, read_regular_file
+from ..io.files import check_regular_file, read_regular_file
+from ..io.outdir import open_in_folder, write_in_folder
 from .inputs import ImageTask
 
 __all__ = ["DTYPES", "FORMAT_VERSION", "MANIFEST_NAME", "NPZ_KEYS", "check_map_size", "load_output", "output_name",
@@ -85,13 +86,14 @@ def load_output(path: str | os.PathLike) -> dict[str, Any]:
         }
 
 
-def valid_similarities(path: Path, task: ImageTask, config: dict, map_hw: tuple[int, int],
+def valid_similarities(out_dir: Path, name: str, task: ImageTask, config: dict, map_hw: tuple[int, int],
                        dtype: np.dtype) -> list[float] | None:
-    """The stored similarities if ``path`` is a complete output of ``task`` under ``config``, else None."""
-    if not path.is_file():
-        return None
+    """The stored similarities if ``out_dir/name`` is a complete output of ``task`` under ``config``, else None.
+
+    A link (or a sub-folder link on the way) is never followed: it is no output of ours (rewriting the image
+    replaces it)."""
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with open_in_folder(out_dir, name) as fh, np.load(fh, allow_pickle=False) as z:
             if set(z.files) != NPZ_KEYS:
                 return None
             if json.loads(str(z["config"][()])) != config or str(z["image"][()]) != task.image:
@@ -157,15 +159,17 @@ def _source_unchanged(path: str, stored: Any) -> bool:
         return False
 
 
-def write_output(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Writes one per-image ``.npz`` (the :data:`NPZ_KEYS` arrays) atomically and durably.
+def write_output(out_dir: Path, name: str, arrays: dict[str, np.ndarray]) -> None:
+    """Writes one per-image ``.npz`` ``out_dir/name`` (the :data:`NPZ_KEYS` arrays) atomically and durably,
+    never through a link inside ``out_dir`` (:func:`~legrad.io.outdir.write_in_folder`).
 
     Raises:
-        OSError: if it cannot be written (no partial file is left under ``path``).
+        OSError: if it cannot be written (no partial file is left under its name);
+            :class:`~legrad.io.outdir.LinkInFolderError` if a sub-folder on its way is a symbolic link.
     """
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
-    with atomic_writer(path) as fh:
+    with write_in_folder(out_dir, name) as fh:
         fh.write(buf.getbuffer())
         fh.flush()
         # Durable before the rename, so that after a crash an existing .npz is a complete one.

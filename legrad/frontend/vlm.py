@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..io.errors import ModelLoadError, one_line
+from ..io.files import read_regular_file
 from .models import resolve_device
 
-__all__ = ["VLMExplainer", "is_vlm_dir", "strip_prefix"]
+__all__ = ["VLMExplainer", "check_answer_text", "image_token_texts", "is_vlm_dir", "strip_prefix"]
+
+#: Largest JSON file of a model folder read to find its image token (tokenizer.json of big vocabularies: ~20 MB).
+_MAX_JSON = 64 * 2**20
 
 
 def strip_prefix(name: str) -> str:
@@ -28,6 +33,62 @@ def _architectures(path: str) -> list[str]:
             return list(json.load(f).get("architectures") or [])
     except (OSError, ValueError):
         return []
+
+
+def _json(path: str) -> Any:
+    try:
+        return json.loads(read_regular_file(path, "model file", _MAX_JSON).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def image_token_texts(name: str) -> set[str]:
+    """The image placeholder token of the VLM in ``hf:DIR`` as text (e.g. ``{"<image>"}``), read from the saved
+    processor and tokenizer files without loading anything; empty when they do not say.
+
+    Lets a front end refuse an answer that holds it before the model loads (see :func:`check_answer_text`).
+    """
+    path = strip_prefix(name)
+    if not os.path.isdir(path):
+        return set()
+    found = set()
+    for fname in ("processor_config.json", "preprocessor_config.json"):
+        data = _json(os.path.join(path, fname))
+        if isinstance(data, dict) and isinstance(data.get("image_token"), str) and data["image_token"]:
+            found.add(data["image_token"])
+    if found:
+        return found
+    config = _json(os.path.join(path, "config.json"))
+    ids = {config.get(k) for k in ("image_token_index", "image_token_id")} if isinstance(config, dict) else set()
+    ids = {i for i in ids if isinstance(i, int) and not isinstance(i, bool)}
+    if not ids:
+        return set()
+    tokenizer = _json(os.path.join(path, "tokenizer.json"))
+    for tok in (tokenizer.get("added_tokens") or []) if isinstance(tokenizer, dict) else []:
+        if isinstance(tok, dict) and tok.get("id") in ids and isinstance(tok.get("content"), str) and tok["content"]:
+            found.add(tok["content"])
+    decoder = _json(os.path.join(path, "tokenizer_config.json"))
+    decoder = decoder.get("added_tokens_decoder") if isinstance(decoder, dict) else None
+    for key, tok in decoder.items() if isinstance(decoder, dict) else []:
+        if str(key) in {str(i) for i in ids} and isinstance(tok, dict) and isinstance(tok.get("content"), str):
+            found.add(tok["content"])
+    return {t for t in found if t}
+
+
+def check_answer_text(answers: Sequence[str], tokens: set[str] | frozenset[str]) -> None:
+    """Refuses an answer holding one of the model's image tokens (``tokens``, e.g. :func:`image_token_texts`).
+
+    The image token is a placeholder that the processor expands into the image's patches, not text: an answer
+    holding it cannot be scored.
+
+    Raises:
+        ValueError: naming the answer and the token.
+    """
+    for answer in answers:
+        for token in sorted(tokens):
+            if isinstance(answer, str) and token in answer:
+                raise ValueError(f"answer {answer!r} contains {token!r}, this model's image token (a placeholder the "
+                                 "processor fills with the image, not text an answer can hold); remove it")
 
 
 def is_vlm_dir(name: str) -> bool:
@@ -75,6 +136,24 @@ class VLMExplainer:
             raise ModelLoadError(f"could not load the VLM in {path}: {one_line(exc)}") from exc
         return cls(LeWrapper(model, tokenizer=processor, **({} if layer_index is None else {
             "layer_index": layer_index})), processor, name)
+
+    def check_answers(self, answers: Sequence[str]) -> None:
+        """Refuses, before any compute, answers that this loaded model cannot score: empty ones, or ones holding
+        its image token (as text, or as the tokenizer reads them).
+
+        Raises:
+            TypeError, ValueError: naming the answer and the problem.
+        """
+        from legrad.adapters.vlm.inputs import tokenize_answers
+
+        token = getattr(self.processor, "image_token", None)
+        check_answer_text(answers, {token} if isinstance(token, str) and token else set())
+        adapter = self.wrapper.adapter
+        for answer in answers:  # one at a time: the message names the answer, not its position
+            try:
+                tokenize_answers([answer], self.processor, adapter.text_config.vocab_size, adapter.image_token_id)
+            except ValueError as exc:
+                raise ValueError(f"answer {answer!r} cannot be scored by this model: {exc}") from None
 
     def inputs(self, image: Any, prompt: str) -> Any:
         """The processor output for one PIL image and one question (an image token is put in front of the
