@@ -6,8 +6,8 @@ Pure tensor bookkeeping: nothing here runs a model.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
