@@ -190,7 +190,9 @@ class VLMAdapter(BlockTower):
     def _plain_features(self, call: VLMInputs, images: list[int]) -> torch.Tensor:
         """Image features ``[tokens, D]`` of ``images`` (in order, repeats allowed) from the unchanged tower."""
         device = self.device()
-        pixels = self._tower_pixels(call).to(device=device, dtype=self.param_dtype())
+        pixels = self._tower_pixels(call)
+        if isinstance(pixels, torch.Tensor):
+            pixels = pixels.to(device=device, dtype=self.param_dtype())
         run = self.declare(pixels, self.param_dtype())
         x = run.tokens
         for block in run.blocks[: self.depth]:  # the blocks that feed the image features
@@ -269,14 +271,14 @@ class VLMAdapter(BlockTower):
         patches = max(len(t) for t in tiles) * (self._tokens_per_tile(call) - self.prefix_tokens)
         if max_tokens is not None and patches > max_tokens:
             raise ValueError(f"the image has {patches} patch tokens, more than max_tokens={max_tokens}")
-        tc, vc = self.text_config, self.visual.config
+        tc = self.text_config
         fixed, per_item = budget.answer_sequence_bytes(
             length=max(len(p) for p in call.prompts) + max(len(a) for a in answers),
             answer_length=max(len(a) for a in answers), lm_layers=tc.num_hidden_layers, lm_width=tc.hidden_size,
             lm_inner=getattr(tc, "intermediate_size", None) or 4 * tc.hidden_size, vocab=tc.vocab_size,
             lm_element_size=next(self.model.get_output_embeddings().parameters()).element_size(),
-            tile_tokens=self._tokens_per_tile(call), tower_width=vc.hidden_size,
-            tower_heads=vc.num_attention_heads, tiles_per_sequence=max(len(t) for t in tiles),
+            tile_tokens=self._tokens_per_tile(call), tower_width=self.tower.width,
+            tower_heads=self.tower.heads, tiles_per_sequence=max(len(t) for t in tiles),
             tiles_total=sum(len(t) for t in tiles))
         return budget.sequences_per_pass(n_items, fixed, per_item, self.device(), max_memory, chunk)
 

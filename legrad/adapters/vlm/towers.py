@@ -15,11 +15,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ...ops.functional import layer_norm
-from ..hf.common import hf_block
-from ..runner import Block, Run
+from ...ops.attention import AttentionOps, merge_heads
+from ...ops.functional import layer_norm, linear
+from ..hf.common import activation, hf_block
+from ..runner import Block, Run, chain
 
-__all__ = ["VisionTower", "ClipTower", "SiglipTower", "TOWER_KINDS", "tower_for"]
+__all__ = ["VisionTower", "ClipTower", "SiglipTower", "QwenViTTower", "QwenViTAttentionOps", "TOWER_KINDS",
+           "tower_for"]
 
 
 class VisionTower:
@@ -57,6 +59,16 @@ class VisionTower:
     @property
     def config(self) -> Any:
         return self.module.config
+
+    @property
+    def width(self) -> int:
+        """Channels of the tower's tokens."""
+        return int(self.config.hidden_size)
+
+    @property
+    def heads(self) -> int:
+        """Attention heads of a block."""
+        return int(self.config.num_attention_heads)
 
 
 class _EncoderTower(VisionTower):
@@ -114,8 +126,93 @@ class SiglipTower(_EncoderTower):
         super().check(owner)
 
 
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class QwenViTAttentionOps(AttentionOps):
+    """The Qwen ViT's ``VisionAttention``: fused ``qkv``, 2-D rotary embedding on queries and keys (in float32, as
+    the model applies it), ``proj``. ``rope`` is ``[2, N, hd]``: the model's own ``(cos, sin)``."""
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.module.num_heads)
+
+    @property
+    def scale(self) -> float:
+        return float(self.module.scaling)
+
+    def qkv(self, x_q, x_kv=None, *, rope=None):
+        if x_kv is not None:
+            raise ValueError("the Qwen ViT's attention is self-attention")
+        b, n, _ = x_q.shape
+        q, k, v = linear(self.module.qkv, x_q).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        if rope is not None:
+            cos, sin = rope[0].float(), rope[1].float()
+            q, k = ((t.float() * cos + _rotate_half(t.float()) * sin).to(t.dtype) for t in (q, k))
+        return q, k, v
+
+    def out(self, o, x_in=None):
+        return linear(self.module.proj, merge_heads(o))
+
+
+class QwenViTTower(VisionTower):
+    """transformers' Qwen2-VL vision transformer (``Qwen2VisionTransformerPretrainedModel``): ``patch_embed`` over
+    flattened patches, 2-D rotary positions, pre-norm blocks (``norm1``, ``attn``, ``norm2``, ``mlp``) attending
+    within each image (one image per row here), tokens in the processor's 2 x 2 merge-window order.
+
+    Its input is ``(pixel_values [images * N, C * T * P * P], image_grid_thw [images, 3])``; the images of one
+    call share one grid (a row each)."""
+
+    kind = "Qwen ViT"
+    prefix = 0
+
+    def check(self, owner: str) -> None:
+        v = self.module
+        attrs = ("norm1", "attn", "norm2", "mlp")
+        if not (hasattr(v, "patch_embed") and hasattr(v, "rotary_pos_emb") and hasattr(v, "blocks")
+                and all(all(hasattr(blk, a) for a in attrs) and hasattr(blk.attn, "qkv") for blk in v.blocks)):
+            raise TypeError(f"{owner}'s vision tower does not have the Qwen ViT layout legrad expects (patch_embed, "
+                            "rotary_pos_emb, blocks[*].norm1/attn.qkv/norm2/mlp)")
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        return list(self.module.blocks)
+
+    @property
+    def width(self) -> int:
+        return int(self.config.embed_dim)
+
+    @property
+    def heads(self) -> int:
+        return int(self.config.num_heads)
+
+    @property
+    def merge(self) -> int:
+        return int(self.config.spatial_merge_size)
+
+    def _mlp_in(self, mlp: nn.Module):
+        return lambda x: activation(mlp.act, linear(mlp.fc1, x))
+
+    def blocks(self) -> list[Block]:
+        return [Block(attn=QwenViTAttentionOps(blk.attn), norm1=chain(blk.norm1), norm2=chain(blk.norm2),
+                      mlp_in=self._mlp_in(blk.mlp), mlp_out=chain(blk.mlp.fc2)) for blk in self.module.blocks]
+
+    def declare(self, pixels: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype) -> Run:
+        from transformers.vision_utils import get_vision_position_ids
+
+        values, grid = pixels
+        images = grid.shape[0]
+        x = self.module.patch_embed(values.to(dtype))  # the model's own patch embedding (a Conv3d, no state)
+        positions = get_vision_position_ids(grid, self.merge).to(x.device)
+        n = x.shape[0] // images
+        cos, sin = self.module.rotary_pos_emb(x, positions[:n])
+        return Run(tokens=x.reshape(images, n, -1), blocks=self.blocks(), prefix=0, rope=torch.stack([cos, sin]))
+
+
 #: Every tower kind by its name (what a family's ``tower_kind`` names).
-TOWER_KINDS: dict[str, type[VisionTower]] = {t.kind: t for t in (ClipTower, SiglipTower)}
+TOWER_KINDS: dict[str, type[VisionTower]] = {t.kind: t for t in (ClipTower, SiglipTower, QwenViTTower)}
 
 
 def tower_for(kind: str, module: nn.Module, owner: str) -> VisionTower:
