@@ -97,9 +97,11 @@ def test_qwen2_vl_matches_the_oracle_in_raster_order_and_leaves_the_model_intact
         own = model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output[0]
         torch.testing.assert_close(_tower(model, inputs, None)[0], own)
     before, hooks = V.snapshot(model), V.hooks(model)
+    assert model.model.rope_deltas is None
     w = LeWrapper(model)
     maps, scores = w.compute_legrad(image=inputs, answers=ANSWERS, output_size="grid", return_scores=True)
     assert maps.shape == (1, 2, *grid)
+    assert model.model.rope_deltas is None  # the forward's rope cache is never written (the oracle's forward does)
     for j, ans in enumerate(ANSWERS):
         torch.testing.assert_close(maps[0, j], min_max(_oracle(model, inputs, ans, [1, 2])), atol=1e-4, rtol=0)
         # The scores are the model's own teacher-forced log-probabilities (its forward from pixel values).

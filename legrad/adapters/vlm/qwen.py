@@ -114,9 +114,14 @@ class Qwen2VLAdapter(VLMAdapter):
         return apply_module(merger.mlp, z)
 
     def _lm_kwargs(self, seqs: Packed, call: VLMInputs, images: list[int], device: torch.device) -> dict[str, Any]:
-        # mm_token_type_ids as the processor makes them (1: image token, 0: text), for the model's M-RoPE positions.
-        return {"image_grid_thw": self._grid_thw(call)[images].to(device),
-                "mm_token_type_ids": seqs.image.long().to(device)}
+        # The model's own M-RoPE positions (get_rope_index, from mm_token_type_ids as the processor makes them:
+        # 1 for image tokens), passed in: left to compute them, the forward would cache rope_deltas on the model.
+        grid = self._grid_thw(call)[images].to(device)
+        ids = torch.where(seqs.image, self.image_token_id, seqs.ids).to(device)
+        types = seqs.image.long().to(device)
+        positions, _ = self.model.model.get_rope_index(ids, image_grid_thw=grid, attention_mask=seqs.mask.to(device),
+                                                      mm_token_type_ids=types)
+        return {"image_grid_thw": grid, "mm_token_type_ids": types, "position_ids": positions}
 
     def _image_map(self, rel: torch.Tensor, b: int, call: VLMInputs) -> torch.Tensor:
         h, w, m = *self._grid_hw(call), self.tower.merge
