@@ -56,7 +56,6 @@ def test_unsupported_vlm_classes_name_the_supported_ones():
     (lambda: dict(image={**_inputs(), "pixel_values": torch.randn(1, 3, 64, 64)}, answers=ANS), "32", ValueError),
     (lambda: dict(image={**_inputs(), "pixel_values": torch.full((1, 3, 32, 32), float("nan"))}, answers=ANS),
      "NaN", ValueError),
-    (lambda: dict(image={**_inputs(), "foo": 1}, answers=ANS), "foo", TypeError),
     (lambda: dict(image={**_inputs(), "attention_mask": torch.tensor([[1] * 10 + [0] + [1] * 9])}, answers=ANS),
      "holes", ValueError),
     (lambda: dict(image=_inputs(), answers=ANS, output_size="big"), "output_size", ValueError),
@@ -99,3 +98,13 @@ def test_a_clip_model_refuses_answers():
                          vocab_size=64))
     with pytest.raises(TypeError, match="vision-language models"):
         LeWrapper(transformers.CLIPModel(cfg).eval()).compute_legrad(image=torch.randn(1, 3, 32, 32), answers=ANS)
+
+
+def test_keys_the_score_does_not_use_are_ignored_with_a_debug_log(llava, caplog):
+    inputs = _inputs()
+    ref = LeWrapper(llava).compute_legrad(image=inputs, answers=ANS, output_size="grid")
+    extra = {**inputs, "labels": torch.full_like(inputs["input_ids"], -100), "foo": 1}
+    with caplog.at_level("DEBUG", logger="legrad.adapters.vlm.inputs"):
+        maps = LeWrapper(llava).compute_legrad(image=extra, answers=ANS, output_size="grid")
+    assert torch.equal(maps, ref)
+    assert "['foo', 'labels']" in caplog.text and "ignored" in caplog.text

@@ -22,7 +22,7 @@ _BUILTIN: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("legrad.adapters.classifiers.torchvision", ("TorchvisionViTAdapter",)),
     ("legrad.adapters.classifiers.timm",
      ("TimmDistilledClassifierAdapter", "TimmMapClassifierAdapter", "TimmClassifierAdapter")),
-    ("legrad.adapters.vlm", ("LlavaNextAdapter", "LlavaAdapter", "PaliGemmaAdapter")),
+    ("legrad.adapters.vlm", ("LlavaNextAdapter", "LlavaAdapter", "PaliGemmaAdapter", "Qwen2VLAdapter")),
     ("legrad.adapters.hf.siglip", ("HFSiglip2Adapter", "HFSiglipAdapter")),
     ("legrad.adapters.hf.clip", ("HFClipAdapter",)),
     ("legrad.adapters.openclip", ("OpenClipViTAdapter", "OpenClipCoCaAdapter")),

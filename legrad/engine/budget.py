@@ -31,6 +31,8 @@ __all__ = [
     "available_memory",
     "estimate_call_bytes",
     "check_call",
+    "answer_sequence_bytes",
+    "sequences_per_pass",
 ]
 
 #: Default limit on patch tokens per image (e.g. 1024x1024 px at patch 8, 2048x2048 px at patch 16).
@@ -222,3 +224,54 @@ def check_call(*, batch: int, tokens: int, patches: int, width: int, prompts: in
             f"prompt(s)), more than its budget ({source}); use a smaller image size, fewer images or prompts per "
             "call, or set LeWrapper(..., max_memory=BYTES)"
         )
+
+
+def answer_sequence_bytes(*, length: int, answer_length: int, lm_layers: int, lm_width: int, lm_inner: int,
+                          vocab: int, lm_element_size: int, tile_tokens: int, tower_width: int, tower_heads: int,
+                          tiles_per_sequence: int, tiles_total: int) -> tuple[int, int]:
+    """``(fixed, per sequence)`` upper estimates of the extra memory of a vision-language model's answer
+    explanation (:class:`legrad.adapters.vlm.VLMAdapter`), in bytes.
+
+    Per (image, answer) sequence: the activations the language model keeps for the backward (attention, MLP,
+    norms, residuals), the explained vision block's graph for the sequence's tiles (float32), the answer
+    logits (float32 log-softmax) and the relevance block. Fixed: the tower's run over every tile. The factors
+    are calibrated on bench/bench_vlm.py's measured peak (7B-shaped LLaVA, bfloat16: 1.2 GiB for 2 x 600
+    tokens), with some margin.
+
+    Args:
+        length: tokens of the longest sequence (prompt + answer).
+        answer_length: tokens of the longest answer.
+        lm_layers, lm_width, lm_inner, vocab: the language model's depth, hidden and MLP sizes, vocabulary.
+        lm_element_size: bytes per element of the language model's dtype.
+        tile_tokens: tokens of one tile's sequence in the vision tower (prefix included).
+        tower_width, tower_heads: the vision tower's width and heads.
+        tiles_per_sequence: the most tiles (tower rows) one image has.
+        tiles_total: tower rows of the whole call.
+    """
+    lm = length * lm_layers * (36 * lm_width + 10 * lm_inner) * lm_element_size
+    per_tile = tile_tokens * tower_width * 4 * 24 + tower_heads * tile_tokens * tile_tokens * 4
+    logits = answer_length * vocab * 4 * 3
+    per_sequence = lm + tiles_per_sequence * per_tile + logits + length * lm_width * lm_element_size * 2
+    return tiles_total * per_tile, per_sequence
+
+
+def sequences_per_pass(n: int, fixed: int, per_sequence: int, device: torch.device, max_memory: float | None,
+                       chunk: int | None) -> int:
+    """Sequences per language-model pass that fit the budget (``max_memory``, else :data:`AVAILABLE_FRACTION`
+    of :func:`available_memory`), or ``chunk`` when given.
+
+    Raises:
+        MemoryBudgetError: when one sequence alone does not fit (before any work).
+    """
+    avail = available_memory(device) if max_memory is None else None
+    limit = float(max_memory) if max_memory is not None else (None if avail is None else AVAILABLE_FRACTION * avail)
+    if limit is not None and fixed + per_sequence > limit:
+        raise MemoryBudgetError(
+            f"one (image, answer) sequence needs about {_mib(fixed + per_sequence)} of extra memory, more than the "
+            f"budget of {_mib(limit)}; use fewer images per call, shorter prompts or answers, or set "
+            "LeWrapper(..., max_memory=BYTES)")
+    if chunk is not None:
+        return min(chunk, n)
+    if limit is None:
+        return n
+    return max(1, min(n, int((limit - fixed) // per_sequence)))

@@ -43,9 +43,10 @@ def _check_finite(t: torch.Tensor, what: str) -> None:
 
 def _prompt_grads(total: torch.Tensor, out: torch.Tensor, lo: int, hi: int, last: bool) -> torch.Tensor:
     """``dS_p/dO`` for prompts ``lo:hi``, ``[hi - lo, *out.shape]``, from one batched backward."""
-    if torch.is_anomaly_enabled():
+    if torch.is_anomaly_enabled() or hi - lo == 1:
         # Anomaly mode's NaN check calls .item() on every gradient, which vmap (is_grads_batched)
-        # cannot batch: one backward per prompt gives the same values.
+        # cannot batch: one backward per prompt gives the same values. One prompt needs no batching at all
+        # (and a VLM's language model, whose scores a chunk of one "prompt" holds, has ops vmap cannot batch).
         with torch.enable_grad():
             parts = total[lo:hi].unbind()  # indexed with grad enabled so each part keeps its graph
         grads = [torch.autograd.grad(part, out, retain_graph=not (last and i == hi - lo - 1))[0]

@@ -132,4 +132,8 @@ def eval_view(module: nn.Module) -> nn.Module:
     for name in _HOOK_DICTS:
         if name in d:
             d[name] = OrderedDict()
+    # transformers 5.x records hidden states with forward hooks it installs once per model and flags as
+    # installed; the view has none of them, so the flag is dropped and transformers installs its own on the
+    # view's (copied) modules, never on the user's.
+    d.pop("_output_capturing_hooks_installed", None)
     return view

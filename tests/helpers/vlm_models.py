@@ -24,14 +24,19 @@ GRID = 4  # 32 px images, patch 8
 
 
 def tokenizer() -> T.PreTrainedTokenizerFast:
-    """A word-level fast tokenizer (whitespace split) over :data:`WORDS` plus ``<image>`` (id 63)."""
+    """A word-level fast tokenizer (whitespace split) over :data:`WORDS` plus ``<image>`` (id 63).
+
+    The vocabulary is dense (fillers ``w22``.. up to id 62): tokens a processor adds (PaliGemma's
+    ``<loc....>``) then get ids from 64 on, never one of the vocabulary's; ``image_token`` is declared so that
+    processors find it after a ``save_pretrained`` / ``from_pretrained`` round trip."""
     vocab = {w: i for i, w in enumerate(WORDS)}
+    vocab.update({f"w{i}": i for i in range(len(WORDS), IMAGE_TOKEN)})
     vocab["<image>"] = IMAGE_TOKEN
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.add_special_tokens(["<image>", "<s>", "</s>", "<pad>", "<unk>"])  # split out even when glued together
     return T.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                     unk_token="<unk>")
+                                     unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
 
 
 def _init(model: torch.nn.Module, seed: int) -> torch.nn.Module:

@@ -4,25 +4,26 @@ log-probability of a candidate answer.
 For each explained block ``b`` of the vision tower (one of the blocks that feed the image features):
 
     s_b = sum over the answer's tokens of log p(token | image, prompt, previous answer tokens),
-          with the image features computed from block b's output tokens,
+          with the image features computed from block b's output tokens through the model's own feature path,
     m_b = mean over heads and query rows of relu(d s_b / d A_b), prefix (CLS) columns dropped,
 
 summed over the explained blocks on the patch grid, then upsampled and min-max normalised per
-(image, answer) by :func:`legrad.engine.maps.grid_maps`. ``d s / d A = (d s / d O) V^T`` (``O = A V``), so
-the per-head attention output ``O`` is the leaf that requires grad, as in :mod:`legrad.engine.relevance`.
+(image, answer) by :func:`legrad.engine.maps.grid_maps`.
 
-The vision tower runs once, statelessly from its weights (the explained blocks in float32); the
-language model runs its own ``forward`` (in its own dtype and attention implementation) once per
-explained block on every (image, answer) sequence at once, chunked by a memory budget, with one backward
-per chunk. Each sequence is the row's real prompt tokens with the answer right after them, right-padded,
-so padding of either side never changes a score.
+One path with every other tower: the vision tower is declared for the block runner once per tower kind
+(:mod:`legrad.adapters.vlm.towers`) and runs statelessly from its weights (the explained blocks in
+float32); each explained block hands the engine a :class:`~legrad.engine.step.LayerStep` whose leaf is the
+attention output ``O`` of the chunk's sequences (one copy per sequence) and whose feature is the sequences'
+scores, so the relevance is :func:`legrad.engine.relevance.layer_relevance`'s. The language model runs its
+own ``forward`` (its dtype, attention implementation, masks and positions) with the image features given
+as ``mm_encoder_outputs``, on every (image, answer) sequence at once, chunked by the memory budget of
+:func:`legrad.engine.budget.answer_sequence_bytes`. Each sequence is the row's real prompt tokens with the
+answer right after them, right-padded, so padding of either side never changes a score.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -31,93 +32,85 @@ from torch import nn
 from ...engine import budget
 from ...engine.deadline import check_deadline
 from ...engine.maps import grid_maps
-from ...engine.relevance import NonFiniteError
+from ...engine.relevance import NonFiniteError, layer_relevance
+from ...engine.step import LayerStep
 from ...engine.validation import check_layer_index, check_output_size, check_prompt_chunk
 from ...ops.functional import linear
-from ..base import TowerAdapter
-from ..hf.common import hf_block
-from ..runner import after_attention, attention, plain_block
-from .inputs import VLMInputs, pack, read_inputs, tokenize_answers
+from ..runner import BlockTower, Run, after_attention, attention, plain_block
+from .inputs import Packed, VLMInputs, pack, read_inputs, tokenize_answers
+from .towers import VisionTower, tower_for
 
-__all__ = ["VLMAdapter", "VisionBlock"]
-
-
-@dataclass
-class VisionBlock:
-    """One explained block's attention, computed once per call (float32, no grad).
-
-    Attributes:
-        layer: the block index.
-        x: ``[B, N, C]`` the block's input tokens.
-        out: ``[B, H, N, hd]`` per-head attention output ``O = A V``.
-        value: ``[B, H, N, hd]`` the values ``V``.
-    """
-
-    layer: int
-    x: torch.Tensor
-    out: torch.Tensor
-    value: torch.Tensor
+__all__ = ["VLMAdapter"]
 
 
-class VLMAdapter(TowerAdapter):
+def _answer_scores(feature: torch.Tensor, _: Any) -> torch.Tensor:
+    """The engine's scorer for a VLM step: its feature already is the sequences' scores ``[n, 1]``."""
+    return feature
+
+
+class VLMAdapter(BlockTower):
     """Common part of the VLM families: answers scored by the language model, explained on the vision tower.
 
-    Subclasses set ``family``, ``model_class`` and implement :meth:`_feeding_blocks`, :meth:`_embed` and
-    :meth:`_features` (and may override :meth:`_lm_hidden`).
+    Subclasses set ``family``, ``model_class``, ``tower_kind`` and implement :meth:`_vision_module`,
+    :meth:`_feeding_blocks` and :meth:`_features` (the model's own feature path from a block's output tokens).
     """
 
     entry_points = ("compute_legrad",)
     scorer: ClassVar[str] = "answer"
     #: The transformers class name this adapter handles.
     model_class: ClassVar[str] = ""
-    #: Prefix (CLS) tokens of the vision tower's sequence.
-    prefix_tokens: ClassVar[int] = 0
+    #: The vision tower's kind, a key of :data:`~legrad.adapters.vlm.towers.TOWER_KINDS` (declared once, shared by
+    #: the families built on it).
+    tower_kind: ClassVar[str] = ""
+    #: Processor keys the family reads beyond the common ones (``image_grid_thw``...).
+    input_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module):
-        tower = model.model.vision_tower
-        super().__init__(getattr(tower, "vision_model", tower))
         self.model = model
+        module = self._vision_module(model)
+        self.tower: VisionTower = tower_for(self.tower_kind, module, type(model).__name__)
+        super().__init__(module)
         self._check()
+        if self.depth < 1:
+            raise ValueError(f"{type(self.model).__name__}: no vision block feeds the image features")
 
     @classmethod
     def matches(cls, visual: nn.Module) -> bool:
         return False
 
     @classmethod
-    def from_model(cls, model: nn.Module) -> TowerAdapter | None:
+    def from_model(cls, model: nn.Module) -> BlockTower | None:
         if not any(c.__name__ == cls.model_class and c.__module__.startswith("transformers.")
                    for c in type(model).__mro__):
             return None
         return cls(model)
 
-    def _check(self) -> None:
-        v = self.visual
-        attrs = ("layer_norm1", "self_attn", "layer_norm2", "mlp")
-        if not (hasattr(v, "embeddings") and hasattr(v, "encoder")
-                and all(all(hasattr(blk, a) for a in attrs) for blk in v.encoder.layers)):
-            raise TypeError(f"{type(self.model).__name__}'s vision tower does not have the CLIP/SigLIP layout legrad "
-                            "expects (embeddings, encoder.layers[*].self_attn/mlp/layer_norm1/2)")
-        if self.depth < 1:
-            raise ValueError(f"{type(self.model).__name__}: no vision block feeds the image features")
-
     # ------------------------------------------------------------------ family hooks
+    @staticmethod
+    def _vision_module(model: nn.Module) -> nn.Module:
+        """The vision transformer inside the VLM."""
+        tower = model.model.vision_tower
+        return getattr(tower, "vision_model", tower)
+
+    def _check(self) -> None:
+        """Family-specific checks of the model (configuration, projector layout)."""
+
     def _feeding_blocks(self) -> int:
         """How many blocks (from the first) feed the image features."""
-        raise NotImplementedError
-
-    def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Tokens before block 0, ``[B, N, C]``."""
         raise NotImplementedError
 
     def _features(self, y: torch.Tensor) -> torch.Tensor:
         """Image features ``[n, N_img, D]`` from a feeding block's output tokens ``y`` ``[n, N, C]``."""
         raise NotImplementedError
 
-    def _lm_hidden(self, embeds: torch.Tensor, mask: torch.Tensor, types: torch.Tensor | None) -> torch.Tensor:
-        """Last hidden states ``[n, L, D]`` of the language model, through the VLM's own base-model forward
-        (its masks and positions: PaliGemma's prefix attention from ``token_type_ids``)."""
-        kwargs = {} if types is None else {"token_type_ids": types}
-        return self.model.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False, **kwargs)[0]
+    def _encoder_output(self, feats: torch.Tensor, call: VLMInputs, images: list[int]) -> Any:
+        """``pooler_output`` of the ``mm_encoder_outputs`` the model's forward takes: features ``[tokens, D]`` of
+        a chunk's sequences, in order (a tuple: the forwards concatenate the per-image features)."""
+        return (feats,)
+
+    def _lm_kwargs(self, seqs: Packed, call: VLMInputs, images: list[int], device: torch.device) -> dict[str, Any]:
+        """Further keyword arguments of the model's forward for a chunk (``token_type_ids``, grids)."""
+        return {} if seqs.token_types is None else {"token_type_ids": seqs.token_types.to(device)}
 
     # ------------------------------------------------------------------ tower facts
     @property
@@ -136,7 +129,11 @@ class VLMAdapter(TowerAdapter):
 
     @property
     def num_prefix_tokens(self) -> int:
-        return self.prefix_tokens
+        return self.tower.prefix
+
+    @property
+    def prefix_tokens(self) -> int:
+        return self.tower.prefix
 
     @property
     def text_config(self) -> Any:
@@ -151,23 +148,67 @@ class VLMAdapter(TowerAdapter):
         ph, pw = self.patch_size
         return size // ph, size // pw
 
+    def declare(self, image: Any, dtype: torch.dtype) -> Run:
+        """The tower's :class:`~legrad.adapters.runner.Run` on its input batch (:meth:`_tower_pixels`)."""
+        return self.tower.declare(image, dtype)
+
     def steps(self, image: Any, start: int, compute_dtype: torch.dtype) -> Iterator[Any]:
         raise TypeError(f"{self.family} explains answers: use compute_legrad(image=inputs, answers=[...])")
 
     def prepare_inputs(self, image: Any, **inputs: Any) -> Any:
         raise TypeError(f"{self.family} explains answers: use compute_legrad(image=inputs, answers=[...])")
 
+    # ------------------------------------------------------------------ drift guard
+    @property
+    def native_size(self) -> tuple[int, int]:
+        size = self.visual.config.image_size
+        return int(size), int(size)
+
+    def probe_input(self) -> Any:
+        """Fixed-seed noise at the tower's native size, as the processor would give it (a dict of inputs)."""
+        h, w = self.native_size
+        noise = torch.randn(1, self.visual.config.num_channels, h, w, generator=torch.Generator().manual_seed(0))
+        return {"pixel_values": noise.to(self.device(), self.param_dtype())}
+
+    def own_output(self, model: nn.Module, image: Any) -> torch.Tensor:
+        """The model's own ``get_image_features`` on the probe, ``[tokens, D]``."""
+        out = model.get_image_features(**image)
+        feats = getattr(out, "pooler_output", out)
+        if isinstance(feats, (list, tuple)):
+            feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])
+        return feats.reshape(-1, feats.shape[-1])
+
+    def _probe_call(self, image: dict[str, Any]) -> VLMInputs:
+        return VLMInputs(image["pixel_values"], [torch.zeros(1, dtype=torch.long)], None, image.get("image_sizes"),
+                         {k: image[k] for k in self.input_keys if k in image})
+
+    def rerun_output(self, image: Any) -> torch.Tensor:
+        """legrad's re-run of the same features: the declared tower, plainly, then the family's feature path."""
+        call = self._probe_call(image)
+        return self._plain_features(call, [0])
+
+    def _plain_features(self, call: VLMInputs, images: list[int]) -> torch.Tensor:
+        """Image features ``[tokens, D]`` of ``images`` (in order, repeats allowed) from the unchanged tower."""
+        device = self.device()
+        pixels = self._tower_pixels(call)
+        if isinstance(pixels, torch.Tensor):
+            pixels = pixels.to(device=device, dtype=self.param_dtype())
+        run = self.declare(pixels, self.param_dtype())
+        x = run.tokens
+        for block in run.blocks[: self.depth]:  # the blocks that feed the image features
+            x = plain_block(block, x, run)
+        tiles = self._tile_rows(call)
+        rows = torch.tensor([r for b in images for r in tiles[b]], device=device)
+        return self._image_features(x[rows], images, [len(tiles[b]) for b in images], call)
+
     # ------------------------------------------------------------------ the call
     #: Dimensions of ``pixel_values`` (5 for any-resolution families: ``[B, tiles, C, H, W]``).
     pixel_ndim: ClassVar[int] = 4
 
     def _validate(self, image: Any, inputs: dict[str, Any], answers: Any, tokenizer: Any) -> tuple[VLMInputs, list]:
-        call = read_inputs(image, inputs, self.image_token_id, self.text_config.vocab_size, self.pixel_ndim)
-        size = self.visual.config.image_size
-        c = self.visual.config.num_channels
-        if tuple(call.pixel_values.shape[-3:]) != (c, size, size):
-            raise ValueError(f"pixel_values must be [B, {c}, {size}, {size}] for this model, got "
-                             f"{tuple(call.pixel_values.shape)}; use the model's processor")
+        call = read_inputs(image, inputs, self.image_token_id, self.text_config.vocab_size, self.pixel_ndim,
+                           self.input_keys)
+        self._check_pixels(call)
         self._check_call(call)
         for row, prompt in enumerate(call.prompts):
             got = int((prompt == self.image_token_id).sum())
@@ -178,6 +219,14 @@ class VLMAdapter(TowerAdapter):
         if any(m.training for m in self.model.modules()):
             raise ValueError("the VLM is in training mode (dropout would make the maps random); call model.eval()")
         return call, tokenize_answers(answers, tokenizer, self.text_config.vocab_size, self.image_token_id)
+
+    def _check_pixels(self, call: VLMInputs) -> None:
+        """``pixel_values`` has the tower's fixed input size."""
+        size = self.visual.config.image_size
+        c = self.visual.config.num_channels
+        if tuple(call.pixel_values.shape[-3:]) != (c, size, size):
+            raise ValueError(f"pixel_values must be [B, {c}, {size}, {size}] for this model, got "
+                             f"{tuple(call.pixel_values.shape)}; use the model's processor")
 
     def _check_call(self, call: VLMInputs) -> None:
         """Family-specific checks of a call (before any work)."""
@@ -191,8 +240,8 @@ class VLMAdapter(TowerAdapter):
         """Rows of the tower's input batch (:meth:`_tower_pixels`) that belong to each image."""
         return [[b] for b in range(call.batch)]
 
-    def _tower_pixels(self, call: VLMInputs) -> torch.Tensor:
-        """``[tiles, C, H, W]``: what the vision tower runs on."""
+    def _tower_pixels(self, call: VLMInputs) -> Any:
+        """What the vision tower runs on (``[tiles, C, H, W]``)."""
         return call.pixel_values
 
     def _image_features(self, y: torch.Tensor, images: list[int], counts: list[int], call: VLMInputs) -> torch.Tensor:
@@ -201,7 +250,7 @@ class VLMAdapter(TowerAdapter):
         return feats.reshape(-1, feats.shape[-1])
 
     def _image_map(self, rel: torch.Tensor, b: int, call: VLMInputs) -> torch.Tensor:
-        """Relevance of one (image, answer) on its image: ``[tiles, patches]`` -> ``[gh, gw]``."""
+        """Relevance of one (image, answer) on its image: ``[tiles, patches]`` -> ``[gh, gw]`` (raster order)."""
         return rel.reshape(self._grid())
 
     def _map_size(self, b: int, call: VLMInputs) -> tuple[int, int]:
@@ -212,49 +261,26 @@ class VLMAdapter(TowerAdapter):
         pad = getattr(self.text_config, "pad_token_id", None)
         return pad if isinstance(pad, int) and 0 <= pad < self.text_config.vocab_size else 0
 
-    def _item_bytes(self, call: VLMInputs, answers: list[torch.Tensor]) -> tuple[int, int]:
-        """``(fixed, per sequence)`` upper estimates of the extra memory, in bytes."""
-        tc = self.text_config
-        elt = next(self.model.model.language_model.parameters()).element_size()
-        length = max(len(p) for p in call.prompts) + max(len(a) for a in answers)
-        inter = getattr(tc, "intermediate_size", 4 * tc.hidden_size) or 4 * tc.hidden_size
-        layers = tc.num_hidden_layers
-        # Activations the language model keeps for the backward (attention, MLP, norms, residuals), the vision
-        # block's graph (float32), the answer logits (float32 log-softmax) and the relevance block. The factors
-        # are calibrated on bench/bench_vlm.py's measured peak (7B-shaped LLaVA, bfloat16: 1.2 GiB for 2 x 600
-        # tokens), with some margin.
-        lm = length * layers * (36 * tc.hidden_size + 10 * inter) * elt
-        tok, tiles = self._tokens_per_image(), self._tile_rows(call)
-        width, heads = self.visual.config.hidden_size, self.visual.config.num_attention_heads
-        per_tile = tok * width * 4 * 24 + heads * tok * tok * 4  # a float32 block's graph, or its attention
-        vision = max(len(t) for t in tiles) * per_tile
-        logits = max(len(a) for a in answers) * tc.vocab_size * 4 * 3
-        fixed = sum(len(t) for t in tiles) * per_tile  # the tower's run over every tile
-        return fixed, lm + vision + logits + length * tc.hidden_size * elt * 2
-
-    def _tokens_per_image(self) -> int:
+    def _tokens_per_tile(self, call: VLMInputs) -> int:
         gh, gw = self._grid()
         return gh * gw + self.prefix_tokens
 
     def _chunk(self, n_items: int, call: VLMInputs, answers: list, chunk: int | None, max_memory: float | None,
                max_tokens: int | None) -> int:
-        patches = max(len(t) for t in self._tile_rows(call)) * (self._tokens_per_image() - self.prefix_tokens)
+        tiles = self._tile_rows(call)
+        patches = max(len(t) for t in tiles) * (self._tokens_per_tile(call) - self.prefix_tokens)
         if max_tokens is not None and patches > max_tokens:
             raise ValueError(f"the image has {patches} patch tokens, more than max_tokens={max_tokens}")
-        fixed, per_item = self._item_bytes(call, answers)
-        avail = budget.available_memory(self.device()) if max_memory is None else None
-        limit = float(max_memory) if max_memory is not None else (
-            None if avail is None else budget.AVAILABLE_FRACTION * avail)
-        if limit is not None and fixed + per_item > limit:
-            raise budget.MemoryBudgetError(
-                f"one (image, answer) sequence needs about {(fixed + per_item) / 2**20:,.0f} MiB of extra memory, "
-                f"more than the budget of {limit / 2**20:,.0f} MiB; use fewer images per call, shorter prompts or "
-                "answers, or set LeWrapper(..., max_memory=BYTES)")
-        if chunk is not None:
-            return min(chunk, n_items)
-        if limit is None:
-            return n_items
-        return max(1, min(n_items, int((limit - fixed) // per_item)))
+        tc = self.text_config
+        fixed, per_item = budget.answer_sequence_bytes(
+            length=max(len(p) for p in call.prompts) + max(len(a) for a in answers),
+            answer_length=max(len(a) for a in answers), lm_layers=tc.num_hidden_layers, lm_width=tc.hidden_size,
+            lm_inner=getattr(tc, "intermediate_size", None) or 4 * tc.hidden_size, vocab=tc.vocab_size,
+            lm_element_size=next(self.model.get_output_embeddings().parameters()).element_size(),
+            tile_tokens=self._tokens_per_tile(call), tower_width=self.tower.width,
+            tower_heads=self.tower.heads, tiles_per_sequence=max(len(t) for t in tiles),
+            tiles_total=sum(len(t) for t in tiles))
+        return budget.sequences_per_pass(n_items, fixed, per_item, self.device(), max_memory, chunk)
 
     def explain(self, image: Any, answers: Any, *, layer_index: int, output_size: Any = None,
                 prompt_chunk: int | None = None, tokenizer: Any = None, max_memory: float | None = None,
@@ -317,77 +343,81 @@ class VLMAdapter(TowerAdapter):
             return maps, scores.reshape(call.batch, cols).to(out_device)
         return maps
 
-    def _blocks(self) -> list:
-        return [hf_block(layer) for layer in self.visual.encoder.layers]
-
-    def _vision_blocks(self, pixels: torch.Tensor, start: int) -> Iterator[VisionBlock]:
-        blocks = self._blocks()
-        x = self._embed(pixels)
+    def _explained(self, run: Run, start: int) -> Iterator[tuple[int, Any, torch.Tensor, tuple]]:
+        """The runner over the feeding blocks: plain below ``start``, then per explained block its input ``x``
+        (float32) and attention ``(h, q, k, v, o)``, before ``x`` moves on to the next block."""
+        x = run.tokens
         for i in range(start):
-            x = plain_block(blocks[i], x)
+            x = plain_block(run.blocks[i], x, run)
         x = x.float()  # the explained blocks run in float32
         for i in range(start, self.depth):
-            h, _, _, v, o = attention(blocks[i], x)
-            yield VisionBlock(i, x, o, v)
-            x = after_attention(blocks[i], x, h, o)
-
-    def _block_output(self, layer: int, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-        return after_attention(hf_block(self.visual.encoder.layers[layer]), x, None, o)
+            block = run.blocks[i]
+            h, q, k, v, o = attention(block, x, run)
+            yield i, block, x, (h, q, k, v, o)
+            x = after_attention(block, x, h, o)
 
     def _relevance(self, call: VLMInputs, answers: list[torch.Tensor], items: list, start: int,
                    chunk: int) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Per item, ``[tiles, patches]`` relevance summed over the explained blocks, and the items' scores
         ``[n]`` at the last feeding block (the unchanged model's)."""
         device = self.device()
-        lm_dtype = next(self.model.model.language_model.parameters()).dtype
-        pixels = self._tower_pixels(call).detach().to(device=device, dtype=self.param_dtype())
-        pixels = pixels.clone() if pixels.is_inference() else pixels
-        embed = self.model.get_input_embeddings()
+        pixels = self._tower_pixels(call)
+        if isinstance(pixels, torch.Tensor):
+            pixels = pixels.detach().to(device=device, dtype=self.param_dtype())
+            pixels = pixels.clone() if pixels.is_inference() else pixels
+        run = self.declare(pixels, self.param_dtype())
         tiles = self._tile_rows(call)
         total: list[Any] = [0.0] * len(items)
         scores = torch.zeros(len(items), device=device)
         chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]
         packed = [pack(c, call, answers, self.image_token_id, self._safe_id()) for c in chunks]
-        for block in self._vision_blocks(pixels, start):
+        for layer, block, x, attn in self._explained(run, start):
             lo = 0
             for part, seqs in zip(chunks, packed):
                 check_deadline()  # a caller's time limit (legrad.engine.deadline), between language-model runs
                 images = [b for b, _, _ in part]
                 rows = torch.tensor([r for b in images for r in tiles[b]], device=device)
                 counts = [len(tiles[b]) for b in images]
-                feats = functools.partial(self._image_features, images=images, counts=counts, call=call)
-                rel, score = self._chunk_relevance(block, rows, feats, seqs, embed, lm_dtype, device)
-                if block.layer == self.depth - 1:
-                    scores[lo:lo + len(part)] = score
+                step = self._answer_step(layer, block, x, attn, run, rows, images, counts, seqs, call)
+                rel = layer_relevance(step, None, prompt_chunk=1, scorer=_answer_scores)[:, 0]
+                if layer == self.depth - 1:
+                    scores[lo:lo + len(part)] = step.feature.detach()[:, 0]
+                del step
                 for i, piece in enumerate(rel.split(counts)):
                     total[lo + i] = total[lo + i] + piece
                 lo += len(part)
         return total, scores
 
-    def _chunk_relevance(self, block: VisionBlock, rows: torch.Tensor, features: Any, seqs: Any, embed: nn.Module,
-                         lm_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        ids, mask = seqs.ids.to(device), seqs.mask.to(device)
-        types = None if seqs.token_types is None else seqs.token_types.to(device)
-        base = embed(ids).detach()
-        o = block.out[rows].clone().requires_grad_(True)
+    def _answer_step(self, layer: int, block: Any, x: torch.Tensor, attn: tuple, run: Run, rows: torch.Tensor,
+                     images: list[int], counts: list[int], seqs: Packed, call: VLMInputs) -> LayerStep:
+        """The engine's step for one chunk at one block: the chunk's own copy of ``O`` as the leaf, and its
+        sequences' scores ``[n, 1]`` (image features from the block's output, through the model's forward) as
+        the feature."""
+        h, q, k, v, o = attn
+        leaf = o[rows].clone().requires_grad_(True)
         with torch.enable_grad():
-            feats = features(self._block_output(block.layer, block.x[rows], o)).to(lm_dtype)
-            embeds = base.masked_scatter(seqs.image.to(device)[..., None], feats)
-            scores = self._answer_scores(self._lm_hidden(embeds, mask, types), seqs)
-            total = scores.sum()  # each sequence's score depends only on its own copy of O
-        if not bool(torch.isfinite(scores).all()):
+            y = after_attention(block, x[rows], None if h is None else h[rows], leaf)
+            feats = self._image_features(y, images, counts, call)
+            score = self._sequence_scores(feats, seqs, call, images)[:, None]  # indexed in the graph
+        if not bool(torch.isfinite(score).all()):
             raise NonFiniteError("the answers' log-probabilities are not finite (numeric overflow in the model)")
-        (d_out,) = torch.autograd.grad(total, o)
-        v_t = block.value[rows].transpose(-1, -2)
-        _, heads, nq, _ = d_out.shape
-        rel = torch.zeros(len(rows), v_t.shape[-1], device=device)
-        step = max(1, 2**24 // max(1, len(rows) * heads * v_t.shape[-1]))  # bounds the [n, H, rows, N] block
-        for q0 in range(0, nq, step):
-            rel += (d_out[:, :, q0:q0 + step] @ v_t).clamp_min_(0).sum(dim=(1, 2))
-        rel = rel / (heads * nq)
-        if not bool(torch.isfinite(rel).all()):
-            raise NonFiniteError("the attention gradients are not finite (numeric overflow in the model)")
-        return rel[:, self.prefix_tokens:], scores.detach()
+        mask = None if run.key_mask is None else run.key_mask[rows]
+        return LayerStep(layer=layer, feature=score, out=leaf, value=v[rows], num_prefix_tokens=self.prefix_tokens,
+                         key_mask=mask, query=q[rows], key=k[rows], scale=block.attn.scale, attn_bias=block.bias)
+
+    def _sequence_scores(self, feats: torch.Tensor, seqs: Packed, call: VLMInputs, images: list[int]) -> torch.Tensor:
+        """``[n]`` scores of a chunk's sequences given their image features ``[tokens, D]``: the model's own
+        forward with ``mm_encoder_outputs`` (it places the features, builds masks and positions)."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        device = self.device()
+        ids = torch.where(seqs.image, self.image_token_id, seqs.ids).to(device)
+        lm_dtype = self.model.get_input_embeddings().weight.dtype
+        enc = {"image": BaseModelOutputWithPooling(pooler_output=self._encoder_output(feats.to(lm_dtype), call,
+                                                                                      images))}
+        out = self.model.model(input_ids=ids, attention_mask=seqs.mask.to(device), mm_encoder_outputs=enc,
+                               use_cache=False, **self._lm_kwargs(seqs, call, images, device))
+        return self._answer_scores(out[0], seqs)
 
     def _answer_scores(self, hidden: torch.Tensor, seqs: Any) -> torch.Tensor:
         """``[n]`` summed log-probs of the counted answer tokens from the last hidden states ``[n, L, D]``; the
@@ -410,20 +440,8 @@ class VLMAdapter(TowerAdapter):
         """
         call, ids = self._validate(image, inputs, answers, tokenizer)
         items = [(b, p, None) for b in range(call.batch) for p in range(len(ids))]
-        device = self.device()
         with torch.inference_mode(False), torch.no_grad():
-            pixels = self._tower_pixels(call).to(device=device, dtype=self.param_dtype())
-            x = self._embed(pixels)
-            for block in self._blocks()[: self.depth]:  # the blocks that feed the image features
-                x = plain_block(block, x)
-            tiles = self._tile_rows(call)
             images = [b for b, _, _ in items]
-            rows = torch.tensor([r for b in images for r in tiles[b]], device=device)
-            feats = self._image_features(x[rows], images, [len(tiles[b]) for b in images], call)
+            feats = self._plain_features(call, images)
             seqs = pack(items, call, ids, self.image_token_id, self._safe_id())
-            lm_dtype = next(self.model.model.language_model.parameters()).dtype
-            embeds = self.model.get_input_embeddings()(seqs.ids.to(device)).masked_scatter(
-                seqs.image.to(device)[..., None], feats.to(lm_dtype))
-            types = None if seqs.token_types is None else seqs.token_types.to(device)
-            hidden = self._lm_hidden(embeds, seqs.mask.to(device), types)
-            return self._answer_scores(hidden, seqs).reshape(call.batch, len(ids))
+            return self._sequence_scores(feats, seqs, call, images).reshape(call.batch, len(ids))

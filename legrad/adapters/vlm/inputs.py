@@ -6,15 +6,20 @@ Pure tensor bookkeeping: nothing here runs a model.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 __all__ = ["VLMInputs", "Packed", "read_inputs", "tokenize_answers", "pack"]
 
-# Keys of a processor output this module reads; any other key is refused (it would be silently ignored).
+logger = logging.getLogger(__name__)
+
+# Keys of a processor output this module reads. Any other key (PaliGemma's ``labels``, a chat template's
+# extras) does not enter the score: it is ignored with a debug log, so the processor's whole output is
+# accepted as it comes.
 _KNOWN = ("pixel_values", "input_ids", "attention_mask", "token_type_ids", "image_sizes")
 
 
@@ -27,12 +32,14 @@ class VLMInputs:
         prompts: B 1-D LongTensors, each row's real prompt tokens (padding removed), image tokens included.
         token_types: B 1-D LongTensors (``token_type_ids`` of the real tokens) or None.
         image_sizes: ``[B, 2]`` original image sizes or None.
+        extra: the family's own further inputs (``extra_keys`` of :func:`read_inputs`), as given.
     """
 
     pixel_values: torch.Tensor
     prompts: list[torch.Tensor]
     token_types: list[torch.Tensor] | None
     image_sizes: torch.Tensor | None
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def batch(self) -> int:
@@ -51,7 +58,7 @@ def _tensor(value: Any, name: str, ndim: int, integer: bool) -> torch.Tensor:
 
 
 def read_inputs(image: Any, inputs: dict[str, Any], image_token_id: int, vocab_size: int,
-                pixel_ndim: int = 4) -> VLMInputs:
+                pixel_ndim: int = 4, extra_keys: Sequence[str] = ()) -> VLMInputs:
     """Validates the processor output (``image=``, a mapping, merged with keyword ``inputs``).
 
     Args:
@@ -59,7 +66,9 @@ def read_inputs(image: Any, inputs: dict[str, Any], image_token_id: int, vocab_s
         inputs: the same keys as keyword arguments (they override the mapping's).
         image_token_id: the model's image placeholder token.
         vocab_size: the language model's vocabulary size (the image token may lie outside it).
-        pixel_ndim: dimensions of ``pixel_values`` (4; 5 for tiled families).
+        pixel_ndim: dimensions of ``pixel_values`` (4; 5 for tiled families; 2 for flattened patches).
+        extra_keys: further keys the family reads (kept in :attr:`VLMInputs.extra`, e.g. Qwen's
+            ``image_grid_thw``).
 
     Returns:
         The :class:`VLMInputs`.
@@ -74,9 +83,9 @@ def read_inputs(image: Any, inputs: dict[str, Any], image_token_id: int, vocab_s
         raise TypeError(f"a VLM needs the processor output (a mapping with pixel_values and input_ids) as image=, "
                         f"got {type(image).__name__}")
     merged = {**dict(image), **inputs}
-    unknown = sorted(k for k in merged if k not in _KNOWN)
-    if unknown:
-        raise TypeError(f"unexpected inputs {unknown} for this VLM; accepted: {list(_KNOWN)}")
+    unused = sorted(str(k) for k in merged if k not in _KNOWN and k not in extra_keys)
+    if unused:
+        logger.debug("inputs %s do not enter the answers' scores; ignored", unused)
     for key in ("pixel_values", "input_ids"):
         if merged.get(key) is None:
             raise ValueError(f"the processor output has no {key!r}; call the processor with both images= and text=")
@@ -89,7 +98,7 @@ def read_inputs(image: Any, inputs: dict[str, Any], image_token_id: int, vocab_s
     b, length = ids.shape
     if b == 0 or length == 0:
         raise ValueError(f"input_ids is empty (shape {tuple(ids.shape)})")
-    if pixels.shape[0] != b:
+    if pixel_ndim != 2 and pixels.shape[0] != b:  # flattened patches (Qwen) are counted by the family
         raise ValueError(f"pixel_values holds {pixels.shape[0]} image(s) for {b} prompt(s); this VLM takes one image "
                          "per prompt")
     mask = merged.get("attention_mask")
@@ -124,7 +133,8 @@ def read_inputs(image: Any, inputs: dict[str, Any], image_token_id: int, vocab_s
         if tuple(sizes.shape) != (b, 2) or bool((sizes < 1).any()):
             raise ValueError(f"image_sizes must be positive [B, 2] = [{b}, 2] (height, width), got "
                              f"{tuple(sizes.shape)}")
-    return VLMInputs(pixels, prompts, kept_types if types is not None else None, sizes)
+    extra = {k: merged[k] for k in extra_keys if merged.get(k) is not None}
+    return VLMInputs(pixels, prompts, kept_types if types is not None else None, sizes, extra)
 
 
 def tokenize_answers(answers: Any, tokenizer: Any, vocab_size: int, image_token_id: int) -> list[torch.Tensor]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ...ops.functional import layer_norm, linear
+from ...ops.functional import linear
 from ..hf.common import activation
 from .base import VLMAdapter
 
@@ -22,7 +22,7 @@ class LlavaAdapter(VLMAdapter):
 
     family = "transformers LlavaForConditionalGeneration (CLIP tower, answers explained)"
     model_class = "LlavaForConditionalGeneration"
-    prefix_tokens = 1
+    tower_kind = "CLIP"
 
     def _check(self) -> None:
         cfg = self.model.config
@@ -33,12 +33,9 @@ class LlavaAdapter(VLMAdapter):
         if cfg.vision_feature_select_strategy not in _STRATEGIES:
             raise ValueError(f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r} is not "
                              f"supported; supported: {_STRATEGIES}")
-        if not hasattr(self.visual, "pre_layrnorm"):
-            raise TypeError(f"LLaVA with a {type(self.visual).__name__} vision tower is not supported (CLIP only)")
         proj = self.model.model.multi_modal_projector
         if not all(hasattr(proj, a) for a in ("linear_1", "act", "linear_2")):
             raise TypeError("this LLaVA's multi_modal_projector is not the linear-act-linear one legrad supports")
-        super()._check()
 
     def _feeding_blocks(self) -> int:
         layers = len(self.visual.encoder.layers)
@@ -48,9 +45,6 @@ class LlavaAdapter(VLMAdapter):
             raise ValueError(f"vision_feature_layer={self.model.config.vision_feature_layer} selects no block output "
                              f"of a {layers}-block tower")
         return k
-
-    def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        return layer_norm(self.visual.pre_layrnorm, self.visual.embeddings(pixels))
 
     def _num_image_tokens(self, call, row) -> int:
         gh, gw = self._grid()

@@ -65,6 +65,15 @@ class LlavaNextAdapter(LlavaAdapter):
     def _tower_pixels(self, call: VLMInputs) -> torch.Tensor:
         return torch.cat([call.pixel_values[b, :n] for b, n in enumerate(self._tiles(call))])
 
+    def probe_input(self) -> dict:
+        size = self.visual.config.image_size
+        tiles = self._tiles(self._probe_call({"pixel_values": torch.zeros(1, 1), "image_sizes":
+                                              torch.tensor([[size, size]])}))[0]
+        noise = torch.randn(1, tiles, self.visual.config.num_channels, size, size,
+                            generator=torch.Generator().manual_seed(0))
+        return {"pixel_values": noise.to(self.device(), self.param_dtype()),
+                "image_sizes": torch.tensor([[size, size]], device=self.device())}
+
     def _pack(self, feats: list[torch.Tensor], images: list[int], call: VLMInputs,
               newline: torch.Tensor) -> list[torch.Tensor]:
         sizes = call.image_sizes[images].to(feats[0].device)

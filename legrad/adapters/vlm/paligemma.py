@@ -11,6 +11,7 @@ import torch
 
 from ...ops.functional import layer_norm, linear
 from .base import VLMAdapter
+from .inputs import VLMInputs
 
 __all__ = ["PaliGemmaAdapter"]
 
@@ -20,20 +21,17 @@ class PaliGemmaAdapter(VLMAdapter):
 
     family = "transformers PaliGemmaForConditionalGeneration (SigLIP tower, answers explained)"
     model_class = "PaliGemmaForConditionalGeneration"
-    prefix_tokens = 0
+    tower_kind = "SigLIP"
 
     def _check(self) -> None:
-        if not hasattr(self.visual, "post_layernorm") or hasattr(self.visual, "pre_layrnorm"):
-            raise TypeError(f"PaliGemma with a {type(self.visual).__name__} vision tower is not supported (SigLIP only)")
         if not hasattr(self.model.model.multi_modal_projector, "linear"):
             raise TypeError("this PaliGemma's multi_modal_projector is not the single linear layer legrad supports")
-        super()._check()
 
     def _feeding_blocks(self) -> int:
         return len(self.visual.encoder.layers)
 
-    def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.visual.embeddings(pixels)
-
     def _features(self, y: torch.Tensor) -> torch.Tensor:
         return linear(self.model.model.multi_modal_projector.linear, layer_norm(self.visual.post_layernorm, y))
+
+    def _encoder_output(self, feats: torch.Tensor, call: VLMInputs, images: list[int]) -> torch.Tensor:
+        return feats  # PaliGemma's forward takes one tensor (it does not concatenate per-image features)

@@ -1,0 +1,133 @@
+"""transformers ``Qwen2VLForConditionalGeneration`` (Qwen2-VL): Qwen ViT tower (2-D rotary positions, no class
+token), image features = the model's own ``merger`` (``ln_q``, then an MLP over each 2 x 2 merge window of the
+last block's output). Every block feeds the features; the default explains the last two.
+
+The processor lays each image's patches out in merge-window order (for each window of ``m x m`` patches, in
+raster order of the windows, its patches in raster order); maps are put back in raster order on the patch grid
+``image_grid_thw[1:]``. The language model's own forward places the features and builds its M-RoPE positions
+from ``input_ids`` and ``image_grid_thw``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ...ops.functional import apply_module, layer_norm
+from .base import VLMAdapter
+from .inputs import Packed, VLMInputs
+
+__all__ = ["Qwen2VLAdapter"]
+
+
+class Qwen2VLAdapter(VLMAdapter):
+    """transformers ``Qwen2VLForConditionalGeneration`` (images; one image per sequence)."""
+
+    family = "transformers Qwen2VLForConditionalGeneration (Qwen ViT tower, answers explained)"
+    model_class = "Qwen2VLForConditionalGeneration"
+    tower_kind = "Qwen ViT"
+    input_keys = ("image_grid_thw",)  # mm_token_type_ids is rebuilt for each prompt + answer sequence
+    pixel_ndim = 2
+
+    @staticmethod
+    def _vision_module(model: Any) -> Any:
+        return model.model.visual
+
+    def _check(self) -> None:
+        merger = getattr(self.visual, "merger", None)
+        if merger is None or not hasattr(merger, "ln_q") or not hasattr(merger, "mlp"):
+            raise TypeError("this Qwen2-VL's merger is not the ln_q + mlp one legrad supports")
+
+    def _feeding_blocks(self) -> int:
+        return len(self.visual.blocks)
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        p = int(self.visual.config.patch_size)
+        return p, p
+
+    @property
+    def native_size(self) -> tuple[int, int]:
+        side = 2 * self.tower.merge * self.patch_size[0]  # a small probe: 2 x 2 merge windows
+        return side, side
+
+    def probe_input(self) -> dict:
+        cfg = self.visual.config
+        h, w = self.native_size
+        grid = torch.tensor([[1, h // cfg.patch_size, w // cfg.patch_size]], device=self.device())
+        dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
+        noise = torch.randn(int(grid.prod()), dim, generator=torch.Generator().manual_seed(0))
+        return {"pixel_values": noise.to(self.device(), self.param_dtype()), "image_grid_thw": grid}
+
+    def _probe_call(self, image: dict[str, Any]) -> VLMInputs:
+        return VLMInputs(image["pixel_values"], [torch.zeros(1, dtype=torch.long)], None, None,
+                         {"image_grid_thw": image["image_grid_thw"]})
+
+    # ------------------------------------------------------------------ the call
+    def _grid_thw(self, call: VLMInputs) -> torch.Tensor:
+        return call.extra["image_grid_thw"]
+
+    def _check_pixels(self, call: VLMInputs) -> None:
+        grid = call.extra.get("image_grid_thw")
+        if grid is None:
+            raise ValueError("Qwen2-VL needs image_grid_thw: pass the processor output unchanged")
+        if not isinstance(grid, torch.Tensor) or grid.ndim != 2 or grid.shape[1] != 3 or grid.is_floating_point():
+            raise ValueError(f"image_grid_thw must be an integer [images, 3] tensor, got {getattr(grid, 'shape', grid)}")
+        if grid.shape[0] != call.batch:
+            raise ValueError(f"image_grid_thw holds {grid.shape[0]} images for {call.batch} prompts; legrad explains one "
+                             "image per sequence (several images or video in one sequence are not supported)")
+        if bool((grid[:, 0] != 1).any()):
+            raise ValueError("image_grid_thw has a temporal size other than 1: videos are not supported")
+        if bool((grid != grid[:1]).any()):
+            raise ValueError("the images of one call must share one patch grid (image_grid_thw); call once per size")
+        m = self.tower.merge
+        if bool((grid[:, 1:] % m != 0).any()):
+            raise ValueError(f"image_grid_thw must be multiples of the merge size {m}, got {grid.tolist()}")
+        cfg = self.visual.config
+        dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
+        want = (int(grid.prod(-1).sum()), dim)
+        if tuple(call.pixel_values.shape) != want:
+            raise ValueError(f"pixel_values must be {list(want)} for image_grid_thw {grid.tolist()}, got "
+                             f"{tuple(call.pixel_values.shape)}; use the model's processor")
+
+    def _num_image_tokens(self, call: VLMInputs, row: int) -> int:
+        return int(self._grid_thw(call)[row].prod()) // self.tower.merge ** 2
+
+    def _tower_pixels(self, call: VLMInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.device()
+        values = call.pixel_values.detach().to(device=device, dtype=self.param_dtype())
+        return values.clone() if values.is_inference() else values, self._grid_thw(call).to(device)
+
+    def _grid_hw(self, call: VLMInputs) -> tuple[int, int]:
+        _, h, w = (int(v) for v in self._grid_thw(call)[0])
+        return h, w
+
+    def _tokens_per_tile(self, call: VLMInputs) -> int:
+        h, w = self._grid_hw(call)
+        return h * w
+
+    def _features(self, y: torch.Tensor) -> torch.Tensor:
+        merger = self.visual.merger
+        z = layer_norm(merger.ln_q, y)
+        z = z.reshape(-1, z.shape[-1] * self.tower.merge ** 2)  # each merge window's tokens are consecutive
+        return apply_module(merger.mlp, z)
+
+    def _lm_kwargs(self, seqs: Packed, call: VLMInputs, images: list[int], device: torch.device) -> dict[str, Any]:
+        # The model's own M-RoPE positions (get_rope_index, from mm_token_type_ids as the processor makes them:
+        # 1 for image tokens), passed in: left to compute them, the forward would cache rope_deltas on the model.
+        grid = self._grid_thw(call)[images].to(device)
+        ids = torch.where(seqs.image, self.image_token_id, seqs.ids).to(device)
+        types = seqs.image.long().to(device)
+        positions, _ = self.model.model.get_rope_index(ids, image_grid_thw=grid, attention_mask=seqs.mask.to(device),
+                                                      mm_token_type_ids=types)
+        return {"image_grid_thw": grid, "mm_token_type_ids": types, "position_ids": positions}
+
+    def _image_map(self, rel: torch.Tensor, b: int, call: VLMInputs) -> torch.Tensor:
+        h, w, m = *self._grid_hw(call), self.tower.merge
+        # Merge-window order (h/m, w/m, m, m) back to raster order (h, w).
+        return rel.reshape(h // m, w // m, m, m).permute(0, 2, 1, 3).reshape(h, w)
+
+    def _map_size(self, b: int, call: VLMInputs) -> tuple[int, int]:
+        h, w = self._grid_hw(call)
+        return h * self.patch_size[0], w * self.patch_size[1]
