@@ -136,3 +136,16 @@ def test_app_explains_the_models_own_answer_to_a_question_alone(saved, monkeypat
     gallery, status = app.predict(str(root / "img.png"), None, QUESTION, label, alpha=0.5)
     assert gallery == [] and "Stopped" in status
     torch.manual_seed(0)
+
+
+def test_answer_figure_lays_out_the_answer_then_its_tokens(tmp_path):
+    from legrad.viz import answer_figure
+
+    img = A.image()
+    maps = np.random.default_rng(0).random((5, 40, 48)).astype(np.float32)
+    fig = answer_figure(img, maps[0], "answer", maps, [f"t{i}" for i in range(5)], tmp_path / "f.png", columns=3)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["image", "answer", "t0", "t1", "t2", "t3", "t4"] and len(fig.axes) == 9  # 3 rows of 3
+    assert (tmp_path / "f.png").is_file()
+    with pytest.raises(ValueError, match="2 token titles for 5 token maps"):
+        answer_figure(img, maps[0], "answer", maps, ["a", "b"])
