@@ -337,6 +337,30 @@ class LeWrapper:
             prompt_chunk=prompt_chunk, output_size=output_size, inputs=inputs, apply_correction=apply_correction,
             correction_threshold=correction_threshold))
 
+    def explain_answer(self, inputs: Any, max_new_tokens: int = 32, *, layer_index: int | None = None,
+                       output_size: str | tuple[int, int] | None = None, prompt_chunk: int | None = None,
+                       **generate_kwargs: Any) -> Any:
+        """The VLM's own greedy answer (``generate``) to each prompt, explained token by token (docs/vlm.md).
+
+        Args:
+            inputs: the processor output for B images and prompts.
+            max_new_tokens: the most tokens generated per prompt (1 to 512).
+            layer_index, output_size, prompt_chunk: as for :meth:`compute_legrad`.
+            **generate_kwargs: greedy-compatible ``generate`` options (sampling ones raise a ValueError).
+
+        Returns:
+            A :class:`legrad.answers.AnswerExplanation`: ``token_ids`` ``[B, T]`` (generate's new tokens),
+            ``tokens``, ``text``, ``maps`` ``[B, T, H, W]``, ``logprobs`` ``[B, T]``, ``answer_map`` ``[B, H, W]``
+            and ``answer_logprob`` ``[B]`` (lists per row where the rows' answer lengths differ).
+
+        Raises:
+            TypeError, ValueError: on invalid inputs or options, before any work.
+        """
+        from .answers import explain_answer  # its own module: the facade stays thin
+
+        return explain_answer(self, inputs, max_new_tokens, layer_index=layer_index, output_size=output_size,
+                              prompt_chunk=prompt_chunk, **generate_kwargs)
+
     def _require_entry_point(self, name: str) -> None:
         if name not in self._adapter.entry_points:
             valid = ", ".join(self._adapter.entry_points)

@@ -154,7 +154,7 @@ def test_gradio_only_in_the_app_page_and_only_lazily():
 
 
 _CORE = ("legrad.adapters", "legrad.engine", "legrad.ops")
-_FACADE = ("legrad.wrapper", "legrad.classifiers", "legrad.preprocess", "legrad.pretrained")
+_FACADE = ("legrad.wrapper", "legrad.answers", "legrad.classifiers", "legrad.preprocess", "legrad.pretrained")
 _MODEL_LIBS = {"torch", "open_clip", "timm", "transformers", "torchvision"}
 _IMAGES = {"numpy", "PIL"}
 
@@ -165,7 +165,8 @@ LAYERS = [
     ("legrad.engine", ("legrad.engine", "legrad.ops"), {"torch"}),
     ("legrad.adapters", _CORE, _MODEL_LIBS),
     # The public facade modules sit on the core and never reach the front ends either.
-    ("legrad.wrapper", _CORE, {"torch"}),
+    ("legrad.wrapper", (*_CORE, "legrad.answers"), {"torch"}),
+    ("legrad.answers", _CORE, {"torch"}),
     ("legrad.classifiers", _CORE, {"torch"}),
     ("legrad.preprocess", (), {"torch", "torchvision"}),
     ("legrad.pretrained", _CORE, {"open_clip"}),

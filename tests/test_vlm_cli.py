@@ -129,8 +129,8 @@ def test_app_request_for_a_local_vlm_the_operator_passed(saved):
     gallery, status = app.predict(str(root / "img.png"), None, text, label, alpha=0.5)
     assert [c for _, c in gallery][0].startswith("a cat: log-prob") and len(gallery) == 2, status
     assert gallery[0][0].size == (48, 40)
-    gallery, status = app.predict(str(root / "img.png"), None, "only a question", label, alpha=0.5)
-    assert gallery == [] and "candidate answer" in status
+    gallery, status = app.predict(str(root / "img.png"), None, " \n ", label, alpha=0.5)
+    assert gallery == [] and "candidate answer" in status  # a question alone: tests/test_vlm_answer_frontends.py
     gallery, status = app.predict(str(root / "img.png"), None, text, label, size_text="64", alpha=0.5)
     assert gallery == [] and "size does not apply" in status
     gallery, status = app.predict(str(root / "img.png"), None, text, label, layer_index=7, alpha=0.5)

@@ -150,7 +150,8 @@ class DemoApp:
     def prompts_box_for(self, label: str | None) -> dict[str, Any]:
         """Label and placeholder of the prompts box for a dropdown entry (prompts, or class targets)."""
         if self.is_vlm_label(label):
-            return {"label": "Question (first line), then one candidate answer per line",
+            return {"label": "Question (first line), then one candidate answer per line; the question alone explains "
+                             "the model's own answer",
                     "placeholder": "What is in the picture?\na cat\na dog"}
         if self.is_classifier_label(label):
             return {"label": "Class targets (a class index or name, one per line)", "placeholder": "281\ntiger cat"}

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["TOY_LABEL", "MAX_PROMPTS", "MAX_PROMPT_CHARS", "MAX_PROMPTS_TEXT", "MAX_SIZE_TEXT", "MAX_CACHED_MODELS",
-           "DEFAULT_TIME_LIMIT_S", "DEFAULT_CONCURRENCY", "AppSettings", "parse_layer", "parse_alpha"]
+           "DEFAULT_TIME_LIMIT_S", "DEFAULT_CONCURRENCY", "MAX_NEW_TOKENS", "AppSettings", "parse_layer", "parse_alpha"]
 
 TOY_LABEL = "toy: bundled demo model (offline)"
 MAX_PROMPTS = 16
@@ -19,6 +19,8 @@ MAX_CACHED_MODELS = 2
 DEFAULT_TIME_LIMIT_S = 60.0
 #: Default number of explanations computed at once (``--concurrency``).
 DEFAULT_CONCURRENCY = 2
+#: The most tokens a local VLM generates when it explains its own answer (one map each; within --time-limit).
+MAX_NEW_TOKENS = 16
 
 
 @dataclass

@@ -2,7 +2,7 @@
 classifiers, class targets; for local VLMs, candidate answers).
 
 This module is the command's parser and its output names (light: ``legrad --help`` imports it); what the
-command does is :mod:`legrad.cli.explain_run` (and :mod:`legrad.cli.vlm` for ``--answer``)."""
+command does is :mod:`legrad.cli.explain_run` (and :mod:`legrad.cli.vlm` for ``--answer`` and ``--generate``)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from legrad.cli.options import add_device_option, add_model_options, add_quiet_option, unit_float
+from legrad.cli.options import (
+    add_device_option,
+    add_model_options,
+    add_quiet_option,
+    positive_int,
+    unit_float,
+)
 from legrad.io.fetch import is_url
 from legrad.io.images import find_images
 from legrad.io.outdir import FolderLock, prepare_output_folder
@@ -25,6 +31,7 @@ examples:
       --pretrained laion2b_s34b_b88k --size 448 --out outputs/cats --save-maps
   legrad explain cat.jpg --model timm:vit_base_patch16_224 --target 281 --target "tiger cat"
   legrad explain cat.jpg --model hf:llava-dir --prompt "What is in the picture?" --answer "a cat" --answer "a dog"
+  legrad explain cat.jpg --model hf:llava-dir --prompt "What is in the picture?" --generate
 
 Image classifiers (--model timm:ARCH[.TAG], torchvision:NAME, hf:REPO_OR_DIR) take --target (a class
 index or a class name from the model's metadata) instead of -p; their scores.csv similarity is the
@@ -62,6 +69,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--answer", dest="answers", action="append", metavar="ANSWER",
                    help="a candidate answer to the question given with --prompt (repeat for several); local "
                         "vision-language models --model hf:DIR (see docs/vlm.md)")
+    p.add_argument("--generate", action="store_true",
+                   help="explain the model's own (greedy) answer to the question --prompt, token by token; local "
+                        "vision-language models --model hf:DIR")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None, metavar="N",
+                   help="with --generate: the most answer tokens generated (1 to 512, default 32)")
     add_model_options(p)
     add_device_option(p)
     p.add_argument("--out", default="outputs", metavar="DIR", help="output folder (default: outputs)")
@@ -158,7 +170,7 @@ def claim_output_folder(lock: FolderLock, out_dir: Path, create: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     """Explains every image; returns 0 if all succeeded, 1 if any failed, 2 for bad arguments."""
     # The command's body loads torch and the models: imported here so that `legrad --help` stays fast.
-    if getattr(args, "answers", None):
+    if getattr(args, "answers", None) or getattr(args, "generate", False):
         from legrad.cli.vlm import run_vlm
 
         return run_vlm(args)

@@ -5,6 +5,7 @@
         --image http://images.cocodataset.org/val2017/000000039769.jpg \\
         --prompt "a photo of a cat" --prompt "a remote control" --size 448
     legrad playground --model timm:vit_base_patch16_224 --image cat.jpg --target tabby --target 285
+    legrad playground --model hf:llava-dir --image cat.jpg --prompt "What is in the picture?" --generate
 
 Prints each prompt with its image-text similarity and writes ``outputs/playground.png`` (the image,
 then one heatmap overlay per prompt). Image classifiers (``timm:``, ``torchvision:``, ``hf:`` models) take
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from legrad.frontend.models import TOY_NAME
 from legrad.frontend.options import parse_size
@@ -57,6 +59,10 @@ def add_options(p: argparse.ArgumentParser, default_out: Path = DEFAULT_OUT, out
                    help="a class index or class name of an image classifier --model (repeat for several)")
     p.add_argument("--answer", dest="answers", action="append", metavar="TEXT",
                    help="a candidate answer to the question --prompt, for a local VLM --model hf:DIR (repeat)")
+    p.add_argument("--generate", action="store_true",
+                   help="explain a local VLM's own (greedy) answer to the question --prompt, token by token")
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
+                   help="with --generate: the most answer tokens generated (1 to 512, default 32)")
     p.add_argument("--size", default=None, metavar="N|HxW",
                    help="explained size, a multiple of the patch size (default: the model's native size)")
     p.add_argument("--layer-index", type=int, default=None, help="first explained block (default: the model's)")
@@ -130,7 +136,7 @@ def run(args: argparse.Namespace, prog: str = "legrad playground") -> int:
     from legrad.frontend.explainer import Explainer
     from legrad.viz import visualize
 
-    if args.answers:
+    if args.answers or args.generate:
         return _run_vlm(args, err)
 
     classifier = is_classifier_name(args.model)
@@ -199,11 +205,22 @@ def run(args: argparse.Namespace, prog: str = "legrad playground") -> int:
 
 
 def _run_vlm(args: argparse.Namespace, err: str) -> int:
-    """``--answer``: where a local VLM found each candidate answer to the question ``--prompt``."""
+    """``--answer``: where a local VLM found each candidate answer to the question ``--prompt``; ``--generate``:
+    the model's own answer, token by token."""
+    from legrad.answers import MAX_NEW_TOKENS
     from legrad.viz import visualize  # matplotlib: only once a figure is drawn
 
+    if args.generate and args.answers:
+        print(f"{err} give either --generate (the model's own answer) or --answer, not both", file=sys.stderr)
+        return 2
     if not args.prompts or len(args.prompts) != 1:
-        print(f"{err} with --answer, give exactly one question with --prompt", file=sys.stderr)
+        print(f"{err} with --answer or --generate, give exactly one question with --prompt", file=sys.stderr)
+        return 2
+    if args.generate and not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
+        print(f"{err} --max-new-tokens must be between 1 and {MAX_NEW_TOKENS}", file=sys.stderr)
+        return 2
+    if args.generate and args.show:  # the answer's figure is written, not shown in a window
+        print(f"{err} --show does not apply to --generate; open the figure written to --out", file=sys.stderr)
         return 2
     try:
         check_answer_text(args.answers, image_token_texts(args.model))  # before the model loads
@@ -216,6 +233,8 @@ def _run_vlm(args: argparse.Namespace, err: str) -> int:
     except (ImageLoadError, ModelLoadError, ValueError) as exc:
         print(f"{err} {exc}", file=sys.stderr)
         return 1
+    if args.generate:
+        return _print_generated(args, err, explainer, image)
     try:
         explainer.check_answers(args.answers)  # what the model's files did not tell: before any compute
     except (TypeError, ValueError) as exc:
@@ -233,5 +252,28 @@ def _run_vlm(args: argparse.Namespace, err: str) -> int:
         print(f"  {a:<{width}}  {lp:>8.3f}")
     titles = [f"{a}\nlog-prob {lp:.2f}" for a, lp in zip(args.answers, logp)]
     visualize(image, maps, alpha=args.alpha, text_prompts=titles, save_path=args.out, show=bool(args.show))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _print_generated(args: argparse.Namespace, err: str, explainer: VLMExplainer, image: Any) -> int:
+    """Prints the model's answer, each token's log-probability, and writes the token maps' figure."""
+    from legrad.viz import answer_figure
+
+    try:
+        r = explainer.explain_answer(image, args.prompts[0], args.max_new_tokens)
+    except (TypeError, ValueError) as exc:
+        print(f"{err} {exc}", file=sys.stderr)
+        return 2
+    tokens, logp, total = r.tokens[0], r.logprobs[0].tolist(), float(r.answer_logprob[0])
+    print(f"model: {args.model} ({explainer.wrapper.tower_family})\nquestion: {args.prompts[0]}")
+    print(f"answer: {r.text[0]!r}  log-prob {total:.3f}")
+    width = max(len("token"), *(len(repr(t)) for t in tokens))
+    print(f"  {'token':<{width}}  log-prob")
+    for tok, lp in zip(tokens, logp):
+        print(f"  {tok!r:<{width}}  {lp:>8.3f}")
+    titles = [f"{t + 1}: {tok!r}\nlog-prob {lp:.2f}" for t, (tok, lp) in enumerate(zip(tokens, logp))]
+    answer_figure(image, r.answer_map[0], f"answer: {r.text[0]!r}\nlog-prob {total:.2f}", r.maps[0], titles,
+                  args.out, alpha=args.alpha)
     print(f"wrote {args.out}")
     return 0

@@ -1,5 +1,5 @@
 """Vision-language models in the front ends: loading a local VLM with its processor, and explaining the
-candidate answers to one question about one image (shared by ``legrad explain --answer``, the playground
+candidate answers to one question about one image, or the model's own answer to it (shared by ``legrad explain --answer``, the playground
 and the demo app, whose request is :mod:`legrad.app.vlm`). Only local directories are loaded
 (``save_pretrained`` of the model and its processor): nothing is downloaded."""
 
@@ -179,3 +179,14 @@ class VLMExplainer:
         maps, scores = self.wrapper.compute_legrad(image=inputs, answers=list(answers), output_size=size,
                                                    return_scores=True, layer_index=layer_index)
         return maps[0].numpy(), scores[0].float().numpy()
+
+    def explain_answer(self, image: Any, prompt: str, max_new_tokens: int, layer_index: int | None = None) -> Any:
+        """The model's own greedy answer to ``prompt`` about one PIL image, explained token by token at the
+        image's size (see :meth:`legrad.LeWrapper.explain_answer`; one row: ``maps[0]`` is ``[T, H, W]``).
+
+        Raises:
+            TypeError, ValueError: for a bad ``max_new_tokens`` or inputs (before generating).
+        """
+        inputs = self.inputs(image, prompt)
+        return self.wrapper.explain_answer(inputs, max_new_tokens, output_size=(image.height, image.width),
+                                           layer_index=layer_index)

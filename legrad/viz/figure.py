@@ -24,7 +24,7 @@ from ..io.files import atomic_writer
 from .display import NotebookFigure, notebook_shell
 from .overlays import DISPLAY_MAX_SIDE, fit_for_display, heatmap_to_array, overlay
 
-__all__ = ["visualize"]
+__all__ = ["answer_figure", "visualize"]
 
 
 def _split_images(image: Any) -> list[Any]:
@@ -168,6 +168,47 @@ def visualize(
         import matplotlib.pyplot as plt
 
         plt.show(block=bool(show))
+    return fig
+
+
+def answer_figure(image: Any, answer_map: Any, answer_title: str, token_maps: Any, token_titles: Sequence[str],
+                  save_path: str | os.PathLike | None = None, *, alpha: float = 0.6, colormap: str = "jet",
+                  columns: int = 6, panel_size: float = 2.4, dpi: int = 120) -> Any:
+    """A model's own answer: the image, the whole answer's overlay, then one overlay per answer token, in rows of
+    ``columns`` panels (headless; the figure is returned and, with ``save_path``, written as PNG).
+
+    Args:
+        image: one image (as for :func:`visualize`).
+        answer_map: ``[H, W]`` map of the whole answer in [0, 1].
+        answer_title: its panel title (the answer and its log-probability).
+        token_maps: ``[T, H, W]`` maps in [0, 1], one per token.
+        token_titles: T panel titles (the token and its log-probability).
+        save_path: where to write the PNG (None: not written).
+        alpha, colormap: overlay opacity and colormap.
+        columns: panels per row.
+
+    Raises:
+        ValueError: if the titles do not match the maps.
+    """
+    tokens = _maps_grid(token_maps, 1)[0]
+    whole = _maps_grid(answer_map, 1)[0, 0]
+    if len(token_titles) != len(tokens):
+        raise ValueError(f"got {len(token_titles)} token titles for {len(tokens)} token maps")
+    rgb = fit_for_display(image, DISPLAY_MAX_SIDE)
+    panels = [(rgb, "image"), (overlay(rgb, whole, alpha=alpha, colormap=colormap), answer_title)]
+    panels += [(overlay(rgb, m, alpha=alpha, colormap=colormap), t) for m, t in zip(tokens, token_titles)]
+    columns = max(1, min(int(columns), len(panels)))
+    rows = -(-len(panels) // columns)
+    fig = NotebookFigure(figsize=(panel_size * columns, (panel_size + 0.45) * rows), display_dpi=dpi)
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    for ax, (picture, title) in zip(axes, panels):
+        ax.imshow(picture)
+        ax.set_title(_wrap(title, 24), fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    if save_path is not None:
+        _atomic_savefig(fig, Path(save_path), dpi)
     return fig
 
 
