@@ -166,3 +166,56 @@ def test_a_saved_tied_vlm_loads(tmp_path):
     loaded, info = type(model).from_pretrained(tmp_path, output_loading_info=True, trust_remote_code=False)
     refuse_missing_weights(loaded, info, "hf:x", str(tmp_path))
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_transformers_own_refusal_is_reworded(tmp_path, monkeypatch):
+    """Custom code the folder check does not see (e.g. a Hub repository) is refused by
+    ``trust_remote_code=False`` inside transformers; its ValueError becomes the same clear error."""
+    from legrad.frontend.hf_checks import custom_code_error
+
+    monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("transformers asked whether to run the code"))
+    marker = tmp_path / "ran.txt"
+    folder = _custom_code_folder(tmp_path, marker)
+    with pytest.raises(ValueError, match="trust_remote_code") as info:
+        transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+    error = custom_code_error(info.value, f"hf:{folder}")
+    assert isinstance(error, CustomCodeError) and "code is not run" in str(error) and str(folder) in str(error)
+    assert custom_code_error(ValueError("some other problem"), "hf:x") is None
+    assert not marker.exists()
+
+
+def test_every_front_end_load_passes_trust_remote_code_false(tmp_path, llava_folder, monkeypatch):
+    from legrad.frontend.vlm import VLMExplainer
+
+    calls: list[tuple[str, object, int]] = []
+    depth = [0]  # calls made inside a recorded call are transformers' own
+    for cls in (transformers.AutoConfig, transformers.AutoModelForImageClassification,
+                transformers.AutoImageProcessor, transformers.AutoProcessor, transformers.LlavaForConditionalGeneration):
+        for method in ("from_pretrained", "from_config"):
+            if not hasattr(cls, method):
+                continue
+            original = getattr(cls, method).__func__
+
+            def recording(klass, *args, _original=original, _name=f"{cls.__name__}.{method}", **kwargs):
+                calls.append((_name, kwargs.get("trust_remote_code", "not given"), depth[0]))
+                depth[0] += 1
+                try:
+                    return _original(klass, *args, **kwargs)
+                finally:
+                    depth[0] -= 1
+
+            monkeypatch.setattr(cls, method, classmethod(recording))
+    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=64, num_labels=2)
+    transformers.ViTForImageClassification(config).save_pretrained(tmp_path)
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    load_model(f"hf:{tmp_path}", None, "cpu")
+    load_model(f"hf:{tmp_path}", "none", "cpu")
+    VLMExplainer.load(f"hf:{llava_folder}", "cpu")
+    own = [(name, value) for name, value, level in calls if level == 0]
+    assert {name for name, _ in own} == {
+        "AutoConfig.from_pretrained", "AutoModelForImageClassification.from_pretrained",
+        "AutoModelForImageClassification.from_config", "AutoImageProcessor.from_pretrained",
+        "AutoProcessor.from_pretrained", "LlavaForConditionalGeneration.from_pretrained"}, own
+    # The front ends' own calls say False (transformers' inner calls inherit it or use their local classes).
+    assert all(value is False for _, value in own), own
