@@ -5,9 +5,10 @@
     python app.py --host 0.0.0.0 --port 8080 --device cuda
     legrad app ...                      # the same server from an installed package
 
-Real OpenCLIP models are listed too; their weights download on first use (a model that cannot be
-loaded shows a message in the page). Loaded models are cached; requests are served by Gradio's queue
-(``--concurrency`` at once), each stopped after ``--time-limit`` seconds of work (default 60).
+The model list holds the demo model and the operator's ``--model`` entries; ``--allow-downloads`` adds
+every supported OpenCLIP model, whose weights a visitor's first request downloads (0.6 to 20 GB each; a
+model that cannot be loaded shows a message in the page). Loaded models are cached; requests are served by
+Gradio's queue (``--concurrency`` at once), each stopped after ``--time-limit`` seconds of work (default 60).
 ``--model NAME`` (repeatable) adds models to the list, e.g. an image classifier:
 
     python app.py --model timm:vit_base_patch16_224 --target tabby --target 285

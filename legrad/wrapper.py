@@ -14,7 +14,7 @@ from torch import nn
 
 from .adapters.base import TowerAdapter
 from .adapters.drift import check_drift
-from .adapters.registry import tower_adapter_for
+from .adapters.registry import tower_adapter_for, unwrap_compiled
 from .engine import pipeline
 from .engine.budget import DEFAULT_MAX_TOKENS
 from .engine.scores import LeGradOutput
@@ -56,7 +56,9 @@ class LeWrapper:
         model: an OpenCLIP ``CLIP``/``CustomTextCLIP``/``CoCa`` model with a supported image tower, a
             ViT image classifier (timm, torchvision, transformers: see :mod:`legrad.classifiers`), or a
             ``LeWrapper``: every argument given here (None included) replaces its setting, every
-            omitted one keeps it.
+            omitted one keeps it. A ``torch.compile``'d model is unwrapped to its original module
+            (``_orig_mod``, which it shares its weights with): the wrapper delegates to that module, and
+            nothing legrad does traces or compiles it.
         layer_index: first transformer block used; negative values count from the end (``-2``: the
             last two blocks). None (default): the model's recommended index if it declares one as
             an int attribute ``legrad_layer_index`` (the bundled demo model does: 6), else ``-2``.
@@ -105,6 +107,9 @@ class LeWrapper:
             model = model.model
         else:
             kept = dict(_DEFAULTS)
+        # A torch.compile'd model: its original module. The maps re-run the tower from the weights (which the
+        # two share) and the drift guard compares against the original forward, so nothing is compiled.
+        model = unwrap_compiled(model)
         s = {name: kept[name] if value is _UNSET else value for name, value in given.items()}
         if s["layer_index"] is None:
             hint = getattr(model, "legrad_layer_index", None)

@@ -118,8 +118,10 @@ def test_unloadable_model_shows_a_message(app, scenes, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
     label = "ViT-B-32 · laion2b_s34b_b79k"
-    assert label in app.model_labels()
-    gallery, status = app.predict(Image.open(scenes[0][0]), "", "a cat", label, "", None, 0.6)
+    assert label not in app.model_labels()  # downloadable models are listed only with --allow-downloads
+    downloads = app.DemoApp(app.AppSettings(allow_downloads=True))
+    assert label in downloads.model_labels()
+    gallery, status = downloads.predict(Image.open(scenes[0][0]), "", "a cat", label, "", None, 0.6)
     assert gallery == []
     assert status.startswith(f"**Could not load the model {label}:**") and "Traceback" not in status
 

@@ -4,8 +4,8 @@ Two servers run for the whole module, both with ``LEGRAD_ALLOW_PRIVATE_URLS=1`` 
 (which must not matter) and Gradio's upload folder in a private temporary folder:
 
 * ``python app.py`` with the default flags;
-* ``python -m legrad app --allow-urls --time-limit 0.2 --device cpu`` (the subcommand, URLs allowed, a tiny
-  time limit).
+* ``python -m legrad app --allow-urls --allow-downloads --time-limit 0.2 --device cpu`` (the subcommand, URLs
+  and downloadable models allowed, a tiny time limit).
 
 Requests go to Gradio's ``/gradio_api/call/explain`` endpoint (POST the inputs, then read the event stream),
 uploads to ``/gradio_api/upload``, exactly as any HTTP client could send them.
@@ -96,9 +96,17 @@ class Server:
         with urllib.request.urlopen(req, timeout=60) as resp:
             return json.load(resp)[0]
 
-    def explain(self, image, source: str = "", prompts: str = "a red circle", size: str = "") -> tuple[str, object]:
+    def model_choices(self) -> list[str]:
+        """The model dropdown's choices, from the page config the server sends every browser."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/config", timeout=60) as resp:
+            config = json.load(resp)
+        (dropdown,) = [c for c in config["components"] if c.get("props", {}).get("elem_id") == "model"]
+        return [c[1] if isinstance(c, list) else c for c in dropdown["props"]["choices"]]
+
+    def explain(self, image, source: str = "", prompts: str = "a red circle", size: str = "",
+                model: str = TOY) -> tuple[str, object]:
         """One raw API call of the Explain button: ``(event, data)`` of its final server-sent event."""
-        body = json.dumps({"data": [image, source, prompts, TOY, size, None, 0.6]}).encode()
+        body = json.dumps({"data": [image, source, prompts, model, size, None, 0.6]}).encode()
         req = urllib.request.Request(f"{self.base}/call/explain", data=body,
                                      headers={"Content-Type": "application/json"})
         try:
@@ -158,7 +166,8 @@ def test_gradio_downloads_no_url_given_as_the_image_value(monkeypatch):
 def servers(tmp_path_factory):
     work = tmp_path_factory.mktemp("app_api")
     default = Server([PYTHON, "app.py"], work, "default")
-    opted = Server([PYTHON, "-m", "legrad", "app", "--allow-urls", "--time-limit", "0.2", "--device", "cpu"],
+    opted = Server([PYTHON, "-m", "legrad", "app", "--allow-urls", "--allow-downloads", "--time-limit", "0.2",
+                    "--device", "cpu"],
                    work, "opted")
     try:
         default.wait()
@@ -308,3 +317,18 @@ def test_time_limit_stops_a_maximal_request_with_an_honest_message(servers):
     assert data[1].startswith("**Stopped:**") and "time limit of 0.2 s" in data[1], data[1]
     # Stopped between units of work, long before the minutes such a request takes on a CPU.
     assert elapsed < 60, elapsed
+
+
+@pytest.mark.subprocess
+def test_downloadable_models_are_offered_only_with_allow_downloads(servers):
+    default, opted = servers
+    downloadable = "ViT-B-32 · laion2b_s34b_b79k"
+    assert default.model_choices() == [TOY]
+    assert downloadable in opted.model_choices() and opted.model_choices()[0] == TOY
+    # Named anyway through the API: refused (by Gradio's own choice check or the app's), nothing loaded.
+    path = default.upload(_png())
+    event, data = default.explain(_file(path), model=downloadable)
+    assert event != "complete" or (data[0] == [] and "unknown model choice" in data[1]), data
+    log = default.log_path.read_text(errors="replace")
+    # No download was tried (open_clip's Hub client logs its address and retries when one fails).
+    assert "huggingface.co" not in log and "Retrying" not in log and "Could not load" not in log, log[-3000:]

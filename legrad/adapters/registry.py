@@ -9,11 +9,13 @@ import time either. Adapters registered with :func:`register_tower` are tried fi
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any
 
 from .base import UNSUPPORTED_HINT, TowerAdapter
 
-__all__ = ["register_tower", "unregister_tower", "tower_adapter_for", "supported_tower_names", "adapter_classes"]
+__all__ = ["register_tower", "unregister_tower", "tower_adapter_for", "supported_tower_names", "adapter_classes",
+           "unwrap_compiled", "is_compiled"]
 
 # (module, adapter classes) in lookup order. Classifiers first: they match the model itself, and the
 # transformers CLIP/SigLIP adapters refuse every other transformers class.
@@ -60,12 +62,33 @@ def supported_tower_names() -> list[str]:
     return [t.family for t in adapter_classes()]
 
 
+def is_compiled(module: Any) -> bool:
+    """Whether ``module`` is a ``torch.compile`` wrapper (``torch._dynamo``'s ``OptimizedModule``)."""
+    # Looked up, not imported: torch._dynamo is heavy, and a module compiled by torch.compile implies it is loaded.
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    cls = getattr(eval_frame, "OptimizedModule", None)
+    return cls is not None and isinstance(module, cls)
+
+
+def unwrap_compiled(model: Any) -> Any:
+    """The module a ``torch.compile`` wrapper compiles (``_orig_mod``, through nested wrappers), else ``model``.
+
+    legrad re-runs the tower statelessly from the module's weights, so the compiled graph is never used;
+    unwrapping keeps it from being traced or compiled by legrad's own calls. The compiled wrapper shares its
+    parameters with ``_orig_mod``, so nothing is copied.
+    """
+    while is_compiled(model):
+        model = model._orig_mod
+    return model
+
+
 def tower_adapter_for(model: Any) -> TowerAdapter:
-    """Builds the adapter for a model's image tower.
+    """Builds the adapter for a model's image tower (a ``torch.compile``'d model: its original module's).
 
     Raises:
         TypeError: naming the tower and the supported families when none matches.
     """
+    model = unwrap_compiled(model)
     for cls in adapter_classes():
         try:
             adapter = cls.from_model(model)
@@ -74,6 +97,15 @@ def tower_adapter_for(model: Any) -> TowerAdapter:
         if adapter is not None:
             return adapter
     tower = getattr(model, "visual", model)
+    compiled = [name for name, module in model.named_modules() if is_compiled(module)] \
+        if hasattr(model, "named_modules") else []
+    if compiled:
+        raise TypeError(
+            f"the model's submodule {compiled[0]!r} is a torch.compile'd module (OptimizedModule): LeGrad re-runs "
+            "the image tower from its modules' weights and cannot see through a compiled part; wrap the "
+            "uncompiled model (compiling the whole model instead is fine: LeWrapper unwraps it), e.g. restore "
+            f"model.{compiled[0]} = model.{compiled[0]}._orig_mod"
+        )
     raise TypeError(
         f"unsupported image tower {type(tower).__module__}.{type(tower).__name__}. "
         f"{UNSUPPORTED_HINT} Supported families: {', '.join(supported_tower_names())}."

@@ -40,10 +40,13 @@ from .settings import (
 )
 from .vlm import predict_vlm
 
-__all__ = ["DemoApp", "AppSettings", "DEFAULT_TIME_LIMIT_S", "TOY_LABEL", "model_label", "parse_model_label",
+__all__ = ["DemoApp", "AppSettings", "DEFAULT_TIME_LIMIT_S", "TOY_LABEL", "UNKNOWN_MODEL_MSG", "model_label", "parse_model_label",
            "split_prompts", "timeout_message", "initial_text"]
 
 logger = logging.getLogger("legrad.app")
+
+UNKNOWN_MODEL_MSG = ("unknown model choice; pick one from the list (models whose weights must be downloaded are "
+                     "listed only when the server's operator enables --allow-downloads)")
 
 
 @functools.lru_cache(maxsize=1)
@@ -126,9 +129,14 @@ class DemoApp:
         self._vlm_lock = threading.Lock()
 
     def labels(self) -> tuple[str, ...]:
-        """Dropdown entries: the demo model first, then the operator's ``--model`` entries, then
-        ``model · pretrained`` for each supported OpenCLIP pair."""
+        """Dropdown entries: the demo model first, then the operator's ``--model`` entries; with
+        ``settings.allow_downloads`` (``--allow-downloads``), then ``model · pretrained`` for each supported
+        OpenCLIP pair (weights a visitor's first request downloads)."""
         extra = self.settings.extra_labels
+        if not self.settings.allow_downloads:
+            # A downloadable model costs gigabytes of download, disk and memory per click, and an outgoing
+            # connection a visitor would cause: only the operator may opt in.
+            return (TOY_LABEL, *extra)
         return (TOY_LABEL, *extra, *(lb for lb in _openclip_labels() if lb not in extra))
 
     def model_labels(self) -> list[str]:
@@ -258,7 +266,7 @@ class DemoApp:
             prompts, size = _checked_prompts(prompts_text, classifier), _checked_size(size_text)
             layer_index, alpha = parse_layer(layer_index), parse_alpha(alpha)
             if model_label and model_label not in self.labels() and model_label.strip().lower() != "toy":
-                raise ValueError("unknown model choice; pick one from the list")
+                raise ValueError(UNKNOWN_MODEL_MSG)
             name, pretrained = parse_model_label(model_label)
             explainer = self.get_explainer(name, pretrained)
             # The limit counts this request's own work, not a first model load (which has bounds of its own).

@@ -38,6 +38,10 @@ def add_arguments(p: argparse.ArgumentParser, verbose: bool = True) -> None:
     p.add_argument("--allow-urls", action="store_true",
                    help="let visitors give http(s) image URLs, fetched by the server (public addresses only, "
                         f"{URL_DEADLINE_S:g} s, {MAX_URL_BYTES // 2**20} MiB at most)")
+    p.add_argument("--allow-downloads", action="store_true",
+                   help="also list every supported OpenCLIP model with downloadable weights (over 150 entries, "
+                        "0.6 to 20 GB each); a visitor's first request for one makes the server download it "
+                        "and hold it in memory (default: only the demo model and the --model entries)")
     p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB,
                    help=f"largest upload in MiB (default {MAX_UPLOAD_MB})")
     p.add_argument("--max-tokens", type=int, default=None,
@@ -89,6 +93,7 @@ def settings_from_flags(args: argparse.Namespace) -> tuple[AppSettings, str]:
     if args.concurrency < 1:
         raise ValueError(f"--concurrency must be at least 1, got {args.concurrency}")
     settings = AppSettings(device=device, allowed_dirs=allowed_dirs, allow_urls=bool(args.allow_urls),
+                           allow_downloads=bool(args.allow_downloads),
                            max_tokens=args.max_tokens, time_limit=args.time_limit or None,
                            extra_labels=tuple(dict.fromkeys(model_label(m, args.pretrained) for m in args.model)))
     return settings, initial

@@ -32,6 +32,9 @@ class AppSettings:
         device: torch device models load on.
         allowed_dirs: real paths of the folders visitors may read images from (``--allow-dir``).
         allow_urls: whether visitors may give public http(s) URLs (``--allow-urls``).
+        allow_downloads: whether the model list also offers the OpenCLIP models whose weights are downloaded
+            on a visitor's first request (``--allow-downloads``); off, it holds only the demo model and
+            ``extra_labels``.
         max_tokens: patch-token limit per explained image; None for the Explainer's default.
         extra_labels: operator-added dropdown entries (``--model``), listed first after the demo model.
         upload_dirs: real paths of Gradio's upload/cache folders (recorded by the page when it is built);
@@ -44,6 +47,7 @@ class AppSettings:
     device: str = "cpu"
     allowed_dirs: tuple[str, ...] = ()
     allow_urls: bool = False
+    allow_downloads: bool = False
     max_tokens: int | None = None
     extra_labels: tuple[str, ...] = ()
     upload_dirs: tuple[str, ...] = ()

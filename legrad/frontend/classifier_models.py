@@ -7,7 +7,9 @@
 * ``torchvision:NAME`` -- ``torchvision.models.get_model``; ``pretrained``: None (``DEFAULT``
   weights), a weights tag (``IMAGENET1K_V1``), a local state-dict file, or ``'none'``.
 * ``hf:REPO_OR_DIR`` -- transformers ``AutoModelForImageClassification.from_pretrained`` of a Hub id
-  or a local directory; ``pretrained='none'`` builds the config's model with random weights.
+  or a local directory; ``pretrained='none'`` builds the config's model with random weights. Code shipped
+  with the model is never run (``trust_remote_code=False``) and a checkpoint lacking some of the model's
+  tensors is refused instead of loading them at random (:mod:`legrad.frontend.hf_checks`).
 
 Random weights (``'none'``) are drawn from a fixed seed: the same random model in every run.
 
@@ -32,6 +34,7 @@ from torchvision.transforms import InterpolationMode
 from ..adapters.registry import tower_adapter_for
 from ..io.errors import ModelLoadError, one_line
 from .downloads import check_download_reachable, hub_cached, weights_cached
+from .hf_checks import NO_REMOTE_CODE, custom_code_error, refuse_custom_code, refuse_missing_weights
 
 __all__ = ["CLASSIFIER_PREFIXES", "ClassLabels", "is_classifier_name", "load_classifier"]
 
@@ -364,15 +367,22 @@ def _load_hf(spec: str, pretrained: str | None, device: str) -> tuple[Any, T.Com
             check_download_reachable(None, f"Hugging Face model {spec}", "or --pretrained none for random weights",
                                      local="save the model and its image processor to a local directory "
                                            "(save_pretrained) and use --model hf:DIR")
+    refuse_custom_code(spec, f"hf:{spec}")  # before transformers reads the folder (it would ask on the terminal)
+    info = None
     try:
-        config = transformers.AutoConfig.from_pretrained(spec)
+        config = transformers.AutoConfig.from_pretrained(spec, **NO_REMOTE_CODE)
         if _no_weights(pretrained):
             logger.warning("hf:%s has random weights: its heatmaps and logits are meaningless", spec)
-            model = transformers.AutoModelForImageClassification.from_config(config)
+            model = transformers.AutoModelForImageClassification.from_config(config, **NO_REMOTE_CODE)
         else:
-            model = transformers.AutoModelForImageClassification.from_pretrained(spec)
+            model, info = transformers.AutoModelForImageClassification.from_pretrained(
+                spec, output_loading_info=True, **NO_REMOTE_CODE)
     except Exception as exc:
-        raise _error(f"could not load hf:{spec} ({one_line(exc, 160)})") from exc
+        refused = custom_code_error(exc, f"hf:{spec}")
+        raise refused or _error(f"could not load hf:{spec} ({one_line(exc, 160)})") from exc
+    if info is not None:
+        refuse_missing_weights(model, info, f"hf:{spec}", spec,
+                               ", or use --pretrained none for an explicitly random model")
     _check_supported(model, f"hf:{spec}")
     model = model.to(device).eval()
     preprocess = _hf_preprocess(transformers, spec, config)
@@ -384,7 +394,7 @@ def _load_hf(spec: str, pretrained: str | None, device: str) -> tuple[Any, T.Com
 
 def _hf_preprocess(transformers: Any, spec: str, config: Any) -> T.Compose:
     try:
-        proc = transformers.AutoImageProcessor.from_pretrained(spec)
+        proc = transformers.AutoImageProcessor.from_pretrained(spec, **NO_REMOTE_CODE)
     except Exception as exc:
         logger.warning("no image processor for hf:%s (%s); using ViT defaults", spec, one_line(exc, 80))
         size = int(getattr(config, "image_size", 224))

@@ -1,7 +1,8 @@
 """Vision-language models in the front ends: loading a local VLM with its processor, and explaining the
 candidate answers to one question about one image, or the model's own answer to it (shared by ``legrad explain --answer``, the playground
 and the demo app, whose request is :mod:`legrad.app.vlm`). Only local directories are loaded
-(``save_pretrained`` of the model and its processor): nothing is downloaded."""
+(``save_pretrained`` of the model and its processor): nothing is downloaded, no code shipped in the folder is
+run, and a folder lacking some of the model's tensors is refused (:mod:`legrad.frontend.hf_checks`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 
 from ..io.errors import ModelLoadError, one_line
 from ..io.files import read_regular_file
+from .hf_checks import NO_REMOTE_CODE, custom_code_error, refuse_custom_code, refuse_missing_weights
 from .models import resolve_device
 
 __all__ = ["VLMExplainer", "check_answer_text", "image_token_texts", "is_vlm_dir", "strip_prefix"]
@@ -112,7 +114,8 @@ class VLMExplainer:
         """Loads ``hf:DIR`` (a local folder with the model and its processor) in eval mode.
 
         Raises:
-            ModelLoadError: not a local folder, not a supported VLM, or unreadable files.
+            ModelLoadError: not a local folder, not a supported VLM, unreadable files, a folder that needs its own
+                code (``CustomCodeError``) or lacks some of the model's tensors (``MissingWeightsError``).
             ValueError: for an unavailable device.
         """
         from legrad import LeWrapper
@@ -127,13 +130,18 @@ class VLMExplainer:
         if not arch:
             raise ModelLoadError(f"{name}: config.json names {_architectures(path) or 'no architecture'}; supported "
                                  f"VLMs: {', '.join(SUPPORTED_VLM_CLASSES)}")
+        refuse_custom_code(path, name)
         try:
             import transformers
 
-            model = getattr(transformers, arch[0]).from_pretrained(path, local_files_only=True).to(device).eval()
-            processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
+            model, info = getattr(transformers, arch[0]).from_pretrained(
+                path, local_files_only=True, output_loading_info=True, **NO_REMOTE_CODE)
+            processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True, **NO_REMOTE_CODE)
         except Exception as exc:  # transformers raises many types for unreadable folders
-            raise ModelLoadError(f"could not load the VLM in {path}: {one_line(exc)}") from exc
+            refused = custom_code_error(exc, name)
+            raise refused or ModelLoadError(f"could not load the VLM in {path}: {one_line(exc)}") from exc
+        refuse_missing_weights(model, info, name, path)
+        model = model.to(device).eval()
         return cls(LeWrapper(model, tokenizer=processor, **({} if layer_index is None else {
             "layer_index": layer_index})), processor, name)
 
