@@ -219,20 +219,49 @@ def test_every_page_is_read_and_skips_are_for_downloads_only():
     # Skipping is for blocks that download; every other block runs.
     assert not [b.label for b in skipped if "download" not in b.skip], "a skip reason must name the download"
     for page in PAGES:
-        text = (REPO / page).read_text(encoding="utf-8")
-        marks = len(re.findall(r"docs-test", text))
-        assert marks == len(SKIP_MARK.findall(text)), f"{page}: a malformed docs-test comment"
+        lines = [line for line in (REPO / page).read_text(encoding="utf-8").splitlines()
+                 if re.match(r"<!--\s*docs-test", line)]  # (indented, as in docs/development.md: an example)
+        marks = len(lines)
+        assert all(SKIP_MARK.fullmatch(line.strip()) for line in lines), f"{page}: a malformed docs-test comment"
         assert marks == sum(b.skip is not None for b in BLOCKS if b.page == page), (
             f"{page}: a docs-test comment that is not on the line right above a ```python fence")
     # Each page whose blocks run has its claims checked, and each claim's page runs a block.
     assert set(CLAIMS) <= {b.page for b in BLOCKS if b.skip is None}
 
 
-def test_the_readme_quick_start_comes_first_and_runs():
+def test_the_readme_quick_start_comes_first():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     first = python_blocks("README.md")[0]
     assert first.skip is None and "compute_legrad" in first.code and "visualize(" in first.code
     assert readme.index("## Quick start") < readme.index(first.code)
+    assert len(readme.encode("utf-8")) < 16 * 1024, "the README is a front door: keep it under 16 KB"
+
+
+def test_every_image_of_the_pages_exists():
+    """Figures live in the top-level assets/ folder; every image a page shows is there (after a move too)."""
+    missing, shown = [], set()
+    for page in PAGES:
+        for target in re.findall(r"!\[[^\]]*\]\(([^)\s]+)", (REPO / page).read_text(encoding="utf-8")):
+            if re.match(r"[a-z]+://", target):
+                continue
+            path = ((REPO / page).parent / target).resolve()
+            shown.add(path)
+            if not path.is_file():
+                missing.append(f"{page}: {target}")
+    assert not missing, missing
+    assert REPO / "assets" / "playground.png" in shown
+    assert not [p.name for p in (REPO / "docs").iterdir() if p.suffix.lower() in {".png", ".jpg", ".svg", ".gif"}]
+
+
+def test_the_sample_scenes_are_the_packaged_ones():
+    """assets/scenes/ (the checkout's sample images) holds byte-identical copies of the demo scenes installed
+    with the package, legrad/assets/scenes/ (scripts/make_sample_scenes.py writes both)."""
+    packaged, samples = REPO / "legrad" / "assets" / "scenes", REPO / "assets" / "scenes"
+    names = sorted(p.name for p in packaged.iterdir() if p.is_file())
+    assert "scenes.json" in names and "scene_0.png" in names
+    assert sorted(p.name for p in samples.iterdir() if p.is_file()) == names
+    differ = [n for n in names if (packaged / n).read_bytes() != (samples / n).read_bytes()]
+    assert not differ, f"{differ} differ: rerun python scripts/make_sample_scenes.py (it writes both folders)"
 
 
 def test_the_block_parser():
