@@ -68,6 +68,10 @@ assert tuple(heatmaps.shape) == (1, 3, 64, 64), heatmaps.shape           # '[1, 
 assert float(heatmaps.min()) == 0.0 and float(heatmaps.max()) == 1.0
 assert tuple(image.shape) == (1, 3, 64, 64)
 """,
+    "docs/architecture.md": """
+import legrad
+assert "toy ViT" in legrad.supported_tower_names()                          # registered by the block
+""",
     "docs/demo_model.md": """
 import legrad.toy
 assert wrapper.layer_index == legrad.toy.LAYER_INDEX == 6                  # 'recommended layer_index, 6'
@@ -227,6 +231,42 @@ def test_every_page_is_read_and_skips_are_for_downloads_only():
             f"{page}: a docs-test comment that is not on the line right above a ```python fence")
     # Each page whose blocks run has its claims checked, and each claim's page runs a block.
     assert set(CLAIMS) <= {b.page for b in BLOCKS if b.skip is None}
+
+
+def _unbound_names(code: str, bound: set[str]) -> list[str]:
+    """Names a block reads at run time (outside function bodies) that neither it, ``bound`` nor builtins bind."""
+    import ast
+    import builtins
+
+    tree = ast.parse(code)
+    deferred = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+                for n in ast.walk(f) if n is not f}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            bound.add(node.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+    return sorted({n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
+                   and id(n) not in deferred and n.id not in bound and not hasattr(builtins, n.id)})
+
+
+def test_every_block_is_complete_python():
+    """The blocks that are not run too (those that download) parse, and read no name that their page never
+    defines before them: online, each runs as written."""
+    problems = []
+    for page in PAGES:
+        bound: set[str] = set()
+        for b in python_blocks(page):
+            try:
+                unbound = _unbound_names(b.code, bound)
+            except SyntaxError as exc:
+                problems.append(f"{b.label}: {exc}")
+                continue
+            if unbound:
+                problems.append(f"{b.label} reads {unbound}, never defined on the page before it")
+    assert not problems, problems
 
 
 def test_the_readme_quick_start_comes_first():
