@@ -154,6 +154,7 @@ def run_blocks(blocks: list[Block], claims: str | None, base: Path) -> dict:
     Returns ``{"results": {key: {"ok", "error"}}, "order": [keys], "tail": the output's end}``, the keys
     being the block numbers and ``"claims"``.
     """
+    assert not base.resolve().is_relative_to(REPO), f"the reader's folder {base} must be outside the repository"
     site, cwd = base / "site", base / "reader"
     site.mkdir()
     cwd.mkdir()
@@ -174,17 +175,15 @@ def run_blocks(blocks: list[Block], claims: str | None, base: Path) -> dict:
     return {"results": done, "order": [item[0] for item in todo], "tail": tail}
 
 
-_RUNS: dict[str, dict] = {}
-
-
 @pytest.fixture(scope="module")
 def run_page(tmp_path_factory):
     """``run_page(page)``: :func:`run_blocks` of the page with its claims, run once per page."""
+    runs: dict[str, dict] = {}
 
     def run(page: str) -> dict:
-        if page not in _RUNS:
-            _RUNS[page] = run_blocks(python_blocks(page), CLAIMS.get(page), tmp_path_factory.mktemp("docs"))
-        return _RUNS[page]
+        if page not in runs:
+            runs[page] = run_blocks(python_blocks(page), CLAIMS.get(page), tmp_path_factory.mktemp("docs"))
+        return runs[page]
 
     return run
 
@@ -323,5 +322,3 @@ def test_a_broken_block_fails_with_its_page_number_and_error(tmp_path):
         _outcome(run, "3", "docs/x.md block 3 (line 10)")
     with pytest.raises(pytest.fail.Exception, match="did not run: block 2 failed first"):
         _outcome(run, "claims", "claims")
-    # The reader's folder is outside the repository.
-    assert not (tmp_path / "reader").resolve().is_relative_to(REPO)
