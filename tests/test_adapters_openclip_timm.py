@@ -227,8 +227,13 @@ def test_correction_threshold_and_switch():
 
 def test_correction_needs_a_tokenizer_or_embedding():
     wrapper = LeWrapper(build_tiny("ViT-B-16-SigLIP"))
-    with pytest.raises(ValueError, match="tokenizer=.*empty_text_embedding=.*apply_correction=False"):
+    with pytest.raises(ValueError, match="tokenizer=.*empty_text_embedding=.*apply_correction=False") as err:
         wrapper.compute_legrad(random_text(1, D), image=random_image(1, 32, 32))
+    # The offline ways come first; the one that may download comes last and says so.
+    message = str(err.value)
+    assert message.index("get_tokenizer(model_name)") > message.index("apply_correction=False")
+    assert "downloads" in message.split("get_tokenizer(model_name)", 1)[1]
+    assert "local-dir:" in message
     bad = LeWrapper(wrapper.model, empty_text_embedding=torch.ones(5))
     with pytest.raises(ValueError, match="empty_text_embedding must be"):
         bad.compute_legrad(random_text(1, D), image=random_image(1, 32, 32))

@@ -47,11 +47,14 @@ class TowerAdapter(Capabilities):
     entry_points: ClassVar[tuple[str, ...]] = ("compute_legrad",)
     #: Whether LeWrapper applies the empty-prompt correction (SigLIP-style attention-pooled towers).
     uses_empty_prompt_correction: ClassVar[bool] = False
-    #: How to provide the correction's empty prompt (shown when it is missing or has the wrong width).
+    #: How to provide the correction's empty prompt (shown when it is missing or has the wrong width): the
+    #: offline ways first, the one that may download last and said so.
     correction_hint: ClassVar[str] = (
-        "pass LeWrapper(model, tokenizer=open_clip.get_tokenizer(model_name)) or "
+        "pass the tokenizer you encode your prompts with, LeWrapper(model, tokenizer=tokenizer) (a model saved "
+        "on disk: tokenizer=open_clip.get_tokenizer('local-dir:/path/to/model')), or the prompt's embedding, "
         "LeWrapper(model, empty_text_embedding=model.encode_text(tokenizer(['a photo of a']), normalize=True)[0]), "
-        "or turn the correction off with apply_correction=False"
+        "or turn the correction off with apply_correction=False; open_clip.get_tokenizer(model_name) also works "
+        "but downloads a SigLIP model's tokenizer from the Hugging Face Hub when it is not cached"
     )
     #: What a layer's feature is scored against: ``"cosine"`` (text embeddings) or ``"logit"`` (class
     #: indices of an image classifier, ``target=``); see :func:`legrad.engine.step.scorer_for`.
