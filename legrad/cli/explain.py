@@ -26,7 +26,7 @@ from legrad.io.outdir import FolderLock, prepare_output_folder
 
 _EPILOG = """\
 examples:
-  legrad explain assets/ -p "a red circle" -p "a blue square"
+  legrad explain assets/scenes/ -p "a purple cross" -p "a cyan circle"
   legrad explain cat.jpg -p "a cat" -p "a remote control" --model ViT-B-16 \\
       --pretrained laion2b_s34b_b88k --size 448 --out outputs/cats --save-maps
   legrad explain cat.jpg --model timm:vit_base_patch16_224 --target 281 --target "tiger cat"
