@@ -2,10 +2,11 @@
 
 See :mod:`legrad.adapters.vlm.base` for the method and docs/vlm.md for the guide. Families: transformers
 ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``, ``PaliGemmaForConditionalGeneration`` and
-``Qwen2VLForConditionalGeneration``.
+``Qwen2VLForConditionalGeneration``, ``InternVLForConditionalGeneration``.
 """
 
 from .base import VLMAdapter
+from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .next import LlavaNextAdapter
 from .paligemma import PaliGemmaAdapter
@@ -17,3 +18,6 @@ __all__ = ["VLMAdapter", "LlavaAdapter", "LlavaNextAdapter", "PaliGemmaAdapter",
 #: The transformers VLM classes legrad explains.
 SUPPORTED_VLM_CLASSES = (LlavaAdapter.model_class, LlavaNextAdapter.model_class, PaliGemmaAdapter.model_class,
                          Qwen2VLAdapter.model_class)
+
+__all__ += ["InternVLAdapter"]
+SUPPORTED_VLM_CLASSES += (InternVLAdapter.model_class,)
