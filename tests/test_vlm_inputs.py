@@ -32,13 +32,12 @@ def test_list_valued_feature_layer_is_refused_naming_what_is_supported():
 
 
 def test_unsupported_vlm_classes_name_the_supported_ones():
-    cfg = transformers.LlavaOnevisionConfig(
-        vision_config=transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                      num_attention_heads=4, image_size=32, patch_size=8),
-        text_config=transformers.Qwen2Config(hidden_size=48, intermediate_size=96, num_hidden_layers=1,
-                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=64),
-        image_token_id=63, video_token_id=62, image_grid_pinpoints=[[32, 32], [32, 64]])
-    model = transformers.LlavaOnevisionForConditionalGeneration(cfg)
+    vc = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       image_size=32, patch_size=8)
+    tc = transformers.LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                                  num_key_value_heads=2, vocab_size=64)
+    model = transformers.VipLlavaForConditionalGeneration(transformers.VipLlavaConfig(
+        vision_config=vc, text_config=tc, image_token_id=63, vision_feature_layers=[-2, -1]))
     with pytest.raises(TypeError, match="LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, "
                                         "PaliGemmaForConditionalGeneration"):
         LeWrapper(model)
