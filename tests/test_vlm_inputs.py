@@ -32,13 +32,12 @@ def test_list_valued_feature_layer_is_refused_naming_what_is_supported():
 
 
 def test_unsupported_vlm_classes_name_the_supported_ones():
-    cfg = transformers.LlavaOnevisionConfig(
-        vision_config=transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                      num_attention_heads=4, image_size=32, patch_size=8),
-        text_config=transformers.Qwen2Config(hidden_size=48, intermediate_size=96, num_hidden_layers=1,
-                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=64),
-        image_token_id=63, video_token_id=62, image_grid_pinpoints=[[32, 32], [32, 64]])
-    model = transformers.LlavaOnevisionForConditionalGeneration(cfg)
+    vc = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       image_size=32, patch_size=8)
+    tc = transformers.LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                                  num_key_value_heads=2, vocab_size=64)
+    model = transformers.VipLlavaForConditionalGeneration(transformers.VipLlavaConfig(
+        vision_config=vc, text_config=tc, image_token_id=63, vision_feature_layers=[-2, -1]))
     with pytest.raises(TypeError, match="LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, "
                                         "PaliGemmaForConditionalGeneration"):
         LeWrapper(model)
@@ -108,3 +107,17 @@ def test_keys_the_score_does_not_use_are_ignored_with_a_debug_log(llava, caplog)
         maps = LeWrapper(llava).compute_legrad(image=extra, answers=ANS, output_size="grid")
     assert torch.equal(maps, ref)
     assert "['foo', 'labels']" in caplog.text and "ignored" in caplog.text
+
+
+def test_mistral3_is_refused_until_its_pixtral_tower_is_declared():
+    vc = transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, image_size=32, patch_size=8, head_dim=8)
+    tc = transformers.MistralConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                                    num_key_value_heads=2, vocab_size=64, head_dim=12)
+    model = transformers.Mistral3ForConditionalGeneration(transformers.Mistral3Config(
+        vision_config=vc, text_config=tc, image_token_id=63, spatial_merge_size=2))
+    with pytest.raises(TypeError, match="unsupported Hugging Face model class Mistral3ForConditionalGeneration") as info:
+        LeWrapper(model)
+    from legrad.adapters.vlm import SUPPORTED_VLM_CLASSES
+
+    assert all(name in str(info.value) for name in SUPPORTED_VLM_CLASSES)

@@ -75,8 +75,9 @@ def hf_family(model: Any) -> str | None:
     if name.endswith(("VisionModel", "TextModel", "VisionModelWithProjection", "TextModelWithProjection")):
         hint = " (a single tower cannot be explained: load the full two-tower model, e.g. CLIPModel)"
     elif name.endswith("ForConditionalGeneration"):
-        hint = (" (vision-language models explained through their answers: LlavaForConditionalGeneration, "
-                "LlavaNextForConditionalGeneration, PaliGemmaForConditionalGeneration)")
+        from ..vlm import SUPPORTED_VLM_CLASSES  # here: the VLM adapters import this module
+
+        hint = f" (vision-language models explained through their answers: {', '.join(SUPPORTED_VLM_CLASSES)})"
     raise TypeError(
         f"unsupported Hugging Face model class {name}{hint}. LeWrapper accepts these transformers classes: "
         f"{', '.join(SUPPORTED_HF_CLASSES)}."

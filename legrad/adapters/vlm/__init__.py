@@ -2,12 +2,15 @@
 
 See :mod:`legrad.adapters.vlm.base` for the method and docs/vlm.md for the guide. Families: transformers
 ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``, ``PaliGemmaForConditionalGeneration`` and
-``Qwen2VLForConditionalGeneration``.
+``Qwen2VLForConditionalGeneration``, ``InternVLForConditionalGeneration``,
+``LlavaOnevisionForConditionalGeneration``.
 """
 
 from .base import VLMAdapter
+from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .next import LlavaNextAdapter
+from .onevision import LlavaOnevisionAdapter
 from .paligemma import PaliGemmaAdapter
 from .qwen import Qwen2VLAdapter
 
@@ -17,3 +20,8 @@ __all__ = ["VLMAdapter", "LlavaAdapter", "LlavaNextAdapter", "PaliGemmaAdapter",
 #: The transformers VLM classes legrad explains.
 SUPPORTED_VLM_CLASSES = (LlavaAdapter.model_class, LlavaNextAdapter.model_class, PaliGemmaAdapter.model_class,
                          Qwen2VLAdapter.model_class)
+
+__all__ += ["InternVLAdapter"]
+SUPPORTED_VLM_CLASSES += (InternVLAdapter.model_class,)
+__all__ += ["LlavaOnevisionAdapter"]
+SUPPORTED_VLM_CLASSES += (LlavaOnevisionAdapter.model_class,)

@@ -12,6 +12,9 @@ image) is resized bilinearly onto that grid and added. Maps come at each image's
 
 from __future__ import annotations
 
+import importlib
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 
@@ -21,18 +24,17 @@ from .llava import LlavaAdapter
 __all__ = ["LlavaNextAdapter"]
 
 
-def _helpers():
-    from transformers.models.llava_next import modeling_llava_next as m
-
-    return m
-
-
 class LlavaNextAdapter(LlavaAdapter):
     """transformers ``LlavaNextForConditionalGeneration`` ("default" selection, int feature layer)."""
 
     family = "transformers LlavaNextForConditionalGeneration (CLIP tower, any-resolution tiles, answers explained)"
     model_class = "LlavaNextForConditionalGeneration"
     pixel_ndim = 5
+    #: The transformers module whose any-resolution helpers (grid shape, tile count, unpadding) the model uses.
+    modeling: ClassVar[str] = "transformers.models.llava_next.modeling_llava_next"
+
+    def _helpers(self) -> Any:
+        return importlib.import_module(self.modeling)
 
     def _check(self) -> None:
         if self.model.config.vision_feature_select_strategy != "default":
@@ -42,7 +44,7 @@ class LlavaNextAdapter(LlavaAdapter):
         super()._check()
 
     def _tiles(self, call: VLMInputs) -> list[int]:
-        m = _helpers()
+        m = self._helpers()
         pins, size = self.model.config.image_grid_pinpoints, self.visual.config.image_size
         return [int(m.image_size_to_num_patches(s, pins, size)) for s in call.image_sizes.tolist()]
 
@@ -96,7 +98,7 @@ class LlavaNextAdapter(LlavaAdapter):
         base = rel[0].reshape(gh, gw)
         if rel.shape[0] == 1:
             return base
-        m = _helpers()
+        m = self._helpers()
         rows, cols = m.get_anyres_image_grid_shape(call.image_sizes[b].tolist(), self.model.config.image_grid_pinpoints,
                                                    self.visual.config.image_size)
         grid = rel[1:].reshape(rows, cols, gh, gw).permute(0, 2, 1, 3).reshape(1, rows * gh, cols * gw)
