@@ -145,3 +145,51 @@ def test_qwen2_vl_changed_block_is_refused_and_bad_calls_are_named(monkeypatch):
         w.compute_legrad(image={k: v for k, v in inputs.items() if k != "image_grid_thw"}, answers=ANSWERS)
     with pytest.raises(ValueError, match="video"):
         w.compute_legrad(image={**inputs, "image_grid_thw": torch.tensor([[2, 4, 4]])}, answers=ANSWERS)
+
+
+def qwen_processor(path, image_processor_class=None):
+    """The family's REAL processor built offline (``Qwen2VLProcessor``, its own image and video processors with
+    8 px patches, 2 x 2 merges, 16..64 px sides; the word-level tokenizer with ``<image>`` as the image token),
+    through a ``save_pretrained`` / ``from_pretrained`` round trip."""
+    kw = dict(patch_size=8, merge_size=2, temporal_patch_size=2)
+    image_processor = (image_processor_class or transformers.Qwen2VLImageProcessor)(
+        **kw, size={"shortest_edge": 16 * 16 * 4, "longest_edge": 64 * 64})
+    processor = transformers.Qwen2VLProcessor(image_processor=image_processor, tokenizer=V.tokenizer(),
+                                              video_processor=transformers.Qwen2VLVideoProcessor(**kw))
+    processor.save_pretrained(path)
+    return transformers.AutoProcessor.from_pretrained(path)
+
+
+def processor_inputs(processor):
+    """The processor's whole output for one 40 x 48 image and a prompt with the vision start/end tokens (w60, w61)."""
+    import numpy as np
+    from PIL import Image
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    return processor(images=img, text="<s> w60 <image> w61 what is in the picture ?", return_tensors="pt")
+
+
+def test_qwen2_vl_real_processor_output_is_explained(tmp_path):
+    model = qwen2_vl(seed=2)
+    processor = qwen_processor(tmp_path / "qwen2_vl")
+    assert type(processor).__name__ == "Qwen2VLProcessor"
+    assert type(processor.image_processor).__name__.startswith("Qwen2VLImageProcessor")
+    inputs = processor_inputs(processor)
+    assert set(inputs) >= {"input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids"}
+    grid = tuple(inputs["image_grid_thw"][0, 1:].tolist())
+    before = V.snapshot(model)
+    w = LeWrapper(model, tokenizer=processor)
+    answers = ["a cat", "two cats red"]
+    maps, scores = w.compute_legrad(image=inputs, answers=answers, output_size="grid", return_scores=True)
+    assert maps.shape == (1, 2, *grid)
+    for j, ans in enumerate(answers):
+        ids = torch.tensor(processor.tokenizer(ans, add_special_tokens=False)["input_ids"])
+        full = torch.cat([inputs["input_ids"][0], ids])[None]
+        with torch.no_grad():
+            logits = model(input_ids=full, pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
+                           mm_token_type_ids=(full == V.IMAGE_TOKEN).long()).logits
+        k = inputs["input_ids"].shape[1]
+        own = logits.log_softmax(-1)[0, k - 1: full.shape[1] - 1].gather(-1, ids[:, None]).sum()
+        assert abs(float(scores[0, j]) - float(own)) < 1e-4
+        torch.testing.assert_close(maps[0, j], min_max(_oracle(model, inputs, ids, [1, 2])), atol=1e-4, rtol=0)
+    assert all(same_bits(before[k], v) for k, v in V.snapshot(model).items())
