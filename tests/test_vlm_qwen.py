@@ -14,6 +14,7 @@ M = pytest.importorskip("transformers.models.qwen2_vl.modeling_qwen2_vl")
 
 from helpers import vlm_models as V  # noqa: E402
 from helpers.oracles import min_max  # noqa: E402
+from helpers.qwen_vlm import processor_inputs, qwen_processor  # noqa: E402
 from helpers.tiny_towers import same_bits  # noqa: E402
 from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E402
 from transformers.vision_utils import get_vision_position_ids  # noqa: E402
@@ -145,28 +146,6 @@ def test_qwen2_vl_changed_block_is_refused_and_bad_calls_are_named(monkeypatch):
         w.compute_legrad(image={k: v for k, v in inputs.items() if k != "image_grid_thw"}, answers=ANSWERS)
     with pytest.raises(ValueError, match="video"):
         w.compute_legrad(image={**inputs, "image_grid_thw": torch.tensor([[2, 4, 4]])}, answers=ANSWERS)
-
-
-def qwen_processor(path, image_processor_class=None):
-    """The family's REAL processor built offline (``Qwen2VLProcessor``, its own image and video processors with
-    8 px patches, 2 x 2 merges, 16..64 px sides; the word-level tokenizer with ``<image>`` as the image token),
-    through a ``save_pretrained`` / ``from_pretrained`` round trip."""
-    kw = dict(patch_size=8, merge_size=2, temporal_patch_size=2)
-    image_processor = (image_processor_class or transformers.Qwen2VLImageProcessor)(
-        **kw, size={"shortest_edge": 16 * 16 * 4, "longest_edge": 64 * 64})
-    processor = transformers.Qwen2VLProcessor(image_processor=image_processor, tokenizer=V.tokenizer(),
-                                              video_processor=transformers.Qwen2VLVideoProcessor(**kw))
-    processor.save_pretrained(path)
-    return transformers.AutoProcessor.from_pretrained(path)
-
-
-def processor_inputs(processor):
-    """The processor's whole output for one 40 x 48 image and a prompt with the vision start/end tokens (w60, w61)."""
-    import numpy as np
-    from PIL import Image
-
-    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
-    return processor(images=img, text="<s> w60 <image> w61 what is in the picture ?", return_tensors="pt")
 
 
 def test_qwen2_vl_real_processor_output_is_explained(tmp_path):

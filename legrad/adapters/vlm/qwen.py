@@ -6,6 +6,18 @@ The processor lays each image's patches out in merge-window order (for each wind
 raster order of the windows, its patches in raster order); maps are put back in raster order on the patch grid
 ``image_grid_thw[1:]``. The language model's own forward places the features and builds its M-RoPE positions
 from ``input_ids`` and ``image_grid_thw``.
+
+``Qwen2_5_VLForConditionalGeneration`` (Qwen2.5-VL) is the same family on the Qwen2.5 ViT tower (RMSNorms, gated
+MLPs, window attention outside ``fullatt_block_indexes``; see :class:`~legrad.adapters.vlm.towers.Qwen25ViTTower`)
+with an RMSNorm in its merger. The model runs its tower in window order and puts the merged features back in the
+processor's order; legrad never leaves the processor's order (windows as an attention mask), so the features and the
+maps need no permutation of their own.
+
+``Qwen3_5ForConditionalGeneration`` (Qwen3.5) runs the Qwen3 ViT tower (a learned position table resampled to the
+grid, LayerNorms, attention over the whole image) and its merger (``norm``, ``linear_fc1``, GELU, ``linear_fc2`` over
+each merge window). ``Qwen3VLForConditionalGeneration`` (Qwen3-VL) shares that tower but also feeds the language
+model DeepStack features (intermediate blocks' outputs, through their own mergers, added to the first decoder layers'
+hidden states): not supported yet, refused with a TypeError.
 """
 
 from __future__ import annotations
@@ -14,11 +26,11 @@ from typing import Any
 
 import torch
 
-from ...ops.functional import apply_module, layer_norm
+from ...ops.functional import apply_module
 from .base import VLMAdapter
 from .inputs import Packed, VLMInputs
 
-__all__ = ["Qwen2VLAdapter"]
+__all__ = ["Qwen2VLAdapter", "Qwen2_5_VLAdapter", "Qwen3_5Adapter", "Qwen3VLAdapter"]
 
 
 class Qwen2VLAdapter(VLMAdapter):
@@ -109,7 +121,7 @@ class Qwen2VLAdapter(VLMAdapter):
 
     def _features(self, y: torch.Tensor) -> torch.Tensor:
         merger = self.visual.merger
-        z = layer_norm(merger.ln_q, y)
+        z = self.tower.norm(merger.ln_q)(y)
         z = z.reshape(-1, z.shape[-1] * self.tower.merge ** 2)  # each merge window's tokens are consecutive
         return apply_module(merger.mlp, z)
 
@@ -131,3 +143,66 @@ class Qwen2VLAdapter(VLMAdapter):
     def _map_size(self, b: int, call: VLMInputs) -> tuple[int, int]:
         h, w = self._grid_hw(call)
         return h * self.patch_size[0], w * self.patch_size[1]
+
+
+class Qwen2_5_VLAdapter(Qwen2VLAdapter):
+    """transformers ``Qwen2_5_VLForConditionalGeneration`` (images; one image per sequence)."""
+
+    family = "transformers Qwen2_5_VLForConditionalGeneration (Qwen2.5 ViT tower, answers explained)"
+    model_class = "Qwen2_5_VLForConditionalGeneration"
+    tower_kind = "Qwen2.5 ViT"
+
+    def _check(self) -> None:
+        ln = getattr(getattr(self.visual, "merger", None), "ln_q", None)
+        if ln is None or not hasattr(ln, "variance_epsilon") or not hasattr(self.visual.merger, "mlp"):
+            raise TypeError("this Qwen2.5-VL's merger is not the RMSNorm ln_q + mlp one legrad supports")
+
+    @property
+    def native_size(self) -> tuple[int, int]:
+        # A probe one merge window wider and taller than an attention window: windows of unequal sizes, so the drift
+        # guard compares the windowed blocks too.
+        side = (self.tower.window + 1) * self.tower.merge * self.patch_size[0]
+        return side, side
+
+
+class Qwen3_5Adapter(Qwen2VLAdapter):
+    """transformers ``Qwen3_5ForConditionalGeneration`` (images; one image per sequence)."""
+
+    family = "transformers Qwen3_5ForConditionalGeneration (Qwen3 ViT tower, answers explained)"
+    model_class = "Qwen3_5ForConditionalGeneration"
+    tower_kind = "Qwen3 ViT"
+
+    def _check(self) -> None:
+        merger = getattr(self.visual, "merger", None)
+        if merger is None or not all(hasattr(merger, a) for a in ("norm", "linear_fc1", "act_fn", "linear_fc2")):
+            raise TypeError("this Qwen3.5's merger is not the norm + linear_fc1/linear_fc2 one legrad supports")
+        if hasattr(self.visual, "deepstack_merger_list"):
+            raise TypeError("this Qwen3.5's vision tower has DeepStack mergers, which legrad does not support yet")
+
+    def _features(self, y: torch.Tensor) -> torch.Tensor:
+        merger = self.visual.merger
+        wide = y.shape[-1] * self.tower.merge ** 2
+        if merger.use_postshuffle_norm:  # the norm over each merge window's concatenated tokens
+            z = self.tower.norm(merger.norm)(y.reshape(-1, wide))
+        else:
+            z = self.tower.norm(merger.norm)(y).reshape(-1, wide)  # each merge window's tokens are consecutive
+        return apply_module(merger.linear_fc2, apply_module(merger.act_fn, apply_module(merger.linear_fc1, z)))
+
+
+class Qwen3VLAdapter(Qwen3_5Adapter):
+    """transformers ``Qwen3VLForConditionalGeneration``: refused (its DeepStack features are not supported yet)."""
+
+    family = "transformers Qwen3VLForConditionalGeneration (not supported yet: DeepStack features)"
+    model_class = "Qwen3VLForConditionalGeneration"
+
+    @classmethod
+    def from_model(cls, model: Any) -> None:
+        from . import SUPPORTED_VLM_CLASSES
+
+        if any(c.__name__ == cls.model_class and c.__module__.startswith("transformers.")
+               for c in type(model).__mro__):
+            raise TypeError("Qwen3VLForConditionalGeneration is not supported yet: besides its merger's features, the "
+                            "model feeds its language model DeepStack features from intermediate vision blocks "
+                            "(deepstack_visual_indexes), which legrad does not explain yet. Supported VLMs: "
+                            f"{', '.join(SUPPORTED_VLM_CLASSES)}")
+        return None
