@@ -2,7 +2,8 @@
 merger ``norm`` + ``linear_fc1``/``linear_fc2``; hybrid linear/full-attention language model) against an oracle written
 here from the definition: the model's own tower modules run eagerly, the explained block's probabilities from the
 model's own ``eager_attention_forward`` as the leaf, the model's own merger and forward with ``mm_encoder_outputs``;
-each token's map position from the model's own vision position ids. Qwen3-VL (DeepStack) is refused."""
+each token's map position from the model's own vision position ids. Qwen3-VL (the same tower with DeepStack) is in
+tests/test_vlm_qwen3_vl.py."""
 
 from __future__ import annotations
 
@@ -147,13 +148,3 @@ def test_qwen3_5_real_processor_output_is_explained(tmp_path):
             assert abs(float(scores[0, j]) - float(_log_prob(model, inputs, ids))) < 1e-4
         torch.testing.assert_close(maps[0, j], min_max(_oracle(model, inputs, ids, [1, 2])), atol=1e-4, rtol=0)
     assert all(same_bits(before[k], v) for k, v in V.snapshot(model).items())
-
-
-def test_qwen3_vl_is_refused_as_not_supported_yet():
-    vc = {k: v for k, v in VISION.items()} | dict(deepstack_visual_indexes=[0, 1])
-    tc = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              head_dim=12, vocab_size=V.VOCAB, pad_token_id=0)
-    cfg = transformers.Qwen3VLConfig(vision_config=vc, text_config=tc, image_token_id=V.IMAGE_TOKEN)
-    with pytest.raises(TypeError, match="Qwen3VLForConditionalGeneration is not supported yet.*DeepStack.*"
-                                        "Qwen3_5ForConditionalGeneration"):
-        LeWrapper(transformers.Qwen3VLForConditionalGeneration(cfg).eval())

@@ -2,8 +2,8 @@
 
 See :mod:`legrad.adapters.vlm.base` for the method and docs/vlm.md for the guide. Families: transformers
 ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``, ``PaliGemmaForConditionalGeneration``,
-``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration`` and
-``Qwen3_5ForConditionalGeneration`` (``Qwen3VLForConditionalGeneration``: refused, not supported yet).
+``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
+``Qwen3_5ForConditionalGeneration`` and ``Qwen3VLForConditionalGeneration`` (DeepStack).
 """
 
 from .base import VLMAdapter
@@ -18,4 +18,4 @@ __all__ = ["VLMAdapter", "LlavaAdapter", "LlavaNextAdapter", "PaliGemmaAdapter",
 #: The transformers VLM classes legrad explains.
 SUPPORTED_VLM_CLASSES = (LlavaAdapter.model_class, LlavaNextAdapter.model_class, PaliGemmaAdapter.model_class,
                          Qwen2VLAdapter.model_class, Qwen2_5_VLAdapter.model_class,
-                         Qwen3_5Adapter.model_class)
+                         Qwen3_5Adapter.model_class, Qwen3VLAdapter.model_class)
