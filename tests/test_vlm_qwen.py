@@ -14,6 +14,7 @@ M = pytest.importorskip("transformers.models.qwen2_vl.modeling_qwen2_vl")
 
 from helpers import vlm_models as V  # noqa: E402
 from helpers.oracles import min_max  # noqa: E402
+from helpers.qwen_vlm import processor_inputs, qwen_processor  # noqa: E402
 from helpers.tiny_towers import same_bits  # noqa: E402
 from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E402
 from transformers.vision_utils import get_vision_position_ids  # noqa: E402
@@ -145,3 +146,29 @@ def test_qwen2_vl_changed_block_is_refused_and_bad_calls_are_named(monkeypatch):
         w.compute_legrad(image={k: v for k, v in inputs.items() if k != "image_grid_thw"}, answers=ANSWERS)
     with pytest.raises(ValueError, match="video"):
         w.compute_legrad(image={**inputs, "image_grid_thw": torch.tensor([[2, 4, 4]])}, answers=ANSWERS)
+
+
+def test_qwen2_vl_real_processor_output_is_explained(tmp_path):
+    model = qwen2_vl(seed=2)
+    processor = qwen_processor(tmp_path / "qwen2_vl")
+    assert type(processor).__name__ == "Qwen2VLProcessor"
+    assert type(processor.image_processor).__name__.startswith("Qwen2VLImageProcessor")
+    inputs = processor_inputs(processor)
+    assert set(inputs) >= {"input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids"}
+    grid = tuple(inputs["image_grid_thw"][0, 1:].tolist())
+    before = V.snapshot(model)
+    w = LeWrapper(model, tokenizer=processor)
+    answers = ["a cat", "two cats red"]
+    maps, scores = w.compute_legrad(image=inputs, answers=answers, output_size="grid", return_scores=True)
+    assert maps.shape == (1, 2, *grid)
+    for j, ans in enumerate(answers):
+        ids = torch.tensor(processor.tokenizer(ans, add_special_tokens=False)["input_ids"])
+        full = torch.cat([inputs["input_ids"][0], ids])[None]
+        with torch.no_grad():
+            logits = model(input_ids=full, pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
+                           mm_token_type_ids=(full == V.IMAGE_TOKEN).long()).logits
+        k = inputs["input_ids"].shape[1]
+        own = logits.log_softmax(-1)[0, k - 1: full.shape[1] - 1].gather(-1, ids[:, None]).sum()
+        assert abs(float(scores[0, j]) - float(own)) < 1e-4
+        torch.testing.assert_close(maps[0, j], min_max(_oracle(model, inputs, ids, [1, 2])), atol=1e-4, rtol=0)
+    assert all(same_bits(before[k], v) for k, v in V.snapshot(model).items())

@@ -1,9 +1,6 @@
 """LeGrad for vision-language models: which image patches made a VLM's candidate answer likely.
 
-See :mod:`legrad.adapters.vlm.base` for the method and docs/vlm.md for the guide. Families: transformers
-``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``, ``PaliGemmaForConditionalGeneration`` and
-``Qwen2VLForConditionalGeneration``, ``InternVLForConditionalGeneration``,
-``LlavaOnevisionForConditionalGeneration``.
+See :mod:`legrad.adapters.vlm.base` for the method and docs/vlm.md for the guide (the table of families).
 """
 
 from .base import VLMAdapter
@@ -12,16 +9,22 @@ from .llava import LlavaAdapter
 from .next import LlavaNextAdapter
 from .onevision import LlavaOnevisionAdapter
 from .paligemma import PaliGemmaAdapter
-from .qwen import Qwen2VLAdapter
+from .qwen import Qwen2_5_VLAdapter, Qwen2VLAdapter, Qwen3_5Adapter, Qwen3VLAdapter
 
-__all__ = ["VLMAdapter", "LlavaAdapter", "LlavaNextAdapter", "PaliGemmaAdapter", "Qwen2VLAdapter",
-           "SUPPORTED_VLM_CLASSES"]
+#: The family adapters, one per transformers class (one line each).
+FAMILIES = (
+    LlavaAdapter,
+    LlavaNextAdapter,
+    LlavaOnevisionAdapter,
+    PaliGemmaAdapter,
+    Qwen2VLAdapter,
+    Qwen2_5_VLAdapter,
+    Qwen3_5Adapter,
+    Qwen3VLAdapter,
+    InternVLAdapter,
+)
 
 #: The transformers VLM classes legrad explains.
-SUPPORTED_VLM_CLASSES = (LlavaAdapter.model_class, LlavaNextAdapter.model_class, PaliGemmaAdapter.model_class,
-                         Qwen2VLAdapter.model_class)
+SUPPORTED_VLM_CLASSES = tuple(f.model_class for f in FAMILIES)
 
-__all__ += ["InternVLAdapter"]
-SUPPORTED_VLM_CLASSES += (InternVLAdapter.model_class,)
-__all__ += ["LlavaOnevisionAdapter"]
-SUPPORTED_VLM_CLASSES += (LlavaOnevisionAdapter.model_class,)
+__all__ = ["VLMAdapter", "FAMILIES", "SUPPORTED_VLM_CLASSES", *(f.__name__ for f in FAMILIES)]

@@ -108,6 +108,12 @@ class VLMAdapter(BlockTower):
         a chunk's sequences, in order (a tuple: the forwards concatenate the per-image features)."""
         return (feats,)
 
+    def _encoder_outputs(self, feats: torch.Tensor, call: VLMInputs, images: list[int]) -> Any:
+        """``mm_encoder_outputs["image"]`` of a chunk's sequences (features ``[tokens, D]``, in order)."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return BaseModelOutputWithPooling(pooler_output=self._encoder_output(feats, call, images))
+
     def _lm_kwargs(self, seqs: Packed, call: VLMInputs, images: list[int], device: torch.device) -> dict[str, Any]:
         """Further keyword arguments of the model's forward for a chunk (``token_type_ids``, grids)."""
         return {} if seqs.token_types is None else {"token_type_ids": seqs.token_types.to(device)}
@@ -408,13 +414,10 @@ class VLMAdapter(BlockTower):
     def _sequence_scores(self, feats: torch.Tensor, seqs: Packed, call: VLMInputs, images: list[int]) -> torch.Tensor:
         """``[n]`` scores of a chunk's sequences given their image features ``[tokens, D]``: the model's own
         forward with ``mm_encoder_outputs`` (it places the features, builds masks and positions)."""
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
         device = self.device()
         ids = torch.where(seqs.image, self.image_token_id, seqs.ids).to(device)
         lm_dtype = self.model.get_input_embeddings().weight.dtype
-        enc = {"image": BaseModelOutputWithPooling(pooler_output=self._encoder_output(feats.to(lm_dtype), call,
-                                                                                      images))}
+        enc = {"image": self._encoder_outputs(feats.to(lm_dtype), call, images)}
         out = self.model.model(input_ids=ids, attention_mask=seqs.mask.to(device), mm_encoder_outputs=enc,
                                use_cache=False, **self._lm_kwargs(seqs, call, images, device))
         return self._answer_scores(out[0], seqs)
