@@ -38,9 +38,13 @@ def test_unsupported_vlm_classes_name_the_supported_ones():
                                   num_key_value_heads=2, vocab_size=64)
     model = transformers.VipLlavaForConditionalGeneration(transformers.VipLlavaConfig(
         vision_config=vc, text_config=tc, image_token_id=63, vision_feature_layers=[-2, -1]))
-    with pytest.raises(TypeError, match="LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, "
-                                        "PaliGemmaForConditionalGeneration"):
+    with pytest.raises(TypeError, match="VipLlavaForConditionalGeneration") as info:
         LeWrapper(model)
+    from legrad.adapters.vlm import SUPPORTED_VLM_CLASSES
+
+    assert len(SUPPORTED_VLM_CLASSES) >= 9
+    for name in SUPPORTED_VLM_CLASSES:  # every supported class is named
+        assert f" {name}," in str(info.value) or f" {name})" in str(info.value), name
 
 
 @pytest.mark.parametrize("make, match, exc", [
