@@ -184,3 +184,31 @@ def test_qwen3_vl_batch_of_two_images_matches_one_by_one():
             "image_grid_thw": torch.cat([x["image_grid_thw"] for x in one])}
     got = w.compute_legrad(image=both, answers=ANSWERS, output_size="grid", layer_index=0, prompt_chunk=3)
     torch.testing.assert_close(got, singles, atol=1e-5, rtol=0)
+
+
+def test_qwen3_vl_calls_from_two_threads_match_calls_one_after_the_other():
+    # The DeepStack feature path keeps per-call scratch (which block is explained, the taps' outputs): two
+    # threads explaining different images on one wrapper must not see each other's.
+    import threading
+
+    model = qwen3_vl(seed=2)
+    one = [_inputs((4, 4), [6, 7, 5], seed=s) for s in (0, 1)]
+    w = LeWrapper(model)
+    want = [w.compute_legrad(image=x, answers=ANSWERS, output_size="grid", layer_index=0) for x in one]
+    got: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    start = threading.Barrier(2)
+
+    def work(k: int) -> None:
+        start.wait()
+        for _ in range(3):
+            got[k].append(w.compute_legrad(image=one[k], answers=ANSWERS, output_size="grid", layer_index=0))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in (0, 1):
+        assert len(got[k]) == 3
+        for m in got[k]:
+            torch.testing.assert_close(m, want[k], atol=1e-5, rtol=0)

@@ -23,6 +23,7 @@ at or after b (the merger, the DeepStack taps) reading block b's output (see :cl
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -224,7 +225,8 @@ class Qwen3VLAdapter(Qwen3_5Adapter):
         if len(taps) != len(getattr(v, "deepstack_merger_list", [])) or not all(0 <= d < len(v.blocks) for d in taps):
             raise TypeError(f"this Qwen3-VL's deepstack_visual_indexes {taps} do not match its DeepStack mergers/blocks")
         # Per-call scratch: (explained block, {tap block: its output}) for the feature path of the current step.
-        self._context: tuple[int, dict[int, torch.Tensor]] = (len(v.blocks) - 1, {})
+        # Thread-local, so that calls from several threads on one wrapper never see each other's blocks.
+        self._scratch = threading.local()
 
     @property
     def _taps(self) -> list[int]:
@@ -243,7 +245,7 @@ class Qwen3VLAdapter(Qwen3_5Adapter):
         for i in range(start, self.depth):
             block = run.blocks[i]
             h, q, k, v, o = attention(block, x, run)
-            self._context = (i, outputs)
+            self._scratch.context = (i, outputs)
             yield i, block, x, (h, q, k, v, o)
             x = after_attention(block, x, h, o)
             if i in self._taps:
@@ -257,12 +259,12 @@ class Qwen3VLAdapter(Qwen3_5Adapter):
         for i, block in enumerate(run.blocks[: self.depth]):
             x = plain_block(block, x, run)
             outputs[i] = x
-        self._context = (self.depth - 1, {d: outputs[d] for d in self._taps})
+        self._scratch.context = (self.depth - 1, {d: outputs[d] for d in self._taps})
         rows = torch.tensor(images, device=device)  # one tile (row) per image
         return self._image_features(x[rows], images, [1] * len(images), call)
 
     def _image_features(self, y: torch.Tensor, images: list[int], counts: list[int], call: VLMInputs) -> torch.Tensor:
-        layer, outputs = self._context
+        layer, outputs = getattr(self._scratch, "context", (self.depth - 1, {}))
         rows = torch.tensor(images, device=y.device)
         parts = [self._merge(self.visual.merger, y)]
         for d, merger in zip(self._taps, self.visual.deepstack_merger_list):
