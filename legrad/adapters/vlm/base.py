@@ -64,6 +64,8 @@ class VLMAdapter(BlockTower):
     tower_kind: ClassVar[str] = ""
     #: Processor keys the family reads beyond the common ones (``image_grid_thw``...).
     input_keys: ClassVar[tuple[str, ...]] = ()
+    #: Whether the model's own head soft-caps its logits by ``text_config.final_logit_softcapping`` (Gemma 2's).
+    final_softcap: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -426,7 +428,7 @@ class VLMAdapter(BlockTower):
         pred = seqs.pred.to(device)
         h = hidden.gather(1, pred[..., None].expand(-1, -1, hidden.shape[-1]))
         logits = linear(self.model.get_output_embeddings(), h)
-        cap = getattr(self.text_config, "final_logit_softcapping", None)
+        cap = getattr(self.text_config, "final_logit_softcapping", None) if self.final_softcap else None
         if cap:
             logits = torch.tanh(logits / cap) * cap
         logp = logits.float().log_softmax(-1).gather(-1, seqs.target.to(device)[..., None])[..., 0]
