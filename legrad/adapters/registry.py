@@ -26,6 +26,7 @@ _BUILTIN: tuple[tuple[str, tuple[str, ...]], ...] = (
      ("TimmDistilledClassifierAdapter", "TimmMapClassifierAdapter", "TimmClassifierAdapter")),
     ("legrad.adapters.vlm", ("LlavaNextAdapter", "LlavaAdapter", "PaliGemmaAdapter", "Qwen2VLAdapter")),
     ("legrad.adapters.vlm", ("Gemma3Adapter",)),
+    ("legrad.adapters.vlm", ("SmolVLMAdapter", "Idefics3Adapter")),
     ("legrad.adapters.hf.siglip", ("HFSiglip2Adapter", "HFSiglipAdapter")),
     ("legrad.adapters.hf.clip", ("HFClipAdapter",)),
     ("legrad.adapters.openclip", ("OpenClipViTAdapter", "OpenClipCoCaAdapter")),

@@ -21,7 +21,7 @@ from ..hf.common import activation, hf_block
 from ..runner import Block, Run, chain
 
 __all__ = ["VisionTower", "ClipTower", "SiglipTower", "QwenViTTower", "QwenViTAttentionOps", "TOWER_KINDS",
-           "tower_for"]
+           "tower_for", "Idefics3Tower"]
 
 
 class VisionTower:
@@ -126,6 +126,20 @@ class SiglipTower(_EncoderTower):
         super().check(owner)
 
 
+class Idefics3Tower(SiglipTower):
+    """transformers ``Idefics3VisionTransformer`` / ``SmolVLMVisionTransformer``: SigLIP blocks whose embeddings take
+    a ``patch_attention_mask`` (NaViT-style positions for padded images). Declared for whole images (every patch
+    real: positions are then the plain raster ones, as the model computes them from an all-true mask)."""
+
+    kind = "Idefics3 SigLIP"
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        p = int(self.config.patch_size)
+        mask = torch.ones(pixels.shape[0], pixels.shape[-2] // p, pixels.shape[-1] // p, dtype=torch.bool,
+                          device=pixels.device)
+        return self.module.embeddings(pixels, patch_attention_mask=mask)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -213,6 +227,7 @@ class QwenViTTower(VisionTower):
 
 #: Every tower kind by its name (what a family's ``tower_kind`` names).
 TOWER_KINDS: dict[str, type[VisionTower]] = {t.kind: t for t in (ClipTower, SiglipTower, QwenViTTower)}
+TOWER_KINDS[Idefics3Tower.kind] = Idefics3Tower
 
 
 def tower_for(kind: str, module: nn.Module, owner: str) -> VisionTower:
