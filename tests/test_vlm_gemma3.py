@@ -164,3 +164,19 @@ def test_gemma3_changed_block_is_refused_and_pan_and_scan_is_named(tmp_path, mon
     assert crops["pixel_values"].shape[0] > 1
     with pytest.raises(ValueError, match="pan-and-scan"):
         w.compute_legrad(image=crops, answers=ANSWERS)
+
+
+def test_gemma3_explain_answer_log_probs_equal_generates_own(tmp_path):
+    """The model's own greedy answer (its generate: bidirectional image block at prefill, causal decoding) is
+    teacher-forced to the same log-probabilities."""
+    model = gemma3(seed=2)
+    processor = _processor(tmp_path / "gemma3")
+    inputs = processor(images=_image(0), text=TEXT, return_tensors="pt")
+    r = LeWrapper(model, tokenizer=processor).explain_answer(inputs, max_new_tokens=3)
+    with torch.no_grad():
+        g = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True,
+                           return_dict_in_generate=True)
+    new = g.sequences[0, inputs["input_ids"].shape[1]:]
+    own = torch.stack([lg.float().log_softmax(-1)[0] for lg in g.logits])[: len(new)].gather(-1, new[:, None])[:, 0]
+    assert r.token_ids[0].tolist() == new.tolist() and r.maps.shape == (1, len(new), 32, 32)
+    torch.testing.assert_close(r.logprobs[0], own, atol=1e-4, rtol=0)

@@ -192,3 +192,17 @@ def test_idefics3_splitting_processor_output_is_refused(tmp_path):
     assert inputs["pixel_values"].shape[1] > 1
     with pytest.raises(ValueError, match="do_image_splitting=False"):
         LeWrapper(model, tokenizer=processor).compute_legrad(image=inputs, answers=ANSWERS)
+
+
+def test_idefics3_explain_answer_log_probs_equal_generates_own(tmp_path):
+    model = make("idefics3", seed=2)
+    processor = _processor("idefics3", tmp_path / "idefics3")
+    inputs = processor(images=_image(0), text=TEXT, return_tensors="pt")
+    r = LeWrapper(model, tokenizer=processor).explain_answer(inputs, max_new_tokens=3)
+    with torch.no_grad():
+        g = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True,
+                           return_dict_in_generate=True)
+    new = g.sequences[0, inputs["input_ids"].shape[1]:]
+    own = torch.stack([lg.float().log_softmax(-1)[0] for lg in g.logits])[: len(new)].gather(-1, new[:, None])[:, 0]
+    assert r.token_ids[0].tolist() == new.tolist() and r.maps.shape == (1, len(new), 32, 32)
+    torch.testing.assert_close(r.logprobs[0], own, atol=1e-4, rtol=0)
