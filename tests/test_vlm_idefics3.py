@@ -4,7 +4,8 @@ projection, Llama language model) fed their REAL processors' whole output (``Ide
 with the families' ``<fake_token_around_image>`` / ``<global-img>`` / ``<image>`` tokens, built offline, saved and
 reloaded), against an oracle written here from the definition: the model's own tower modules run eagerly with the
 explained block's attention probabilities as a grad leaf, the model's own ``post_layernorm`` and ``connector``,
-the model's own forward with ``mm_encoder_outputs``. Image splitting (tiles) is refused."""
+the model's own forward with ``mm_encoder_outputs``; with image splitting, each tile's relevance placed by the
+image processor's own (rows, cols) and the global tile's resized onto them."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ from legrad.adapters.drift import DriftError  # noqa: E402
 
 SPECIAL = {"<fake_token_around_image>": 58, "<global-img>": 59, "<end_of_utterance>": 60, "<video>": 61,
            "<image>": V.IMAGE_TOKEN}
+SPECIAL.update({f"<row_{i}_col_{j}>": 64 + 6 * (i - 1) + (j - 1) for i in range(1, 7) for j in range(1, 7)})
+VOCAB = 100
 ANSWERS = ["a cat", "two cats red"]
 TEXT = "<s> <image> what is in the picture ?"
 FAMILIES = ("idefics3", "smolvlm")
@@ -40,7 +43,7 @@ def _has(family: str) -> bool:
 def _tokenizer() -> transformers.PreTrainedTokenizerFast:
     """Word-level tokenizer over helpers.vlm_models' words with the Idefics3 / SmolVLM image tokens."""
     vocab = {w: i for i, w in enumerate(V.WORDS)}
-    vocab.update({f"w{i}": i for i in range(len(V.WORDS), V.VOCAB) if i not in SPECIAL.values()})
+    vocab.update({f"w{i}": i for i in range(len(V.WORDS), VOCAB) if i not in SPECIAL.values()})
     vocab.update(SPECIAL)
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -76,7 +79,7 @@ def make(family: str, seed: int = 0):
     vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
               patch_size=8)
     tc = transformers.LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=2, vocab_size=V.VOCAB, pad_token_id=0)
+                                  num_key_value_heads=2, vocab_size=VOCAB, pad_token_id=0)
     if family == "idefics3":
         cfg, cls = transformers.Idefics3Config, transformers.Idefics3ForConditionalGeneration
     else:
@@ -92,14 +95,16 @@ def _features(model, pixels, block: int | None):
     """Image features ``[4, D]`` from block ``block``'s output (the last block when None) and its probabilities."""
     vm = model.model.vision_model
     last = len(vm.encoder.layers) - 1 if block is None else block
-    x = vm.embeddings(pixels[:, 0], patch_attention_mask=torch.ones(1, 4, 4, dtype=torch.bool))
+    tiles = pixels[0][pixels[0].flatten(1).ne(0).any(-1)]  # the model drops all-zero (padding) tiles
+    x = vm.embeddings(tiles, patch_attention_mask=torch.ones(len(tiles), 4, 4, dtype=torch.bool))
     a = None
     for i, layer in enumerate(vm.encoder.layers[: last + 1]):
         out, probs = V._attention(layer.self_attn, layer.layer_norm1(x), leaf=i == block)
         a = probs if i == block else a
         x = x + out
         x = x + layer.mlp(layer.layer_norm2(x))
-    return model.model.connector(vm.post_layernorm(x))[0], a
+    feats = model.model.connector(vm.post_layernorm(x))
+    return feats.reshape(-1, feats.shape[-1]), a
 
 
 def _log_prob(model, prompt, answer, *, feats=None, pixels=None):
@@ -112,15 +117,24 @@ def _log_prob(model, prompt, answer, *, feats=None, pixels=None):
     return logits.log_softmax(-1)[0, k - 1: ids.shape[1] - 1].gather(-1, answer[:, None]).sum()
 
 
-def _oracle(model, pixels, prompt, answer, blocks):
-    total = torch.zeros(16)
+def _oracle(model, pixels, prompt, answer, blocks, rows: int = 0, cols: int = 0):
+    """Un-normalised map: one tile's ``[4, 4]``, or the ``rows x cols`` sub-images' maps placed in their grid plus
+    the global tile's (the last) resized bilinearly onto it."""
+    total = 0.0
     for b in blocks:
         with torch.enable_grad():
             feats, a = _features(model, pixels, b)
             score = _log_prob(model, prompt, answer, feats=feats)
         (g,) = torch.autograd.grad(score, a)
-        total += g.clamp_min(0).mean(dim=(1, 2))[0]  # heads, query rows
-    return total.reshape(4, 4)
+        total = total + g.clamp_min(0).mean(dim=(1, 2)).reshape(-1, 4, 4)  # heads, query rows; per tile
+    if rows == 0:
+        return total[0]
+    canvas = torch.zeros(4 * rows, 4 * cols)
+    for k in range(rows * cols):
+        r, c = divmod(k, cols)  # the image processor cuts the sub-images in raster order
+        canvas[4 * r: 4 * r + 4, 4 * c: 4 * c + 4] = total[k]
+    return canvas + torch.nn.functional.interpolate(total[-1][None, None], size=canvas.shape, mode="bilinear",
+                                                    align_corners=False)[0, 0]
 
 
 def _check_against_the_oracle(model, inputs, answers, tokenizer=None):
@@ -177,7 +191,7 @@ def test_changed_block_is_refused_and_image_splitting_is_named(family, monkeypat
     w = LeWrapper(model)
     ids = torch.tensor([[1] + [58, 59] + [V.IMAGE_TOKEN] * 4 + [58] + [6, 7]])
     tiles = {"input_ids": ids, "pixel_values": torch.randn(1, 5, 3, 32, 32)}
-    with pytest.raises(ValueError, match="do_image_splitting=False"):
+    with pytest.raises(ValueError, match="do_image_splitting=False"):  # tiles, and no <row_i_col_j> token
         w.compute_legrad(image=tiles, answers=[torch.tensor([12])])
     padded = {**tiles, "pixel_values": tiles["pixel_values"][:, :1],
               "pixel_attention_mask": torch.ones(1, 1, 32, 32).index_fill(3, torch.tensor([31]), 0)}
@@ -185,13 +199,49 @@ def test_changed_block_is_refused_and_image_splitting_is_named(family, monkeypat
         w.compute_legrad(image=padded, answers=[torch.tensor([12])])
 
 
-def test_idefics3_splitting_processor_output_is_refused(tmp_path):
-    model = make("idefics3")
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("size", [(20, 72), (72, 40)])
+def test_split_images_match_the_oracle_stitched_by_the_processors_own_grid(family, size, tmp_path):
+    model = make(family, seed=1)
+    processor = _processor(family, tmp_path / family)
+    img = _image(0, size)
+    inputs = processor(images=img, text=TEXT, return_tensors="pt", do_image_splitting=True)
+    info = processor.image_processor(images=img, do_image_splitting=True, return_row_col_info=True,
+                                     return_tensors="pt")
+    rows, cols = info["rows"][0][0], info["cols"][0][0]
+    assert rows * cols > 1 and inputs["pixel_values"].shape[1] == rows * cols + 1
+    before = V.snapshot(model)
+    w = LeWrapper(model, tokenizer=processor)
+    maps, scores = w.compute_legrad(image=inputs, answers=ANSWERS, output_size="grid", return_scores=True)
+    assert maps.shape == (1, 2, 4 * rows, 4 * cols)
+    pixels, prompt = inputs["pixel_values"], inputs["input_ids"][0]
+    for j, ans in enumerate(ANSWERS):
+        ids = torch.tensor(processor.tokenizer(ans, add_special_tokens=False)["input_ids"])
+        with torch.no_grad():
+            assert abs(float(scores[0, j]) - float(_log_prob(model, prompt, ids, pixels=pixels))) < 1e-4
+        ref = min_max(_oracle(model, pixels, prompt, ids, [1, 2], rows, cols))
+        torch.testing.assert_close(maps[0, j], ref, atol=1e-4, rtol=0)
+    assert w.compute_legrad(image=inputs, answers=ANSWERS).shape == (1, 2, 32 * rows, 32 * cols)
+    assert all(same_bits(before[k], v) for k, v in V.snapshot(model).items())
+    with pytest.raises(ValueError, match="tokenizer=processor"):  # the grid is read from the prompt's tokens
+        LeWrapper(model).compute_legrad(image=inputs, answers=[torch.tensor([12])])
+
+
+def test_a_batch_of_split_and_whole_images_matches_one_by_one(tmp_path):
+    model = make("idefics3", seed=2)
     processor = _processor("idefics3", tmp_path / "idefics3")
-    inputs = processor(images=_image(0, (40, 72)), text=TEXT, return_tensors="pt", do_image_splitting=True)
-    assert inputs["pixel_values"].shape[1] > 1
-    with pytest.raises(ValueError, match="do_image_splitting=False"):
-        LeWrapper(model, tokenizer=processor).compute_legrad(image=inputs, answers=ANSWERS)
+    images, texts = [_image(1, (20, 72)), _image(2, (72, 72))], [TEXT, "<s> what is <image> in the picture ? a"]
+    w = LeWrapper(model, tokenizer=processor)
+    singles = [w.compute_legrad(image=processor(images=i, text=t, return_tensors="pt", do_image_splitting=True),
+                                answers=ANSWERS, output_size="grid", return_scores=True) for i, t in zip(images, texts)]
+    both = processor(images=[[i] for i in images], text=texts, padding=True, return_tensors="pt",
+                     do_image_splitting=True)
+    assert bool((both["pixel_values"][0, 3:] == 0).all())  # 1 x 2 + 1 tiles, then the batch's padding tiles
+    maps, scores = w.compute_legrad(image=both, answers=ANSWERS, output_size="grid", return_scores=True)
+    assert isinstance(maps, list) and [tuple(m.shape) for m in maps] == [tuple(m.shape[1:]) for m, _ in singles]
+    for m, (single, _) in zip(maps, singles):
+        torch.testing.assert_close(m, single[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(scores, torch.cat([s for _, s in singles]), atol=1e-5, rtol=0)
 
 
 def test_idefics3_explain_answer_log_probs_equal_generates_own(tmp_path):
