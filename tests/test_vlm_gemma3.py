@@ -180,3 +180,14 @@ def test_gemma3_explain_answer_log_probs_equal_generates_own(tmp_path):
     own = torch.stack([lg.float().log_softmax(-1)[0] for lg in g.logits])[: len(new)].gather(-1, new[:, None])[:, 0]
     assert r.token_ids[0].tolist() == new.tolist() and r.maps.shape == (1, len(new), 32, 32)
     torch.testing.assert_close(r.logprobs[0], own, atol=1e-4, rtol=0)
+
+
+def test_gemma3_folder_is_explained_by_the_front_ends(tmp_path):
+    from legrad.frontend.vlm import VLMExplainer, is_vlm_dir
+
+    gemma3().save_pretrained(tmp_path)
+    _processor(tmp_path)
+    assert is_vlm_dir(f"hf:{tmp_path}")
+    e = VLMExplainer.load(f"hf:{tmp_path}", device="cpu")
+    maps, scores = e.explain(_image(0), "what is in the picture ?", ANSWERS)  # <start_of_image> put in front
+    assert maps.shape == (2, 40, 48) and bool((scores < 0).all())

@@ -256,3 +256,17 @@ def test_idefics3_explain_answer_log_probs_equal_generates_own(tmp_path):
     own = torch.stack([lg.float().log_softmax(-1)[0] for lg in g.logits])[: len(new)].gather(-1, new[:, None])[:, 0]
     assert r.token_ids[0].tolist() == new.tolist() and r.maps.shape == (1, len(new), 32, 32)
     torch.testing.assert_close(r.logprobs[0], own, atol=1e-4, rtol=0)
+
+
+def test_idefics3_folder_with_a_splitting_processor_is_explained_by_the_front_ends(tmp_path):
+    from legrad.frontend.vlm import VLMExplainer, is_vlm_dir
+
+    make("idefics3").save_pretrained(tmp_path)
+    processor = _processor("idefics3", tmp_path)
+    processor.image_processor.do_image_splitting = True  # the processors' default
+    processor.save_pretrained(tmp_path)
+    assert is_vlm_dir(f"hf:{tmp_path}")
+    e = VLMExplainer.load(f"hf:{tmp_path}", device="cpu")
+    assert e.inputs(_image(0, (20, 72)), "what is in the picture ?")["pixel_values"].shape[1] == 3  # 1 x 2 + global
+    maps, scores = e.explain(_image(0, (20, 72)), "what is in the picture ?", ANSWERS)
+    assert maps.shape == (2, 20, 72) and bool((scores < 0).all())
