@@ -13,7 +13,7 @@ from .next import LlavaNextAdapter
 from .paligemma import PaliGemmaAdapter
 from .qwen import Qwen2VLAdapter
 
-__all__ = ["VLMAdapter", "Gemma3Adapter", "Idefics3Adapter", "SmolVLMAdapter", "LlavaAdapter", "LlavaNextAdapter", "PaliGemmaAdapter", "Qwen2VLAdapter",
+__all__ = ["VLMAdapter", "LlavaAdapter", "LlavaNextAdapter", "PaliGemmaAdapter", "Qwen2VLAdapter",
            "SUPPORTED_VLM_CLASSES"]
 
 #: The transformers VLM classes legrad explains.
@@ -21,3 +21,4 @@ SUPPORTED_VLM_CLASSES = (LlavaAdapter.model_class, LlavaNextAdapter.model_class,
                          Qwen2VLAdapter.model_class)
 SUPPORTED_VLM_CLASSES += (Gemma3Adapter.model_class,)
 SUPPORTED_VLM_CLASSES += (Idefics3Adapter.model_class, SmolVLMAdapter.model_class)
+__all__ += ["Gemma3Adapter", "Idefics3Adapter", "SmolVLMAdapter"]
