@@ -26,7 +26,7 @@ _BUILTIN: tuple[tuple[str, tuple[str, ...]], ...] = (
      ("TimmDistilledClassifierAdapter", "TimmMapClassifierAdapter", "TimmClassifierAdapter")),
     ("legrad.adapters.vlm", ("LlavaNextAdapter", "LlavaAdapter", "PaliGemmaAdapter", "Qwen2VLAdapter",
                              "Qwen2_5_VLAdapter", "Qwen3_5Adapter", "Qwen3VLAdapter", "InternVLAdapter",
-                             "LlavaOnevisionAdapter")),
+                             "LlavaOnevisionAdapter", "Gemma3Adapter", "SmolVLMAdapter", "Idefics3Adapter")),
     ("legrad.adapters.hf.siglip", ("HFSiglip2Adapter", "HFSiglipAdapter")),
     ("legrad.adapters.hf.clip", ("HFClipAdapter",)),
     ("legrad.adapters.openclip", ("OpenClipViTAdapter", "OpenClipCoCaAdapter")),

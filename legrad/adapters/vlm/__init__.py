@@ -4,6 +4,8 @@ See :mod:`legrad.adapters.vlm.base` for the method and docs/vlm.md for the guide
 """
 
 from .base import VLMAdapter
+from .gemma3 import Gemma3Adapter
+from .idefics3 import Idefics3Adapter, SmolVLMAdapter
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .next import LlavaNextAdapter
@@ -22,6 +24,9 @@ FAMILIES = (
     Qwen3_5Adapter,
     Qwen3VLAdapter,
     InternVLAdapter,
+    Gemma3Adapter,
+    Idefics3Adapter,
+    SmolVLMAdapter,
 )
 
 #: The transformers VLM classes legrad explains.

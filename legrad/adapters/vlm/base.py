@@ -35,9 +35,8 @@ from ...engine.maps import grid_maps
 from ...engine.relevance import NonFiniteError, layer_relevance
 from ...engine.step import LayerStep
 from ...engine.validation import check_layer_index, check_output_size, check_prompt_chunk
-from ...ops.functional import linear
 from ..runner import BlockTower, Run, after_attention, attention, plain_block
-from .inputs import Packed, VLMInputs, pack, read_inputs, tokenize_answers
+from .inputs import Packed, VLMInputs, answer_logprobs, pack, read_inputs, tokenize_answers
 from .towers import VisionTower, tower_for
 
 __all__ = ["VLMAdapter"]
@@ -64,6 +63,8 @@ class VLMAdapter(BlockTower):
     tower_kind: ClassVar[str] = ""
     #: Processor keys the family reads beyond the common ones (``image_grid_thw``...).
     input_keys: ClassVar[tuple[str, ...]] = ()
+    #: Whether the model's own head soft-caps its logits by ``text_config.final_logit_softcapping`` (Gemma 2's).
+    final_softcap: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -423,17 +424,9 @@ class VLMAdapter(BlockTower):
         return self._answer_scores(out[0], seqs)
 
     def _answer_scores(self, hidden: torch.Tensor, seqs: Any) -> torch.Tensor:
-        """``[n]`` summed log-probs of the counted answer tokens from the last hidden states ``[n, L, D]``; the
-        head (and Gemma 2's final soft-capping) only on the positions that predict answer tokens."""
-        device = hidden.device
-        pred = seqs.pred.to(device)
-        h = hidden.gather(1, pred[..., None].expand(-1, -1, hidden.shape[-1]))
-        logits = linear(self.model.get_output_embeddings(), h)
-        cap = getattr(self.text_config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        logp = logits.float().log_softmax(-1).gather(-1, seqs.target.to(device)[..., None])[..., 0]
-        return (logp * seqs.weight.to(device)).sum(-1)
+        """``[n]`` summed log-probs of the counted answer tokens from the last hidden states ``[n, L, D]``."""
+        cap = getattr(self.text_config, "final_logit_softcapping", None) if self.final_softcap else None
+        return answer_logprobs(hidden, seqs, self.model.get_output_embeddings(), cap)
 
     def score(self, image: Any, answers: Any, tokenizer: Any = None, **inputs: Any) -> torch.Tensor:
         """The answers' summed log-probabilities ``[B, P]`` under the unchanged model (no maps), for checks.

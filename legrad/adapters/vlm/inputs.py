@@ -12,8 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
-__all__ = ["VLMInputs", "Packed", "read_inputs", "tokenize_answers", "pack"]
+from ...ops.functional import linear
+
+__all__ = ["VLMInputs", "Packed", "read_inputs", "tokenize_answers", "pack", "answer_logprobs"]
 
 logger = logging.getLogger(__name__)
 
@@ -240,3 +243,24 @@ def pack(items: Sequence[tuple[int, int, int | None]], call: VLMInputs, answers:
         else:
             weight[i, token] = 1.0
     return Packed(ids, mask, types, image, pred, target, weight)
+
+
+def answer_logprobs(hidden: torch.Tensor, seqs: Packed, head: nn.Module, cap: float | None) -> torch.Tensor:
+    """The summed log-probabilities of the packed sequences' counted answer tokens.
+
+    Args:
+        hidden: ``[n, L, D]`` the language model's last hidden states.
+        seqs: the packed sequences (:func:`pack`): which positions predict which answer tokens, and their weights.
+        head: the model's output embeddings (the LM head), applied only at the predicting positions.
+        cap: the final logit soft-capping (Gemma 2), or None.
+
+    Returns:
+        ``[n]`` float32 log-probabilities.
+    """
+    device = hidden.device
+    h = hidden.gather(1, seqs.pred.to(device)[..., None].expand(-1, -1, hidden.shape[-1]))
+    logits = linear(head, h)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    logp = logits.float().log_softmax(-1).gather(-1, seqs.target.to(device)[..., None])[..., 0]
+    return (logp * seqs.weight.to(device)).sum(-1)
