@@ -27,6 +27,7 @@ _BUILTIN: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("legrad.adapters.vlm", ("LlavaNextAdapter", "LlavaAdapter", "PaliGemmaAdapter", "Qwen2VLAdapter")),
     ("legrad.adapters.vlm", ("InternVLAdapter",)),
     ("legrad.adapters.vlm", ("LlavaOnevisionAdapter",)),
+    ("legrad.adapters.vlm", ("Mistral3Adapter",)),
     ("legrad.adapters.hf.siglip", ("HFSiglip2Adapter", "HFSiglipAdapter")),
     ("legrad.adapters.hf.clip", ("HFClipAdapter",)),
     ("legrad.adapters.openclip", ("OpenClipViTAdapter", "OpenClipCoCaAdapter")),

@@ -3,12 +3,13 @@
 See :mod:`legrad.adapters.vlm.base` for the method and docs/vlm.md for the guide. Families: transformers
 ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``, ``PaliGemmaForConditionalGeneration`` and
 ``Qwen2VLForConditionalGeneration``, ``InternVLForConditionalGeneration``,
-``LlavaOnevisionForConditionalGeneration``.
+``LlavaOnevisionForConditionalGeneration``, ``Mistral3ForConditionalGeneration``.
 """
 
 from .base import VLMAdapter
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
+from .mistral3 import Mistral3Adapter
 from .next import LlavaNextAdapter
 from .onevision import LlavaOnevisionAdapter
 from .paligemma import PaliGemmaAdapter
@@ -25,3 +26,5 @@ __all__ += ["InternVLAdapter"]
 SUPPORTED_VLM_CLASSES += (InternVLAdapter.model_class,)
 __all__ += ["LlavaOnevisionAdapter"]
 SUPPORTED_VLM_CLASSES += (LlavaOnevisionAdapter.model_class,)
+__all__ += ["Mistral3Adapter"]
+SUPPORTED_VLM_CLASSES += (Mistral3Adapter.model_class,)
