@@ -166,17 +166,18 @@ def test_mistral3_real_processor_matches_the_oracle_and_the_models_own_scores(ca
     assert all(same_bits(before[k], v) for k, v in V.snapshot(model).items()) and V.hooks(model) == hooks
 
 
-def test_mistral3_batch_of_two_sizes_matches_one_by_one(tmp_path):
+def test_mistral3_batch_of_two_sizes_matches_one_by_one_and_the_models_own_scores(tmp_path):
     model = mistral3(seed=1)
     processor = _processor(tmp_path / "mistral3")
-    imgs, texts = [_image(0), _image(1, (64, 30))], [TEXT, TEXT + " where"]
+    imgs, texts = [_image(0), _image(1, (50, 50))], [TEXT, TEXT + " where"]
     w = LeWrapper(model, tokenizer=processor)
     singles = [w.compute_legrad(image=processor(images=i, text=t, return_tensors="pt"), answers=ANSWERS,
                                 output_size="grid")[0] for i, t in zip(imgs, texts)]
     both = processor(images=imgs, text=texts, return_tensors="pt", padding=True)
-    assert both["image_sizes"].tolist() == [[16, 32], [32, 16]]  # padded to 32 x 32 pixels
+    # 4 x 8 and 8 x 8 patches: the first image's row is padded (key mask), its pixels too (to 32 x 32).
+    assert both["image_sizes"].tolist() == [[16, 32], [32, 32]]
     maps, scores = w.compute_legrad(image=both, answers=ANSWERS, output_size="grid", return_scores=True)
-    assert isinstance(maps, list) and [tuple(m.shape) for m in maps] == [(2, 4, 8), (2, 8, 4)]
+    assert isinstance(maps, list) and [tuple(m.shape) for m in maps] == [(2, 4, 8), (2, 8, 8)]
     for got, want in zip(maps, singles):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     for b, (i, t) in enumerate(zip(imgs, texts)):  # the padded rows' tower is the model's own on each image

@@ -127,8 +127,11 @@ class Mistral3Adapter(VLMAdapter):
 
     def _image_map(self, rel: torch.Tensor, b: int, call: VLMInputs) -> torch.Tensor:
         gh, gw = self._grid_of(call, b)
-        # A shorter image's padded columns carry no relevance (key mask); its own patches are in raster order.
-        return rel.reshape(-1)[: gh * gw].reshape(gh, gw)
+        rel = rel.reshape(-1)
+        # A shorter image's padded columns carry no relevance (key mask), and its padded query rows none either
+        # (their outputs never reach the features), but the engine's mean counted them: the mean over the image's
+        # own rows is the definition's. Its own patches are in raster order.
+        return (rel[: gh * gw] * (rel.numel() / (gh * gw))).reshape(gh, gw)
 
     def _map_size(self, b: int, call: VLMInputs) -> tuple[int, int]:
         h, w = (int(v) for v in call.image_sizes[b])
