@@ -187,6 +187,25 @@ def test_mistral3_batch_of_two_sizes_matches_one_by_one_and_the_models_own_score
             assert abs(float(scores[b, j]) - _own_log_prob(model, one, ans)) < 1e-4
 
 
+def test_mistral3_padded_row_relevance_is_the_definitions_before_normalisation(tmp_path, monkeypatch):
+    """The shorter image of a call (its row padded, key-masked) gets the definition's raw relevance: the mean over
+    its own query rows, as the oracle of that image alone (captured before the min-max normalisation)."""
+    import legrad.adapters.vlm.base as base
+
+    model = mistral3(seed=2)
+    processor = _processor(tmp_path / "mistral3")
+    imgs, texts = [_image(0), _image(1, (50, 50))], [TEXT, TEXT + " where"]
+    seen = []
+    monkeypatch.setattr(base, "grid_maps", lambda rel, grids, *a, **k: seen.append((rel.clone(), grids)) or [])
+    both = processor(images=imgs, text=texts, return_tensors="pt", padding=True)
+    LeWrapper(model, tokenizer=processor).compute_legrad(image=both, answers=ANSWERS[:1])
+    (rel, grids), = seen
+    assert list(grids) == [(4, 8), (8, 8)]
+    one = processor(images=imgs[0], text=texts[0], return_tensors="pt")
+    ans = torch.tensor(processor.tokenizer(ANSWERS[0], add_special_tokens=False)["input_ids"])
+    torch.testing.assert_close(rel[0, 0, :32].reshape(4, 8), _oracle(model, one, ans, [1, 2]), atol=1e-6, rtol=1e-4)
+
+
 def test_mistral3_several_images_and_unsupported_configs_are_refused(tmp_path):
     model = mistral3()
     processor = _processor(tmp_path / "mistral3")
