@@ -234,3 +234,15 @@ def test_mistral3_changed_block_is_refused(monkeypatch):
         LeWrapper(model)
     monkeypatch.undo()
     LeWrapper(model)
+
+
+def test_mistral3_explain_answer_generates_with_image_sizes_and_scores_its_own_answer(tmp_path):
+    model = mistral3(seed=3)
+    processor = _processor(tmp_path / "mistral3")
+    inputs = processor(images=_image(), text=TEXT, return_tensors="pt")
+    before = V.snapshot(model)
+    r = LeWrapper(model, tokenizer=processor).explain_answer(inputs, max_new_tokens=3, output_size="grid",
+                                                             suppress_tokens=[V.IMAGE_TOKEN])
+    assert r.maps.shape == (1, 3, 16 // PATCH, 32 // PATCH)
+    assert abs(float(r.answer_logprob[0]) - _own_log_prob(model, inputs, r.token_ids[0])) < 1e-4
+    assert all(same_bits(before[k], v) for k, v in V.snapshot(model).items())
