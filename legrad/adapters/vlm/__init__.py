@@ -8,6 +8,7 @@ from .gemma3 import Gemma3Adapter
 from .idefics3 import Idefics3Adapter, SmolVLMAdapter
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
+from .mistral3 import Mistral3Adapter
 from .next import LlavaNextAdapter
 from .onevision import LlavaOnevisionAdapter
 from .paligemma import PaliGemmaAdapter
@@ -27,6 +28,7 @@ FAMILIES = (
     Gemma3Adapter,
     Idefics3Adapter,
     SmolVLMAdapter,
+    Mistral3Adapter,
 )
 
 #: The transformers VLM classes legrad explains.

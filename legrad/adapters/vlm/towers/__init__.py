@@ -14,11 +14,12 @@ from torch import nn
 
 from .common import ClipTower, Idefics3Tower, SiglipTower, VisionTower
 from .internvit import InternViTAttentionOps, InternViTTower
+from .pixtral import PixtralAttentionOps, PixtralTower, rms_norm_fn
 from .qwen import Qwen3ViTTower, Qwen25ViTTower, QwenViTAttentionOps, QwenViTTower, qwen_rms_norm
 
 __all__ = ["VisionTower", "ClipTower", "SiglipTower", "QwenViTTower", "Qwen25ViTTower", "Qwen3ViTTower",
            "QwenViTAttentionOps", "qwen_rms_norm", "InternViTTower", "InternViTAttentionOps", "Idefics3Tower",
-           "TOWER_KINDS", "tower_for"]
+           "PixtralTower", "PixtralAttentionOps", "rms_norm_fn", "TOWER_KINDS", "tower_for"]
 
 #: Every tower kind by its name (what a family's ``tower_kind`` names); one line per kind.
 TOWER_KINDS: dict[str, type[VisionTower]] = {t.kind: t for t in (
@@ -29,6 +30,7 @@ TOWER_KINDS: dict[str, type[VisionTower]] = {t.kind: t for t in (
     Qwen25ViTTower,
     Qwen3ViTTower,
     InternViTTower,
+    PixtralTower,
 )}
 
 

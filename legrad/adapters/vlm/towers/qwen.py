@@ -12,10 +12,10 @@ from ...hf.common import activation
 from ...runner import Block, Fn, Run, chain
 from .common import VisionTower
 
-__all__ = ["QwenViTAttentionOps", "QwenViTTower", "Qwen25ViTTower", "Qwen3ViTTower", "qwen_rms_norm"]
+__all__ = ["rotate_half", "QwenViTAttentionOps", "QwenViTTower", "Qwen25ViTTower", "Qwen3ViTTower", "qwen_rms_norm"]
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
@@ -39,7 +39,7 @@ class QwenViTAttentionOps(AttentionOps):
         q, k, v = linear(self.module.qkv, x_q).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         if rope is not None:
             cos, sin = rope[0].float(), rope[1].float()
-            q, k = ((t.float() * cos + _rotate_half(t.float()) * sin).to(t.dtype) for t in (q, k))
+            q, k = ((t.float() * cos + rotate_half(t.float()) * sin).to(t.dtype) for t in (q, k))
         return q, k, v
 
     def out(self, o, x_in=None):
