@@ -38,6 +38,7 @@ from ...engine.validation import check_layer_index, check_output_size, check_pro
 from ..runner import BlockTower, Run, after_attention, attention, plain_block
 from .inputs import Packed, VLMInputs, answer_logprobs, pack, read_inputs, tokenize_answers
 from .towers import VisionTower, tower_for
+from .version import check_transformers
 
 __all__ = ["VLMAdapter"]
 
@@ -67,6 +68,7 @@ class VLMAdapter(BlockTower):
     final_softcap: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module):
+        check_transformers()  # before any work: an older forward has no mm_encoder_outputs
         self.model = model
         module = self._vision_module(model)
         self.tower: VisionTower = tower_for(self.tower_kind, module, type(model).__name__)
