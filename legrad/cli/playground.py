@@ -223,7 +223,7 @@ def _run_vlm(args: argparse.Namespace, err: str) -> int:
         print(f"{err} --show does not apply to --generate; open the figure written to --out", file=sys.stderr)
         return 2
     try:
-        check_answer_text(args.answers, image_token_texts(args.model))  # before the model loads
+        check_answer_text(args.answers or (), image_token_texts(args.model))  # before the model loads
     except ValueError as exc:
         print(f"{err} --{exc}", file=sys.stderr)
         return 2
