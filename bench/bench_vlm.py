@@ -1,123 +1,410 @@
-"""Cost of LeGrad for a VLM's answers vs one plain forward of the VLM on the same sequences.
+"""Cost of LeGrad for a VLM's answers, per family, against one plain forward and against its floor.
 
-Builds a random-init ``LlavaForConditionalGeneration`` offline from a config and times, in the same
-process and in interleaved pairs, (a) one no-grad ``model(**inputs)`` forward on the B * P sequences
-prompt + answer (the answers appended, as when scoring them) and (b) one ``compute_legrad(image=inputs,
-answers=...)`` call. Extra peak memory of (b) above the loaded model is measured in a fresh subprocess
-(peak RSS on CPU, CUDA allocator peak on GPU).
+For every VLM family legrad supports (``legrad.adapters.vlm.SUPPORTED_VLM_CLASSES``) that has a builder in
+:data:`FAMILIES` (one entry per family; a supported family without one is printed as "not benchmarked"),
+builds a random-init model offline from a config and times, in the same process, interleaved in rounds after
+one warm-up round, with medians over the rounds:
 
-Shapes: ``tiny`` (CLIP 4 blocks, 32 px, Llama 2 x 48 wide) and ``7b`` (LLaVA-1.5-7B: CLIP ViT-L/14 at 336
-px, 24 blocks, feature layer -2; Llama 4096 wide, 32 heads, MLP 11008, vocabulary 32064), whose language
-model keeps ``--lm-layers`` of its 32 layers (default 2: the full model does not fit a small CPU machine;
-LeGrad's cost per language-model layer is a forward plus a backward, like the baseline's forward, so the
-ratio moves little with the depth; run ``--lm-layers 32`` on a large machine).
+* *forward*: one no-grad ``model(**inputs_with_answers)`` on the B x P sequences prompt + answer (the answers
+  appended, what scoring them with the model costs; full-vocabulary logits at every position, as the model
+  computes them);
+* *tower*: one no-grad ``model.get_image_features(...)`` of the image (the vision tower and projector);
+* *LM fwd+bwd*: one forward of the language model alone on the same sequences (image features as input
+  embeddings, logits at the answer positions only) and one backward to its inputs: what one explained block
+  costs at least, since LeGrad scores the answers once per explained block, through the language model, and
+  backpropagates;
+* *LeGrad*: one ``compute_legrad(image=inputs, answers=[...])`` (the default ``layer_index``, k explained
+  blocks);
+* *explain_answer* (``--explain-answer N``): one ``wrapper.explain_answer(inputs, max_new_tokens=N)`` (greedy
+  ``generate``, then per-token and whole-answer maps).
 
-    python bench/bench_vlm.py --shape tiny
-    python bench/bench_vlm.py --shape 7b --dtype bfloat16 --threads 2 --reps 1
+Ratios: LeGrad / forward, and LeGrad / floor where floor = tower + k x (LM fwd+bwd) (the tower runs once). Extra peak memory of the forward
+and of LeGrad above the loaded model: peak RSS of each call (CUDA allocator peak on GPU), measured once each in
+one fresh process per row (the forward first, then LeGrad), and their ratio.
+
+Sizes: ``tiny`` (toy widths, a few blocks; seconds) and ``real``: the real widths, heads, MLP sizes and
+vocabulary of a 7B-class checkpoint with only ``--lm-layers`` language-model layers (default 2; the ratio to
+the floor does not depend on it, and the full models do not fit a small CPU machine). ``real`` keeps each vision
+tower at its real depth and at the resolution given in :data:`FAMILIES`.
+
+    python bench/bench_vlm.py --sizes tiny --threads 1
+    python bench/bench_vlm.py --families llava qwen2-vl --sizes real --dtype bfloat16 --threads 1 --reps 2
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import statistics
+import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-from common import child_extra_mib, peak_extra_bytes, report_extra_bytes, time_pairs
+from common import peak_extra_bytes, sync, timed
+
+PROMPT_WORDS = 20  # words of the question after the image
+ANSWER_TOKENS = 3
 
 
-def build(shape: str, lm_layers: int, dtype: torch.dtype, device: str):
-    """``(model, image size, image tokens)`` of a random-init LLaVA of that shape, in eval mode."""
+@dataclass
+class Built:
+    """A random-init VLM and the pixel part of its processor output for one image.
+
+    Attributes:
+        model: the model, in eval mode.
+        pixels: ``pixel_values`` and the family's other per-image keys (``image_grid_thw``, ``image_sizes``).
+        before, after: token ids framing the image's placeholder tokens (``<vision_start>``...).
+        token_types: the token-type key the family's processor returns (``"token_type_ids"``,
+            ``"mm_token_type_ids"``) or None.
+        shape: what the row measures, for the table.
+    """
+
+    model: torch.nn.Module
+    pixels: dict[str, torch.Tensor]
+    before: list[int]
+    after: list[int]
+    token_types: str | None
+    shape: str
+
+
+def _llava(size: str, lm_layers: int, dtype: torch.dtype) -> Built:
     import transformers as T
 
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    torch.manual_seed(0)
-    if shape == "tiny":
+    if size == "tiny":
         vc = T.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
                                 image_size=32, patch_size=8)
         tc = T.LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=lm_layers, num_attention_heads=4,
                            num_key_value_heads=2, vocab_size=64, max_position_embeddings=512)
-        image_token = 63
-    else:
+        image_token, shape = 63, "CLIP 4 x 32, 32 px; Llama 48 wide"
+    else:  # LLaVA-1.5-7B
         vc = T.CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                                 image_size=336, patch_size=14, hidden_act="quick_gelu")
         tc = T.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=lm_layers,
                            num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
                            max_position_embeddings=4096)
-        image_token = 32000
+        image_token, shape = 32000, "LLaVA-1.5-7B: CLIP ViT-L/14 (24 blocks), 336 px, 577 tokens; Llama 4096 wide"
     cfg = T.LlavaConfig(vision_config=vc, text_config=tc, image_token_id=image_token, vision_feature_layer=-2,
                         vision_feature_select_strategy="default")
-    model = T.LlavaForConditionalGeneration(cfg).to(device=device, dtype=dtype).eval()
-    n_img = (vc.image_size // vc.patch_size) ** 2
-    return model, vc.image_size, n_img
+    model = T.LlavaForConditionalGeneration(cfg).to(dtype).eval()
+    pixels = torch.randn(1, 3, vc.image_size, vc.image_size, generator=torch.Generator().manual_seed(1))
+    return Built(model, {"pixel_values": pixels.to(dtype)}, [], [], None, shape)
 
 
-def inputs_for(model, size: int, n_img: int, batch: int, answers: int, device: str, dtype: torch.dtype):
-    """The processor-like inputs (a 20-token prompt around the image), the answers (3 tokens each), and the
-    baseline's inputs: every prompt with every answer appended."""
+def _llava_next(size: str, lm_layers: int, dtype: torch.dtype) -> Built:
+    import transformers as T
+
+    if size != "tiny":
+        raise NotImplementedError("real-width LLaVA-NeXT (5 tiles of 577 tokens) is not benchmarked here")
+    vc = T.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                            image_size=32, patch_size=8)
+    tc = T.LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=lm_layers, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=64, max_position_embeddings=512)
+    cfg = T.LlavaNextConfig(vision_config=vc, text_config=tc, image_token_id=63, vision_feature_layer=-2,
+                            vision_feature_select_strategy="default",
+                            image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]])
+    model = T.LlavaNextForConditionalGeneration(cfg).to(dtype).eval()
+    pixels = torch.randn(1, 5, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(dtype)
+    return Built(model, {"pixel_values": pixels, "image_sizes": torch.tensor([[64, 64]])}, [], [], None,
+                 "CLIP 3 x 32 on 5 tiles of 32 px; Llama 48 wide")
+
+
+def _paligemma(size: str, lm_layers: int, dtype: torch.dtype) -> Built:
+    import transformers as T
+
+    if size == "tiny":
+        vc = T.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                  image_size=32, patch_size=8, projection_dim=48)
+        tc = T.GemmaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=lm_layers, num_attention_heads=4,
+                           num_key_value_heads=1, head_dim=12, vocab_size=64)
+        image_token, shape = 63, "SigLIP 3 x 32, 32 px; Gemma 48 wide"
+    else:  # PaliGemma-3B-224
+        vc = T.SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                                  num_attention_heads=16, image_size=224, patch_size=14, projection_dim=2048)
+        tc = T.GemmaConfig(hidden_size=2048, intermediate_size=16384, num_hidden_layers=lm_layers,
+                           num_attention_heads=8, num_key_value_heads=1, head_dim=256, vocab_size=257216)
+        image_token, shape = 257152, "PaliGemma-3B: SigLIP So400m (27 blocks), 224 px, 256 tokens; Gemma 2048 wide"
+    cfg = T.PaliGemmaConfig(vision_config=vc, text_config=tc, image_token_id=image_token,
+                            projection_dim=tc.hidden_size)
+    model = T.PaliGemmaForConditionalGeneration(cfg).to(dtype).eval()
+    pixels = torch.randn(1, 3, vc.image_size, vc.image_size, generator=torch.Generator().manual_seed(1))
+    return Built(model, {"pixel_values": pixels.to(dtype)}, [], [], "token_type_ids", shape)
+
+
+def _qwen_vl(cls_name: str, config_name: str, size: str, lm_layers: int, dtype: torch.dtype) -> Built:
+    """Qwen2-VL / Qwen2.5-VL (same language model; Qwen2.5-VL's tower has SwiGLU MLPs and windowed attention)."""
+    import transformers as T
+
+    qwen25 = cls_name.startswith("Qwen2_5")
+    if size == "tiny":
+        vc = dict(depth=4, num_heads=4, hidden_size=32, out_hidden_size=48, intermediate_size=64, window_size=32,
+                  fullatt_block_indexes=[1, 3]) if qwen25 else dict(depth=4, embed_dim=32, num_heads=4, mlp_ratio=2,
+                                                                   hidden_size=48)
+        vc |= dict(patch_size=8, temporal_patch_size=2, spatial_merge_size=2, in_channels=3)
+        tc = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=lm_layers, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=64, max_position_embeddings=512,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2]})
+        ids, grid = dict(image_token_id=63, video_token_id=62, vision_start_token_id=60, vision_end_token_id=61), 8
+        shape = f"Qwen ViT 4 x 32, {grid * 8} px; Qwen2 48 wide"
+    else:  # Qwen2-VL-7B / Qwen2.5-VL-7B
+        vc = dict(depth=32, num_heads=16, hidden_size=1280, out_hidden_size=3584, intermediate_size=3420,
+                  window_size=112, fullatt_block_indexes=[7, 15, 23, 31]) if qwen25 else dict(
+            depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, hidden_size=3584)
+        vc |= dict(patch_size=14, temporal_patch_size=2, spatial_merge_size=2, in_channels=3)
+        tc = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=lm_layers, num_attention_heads=28,
+                  num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
+        ids = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+                   vision_end_token_id=151653)
+        grid = 24
+        shape = (f"{'Qwen2.5' if qwen25 else 'Qwen2'}-VL-7B: Qwen ViT 32 x 1280, {grid * 14} px, {grid * grid} "
+                 "tokens; Qwen2 3584 wide")
+    cfg = getattr(T, config_name)(vision_config=vc, text_config=tc, **ids)
+    model = getattr(T, cls_name)(cfg).to(dtype).eval()
+    dim = 3 * 2 * vc["patch_size"] ** 2
+    pixels = torch.randn(grid * grid, dim, generator=torch.Generator().manual_seed(1)).to(dtype)
+    return Built(model, {"pixel_values": pixels, "image_grid_thw": torch.tensor([[1, grid, grid]])},
+                 [ids["vision_start_token_id"]], [ids["vision_end_token_id"]], "mm_token_type_ids", shape)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One benchmarked family: its short name and its builder ``(size, lm_layers, dtype) -> Built``."""
+
+    name: str
+    build: Callable[[str, int, torch.dtype], Built]
+
+
+#: One entry per family, keyed by the transformers class name (a new family plugs in here).
+FAMILIES: dict[str, Family] = {
+    "LlavaForConditionalGeneration": Family("llava", _llava),
+    "LlavaNextForConditionalGeneration": Family("llava-next", _llava_next),
+    "PaliGemmaForConditionalGeneration": Family("paligemma", _paligemma),
+    "Qwen2VLForConditionalGeneration": Family(
+        "qwen2-vl", lambda s, n, d: _qwen_vl("Qwen2VLForConditionalGeneration", "Qwen2VLConfig", s, n, d)),
+    "Qwen2_5_VLForConditionalGeneration": Family(
+        "qwen2.5-vl", lambda s, n, d: _qwen_vl("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig", s, n, d)),
+}
+
+
+def families() -> list[tuple[str, Family | None, bool]]:
+    """``(class name, its Family or None, supported by legrad)`` for every supported or benchmarkable family."""
+    from legrad.adapters.vlm import SUPPORTED_VLM_CLASSES
+
+    names = list(SUPPORTED_VLM_CLASSES) + [c for c in FAMILIES if c not in SUPPORTED_VLM_CLASSES]
+    return [(c, FAMILIES.get(c), c in SUPPORTED_VLM_CLASSES) for c in names]
+
+
+@dataclass
+class Case:
+    """A built model with its call: the processor-like ``inputs`` (one image, a prompt of
+    :data:`PROMPT_WORDS` words), the ``answers``, and ``plain``: the model's own inputs for every prompt + answer
+    sequence."""
+
+    built: Built
+    inputs: dict[str, torch.Tensor]
+    answers: list[torch.Tensor]
+    plain: dict[str, torch.Tensor]
+
+
+def make_case(built: Built, answers: int) -> Case:
+    """The call on ``built``: the image placeholder expanded to the model's own feature count."""
+    model = built.model
+    with torch.no_grad():
+        feats = model.get_image_features(**built.pixels)
+    feats = getattr(feats, "pooler_output", feats)
+    n_img = sum(f.reshape(-1, f.shape[-1]).shape[0] for f in feats) if isinstance(feats, (list, tuple)) else \
+        feats.reshape(-1, feats.shape[-1]).shape[0]
+    image_token = int(model.config.image_token_id)
+    top = min(500, min([image_token, *built.before, *built.after]))
     g = torch.Generator().manual_seed(1)
-    image_token = model.config.image_token_id
-    top = min(500, image_token)
-    words = torch.randint(3, top, (batch, 20), generator=g)
-    ids = torch.cat([torch.ones(batch, 1, dtype=torch.long), torch.full((batch, n_img), image_token), words], 1)
-    pixels = torch.randn(batch, 3, size, size, generator=g).to(device=device, dtype=dtype)
-    inputs = {"pixel_values": pixels, "input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
-    ans = [torch.randint(3, top, (3,), generator=g) for _ in range(answers)]
-    full = torch.cat([torch.cat([ids[b], a])[None] for b in range(batch) for a in ans]).to(device)
-    plain = {"pixel_values": pixels.repeat_interleave(answers, 0), "input_ids": full,
-             "attention_mask": torch.ones_like(full)}
-    return inputs, ans, plain
+    words = torch.randint(3, top, (PROMPT_WORDS,), generator=g)
+    prompt = torch.cat([torch.tensor([1, *built.before]), torch.full((n_img,), image_token),
+                        torch.tensor(built.after, dtype=torch.long), words])
+    ans = [torch.randint(3, top, (ANSWER_TOKENS,), generator=g) for _ in range(answers)]
+    inputs = {"input_ids": prompt[None], "attention_mask": torch.ones(1, len(prompt), dtype=torch.long),
+              **built.pixels}
+    full = torch.stack([torch.cat([prompt, a]) for a in ans])
+    plain = {"input_ids": full, "attention_mask": torch.ones_like(full)}
+    for key, value in built.pixels.items():  # one image per sequence (Qwen: the images' patches concatenated)
+        plain[key] = torch.cat([value] * answers) if "image_grid_thw" in built.pixels else \
+            value.repeat_interleave(answers, 0)
+    if built.token_types == "mm_token_type_ids":
+        inputs[built.token_types] = (inputs["input_ids"] == image_token).long()
+        plain[built.token_types] = (full == image_token).long()
+    elif built.token_types == "token_type_ids":
+        inputs[built.token_types] = torch.zeros_like(inputs["input_ids"])
+        plain[built.token_types] = (torch.arange(full.shape[1]) >= len(prompt)).long().expand_as(full).contiguous()
+    return Case(built, inputs, ans, plain)
 
 
-def _setup(args):
-    dtype = getattr(torch, args.dtype)
-    model, size, n_img = build(args.shape, args.lm_layers, dtype, args.device)
-    inputs, ans, plain = inputs_for(model, size, n_img, args.batch, args.answers, args.device, dtype)
-    return model, inputs, ans, plain
+def to_device(d: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in d.items()}
+
+
+def calls(case: Case, device: str, explain_tokens: int) -> tuple[dict[str, Callable[[], Any]], int]:
+    """The timed calls of a case, and k (the explained blocks of the default ``layer_index``)."""
+    from legrad import LeWrapper
+
+    model = case.built.model
+    wrapper = LeWrapper(model, tokenizer=_IdTokenizer())
+    k = len(range(wrapper.adapter.depth)[wrapper.layer_index:])
+    inputs, plain = to_device(case.inputs, device), to_device(case.plain, device)
+    ids = plain["input_ids"]
+    image_token = int(model.config.image_token_id)
+    lm = model.model.language_model
+    head = model.get_output_embeddings()
+    target = ids[:, -ANSWER_TOKENS:]
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(**plain)
+
+    pixels = to_device(case.built.pixels, device)
+
+    def tower() -> None:
+        with torch.no_grad():
+            model.get_image_features(**pixels)
+
+    def lm_fwd_bwd() -> None:
+        # The floor of one explained block: the language model on the same sequences, inputs requiring grad
+        # (where the image features enter), logits at the answer positions only, one backward to the inputs.
+        with torch.enable_grad():
+            embeds = model.get_input_embeddings()(torch.where(ids == image_token, 0, ids)).detach()
+            embeds.requires_grad_(True)
+            hidden = lm(inputs_embeds=embeds, attention_mask=plain["attention_mask"], use_cache=False)[0]
+            logits = head(hidden[:, -ANSWER_TOKENS - 1:-1]).float()
+            score = logits.log_softmax(-1).gather(-1, target[..., None]).sum()
+            torch.autograd.grad(score, embeds)
+
+    def legrad() -> None:
+        wrapper.compute_legrad(image=inputs, answers=case.answers)
+
+    out = {"forward": forward, "tower": tower, "lm_fwd_bwd": lm_fwd_bwd, "legrad": legrad}
+    if explain_tokens:
+        def explain_answer() -> None:
+            wrapper.explain_answer(inputs, max_new_tokens=explain_tokens, min_new_tokens=explain_tokens,
+                                          suppress_tokens=[image_token])
+
+        out["explain_answer"] = explain_answer
+    return out, k
+
+
+class _IdTokenizer:
+    """Decodes ids to their numbers (explain_answer decodes its tokens; the bench has no vocabulary)."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return " ".join(str(i) for i in ids)
+
+
+def time_rounds(fns: dict[str, Callable[[], Any]], reps: int, device: str) -> dict[str, list[float]]:
+    """Times every call once per round, ``reps`` rounds after one warm-up round (drifts of machine load hit every
+    call of a round alike)."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(max(reps, 1)):
+        for name, fn in fns.items():
+            times[name].append(timed(fn, device))
+    return times
+
+
+def build_case(args: argparse.Namespace, family: Family, size: str) -> Case:
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    torch.manual_seed(0)
+    built = family.build(size, args.lm_layers, getattr(torch, args.dtype))
+    built.model.to(args.device)
+    return make_case(built, args.answers)
+
+
+def memory_child(args: argparse.Namespace) -> None:
+    """``--_memory-child CLASS SIZE``: in this fresh process, the extra peak of one forward, then of one LeGrad
+    call (JSON on stdout)."""
+    cls_name, size = args._memory_child
+    case = build_case(args, FAMILIES[cls_name], size)
+    fns, _ = calls(case, args.device, 0)
+    sync(args.device)
+    print(json.dumps({name: peak_extra_bytes(fns[name], args.device) for name in ("forward", "legrad")}))
+
+
+def child_mib(args: argparse.Namespace, cls_name: str, size: str) -> dict[str, float]:
+    """The memory child's extra peaks, in MiB."""
+    cmd = [sys.executable, __file__, "--_memory-child", cls_name, size, "--lm-layers", str(args.lm_layers),
+           "--dtype", args.dtype, "--answers", str(args.answers), "--device", args.device,
+           "--threads", str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return {k: v / 2**20 for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+
+
+def _ratio(times: dict[str, list[float]], num: str, den: str) -> float:
+    """The median over rounds of ``num / den``."""
+    return statistics.median(a / b for a, b in zip(times[num], times[den]))
+
+
+def row(args: argparse.Namespace, cls_name: str, family: Family, size: str) -> str:
+    """One table row (markdown) of a family at a size."""
+    case = build_case(args, family, size)
+    fns, k = calls(case, args.device, args.explain_answer)
+    times = time_rounds(fns, args.reps, args.device)
+    times["floor"] = [t + k * lm for t, lm in zip(times["tower"], times["lm_fwd_bwd"])]
+    med = {name: statistics.median(t) for name, t in times.items()}
+    vs_forward, vs_floor = _ratio(times, "legrad", "forward"), _ratio(times, "legrad", "floor")
+    answer = "-"
+    if "explain_answer" in med:
+        answer = f"{med['explain_answer']:.3f} ({_ratio(times, 'explain_answer', 'forward'):.1f}x)"
+    mem = "- | - | -"
+    if args.memory:
+        peak = child_mib(args, cls_name, size)
+        mem = f"{peak['forward']:,.0f} | {peak['legrad']:,.0f} | {peak['legrad'] / max(peak['forward'], 1.0):.1f}x"
+    seq = case.plain["input_ids"].shape
+    return (f"| {family.name} | {size}: {case.built.shape} | {args.lm_layers} | {args.dtype} | {seq[0]} x {seq[1]} "
+            f"| {k} | {med['forward']:.3f} | {med['tower']:.3f} | {med['lm_fwd_bwd']:.3f} | {med['legrad']:.3f} "
+            f"| **{vs_forward:.2f}x** "
+            f"| **{vs_floor:.2f}x** | {answer} | {mem} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=["tiny", "7b"], default="tiny")
+    parser.add_argument("--families", nargs="+", default=None,
+                        help="short names (llava, qwen2-vl, ...); default: every family")
+    parser.add_argument("--sizes", nargs="+", choices=["tiny", "real"], default=["tiny"])
     parser.add_argument("--lm-layers", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--answers", type=int, default=2)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--answers", type=int, default=2, help="P answers of 3 tokens (B = 1 image)")
+    parser.add_argument("--reps", type=int, default=3, help="timed rounds after the warm-up round")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocess")
-    parser.add_argument("--_memory-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--explain-answer", type=int, default=0, metavar="N",
+                        help="also time explain_answer with N new tokens")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory subprocesses")
+    parser.add_argument("--_memory-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from legrad import LeWrapper
-
-    model, inputs, ans, plain = _setup(args)
-    wrapper = LeWrapper(model)
-
-    def explain():
-        return wrapper.compute_legrad(image=inputs, answers=ans)
-
+    torch.set_num_threads(args.threads)
     if args._memory_child:
-        report_extra_bytes(peak_extra_bytes(explain, args.device))
+        memory_child(args)
         return
-
-    def forward():
-        with torch.no_grad():
-            model(**plain)
-
-    row = time_pairs(forward, explain, args.reps, args.device)
-    mem = "-"
-    if not args.no_memory:
-        child = [sys.executable, __file__, "--_memory-child", *[a for a in sys.argv[1:] if a != "--no-memory"]]
-        mem = f"{child_extra_mib(child):,.0f}"
-    print(f"shape={args.shape} lm_layers={args.lm_layers} dtype={args.dtype} B={args.batch} P={args.answers} "
-          f"threads={torch.get_num_threads()} device={args.device} torch={torch.__version__}")
-    print("| shape | LM layers | dtype | B x P | forward (s) | LeGrad (s) | ratio | extra peak memory (MiB) |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| {args.shape} | {args.lm_layers} | {args.dtype} | {args.batch} x {args.answers} | {row['forward_s']:.3f} "
-          f"| {row['legrad_s']:.3f} | **{row['ratio']:.2f}x** | {mem} |")
+    print(f"threads={torch.get_num_threads()} device={args.device} torch={torch.__version__} "
+          f"B=1 P={args.answers} answers of {ANSWER_TOKENS} tokens, prompt of {PROMPT_WORDS} words + the image")
+    print("| family | size | LM layers | dtype | sequences | k | forward (s) | tower (s) | LM fwd+bwd (s) "
+          "| LeGrad (s) | LeGrad / forward | LeGrad / floor | explain_answer (s) | forward peak (MiB) "
+          "| LeGrad peak (MiB) | peak ratio |")
+    print("|" + "---|" * 16)
+    for cls_name, family, supported in families():
+        name = cls_name if family is None else family.name
+        if args.families is not None and name not in args.families:
+            continue
+        if family is None or not supported:
+            why = "no builder in bench/bench_vlm.py" if family is None else "no legrad adapter in this checkout"
+            print(f"| {name} | not benchmarked: {why} |" + " |" * 14)
+            continue
+        for size in args.sizes:
+            try:
+                print(row(args, cls_name, family, size), flush=True)
+            except NotImplementedError as exc:
+                print(f"| {family.name} | {size}: not benchmarked: {exc} |" + " |" * 14, flush=True)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .adapters.vlm.inputs import VIDEO_KEYS
 from .engine.deadline import check_deadline
 from .engine.validation import check_layer_index, check_output_size, check_prompt_chunk
 
@@ -85,6 +86,10 @@ def _check_inputs(inputs: Any) -> tuple[dict[str, Any], int, int]:
         raise TypeError(f"explain_answer needs the processor output (a mapping with pixel_values and input_ids), "
                         f"got {type(inputs).__name__}")
     inputs = dict(inputs)
+    video = [k for k in VIDEO_KEYS if inputs.get(k) is not None]
+    if video:  # refused before generating (compute_legrad refuses them too)
+        raise ValueError(f"video inputs ({', '.join(video)}) are not supported: legrad explains one image per "
+                         "sequence; call the processor with images= only")
     ids, pixels = inputs.get("input_ids"), inputs.get("pixel_values")
     if not isinstance(ids, torch.Tensor) or not isinstance(pixels, torch.Tensor):
         raise ValueError("the processor output needs input_ids and pixel_values tensors: call the processor with "

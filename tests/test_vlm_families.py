@@ -62,6 +62,10 @@ def _image_size(inputs: Any) -> tuple[int, int]:
     return tuple(inputs["image_sizes"][0].tolist())
 
 
+def _pixtral_grid(inputs: Any) -> tuple[int, int]:
+    return tuple(int(v) // F.MISTRAL3_PATCH for v in inputs["image_sizes"][0])
+
+
 def _qwen_grid(inputs: Any) -> tuple[int, int]:
     return tuple(inputs["image_grid_thw"][0, 1:].tolist())
 
@@ -127,6 +131,8 @@ FAMILIES: dict[str, Family] = {
     "smolvlm": Family("SmolVLMForConditionalGeneration", lambda: F.idefics3("smolvlm"),
                       lambda p: F.idefics3_processor("smolvlm", p), "<s> <image> what is in the picture ?",
                       _square(V.GRID), needs="num2words"),
+    "mistral3": Family("Mistral3ForConditionalGeneration", F.mistral3, F.mistral3_processor,
+                       "[IMG] what is in the picture ?", _pixtral_grid, _image_size),
 }
 
 
@@ -143,6 +149,8 @@ def _first_vision_block(model: torch.nn.Module) -> torch.nn.Module:
     inner = model.model
     if hasattr(inner, "visual"):  # the Qwen line
         return inner.visual.blocks[0]
+    if hasattr(getattr(inner, "vision_tower", None), "transformer"):  # Pixtral (Mistral 3)
+        return inner.vision_tower.transformer.layers[0]
     tower = getattr(inner, "vision_model", None) or inner.vision_tower
     encoder = getattr(tower, "vision_model", tower).encoder
     return (encoder.layers if hasattr(encoder, "layers") else encoder.layer)[0]

@@ -17,59 +17,22 @@ P = pytest.importorskip("transformers.models.pixtral.modeling_pixtral")
 pytest.importorskip("transformers.models.mistral3")
 pytest.importorskip("torchvision")  # PixtralProcessor's backend
 
+from helpers import vlm_families as F  # noqa: E402
 from helpers import vlm_models as V  # noqa: E402
 from helpers.oracles import min_max  # noqa: E402
 from helpers.tiny_towers import same_bits  # noqa: E402
 from PIL import Image  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E402
 
 from legrad import LeWrapper  # noqa: E402
 from legrad.adapters.drift import DriftError  # noqa: E402
 
-PATCH, MERGE, EDGE = 4, 2, 32  # images resized to a longest edge of 32 px, multiples of 8 px: grids up to 8 x 8
-SPECIAL = {"[IMG]": V.IMAGE_TOKEN, "[IMG_BREAK]": 60, "[IMG_END]": 61}
+PATCH, MERGE, EDGE = F.MISTRAL3_PATCH, F.MISTRAL3_MERGE, F.MISTRAL3_EDGE
+SPECIAL = F.MISTRAL3_SPECIAL
 TEXT = "[IMG] what is in the picture ?"
 ANSWERS = ["a cat", "two cats red"]
 
-CONFIGS = {
-    "last": dict(layer=-1, blocks=[1, 2], every=[0, 1, 2]),  # every block feeds (Mistral Small 3.1's setting)
-    "minus2": dict(layer=-2, blocks=[0, 1], every=[0, 1]),  # hidden_states[-2]: blocks 0 and 1 feed
-}
-
-
-def mistral3(case: str = "last", seed: int = 0):
-    vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, head_dim=8,
-              image_size=EDGE, patch_size=PATCH)
-    tc = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              head_dim=12, vocab_size=V.VOCAB, max_position_embeddings=256, pad_token_id=0)
-    cfg = transformers.Mistral3Config(vision_config=vc, text_config=tc, image_token_id=V.IMAGE_TOKEN,
-                                      spatial_merge_size=MERGE, vision_feature_layer=CONFIGS[case]["layer"],
-                                      attn_implementation="eager")
-    return V._init(transformers.Mistral3ForConditionalGeneration(cfg), seed)
-
-
-def _tokenizer():
-    """The word-level tokenizer of ``helpers.vlm_models`` with Pixtral's image tokens (ids 60, 61, 63)."""
-    vocab = {w: i for i, w in enumerate(V.WORDS)}
-    vocab.update({f"w{i}": i for i in range(len(V.WORDS), V.IMAGE_TOKEN)})
-    for token, i in SPECIAL.items():
-        vocab.pop(f"w{i}", None)
-        vocab[token] = i
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens([*SPECIAL, "<s>", "</s>", "<pad>", "<unk>"])  # split out even when glued together
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                                pad_token="<pad>", unk_token="<unk>")
-
-
-def _processor(path):
-    processor = transformers.PixtralProcessor(
-        image_processor=transformers.PixtralImageProcessor(size={"longest_edge": EDGE},
-                                                           patch_size={"height": PATCH, "width": PATCH}),
-        tokenizer=_tokenizer(), patch_size=PATCH, spatial_merge_size=MERGE)
-    processor.save_pretrained(path)
-    return transformers.AutoProcessor.from_pretrained(path)
+CONFIGS = F.MISTRAL3_CONFIGS
 
 
 def _image(seed: int = 0, shape=(40, 96)):
@@ -137,8 +100,8 @@ def _oracle(model, inputs, answer, blocks):
 
 @pytest.mark.parametrize("case", sorted(CONFIGS))
 def test_mistral3_real_processor_matches_the_oracle_and_the_models_own_scores(case, tmp_path):
-    model = mistral3(case)
-    processor = _processor(tmp_path / "mistral3")
+    model = F.mistral3(case)
+    processor = F.mistral3_processor(tmp_path / "mistral3")
     inputs = processor(images=_image(), text=TEXT, return_tensors="pt")
     assert inputs["image_sizes"].tolist() == [[16, 32]]  # 40 x 96 resized to a longest edge of 32: non-square
     gh, gw = 16 // PATCH, 32 // PATCH
@@ -167,8 +130,8 @@ def test_mistral3_real_processor_matches_the_oracle_and_the_models_own_scores(ca
 
 
 def test_mistral3_batch_of_two_sizes_matches_one_by_one_and_the_models_own_scores(tmp_path):
-    model = mistral3(seed=1)
-    processor = _processor(tmp_path / "mistral3")
+    model = F.mistral3(seed=1)
+    processor = F.mistral3_processor(tmp_path / "mistral3")
     imgs, texts = [_image(0), _image(1, (50, 50))], [TEXT, TEXT + " where"]
     w = LeWrapper(model, tokenizer=processor)
     singles = [w.compute_legrad(image=processor(images=i, text=t, return_tensors="pt"), answers=ANSWERS,
@@ -192,8 +155,8 @@ def test_mistral3_padded_row_relevance_is_the_definitions_before_normalisation(t
     its own query rows, as the oracle of that image alone (captured before the min-max normalisation)."""
     import legrad.adapters.vlm.base as base
 
-    model = mistral3(seed=2)
-    processor = _processor(tmp_path / "mistral3")
+    model = F.mistral3(seed=2)
+    processor = F.mistral3_processor(tmp_path / "mistral3")
     imgs, texts = [_image(0), _image(1, (50, 50))], [TEXT, TEXT + " where"]
     seen = []
     monkeypatch.setattr(base, "grid_maps", lambda rel, grids, *a, **k: seen.append((rel.clone(), grids)) or [])
@@ -207,8 +170,8 @@ def test_mistral3_padded_row_relevance_is_the_definitions_before_normalisation(t
 
 
 def test_mistral3_several_images_and_unsupported_configs_are_refused(tmp_path):
-    model = mistral3()
-    processor = _processor(tmp_path / "mistral3")
+    model = F.mistral3()
+    processor = F.mistral3_processor(tmp_path / "mistral3")
     w = LeWrapper(model, tokenizer=processor)
     two = processor(images=[[_image(0), _image(1)]], text=["[IMG] [IMG] what is in the picture ?"],
                     return_tensors="pt")
@@ -226,7 +189,7 @@ def test_mistral3_several_images_and_unsupported_configs_are_refused(tmp_path):
 
 
 def test_mistral3_changed_block_is_refused(monkeypatch):
-    model = mistral3()
+    model = F.mistral3()
     blk = model.model.vision_tower.transformer.layers[0]
     original = blk.forward
     monkeypatch.setattr(blk, "forward", lambda *a, **k: original(*a, **k) * 1.01)
@@ -237,8 +200,8 @@ def test_mistral3_changed_block_is_refused(monkeypatch):
 
 
 def test_mistral3_explain_answer_generates_with_image_sizes_and_scores_its_own_answer(tmp_path):
-    model = mistral3(seed=3)
-    processor = _processor(tmp_path / "mistral3")
+    model = F.mistral3(seed=3)
+    processor = F.mistral3_processor(tmp_path / "mistral3")
     inputs = processor(images=_image(), text=TEXT, return_tensors="pt")
     before = V.snapshot(model)
     r = LeWrapper(model, tokenizer=processor).explain_answer(inputs, max_new_tokens=3, output_size="grid",

@@ -218,3 +218,47 @@ def idefics3_processor(family: str, path: Path):
                                              video_processor=transformers.SmolVLMVideoProcessor(),
                                              tokenizer=idefics3_tokenizer(), image_seq_len=4)
     return round_trip(proc, path)
+
+# Mistral 3: images resized to a longest edge of 32 px, multiples of 8 px (grids up to 8 x 8).
+MISTRAL3_PATCH, MISTRAL3_MERGE, MISTRAL3_EDGE = 4, 2, 32
+MISTRAL3_SPECIAL = {"[IMG]": V.IMAGE_TOKEN, "[IMG_BREAK]": 60, "[IMG_END]": 61}
+MISTRAL3_CONFIGS = {
+    "last": dict(layer=-1, blocks=[1, 2], every=[0, 1, 2]),  # every block feeds (Mistral Small 3.1's setting)
+    "minus2": dict(layer=-2, blocks=[0, 1], every=[0, 1]),  # hidden_states[-2]: blocks 0 and 1 feed
+}
+
+
+def mistral3(case: str = "last", seed: int = 0):
+    """Mistral-3-shaped: a 3-block Pixtral tower (patch 4), 2 x 2 patch merger, Mistral LM (:data:`MISTRAL3_CONFIGS`)."""
+    vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, head_dim=8,
+              image_size=MISTRAL3_EDGE, patch_size=MISTRAL3_PATCH)
+    tc = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              head_dim=12, vocab_size=V.VOCAB, max_position_embeddings=256, pad_token_id=0)
+    cfg = transformers.Mistral3Config(vision_config=vc, text_config=tc, image_token_id=V.IMAGE_TOKEN,
+                                      spatial_merge_size=MISTRAL3_MERGE, vision_feature_layer=MISTRAL3_CONFIGS[case]["layer"],
+                                      attn_implementation="eager")
+    return V._init(transformers.Mistral3ForConditionalGeneration(cfg), seed)
+
+
+def mistral3_tokenizer():
+    """The word-level tokenizer of ``helpers.vlm_models`` with Pixtral's image tokens (ids 60, 61, 63)."""
+    vocab = {w: i for i, w in enumerate(V.WORDS)}
+    vocab.update({f"w{i}": i for i in range(len(V.WORDS), V.IMAGE_TOKEN)})
+    for token, i in MISTRAL3_SPECIAL.items():
+        vocab.pop(f"w{i}", None)
+        vocab[token] = i
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([*MISTRAL3_SPECIAL, "<s>", "</s>", "<pad>", "<unk>"])  # split out even when glued together
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                pad_token="<pad>", unk_token="<unk>")
+
+
+def mistral3_processor(path: Path):
+    """Pixtral's processor (longest edge 32 px, patch 4, merge 2), round-tripped."""
+    processor = transformers.PixtralProcessor(
+        image_processor=transformers.PixtralImageProcessor(size={"longest_edge": MISTRAL3_EDGE},
+                                                           patch_size={"height": MISTRAL3_PATCH, "width": MISTRAL3_PATCH}),
+        tokenizer=mistral3_tokenizer(), patch_size=MISTRAL3_PATCH, spatial_merge_size=MISTRAL3_MERGE)
+    processor.save_pretrained(path)
+    return transformers.AutoProcessor.from_pretrained(path)

@@ -219,7 +219,11 @@ class VLMAdapter(BlockTower):
                            self.input_keys)
         self._check_pixels(call)
         self._check_call(call)
+        video_token = getattr(self.model.config, "video_token_id", None)
         for row, prompt in enumerate(call.prompts):
+            if video_token is not None and bool((prompt == video_token).any()):
+                raise ValueError(f"prompt {row} holds video tokens: videos are not supported (legrad explains one "
+                                 "image per sequence)")
             got = int((prompt == self.image_token_id).sum())
             n_img = self._num_image_tokens(call, row)
             if got != n_img:

@@ -16,7 +16,7 @@ from torch import nn
 
 from ...ops.functional import linear
 
-__all__ = ["VLMInputs", "Packed", "read_inputs", "tokenize_answers", "pack", "answer_logprobs"]
+__all__ = ["VIDEO_KEYS", "VLMInputs", "Packed", "read_inputs", "tokenize_answers", "pack", "answer_logprobs"]
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 # extras) does not enter the score: it is ignored with a debug log, so the processor's whole output is
 # accepted as it comes.
 _KNOWN = ("pixel_values", "input_ids", "attention_mask", "token_type_ids", "image_sizes")
+#: Keys of a processor's video output: refused (legrad explains one image per sequence, no video).
+VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw")
 
 
 @dataclass
@@ -86,6 +88,10 @@ def read_inputs(image: Any, inputs: dict[str, Any], image_token_id: int, vocab_s
         raise TypeError(f"a VLM needs the processor output (a mapping with pixel_values and input_ids) as image=, "
                         f"got {type(image).__name__}")
     merged = {**dict(image), **inputs}
+    video = [k for k in VIDEO_KEYS if merged.get(k) is not None]
+    if video:
+        raise ValueError(f"video inputs ({', '.join(video)}) are not supported: legrad explains one image per "
+                         "sequence; call the processor with images= only")
     unused = sorted(str(k) for k in merged if k not in _KNOWN and k not in extra_keys)
     if unused:
         logger.debug("inputs %s do not enter the answers' scores; ignored", unused)
