@@ -66,7 +66,7 @@ class Method:
         return {}
 
     def attribute(self, inputs: Any, target: Any = None, *, normalize: bool = True, **call_options: Any
-                  ) -> torch.Tensor:
+                  ) -> torch.Tensor | tuple[torch.Tensor]:
         """Maps of ``inputs`` for ``target``.
 
         Args:
@@ -80,7 +80,8 @@ class Method:
             **call_options: per-call options of the method.
 
         Returns:
-            ``[B, P, H, W]`` float32 maps on the images' device.
+            ``[B, P, H, W]`` float32 maps on the images' device; a 1-tuple of them for a 1-tuple of images
+            (captum's convention: explanations shaped as the inputs).
 
         Raises:
             TypeError, ValueError: on invalid inputs, before any work.
@@ -88,7 +89,9 @@ class Method:
         """
         if not isinstance(normalize, bool):
             raise TypeError(f"normalize must be True or False, got {type(normalize).__name__}")
-        return self.maps(image_input(inputs), as_target(target, self.wrapper.adapter), normalize, **call_options)
+        image = image_input(inputs)
+        maps = self.maps(image, as_target(target, self.wrapper.adapter), normalize, **call_options)
+        return (maps,) if image is not inputs else maps
 
     __call__ = attribute
 
