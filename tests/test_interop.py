@@ -7,8 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers.tiny_towers import build_tiny, random_image, random_text
+from helpers.tiny_towers import build_tiny, random_text
 from test_baselines_classifiers import make_timm
 
 from legrad.interop import quantus_explain
