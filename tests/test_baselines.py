@@ -87,14 +87,16 @@ def _pooled_row(model, mat):
     return mat[0] if model.visual.pool_type == "tok" else mat[1:].mean(0)
 
 
-def _to_map(patch_rel, grid, size):
+def _to_map(patch_rel, grid, size, normalize=True):
     m = patch_rel.reshape(1, 1, *grid).double()
     m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)[0, 0]
+    if not normalize:
+        return m
     lo, hi = m.min(), m.max()
     return torch.zeros_like(m) if hi - lo <= 0 else (m - lo) / (hi - lo)
 
 
-def oracle(method: str, model, image, text, start_layer: int = 0):
+def oracle(method: str, model, image, text, start_layer: int = 0, normalize: bool = True):
     model = copy.deepcopy(model).eval()
     gh, gw = image.shape[-2] // 8, image.shape[-1] // 8
     out = torch.zeros(image.shape[0], text.shape[0], *image.shape[-2:], dtype=torch.float64)
@@ -126,11 +128,33 @@ def oracle(method: str, model, image, text, start_layer: int = 0):
                 rel = _pooled_row(model, r)[1:]
             else:
                 raise AssertionError(method)
-            out[b, p] = _to_map(rel.detach(), (gh, gw), tuple(image.shape[-2:]))
+            out[b, p] = _to_map(rel.detach(), (gh, gw), tuple(image.shape[-2:]), normalize)
     return out
 
 
 # ----------------------------------------------------------------------------- oracle agreement
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("method", ["raw_attention", "rollout", "gradcam", "chefercam"])
+def test_method_objects_match_oracle(model64, method, normalize):
+    """``legrad.methods`` classes: the oracle's maps, min-max normalised or raw (sum, upsampled), and
+    the functions' maps bit for bit."""
+    from legrad.methods import make_method
+
+    image, text = _inputs()
+    m = make_method(method, model64)
+    got = m.attribute(image, target=text, normalize=normalize)
+    assert got.shape == (2, 3, 32, 32) and got.dtype == torch.float32
+    want = oracle(method, model64, image, text, normalize=normalize)
+    torch.testing.assert_close(got.double(), want, atol=1e-5 * max(1.0, float(want.abs().max())), rtol=0)
+    if normalize:
+        assert same_bits(got, METHODS[method](model64, text, image))
+    else:  # raw maps are not already min-max normalised (the check above would then prove nothing)
+        assert float(got.amax(dim=(2, 3)).min()) < 0.99
+    if method == "rollout":
+        torch.testing.assert_close(make_method("rollout@1", model64).attribute(image, target=text).double(),
+                                   oracle(method, model64, image, text, start_layer=1), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("method", ["raw_attention", "rollout", "gradcam", "chefercam"])
 def test_matches_oracle(model64, method):
     image, text = _inputs()
@@ -336,11 +360,11 @@ def test_chefercam_query_blocks_equal_whole_matrix(name, monkeypatch):
     """One query row per block (relative-position bias sliced too) gives the unblocked CheferCAM."""
     from helpers.tiny_towers import build_tiny, random_image, random_text
 
-    import legrad.eval.baselines as baselines
+    import legrad.methods.gradients as gradients
 
     model = build_tiny(name, seed=3)
     ph, pw = LeWrapper(model).adapter.patch_size
     image, text = random_image(1, 3 * ph, 2 * pw), random_text(2, 32)
     whole = chefercam(model, text, image)
-    monkeypatch.setattr(baselines, "_CHEFER_BLOCK_ELEMENTS", 1)
+    monkeypatch.setattr(gradients, "CHEFER_BLOCK_ELEMENTS", 1)
     torch.testing.assert_close(chefercam(model, text, image), whole, atol=1e-6, rtol=0)

@@ -17,6 +17,8 @@ from legrad.eval.baselines import METHODS
 from legrad.eval.benchmark import evaluate, format_table
 from legrad.eval.datasets import FolderDataset, ToyScenes, preprocess_mask
 from legrad.eval.metrics import miou, pointing_game
+from legrad.methods import METHODS as REGISTRY
+from legrad.methods import Method
 from legrad.toy.model import ToyConfig, build_model, make_preprocess, make_tokenizer
 
 torch.set_num_threads(1)
@@ -72,10 +74,13 @@ def test_evaluate_end_to_end(small_toy):
 def test_evaluate_skips_methods_the_model_cannot_run(small_toy, monkeypatch):
     model, preprocess, tokenizer = small_toy
 
-    def unsupported(model, text, image):
-        raise NotImplementedError("no traced forward")
+    class Unsupported(Method):
+        name = "unsupported"
 
-    monkeypatch.setitem(baselines.METHODS, "unsupported", unsupported)
+        def maps(self, image, target, normalize, **call_options):
+            raise NotImplementedError("no traced forward")
+
+    monkeypatch.setitem(REGISTRY, "unsupported", Unsupported)
     res = evaluate(model, tokenizer, ToyScenes(1, 0, preprocess, 64), ["unsupported", "raw_attention", "legrad@-1"],
                    perturbation=False)
     assert res["legrad@-1"]["pairs"] == res["raw_attention"]["pairs"] > 0

@@ -170,15 +170,20 @@ LAYERS = [
     ("legrad.classifiers", _CORE, {"torch"}),
     ("legrad.preprocess", (), {"torch", "torchvision"}),
     ("legrad.pretrained", _CORE, {"open_clip"}),
+    # Explanation methods as peers (LeGrad and the baselines), on the facade; targets as types.
+    ("legrad.methods", ("legrad.methods", *_CORE, *_FACADE), {"torch"}),
+    # Adapters for the toolkits people evaluate with (Quantus); they import no toolkit.
+    ("legrad.interop", ("legrad.interop", "legrad.methods", *_CORE, *_FACADE), {"torch", "numpy"}),
     ("legrad", (), set()),
     ("legrad.toy", ("legrad.toy", "legrad.preprocess"), {"torch", "open_clip", *_IMAGES}),
     # Reading and writing (files, image decoding, URLs): below every upper layer, above nothing.
     ("legrad.io", ("legrad.io",), _IMAGES),
     ("legrad.viz", ("legrad.viz", "legrad.io", "legrad.preprocess"),
      {"torch", "matplotlib", "cv2", "IPython", *_IMAGES}),
-    ("legrad.eval", ("legrad.eval", "legrad.io", "legrad.toy", *_CORE, *_FACADE), {"torch", "tqdm", *_IMAGES}),
+    ("legrad.eval", ("legrad.eval", "legrad.io", "legrad.toy", "legrad.methods", *_CORE, *_FACADE),
+     {"torch", "tqdm", *_IMAGES}),
     # The front ends' shared helpers: model loading and the Explainer; no overlays, app, CLI or extraction.
-    ("legrad.frontend", ("legrad.frontend", "legrad.io", "legrad.toy", "legrad", *_CORE, *_FACADE),
+    ("legrad.frontend", ("legrad.frontend", "legrad.io", "legrad.toy", "legrad", "legrad.methods", *_CORE, *_FACADE),
      {"huggingface_hub", "tqdm", *_MODEL_LIBS, *_IMAGES}),
     ("legrad.extract", ("legrad.extract", "legrad.frontend", "legrad.io", *_CORE, *_FACADE),
      {"torch", "tqdm", *_IMAGES}),
@@ -186,7 +191,8 @@ LAYERS = [
     ("legrad.app", ("legrad.app", "legrad.frontend", "legrad.io", "legrad.toy", "legrad.viz", "legrad.engine"),
      {"gradio", "torch", *_IMAGES}),
     ("legrad.cli", ("legrad.cli", "legrad.app", "legrad.extract", "legrad.eval", "legrad.frontend", "legrad.viz",
-                    "legrad.io", "legrad.toy", "legrad", *_CORE, *_FACADE), {"torch", "tqdm", *_IMAGES}),
+                    "legrad.io", "legrad.toy", "legrad", "legrad.methods", *_CORE, *_FACADE),
+     {"torch", "tqdm", *_IMAGES}),
     ("legrad.__main__", ("legrad.cli",), set()),
 ]
 

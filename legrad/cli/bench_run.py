@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 
-from ..eval.baselines import METHODS, get_method
 from ..eval.benchmark import evaluate, format_table
 from ..eval.datasets import FolderDataset, ToyScenes
 from ..frontend.classifier_models import is_classifier_name
 from ..frontend.models import load_model, model_layer_index, native_image_size
 from ..io.errors import ImageLoadError, ModelLoadError
 from ..io.files import atomic_writer
+from ..methods.registry import METHODS, method_class
 from .bench import DEFAULT_TOY_LIMIT
 from .options import Stop
 
@@ -33,7 +33,7 @@ def _methods(args: argparse.Namespace) -> list[str]:
     methods = args.methods or list(METHODS)
     for m in methods:
         try:
-            get_method(m)
+            method_class(m)
         except ValueError as exc:
             raise Stop(str(exc), 2) from None
     if is_classifier_name(args.model) and not args.data:

@@ -76,6 +76,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="with --generate: the most answer tokens generated (1 to 512, default 32)")
     add_model_options(p)
     add_device_option(p)
+    p.add_argument("--method", default="legrad", metavar="NAME",
+                   help="explanation method, a name of the registry legrad.methods.METHODS (legrad, gradcam, "
+                        "chefercam, rollout, raw_attention; 'rollout@3' sets the first block); default legrad")
     p.add_argument("--out", default="outputs", metavar="DIR", help="output folder (default: outputs)")
     p.add_argument("--save-maps", action="store_true", help="also save the raw maps as .npy")
     p.add_argument("--alpha", type=unit_float, default=0.6, help="heatmap opacity in the overlays (default 0.6)")
@@ -172,6 +175,10 @@ def run(args: argparse.Namespace) -> int:
     # The command's body loads torch and the models: imported here so that `legrad --help` stays fast.
     if getattr(args, "answers", None) or getattr(args, "generate", False):
         from legrad.cli.vlm import run_vlm
+
+        if getattr(args, "method", "legrad") != "legrad":
+            raise SystemExit(f"legrad explain: error: --method {args.method} does not explain answers; "
+                             "vision-language models are explained by legrad")
 
         return run_vlm(args)
     from legrad.cli.explain_run import run as run_explain

@@ -20,6 +20,7 @@ from ..frontend.loop import run_folder
 from ..io import images
 from ..io.errors import ModelLoadError
 from ..io.outdir import FolderLock, write_in_folder
+from ..methods.registry import method_class
 from ..viz import colorize, overlay
 from .explain import claim_output_folder, discover, prompt_name
 from .options import Stop
@@ -155,6 +156,10 @@ def _checked_prompts(args: argparse.Namespace) -> list[Any]:
 def _load(args: argparse.Namespace, prompts: list[Any]) -> tuple[Explainer, Any, Any, list[str], Any]:
     """The model and what it makes of the command line: ``(explainer, size, layer, labels, text)``."""
     try:
+        method_class(args.method)  # an unknown name fails before the model loads
+    except (TypeError, ValueError) as exc:
+        raise Stop(str(exc), 2) from None
+    try:
         explainer = Explainer.load(args.model, args.pretrained, args.device)
     except (ModelLoadError, ValueError) as exc:
         raise Stop(str(exc), 1) from None
@@ -183,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
         explainer, size, layer_index, labels, text = _load(args, prompts)
 
         def explain(batch: list[Any]) -> list[tuple[Any, Any, Any]]:
-            maps = explainer.heatmaps(batch, text, size, layer_index).numpy()
+            maps = explainer.heatmaps(batch, text, size, layer_index, method=args.method).numpy()
             cos, prob = explainer.similarity(batch, text)
             return list(zip(maps, cos.numpy(), prob.numpy()))
 

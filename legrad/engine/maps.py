@@ -35,12 +35,14 @@ def min_max(maps: torch.Tensor) -> torch.Tensor:
 
 def _finish(rel: torch.Tensor, grid: tuple[int, int], size: tuple[int, int], output_size: str | tuple[int, int] | None,
             work: torch.dtype, correct: Callable[[torch.Tensor], torch.Tensor] | None,
-            normalize_on_grid: bool) -> torch.Tensor:
+            normalize_on_grid: bool, normalize: bool = True) -> torch.Tensor:
     gh, gw = grid
     rel = rel[..., : gh * gw]  # the image's own patches; padding (NaFlex) is dropped
     if correct is not None:
         rel = correct(rel)
     maps = rel.reshape(rel.shape[0], rel.shape[1], gh, gw).to(work)
+    if not normalize:  # raw relevance: comparable across prompts and images
+        return maps if output_size == "grid" else upsample(maps, size if output_size is None else output_size)
     if normalize_on_grid:
         maps = min_max(maps)
     if output_size != "grid":
@@ -53,7 +55,7 @@ def _finish(rel: torch.Tensor, grid: tuple[int, int], size: tuple[int, int], out
 def grid_maps(rel: torch.Tensor, grids: Sequence[tuple[int, int]], sizes: Sequence[tuple[int, int]],
               output_size: str | tuple[int, int] | None = None, *, work_dtype: torch.dtype | None = torch.float32,
               correct: Callable[[torch.Tensor], torch.Tensor] | None = None,
-              normalize_on_grid: bool = False) -> torch.Tensor | list[torch.Tensor]:
+              normalize_on_grid: bool = False, normalize: bool = True) -> torch.Tensor | list[torch.Tensor]:
     """Heatmaps from relevance on the patch grids of a batch.
 
     Args:
@@ -66,15 +68,18 @@ def grid_maps(rel: torch.Tensor, grids: Sequence[tuple[int, int]], sizes: Sequen
             upsampling (the empty-prompt correction).
         normalize_on_grid: min-max normalise the patch grid and upsample that, without normalising
             again (legrad-torch 1.1's order on SigLIP towers); default: upsample, then normalise.
+        normalize: False: no min-max at all, the raw relevance (upsampled unless ``"grid"``).
 
     Returns:
-        ``[B, P, H, W]`` float32 maps in [0, 1] when every image has the same grid and size, otherwise
+        ``[B, P, H, W]`` float32 maps in [0, 1] (raw relevance when not ``normalize``) when every image
+        has the same grid and size, otherwise
         a list of ``[P, H_b, W_b]``.
     """
     work = torch.promote_types(rel.dtype, torch.float32) if work_dtype is None else work_dtype
     if len(set(grids)) == 1 and len(set(sizes)) == 1:
-        return _finish(rel, grids[0], sizes[0], output_size, work, correct, normalize_on_grid).float()
-    maps = [_finish(rel[b : b + 1], grids[b], sizes[b], output_size, work, correct, normalize_on_grid)[0].float()
+        return _finish(rel, grids[0], sizes[0], output_size, work, correct, normalize_on_grid, normalize).float()
+    maps = [_finish(rel[b : b + 1], grids[b], sizes[b], output_size, work, correct, normalize_on_grid,
+                    normalize)[0].float()
             for b in range(rel.shape[0])]
     if len({tuple(m.shape) for m in maps}) == 1:
         return torch.stack(maps)

@@ -25,7 +25,7 @@ imports no adapter module.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,6 +103,10 @@ class Request:
         inputs: extra image inputs passed to ``adapter.prepare_inputs``.
         apply_correction, correction_threshold: per-call overrides of :class:`Settings`.
         return_scores: also return the image embeddings and image-prompt scores (:class:`LeGradOutput`).
+        score: instead of ``text``/``target``, a function of the tower's readout ``[B, E]`` (a layer's
+            un-normalised embedding; a classifier's logits ``[B, K]``) returning the ``[B, P]`` scores to
+            explain, differentiable (no empty-prompt correction: there is no empty prompt to score).
+        normalize: min-max normalise each map (False: the raw relevance, summed over layers, upsampled).
     """
 
     image: Any
@@ -115,6 +119,8 @@ class Request:
     apply_correction: bool | None = None
     correction_threshold: float | None = None
     return_scores: bool = False
+    score: Callable[[torch.Tensor], torch.Tensor] | None = None
+    normalize: bool = True
 
 
 @dataclass
@@ -157,6 +163,13 @@ def compute_dtype_for(param_dtype: torch.dtype) -> torch.dtype:
 
 
 def _check_kind(adapter: Any, request: Request) -> None:
+    if request.score is not None:
+        if not callable(request.score):
+            raise TypeError(f"score must be a function of the readout [B, E] returning [B, P], got "
+                            f"{type(request.score).__name__}")
+        if request.text is not None or request.target is not None:
+            raise TypeError("give one target: a score function, text embeddings or class indices, not several")
+        return
     if adapter.scorer == "logit":
         if request.text is not None:
             hint = ""
@@ -189,6 +202,29 @@ def _out_pixels(batch: ImageBatch, output_size: str | tuple[int, int] | None) ->
     return output_size[0] * output_size[1]
 
 
+def _score_prompts(adapter: Any, score: Callable[[torch.Tensor], torch.Tensor], batch: int
+                   ) -> tuple[torch.Tensor, Scorer]:
+    """Placeholder prompts ``[P, 0]`` and the scorer of a score function, whose ``P`` a probe finds.
+
+    The probe (the function on a zero readout ``[B, E]`` on the tower's device, in the compute dtype)
+    checks the function's contract before any work: a floating ``[B, P]`` result.
+    """
+    width = adapter.num_classes if adapter.scorer == "logit" else adapter.embed_dim
+    with torch.no_grad():
+        probe = score(torch.zeros(batch, width, device=adapter.device(),
+                                  dtype=compute_dtype_for(adapter.param_dtype())))
+    if not isinstance(probe, torch.Tensor) or probe.ndim != 2 or probe.shape[0] != batch or probe.shape[1] < 1 \
+            or not probe.is_floating_point():
+        got = tuple(probe.shape) if isinstance(probe, torch.Tensor) else type(probe).__name__
+        raise ValueError(f"a score function must return floating scores [B, P] = [{batch}, P] for a readout "
+                         f"[{batch}, {width}], got {got}")
+
+    def scorer(feature: torch.Tensor, _prompts: torch.Tensor) -> torch.Tensor:
+        return score(feature)
+
+    return torch.zeros(probe.shape[1], 0), scorer
+
+
 def prepare(adapter: Any, model: nn.Module, request: Request, settings: Settings, *,
             check_budget: bool = True) -> Prepared:
     """Validates a call and runs the prologue (steps 1-4 of the module docstring).
@@ -213,7 +249,11 @@ def prepare(adapter: Any, model: nn.Module, request: Request, settings: Settings
     check_deadline()
     batch = adapter.prepare_inputs(request.image, **request.inputs)
     check_deadline()
-    if adapter.scorer == "logit":
+    scorer = scorer_for(adapter.scorer)
+    if request.score is not None:
+        prompts, scorer = _score_prompts(adapter, request.score, batch.batch)
+        num_prompts = prompts.shape[0]
+    elif adapter.scorer == "logit":
         prompts = check_targets(request.target, batch.batch, adapter.num_classes)
         num_prompts = prompts.shape[-1]
     else:
@@ -225,7 +265,7 @@ def prepare(adapter: Any, model: nn.Module, request: Request, settings: Settings
     threshold = settings.correction_threshold if request.correction_threshold is None else float(
         request.correction_threshold)
     empty = None
-    if correct and adapter.uses_empty_prompt_correction:
+    if correct and adapter.uses_empty_prompt_correction and request.score is None:
         empty = resolve_empty_embedding(model, adapter, settings.tokenizer, settings.empty_text_embedding)
     device = adapter.device()
     param_dtype = adapter.param_dtype()
@@ -247,7 +287,7 @@ def prepare(adapter: Any, model: nn.Module, request: Request, settings: Settings
     return Prepared(adapter=adapter, batch=ImageBatch(pixels, batch.grids, batch.sizes, batch.tokens), prompts=txt,
                     num_prompts=num_prompts, start=start, compute_dtype=dtype, out_device=out_device,
                     threshold=threshold if empty is not None else None, output_size=output_size,
-                    prompt_chunk=prompt_chunk, scorer=scorer_for(adapter.scorer),
+                    prompt_chunk=prompt_chunk, scorer=scorer,
                     normalize_on_grid=bool(getattr(adapter, "normalizes_on_grid", False)))
 
 
@@ -266,14 +306,15 @@ def relevance(call: Prepared, final: list[torch.Tensor] | None = None) -> torch.
         return accumulate_relevance(steps, call.prompts, call.prompt_chunk, scorer=call.scorer)
 
 
-def finish(call: Prepared, rel: torch.Tensor, *, work_dtype: torch.dtype | None = torch.float32
-           ) -> torch.Tensor | list[torch.Tensor]:
+def finish(call: Prepared, rel: torch.Tensor, *, work_dtype: torch.dtype | None = torch.float32,
+           normalize: bool = True) -> torch.Tensor | list[torch.Tensor]:
     """Correction (if any), per-image grids, upsampling and min-max normalisation, on the output device.
 
     Args:
         call: the prepared call.
         rel: ``[B, P(+1), N]`` relevance (``[B, 1, N]`` for prompt-independent maps).
         work_dtype: dtype of upsampling and normalisation (None: ``rel``'s dtype promoted to float32).
+        normalize: False: the raw relevance (corrected, upsampled), not min-max normalised.
 
     Returns:
         ``[B, P, H, W]`` float32 maps in [0, 1] (at ``output_size``), or a list of ``[P, H_b, W_b]``
@@ -287,7 +328,8 @@ def finish(call: Prepared, rel: torch.Tensor, *, work_dtype: torch.dtype | None 
 
     with torch.inference_mode(False), torch.no_grad():
         maps = grid_maps(rel, call.batch.grids, call.batch.sizes, call.output_size, work_dtype=work_dtype,
-                         correct=correct if threshold is not None else None, normalize_on_grid=call.normalize_on_grid)
+                         correct=correct if threshold is not None else None, normalize_on_grid=call.normalize_on_grid,
+                         normalize=normalize)
     if isinstance(maps, list):
         return [m.to(call.out_device) for m in maps]
     return maps.to(call.out_device)
@@ -311,6 +353,11 @@ def run(adapter: Any, model: nn.Module, request: Request, settings: Settings
     """
     if not isinstance(request.return_scores, bool):
         raise TypeError(f"return_scores must be True or False, got {type(request.return_scores).__name__}")
+    if not isinstance(request.normalize, bool):
+        raise TypeError(f"normalize must be True or False, got {type(request.normalize).__name__}")
+    if request.return_scores and request.score is not None:
+        raise ValueError("return_scores=True needs text embeddings or class indices; with a score function, "
+                         "call it on the model's output yourself")
     if request.return_scores and settings.reference is not None and reference_adapter(adapter, settings.reference) is not adapter:
         # The reference readout is not the model's embedding: scores from it would not be the model's.
         raise ValueError(f"return_scores=True is not available with reference={settings.reference!r} on the "
@@ -318,9 +365,9 @@ def run(adapter: Any, model: nn.Module, request: Request, settings: Settings
                          "use a LeWrapper without reference= for the scores")
     call = prepare(adapter, model, request, settings)
     if not request.return_scores:
-        return finish(call, relevance(call))
+        return finish(call, relevance(call), normalize=request.normalize)
     final: list[torch.Tensor] = []
-    maps = finish(call, relevance(call, final))
+    maps = finish(call, relevance(call, final), normalize=request.normalize)
     if not final:
         raise NotImplementedError(f"the {adapter.family} adapter yielded no step for the tower's last block")
     features, scores = final_scores(final[0], call.prompts, call.num_prompts, adapter.scorer)

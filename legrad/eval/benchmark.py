@@ -1,7 +1,7 @@
 """Localization benchmark: every explainability method x every metric, as plain numbers and a Markdown table.
 
 Data come from :mod:`legrad.eval.datasets` (the bundled synthetic scenes or a user folder), the methods
-from :mod:`legrad.eval.baselines`, the scores from :mod:`legrad.eval.metrics`: pointing game (mean over
+from the registry :data:`legrad.methods.METHODS`, the scores from :mod:`legrad.eval.metrics`: pointing game (mean over
 pairs), mIoU and pixel accuracy of the maps binarised at ``threshold`` (counts summed over the dataset,
 then IoU), and the AUCs of the positive and negative perturbation curves (pixels replaced by the
 dataset mean, i.e. 0 after normalisation, 0..90 % in 10 % steps, scored by the image-text cosine
@@ -29,8 +29,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..engine.validation import check_targets
+from ..methods.base import Method
+from ..methods.registry import METHODS, make_method, method_class
+from ..methods.targets import is_classifier
 from ..wrapper import LeWrapper
-from .baselines import METHODS, get_method
 from .datasets import Sample
 from .metrics import (
     DEFAULT_FRACTIONS,
@@ -109,8 +111,8 @@ def evaluate(
         tokenizer: list of str -> token tensor, for ``model.encode_text``; for a classifier, list of str ->
             ``[P]`` class indices (its ``ClassLabels``), or None when the prompts are class indices.
         samples: sequence of :class:`Sample` (e.g. :class:`ToyScenes`, :class:`FolderDataset`).
-        methods: names in :data:`legrad.eval.baselines.METHODS`, or ``"name@K"`` (see
-            :func:`legrad.eval.baselines.get_method`); default: all.
+        methods: names in the registry :data:`legrad.methods.METHODS`, or ``"name@K"`` (see
+            :func:`legrad.methods.registry.method_class`); default: all.
         layer_index: LeGrad's first explained block.
         threshold: binarisation threshold for mIoU / pixel accuracy (a number or ``"mean"``).
         pointing_tolerance: pointing-game tolerance in pixels (0: the maximum must be inside the mask).
@@ -132,7 +134,8 @@ def evaluate(
             prompts up front (:meth:`FolderDataset.prompt_lists`), else at the sample.
     """
     names = list(methods) if methods is not None else list(METHODS)
-    fns = {name: get_method(name) for name in names}
+    for name in names:
+        method_class(name)  # unknown names fail before any work
     if len(samples) == 0:
         raise ValueError("no samples to evaluate")
     fr = tuple(check_fractions(DEFAULT_FRACTIONS if fractions is None else fractions))
@@ -141,12 +144,14 @@ def evaluate(
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     check_tolerance(pointing_tolerance)
     wrapper = _own_wrapper(model, layer_index, tokenizer)
-    classifier = wrapper.adapter.scorer == "logit"
+    classifier = is_classifier(wrapper.adapter)
     if classifier:
         listed = samples.prompt_lists() if hasattr(samples, "prompt_lists") else []
         for where, prompts in listed:  # resolve every class up front: a bad one fails before any work
             class_targets(tokenizer, prompts, wrapper.adapter.num_classes, where)
     results = {name: MethodResult() for name in names}
+    # Each method bound once to our wrapper (no re-wrapping, no drift guard per call).
+    fns = {name: make_method(name, wrapper) for name in names}
     scoring = _Scoring(threshold, pointing_tolerance, perturbation, fr, fill, batch_size)
     indices: Any = range(len(samples))
     if progress:
@@ -185,13 +190,12 @@ class _Scoring:
     batch_size: int
 
 
-def _run_method(name: str, fn: Callable, res: MethodResult, wrapper: LeWrapper, image: torch.Tensor,
+def _run_method(name: str, fn: Method, res: MethodResult, wrapper: LeWrapper, image: torch.Tensor,
                 masks: torch.Tensor, text: torch.Tensor | None, target: torch.Tensor | None, sc: _Scoring) -> None:
     """One method on one image ``[1, 3, H, W]`` with its masks ``[P, H, W]``: the maps, then their scores."""
     t0 = time.perf_counter()
     try:
-        # Text methods keep the 3-argument call, so that methods registered by users still work.
-        maps = fn(wrapper, None, image, target=target) if target is not None else fn(wrapper, text, image)
+        maps = fn.attribute(image, target=target if target is not None else text)
     except NotImplementedError as exc:  # [1, P, H, W] above; a method this model cannot run
         res.error = str(exc)
         logger.warning("%s skipped: %s", name, exc)

@@ -24,6 +24,9 @@ from ..classifiers import class_logits
 from ..engine.validation import check_layer_index
 from ..io.errors import ModelLoadError
 from ..io.images import MAX_ASPECT_RATIO, check_image_shape
+from ..methods.base import Method
+from ..methods.registry import make_method
+from ..methods.targets import is_classifier
 from ..preprocess import LePreprocess
 from ..wrapper import LeWrapper
 from .classifier_models import ClassLabels
@@ -141,6 +144,7 @@ class Explainer:
         self.max_tokens = max_tokens
         self.native_size = native_image_size(self.wrapper.model)
         self.max_aspect_ratio: float | None = MAX_ASPECT_RATIO
+        self.methods: dict[str, Method] = {}  # built once per name: no re-wrapping per request
 
     @classmethod
     def load(cls, name: str = TOY_NAME, pretrained: str | None = None, device: str = "cpu",
@@ -160,7 +164,7 @@ class Explainer:
     @property
     def is_classifier(self) -> bool:
         """Whether the model is an image classifier (class targets instead of text prompts)."""
-        return self.wrapper.adapter.scorer == "logit"
+        return is_classifier(self.wrapper.adapter)
 
     @property
     def labels(self) -> ClassLabels | None:
@@ -281,13 +285,30 @@ class Explainer:
         logits = cos * scale + (bias.float() if isinstance(bias, torch.Tensor) else 0.0)
         return cos.cpu(), logits.softmax(-1).cpu()
 
+    def method(self, name: str) -> Method:
+        """The registered method ``name`` (:data:`legrad.methods.METHODS`, ``"name@K"`` too) on this model.
+
+        Raises:
+            ValueError: for an unknown name; TypeError where the method does not apply to the model.
+        """
+        if name not in self.methods:
+            self.methods[name] = make_method(name, self.wrapper)
+        return self.methods[name]
+
     def heatmaps(self, images: Sequence[Image.Image], text_embedding: torch.Tensor,
-                 size: tuple[int, int] | None = None, layer_index: int | None = None) -> torch.Tensor:
-        """``[B, P, H, W]`` heatmaps (CPU float32) of the images resized to ``size`` (native when None)."""
+                 size: tuple[int, int] | None = None, layer_index: int | None = None,
+                 method: str = "legrad") -> torch.Tensor:
+        """``[B, P, H, W]`` heatmaps (CPU float32) of the images resized to ``size`` (native when None).
+
+        ``method``: a registered method name; ``layer_index`` applies to LeGrad (other methods take their
+        first block from ``"name@K"``).
+        """
         h, w = self.check_size(size)
         images = self.check_images(images)
         prep = LePreprocess(self.preprocess, (h, w))
         batch = torch.stack([prep(im) for im in images]).to(self.device, self._dtype())
+        if method != "legrad":
+            return self.method(method).attribute(batch, target=text_embedding).float().cpu()
         if self.is_classifier:
             maps = self.wrapper.compute_legrad(image=batch, target=text_embedding, layer_index=layer_index)
         else:
@@ -295,7 +316,8 @@ class Explainer:
         return maps.float().cpu()
 
     def explain(self, images: Sequence[Image.Image] | Image.Image, prompts: Sequence[str | int] | str | int,
-                size: tuple[int, int] | None = None, layer_index: int | None = None) -> Explanation:
+                size: tuple[int, int] | None = None, layer_index: int | None = None,
+                method: str = "legrad") -> Explanation:
         """Heatmaps and similarities of every image with every prompt.
 
         Args:
@@ -303,6 +325,7 @@ class Explainer:
             prompts: the prompts; for classifiers, class targets (ints, or class indices/names as str).
             size: explained ``(height, width)``; the model's native size when None.
             layer_index: first explained block; the explainer's default when None.
+            method: a registered method name (:data:`legrad.methods.METHODS`).
 
         Returns:
             An :class:`Explanation`.
@@ -314,9 +337,11 @@ class Explainer:
         prompts = self.clean(prompts)
         self.check_size(size)
         self.check_layer_index(layer_index)
+        if method != "legrad":
+            self.method(method)  # an unknown name or a method the model cannot run fails before any work
         text = self.encode_prompts(prompts)
         cos, prob = self.similarity(images, text)
-        maps = self.heatmaps(images, text, size, layer_index)
+        maps = self.heatmaps(images, text, size, layer_index, method)
         if self.is_classifier:
             return Explanation(maps=maps, similarity=cos, probability=prob, prompts=self.target_labels(text),
                                targets=[int(t) for t in text])

@@ -54,7 +54,8 @@ def _run_block(blk, x: torch.Tensor, batch_first: bool) -> torch.Tensor:
     return blk(x.transpose(0, 1)).transpose(0, 1)
 
 
-def openclip_vit_oracle(model, image: torch.Tensor, text: torch.Tensor, layer_index: int) -> torch.Tensor:
+def openclip_vit_oracle(model, image: torch.Tensor, text: torch.Tensor, layer_index: int,
+                        normalize: bool = True) -> torch.Tensor:
     """LeGrad for an open_clip ``VisionTransformer`` (CLS/avg pool), per image, prompt and layer.
 
     Args:
@@ -62,6 +63,7 @@ def openclip_vit_oracle(model, image: torch.Tensor, text: torch.Tensor, layer_in
         image: ``[B, 3, H, W]``.
         text: ``[P, D]`` or ``[B, P, D]``.
         layer_index: first explained block (negative from the end).
+        normalize: min-max normalise each map (False: the raw sum over layers, upsampled).
 
     Returns:
         ``[B, P, H, W]`` maps.
@@ -104,7 +106,7 @@ def openclip_vit_oracle(model, image: torch.Tensor, text: torch.Tensor, layer_in
                 per_prompt[p] += F.interpolate(m, size=(H, W), mode="bilinear", align_corners=False)[0, 0]
             with torch.no_grad():
                 x = _run_block(blk, x, batch_first)
-        out.append(torch.stack([min_max(per_prompt[p]) for p in range(t_b.shape[0])]))
+        out.append(torch.stack([min_max(per_prompt[p]) if normalize else per_prompt[p] for p in range(t_b.shape[0])]))
     return torch.stack(out).float()
 
 

@@ -1,0 +1,95 @@
+"""Attention baselines, prompt-independent: :class:`RawAttention` and :class:`AttentionRollout`.
+
+Notation (as in :mod:`legrad.eval.baselines`): ``A_l`` is block ``l``'s post-softmax attention
+``[heads, N, N]``, ``E_h`` the mean over heads, the "CLS row" the row of the token the model pools
+(:meth:`~legrad.adapters.base.TowerAdapter.pooled_row`). Prefix columns are dropped from every map.
+The target only sets ``P``: the map is the same for every prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from ..engine.step import LayerStep
+from ..engine.validation import check_layer_index
+from .base import Method, Run
+from .targets import Target
+
+__all__ = ["RawAttention", "AttentionRollout", "patch_columns", "require_self_attention"]
+
+
+def patch_columns(step: LayerStep, rel: torch.Tensor) -> torch.Tensor:
+    """Zeroes padded keys and drops the prefix columns: ``[B, ..., Nk]`` -> ``[B, ..., patches]``."""
+    if step.key_mask is not None:
+        shape = (rel.shape[0],) + (1,) * (rel.ndim - 2) + (rel.shape[-1],)
+        rel = rel * step.key_mask.reshape(shape).to(rel.dtype)
+    return rel[..., step.num_prefix_tokens:]
+
+
+def require_self_attention(run: Run, step: LayerStep, method: str) -> None:
+    """Refuses towers explained through an attention pooler (no token-to-token matrix of the blocks)."""
+    nq, nk = step.query.shape[-2], step.key.shape[-2]
+    if nq != nk:
+        raise NotImplementedError(
+            f"{method} needs every block's self-attention, but the {run.adapter.family} adapter explains "
+            "each layer through its attention pooler; use legrad or raw_attention for this model"
+        )
+
+
+def _attention_steps(run: Run, start: int) -> Iterator[LayerStep]:
+    # steps() builds a small per-layer graph for LeGrad; the attention baselines just ignore it.
+    return run.adapter.steps(run.image, start, run.dtype)
+
+
+class RawAttention(Method):
+    """Raw attention: ``E_h A_L[cls, patches]`` of the last block (the pooler's attention for pooled towers)."""
+
+    name = "raw_attention"
+
+    def wrap_options(self) -> dict[str, Any]:
+        return {"layer_index": -1}
+
+    def maps(self, image: Any, target: Target, normalize: bool, **call_options: Any) -> torch.Tensor:
+        self.no_call_options(call_options)
+        run = Run(self.wrapper, image, target)
+        with torch.inference_mode(False), torch.no_grad():
+            last = None
+            for step in _attention_steps(run, run.adapter.depth - 1):
+                last = step
+            a = last.probs().mean(1)  # [B, Nq, Nk]
+            rel = patch_columns(last, run.adapter.pooled_row(a, last.num_prefix_tokens))
+            return run.finish(rel[:, None], normalize)
+
+
+class AttentionRollout(Method):
+    """Attention rollout (Abnar & Zuidema, 2020): ``R = prod_l (0.5 E_h A_l + 0.5 I)``, map ``R[cls, patches]``.
+
+    Options:
+        start_layer: first block of the product (negative counts from the end); 0 = all blocks.
+    """
+
+    name = "rollout"
+    options = {"start_layer": 0}
+    first_block = "start_layer"
+
+    def wrap_options(self) -> dict[str, Any]:
+        return {"layer_index": -1}
+
+    def maps(self, image: Any, target: Target, normalize: bool, **call_options: Any) -> torch.Tensor:
+        self.no_call_options(call_options)
+        run = Run(self.wrapper, image, target)
+        depth = run.adapter.depth
+        start = check_layer_index(self.config["start_layer"], depth, "start_layer") % depth
+        with torch.inference_mode(False), torch.no_grad():
+            rollout, last = None, None
+            for step in _attention_steps(run, start):
+                require_self_attention(run, step, "attention rollout")
+                a = step.probs().mean(1).to(torch.float64)  # [B, N, N]; float64: a long product of matrices
+                a = 0.5 * a + 0.5 * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+                rollout = a if rollout is None else a @ rollout
+                last = step
+            rel = patch_columns(last, run.adapter.pooled_row(rollout, last.num_prefix_tokens))
+            return run.finish(rel[:, None], normalize)
