@@ -106,7 +106,7 @@ class Server:
     def explain(self, image, source: str = "", prompts: str = "a red circle", size: str = "",
                 model: str = TOY) -> tuple[str, object]:
         """One raw API call of the Explain button: ``(event, data)`` of its final server-sent event."""
-        body = json.dumps({"data": [image, source, prompts, model, size, None, 0.6]}).encode()
+        body = json.dumps({"data": [image, source, prompts, model, size, None, 0.6, "legrad"]}).encode()
         req = urllib.request.Request(f"{self.base}/call/explain", data=body,
                                      headers={"Content-Type": "application/json"})
         try:

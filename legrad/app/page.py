@@ -21,7 +21,7 @@ from ..io.fetch import is_url
 from ..io.files import atomic_writer
 from ..toy import scenes
 from ..toy.scenes import VOCABULARY
-from .settings import DEFAULT_CONCURRENCY
+from .settings import DEFAULT_CONCURRENCY, DEFAULT_METHOD
 from .sources import UPLOAD_ONLY_MSG, SourcePolicy, checked_upload
 
 if TYPE_CHECKING:
@@ -177,6 +177,8 @@ def build_demo(app: DemoApp, initial_model: str | None = None, initial_prompts: 
                                     visible=bool(hint))
                 prompts = gr.Textbox(lines=4, value=initial_prompts, elem_id="prompts", **app.prompts_box_for(first))
                 model = gr.Dropdown(labels, value=first, label="Model", elem_id="model")
+                method = gr.Dropdown(app.method_choices(), value=DEFAULT_METHOD, elem_id="method",
+                                     label="Method (the layer index applies to LeGrad)")
                 with gr.Row():
                     size = gr.Textbox(label="Image size (N or HxW; blank = native)", value="", elem_id="size")
                     layer = gr.Number(value=app.default_layer_for(first), precision=0, label="Layer index",
@@ -191,7 +193,7 @@ def build_demo(app: DemoApp, initial_model: str | None = None, initial_prompts: 
         gr.Examples(examples, inputs=[image, prompts], label="Demo scenes (bundled model)")
         model.change(app.default_layer_for, inputs=model, outputs=layer, queue=False)
         model.change(lambda lb: gr.update(**app.prompts_box_for(lb)), inputs=model, outputs=prompts, queue=False)
-        button.click(app.predict, inputs=[image, source, prompts, model, size, layer, alpha],
+        button.click(app.predict, inputs=[image, source, prompts, model, size, layer, alpha, method],
                      outputs=[gallery, status], api_name="explain", concurrency_limit=concurrency)
     demo.queue(default_concurrency_limit=concurrency, max_size=QUEUE_SIZE)
     return demo

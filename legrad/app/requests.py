@@ -24,9 +24,11 @@ from ..frontend.models import TOY_NAME, default_layer_index, model_choices
 from ..frontend.options import parse_size
 from ..frontend.vlm import VLMExplainer, is_vlm_dir, strip_prefix
 from ..io.errors import ImageLoadError, ModelLoadError
+from ..methods.registry import METHODS, method_names
 from ..viz import fit_for_display, overlay
 from . import sources
 from .settings import (
+    DEFAULT_METHOD,
     DEFAULT_TIME_LIMIT_S,
     MAX_CACHED_MODELS,
     MAX_PROMPT_CHARS,
@@ -40,13 +42,38 @@ from .settings import (
 )
 from .vlm import predict_vlm
 
-__all__ = ["DemoApp", "AppSettings", "DEFAULT_TIME_LIMIT_S", "TOY_LABEL", "UNKNOWN_MODEL_MSG", "model_label", "parse_model_label",
+__all__ = ["DemoApp", "AppSettings", "DEFAULT_TIME_LIMIT_S", "TOY_LABEL", "UNKNOWN_MODEL_MSG", "UNKNOWN_METHOD_MSG",
+           "VLM_METHOD_MSG", "method_choices", "checked_method", "model_label", "parse_model_label",
            "split_prompts", "timeout_message", "initial_text"]
 
 logger = logging.getLogger("legrad.app")
 
 UNKNOWN_MODEL_MSG = ("unknown model choice; pick one from the list (models whose weights must be downloaded are "
                      "listed only when the server's operator enables --allow-downloads)")
+
+#: The one message for a method value that is not a registered name (the value is not echoed).
+UNKNOWN_METHOD_MSG = "unknown method choice; pick one from the list"
+VLM_METHOD_MSG = "a vision-language model's answers are explained by LeGrad only; choose the method legrad"
+
+
+def method_choices() -> list[tuple[str, str]]:
+    """The method dropdown's ``(label, value)`` entries: every registered method (the registry's order,
+    LeGrad first), labelled with its class name (``('GradCAM', 'gradcam')``)."""
+    return [(METHODS[name].__name__, name) for name in method_names()]
+
+
+def checked_method(method: Any) -> str:
+    """A visitor's method choice: a registered name exactly (no ``"name@K"`` suffix: the layer box sets
+    LeGrad's first block); None or blank for :data:`~legrad.app.settings.DEFAULT_METHOD`.
+
+    Raises:
+        ValueError: :data:`UNKNOWN_METHOD_MSG` for anything else.
+    """
+    if method is None or (isinstance(method, str) and not method.strip()):
+        return DEFAULT_METHOD
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(UNKNOWN_METHOD_MSG)
+    return method
 
 
 @functools.lru_cache(maxsize=1)
@@ -143,6 +170,10 @@ class DemoApp:
         """:meth:`labels` as a list (the dropdown's choices)."""
         return list(self.labels())
 
+    def method_choices(self) -> list[tuple[str, str]]:
+        """The method dropdown's ``(label, value)`` entries (:func:`method_choices`: the method registry)."""
+        return method_choices()
+
     def is_classifier_label(self, label: str | None) -> bool:
         """Whether a dropdown entry is an image classifier (its prompts box takes class targets)."""
         try:
@@ -238,6 +269,7 @@ class DemoApp:
         size_text: str | None = "",
         layer_index: float | int | None = None,
         alpha: float = 0.6,
+        method: str | None = DEFAULT_METHOD,
     ) -> tuple[list[tuple[Any, str]], str]:
         """The app's prediction: one overlay per prompt, captioned with the prompt and its similarity (for an
         image classifier: one overlay per class target, captioned with the class, its logit and probability).
@@ -253,6 +285,8 @@ class DemoApp:
             size_text: explained size, ``N`` or ``HxW``; blank for the model's native size.
             layer_index: first explained block; None for the model's recommended one.
             alpha: overlay opacity.
+            method: a registered method name (:func:`method_choices`); the layer index applies to LeGrad,
+                the other methods start at their default block. None or blank: LeGrad.
 
         Returns:
             ``(gallery, status)``: ``[(overlay PIL image, caption), ...]`` and a Markdown status line. Bad
@@ -260,7 +294,10 @@ class DemoApp:
             gallery and the reason in ``status``.
         """
         try:
+            method = checked_method(method)
             if self.is_vlm_label(model_label):  # a local VLM the operator passed (--model hf:DIR)
+                if method != "legrad":
+                    raise ValueError(VLM_METHOD_MSG)
                 return predict_vlm(self, image, image_source, prompts_text, model_label, alpha, size_text, layer_index)
             classifier = self.is_classifier_label(model_label)
             prompts, size = _checked_prompts(prompts_text, classifier), _checked_size(size_text)
@@ -273,11 +310,13 @@ class DemoApp:
             with deadline(self.settings.time_limit):
                 h, w = explainer.check_size(size)
                 layer = explainer.check_layer_index(layer_index)
+                if method != "legrad":
+                    explainer.method(method)  # a method this model cannot run fails here, before the image is read
                 if explainer.is_classifier:
                     explainer.encode_prompts(prompts)  # unknown class names fail here, before the image is read
                 picture = self.read_visitor_image(image, image_source)
                 check_deadline()
-                result = explainer.explain(picture, prompts, size=size, layer_index=layer_index)
+                result = explainer.explain(picture, prompts, size=size, layer_index=layer_index, method=method)
                 shown = fit_for_display(picture)
                 gallery = []
                 score = "logit" if explainer.is_classifier else "similarity"
@@ -299,7 +338,8 @@ class DemoApp:
             return [], f"**Error:** the explanation failed ({type(exc).__name__}); try a smaller size or another image"
 
         best = result.prompts[int(result.similarity[0].argmax())]
-        status = (f"{explainer.name}, layer index {layer}, maps at {h}x{w} px: best "
+        how = f"layer index {layer}" if method == "legrad" else f"method {METHODS[method].__name__}"
+        status = (f"{explainer.name}, {how}, maps at {h}x{w} px: best "
                   f"{'class' if explainer.is_classifier else 'match'} *{best}*. "
                   f"{'Logits' if explainer.is_classifier else 'Similarities'} are the model's own, at its native input size.")
         return gallery, status

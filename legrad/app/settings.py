@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["TOY_LABEL", "MAX_PROMPTS", "MAX_PROMPT_CHARS", "MAX_PROMPTS_TEXT", "MAX_SIZE_TEXT", "MAX_CACHED_MODELS",
-           "DEFAULT_TIME_LIMIT_S", "DEFAULT_CONCURRENCY", "MAX_NEW_TOKENS", "AppSettings", "parse_layer", "parse_alpha"]
+           "DEFAULT_TIME_LIMIT_S", "DEFAULT_CONCURRENCY", "MAX_NEW_TOKENS", "DEFAULT_METHOD", "AppSettings", "parse_layer", "parse_alpha"]
 
 TOY_LABEL = "toy: bundled demo model (offline)"
 MAX_PROMPTS = 16
@@ -21,6 +21,8 @@ DEFAULT_TIME_LIMIT_S = 60.0
 DEFAULT_CONCURRENCY = 2
 #: The most tokens a local VLM generates when it explains its own answer (one map each; within --time-limit).
 MAX_NEW_TOKENS = 16
+#: The method the page's method choice starts on (a name of :data:`legrad.methods.METHODS`).
+DEFAULT_METHOD = "legrad"
 
 
 @dataclass
