@@ -83,6 +83,9 @@ assert ours.shape == (1, 2, 64, 64)
 """,
     "docs/evaluation.md": """
 assert maps.shape == masks.shape == (1, len(scene.phrases), 64, 64)
+assert prompt_maps.shape == raw.shape == (2, 3, 64, 64) and float(prompt_maps.max()) == 1.0
+assert float(raw.max()) < 1.0  # raw relevance is not min-max scaled
+assert sens.shape == infid.shape == (2,) and bool((sens >= 0).all())
 """,
     "docs/extract.md": """
 assert (result.computed, result.skipped, result.failed) == (6, 0, 0), result
