@@ -71,6 +71,7 @@ assert tuple(image.shape) == (1, 3, 64, 64)
     "docs/architecture.md": """
 import legrad
 assert "toy ViT" in legrad.supported_tower_names()                          # registered by the block
+assert method_maps.shape == (1, 2, 64, 64) and float(method_maps.max()) == 1.0  # the added method's maps
 """,
     "docs/demo_model.md": """
 import legrad.toy
