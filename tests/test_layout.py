@@ -187,8 +187,10 @@ LAYERS = [
      {"huggingface_hub", "tqdm", *_MODEL_LIBS, *_IMAGES}),
     ("legrad.extract", ("legrad.extract", "legrad.frontend", "legrad.io", *_CORE, *_FACADE),
      {"torch", "tqdm", *_IMAGES}),
-    # The demo app sits on top: the front-end helpers and the overlays, never the command line.
-    ("legrad.app", ("legrad.app", "legrad.frontend", "legrad.io", "legrad.toy", "legrad.viz", "legrad.engine"),
+    # The demo app sits on top: the front-end helpers, the overlays and the method registry (its method
+    # choice), never the command line.
+    ("legrad.app", ("legrad.app", "legrad.frontend", "legrad.io", "legrad.toy", "legrad.viz", "legrad.engine",
+                    "legrad.methods"),
      {"gradio", "torch", *_IMAGES}),
     ("legrad.cli", ("legrad.cli", "legrad.app", "legrad.extract", "legrad.eval", "legrad.frontend", "legrad.viz",
                     "legrad.io", "legrad.toy", "legrad", "legrad.methods", *_CORE, *_FACADE),
