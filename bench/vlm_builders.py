@@ -127,8 +127,8 @@ def _qwen_vl(cls_name: str, config_name: str, size: str, lm_layers: int, dtype: 
         ids = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
                    vision_end_token_id=151653)
         grid = 24
-        shape = (f"{'Qwen2.5' if qwen25 else 'Qwen2'}-VL-7B: Qwen ViT 32 x 1280, {grid * 14} px, {grid * grid} "
-                 "tokens; Qwen2 3584 wide")
+        shape = (f"{'Qwen2.5' if qwen25 else 'Qwen2'}-VL-7B: Qwen ViT 32 x 1280, {grid * 14} px, {grid * grid} patches, "
+                 f"{grid * grid // 4} tokens; Qwen2 3584 wide")
     cfg = getattr(T, config_name)(vision_config=vc, text_config=tc, **ids)
     model = getattr(T, cls_name)(cfg).to(dtype).eval()
     dim = 3 * 2 * vc["patch_size"] ** 2
