@@ -259,7 +259,7 @@ def main() -> None:
         if args.families is not None and name not in args.families:
             continue
         if family is None or not supported:
-            why = "no builder in bench/bench_vlm.py" if family is None else "no legrad adapter in this checkout"
+            why = "no builder in bench/vlm_builders.py" if family is None else "no legrad adapter in this checkout"
             print(f"| {name} | not benchmarked: {why} |" + " |" * 14)
             continue
         for size in args.sizes:

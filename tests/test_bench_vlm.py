@@ -63,5 +63,5 @@ def test_a_row_and_the_families_without_a_builder_or_adapter(monkeypatch, capsys
     finally:
         torch.set_num_threads(threads)  # main() sets its --threads
     out = capsys.readouterr().out
-    assert f"| {cls_name} | not benchmarked: no builder in bench/bench_vlm.py |" in out
+    assert f"| {cls_name} | not benchmarked: no builder in bench/vlm_builders.py |" in out
     assert "| other | not benchmarked: no legrad adapter in this checkout |" in out
