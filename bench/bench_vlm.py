@@ -1,7 +1,7 @@
 """Cost of LeGrad for a VLM's answers, per family, against one plain forward and against its floor.
 
-For every VLM family legrad supports (``legrad.adapters.vlm.SUPPORTED_VLM_CLASSES``) that has a builder in
-:data:`FAMILIES` (one entry per family; a supported family without one is printed as "not benchmarked"),
+For every VLM family legrad supports (``legrad.adapters.vlm.SUPPORTED_VLM_CLASSES``), with its builder in
+:data:`vlm_builders.FAMILIES` (one entry per family; tests/test_bench_vlm.py requires one for each),
 builds a random-init model offline from a config and times, in the same process, interleaved in rounds after
 one warm-up round, with medians over the rounds:
 
@@ -45,149 +45,10 @@ from typing import Any
 
 import torch
 from common import peak_extra_bytes, sync, timed
+from vlm_builders import FAMILIES, Built, Family, _llava  # noqa: F401  (_llava: the tests' stand-in family)
 
 PROMPT_WORDS = 20  # words of the question after the image
 ANSWER_TOKENS = 3
-
-
-@dataclass
-class Built:
-    """A random-init VLM and the pixel part of its processor output for one image.
-
-    Attributes:
-        model: the model, in eval mode.
-        pixels: ``pixel_values`` and the family's other per-image keys (``image_grid_thw``, ``image_sizes``).
-        before, after: token ids framing the image's placeholder tokens (``<vision_start>``...).
-        token_types: the token-type key the family's processor returns (``"token_type_ids"``,
-            ``"mm_token_type_ids"``) or None.
-        shape: what the row measures, for the table.
-    """
-
-    model: torch.nn.Module
-    pixels: dict[str, torch.Tensor]
-    before: list[int]
-    after: list[int]
-    token_types: str | None
-    shape: str
-
-
-def _llava(size: str, lm_layers: int, dtype: torch.dtype) -> Built:
-    import transformers as T
-
-    if size == "tiny":
-        vc = T.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                                image_size=32, patch_size=8)
-        tc = T.LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=lm_layers, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=64, max_position_embeddings=512)
-        image_token, shape = 63, "CLIP 4 x 32, 32 px; Llama 48 wide"
-    else:  # LLaVA-1.5-7B
-        vc = T.CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                                image_size=336, patch_size=14, hidden_act="quick_gelu")
-        tc = T.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=lm_layers,
-                           num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
-                           max_position_embeddings=4096)
-        image_token, shape = 32000, "LLaVA-1.5-7B: CLIP ViT-L/14 (24 blocks), 336 px, 577 tokens; Llama 4096 wide"
-    cfg = T.LlavaConfig(vision_config=vc, text_config=tc, image_token_id=image_token, vision_feature_layer=-2,
-                        vision_feature_select_strategy="default")
-    model = T.LlavaForConditionalGeneration(cfg).to(dtype).eval()
-    pixels = torch.randn(1, 3, vc.image_size, vc.image_size, generator=torch.Generator().manual_seed(1))
-    return Built(model, {"pixel_values": pixels.to(dtype)}, [], [], None, shape)
-
-
-def _llava_next(size: str, lm_layers: int, dtype: torch.dtype) -> Built:
-    import transformers as T
-
-    if size != "tiny":
-        raise NotImplementedError("real-width LLaVA-NeXT (5 tiles of 577 tokens) is not benchmarked here")
-    vc = T.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                            image_size=32, patch_size=8)
-    tc = T.LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=lm_layers, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=64, max_position_embeddings=512)
-    cfg = T.LlavaNextConfig(vision_config=vc, text_config=tc, image_token_id=63, vision_feature_layer=-2,
-                            vision_feature_select_strategy="default",
-                            image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]])
-    model = T.LlavaNextForConditionalGeneration(cfg).to(dtype).eval()
-    pixels = torch.randn(1, 5, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(dtype)
-    return Built(model, {"pixel_values": pixels, "image_sizes": torch.tensor([[64, 64]])}, [], [], None,
-                 "CLIP 3 x 32 on 5 tiles of 32 px; Llama 48 wide")
-
-
-def _paligemma(size: str, lm_layers: int, dtype: torch.dtype) -> Built:
-    import transformers as T
-
-    if size == "tiny":
-        vc = T.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                                  image_size=32, patch_size=8, projection_dim=48)
-        tc = T.GemmaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=lm_layers, num_attention_heads=4,
-                           num_key_value_heads=1, head_dim=12, vocab_size=64)
-        image_token, shape = 63, "SigLIP 3 x 32, 32 px; Gemma 48 wide"
-    else:  # PaliGemma-3B-224
-        vc = T.SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
-                                  num_attention_heads=16, image_size=224, patch_size=14, projection_dim=2048)
-        tc = T.GemmaConfig(hidden_size=2048, intermediate_size=16384, num_hidden_layers=lm_layers,
-                           num_attention_heads=8, num_key_value_heads=1, head_dim=256, vocab_size=257216)
-        image_token, shape = 257152, "PaliGemma-3B: SigLIP So400m (27 blocks), 224 px, 256 tokens; Gemma 2048 wide"
-    cfg = T.PaliGemmaConfig(vision_config=vc, text_config=tc, image_token_id=image_token,
-                            projection_dim=tc.hidden_size)
-    model = T.PaliGemmaForConditionalGeneration(cfg).to(dtype).eval()
-    pixels = torch.randn(1, 3, vc.image_size, vc.image_size, generator=torch.Generator().manual_seed(1))
-    return Built(model, {"pixel_values": pixels.to(dtype)}, [], [], "token_type_ids", shape)
-
-
-def _qwen_vl(cls_name: str, config_name: str, size: str, lm_layers: int, dtype: torch.dtype) -> Built:
-    """Qwen2-VL / Qwen2.5-VL (same language model; Qwen2.5-VL's tower has SwiGLU MLPs and windowed attention)."""
-    import transformers as T
-
-    qwen25 = cls_name.startswith("Qwen2_5")
-    if size == "tiny":
-        vc = dict(depth=4, num_heads=4, hidden_size=32, out_hidden_size=48, intermediate_size=64, window_size=32,
-                  fullatt_block_indexes=[1, 3]) if qwen25 else dict(depth=4, embed_dim=32, num_heads=4, mlp_ratio=2,
-                                                                   hidden_size=48)
-        vc |= dict(patch_size=8, temporal_patch_size=2, spatial_merge_size=2, in_channels=3)
-        tc = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=lm_layers, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=64, max_position_embeddings=512,
-                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2]})
-        ids, grid = dict(image_token_id=63, video_token_id=62, vision_start_token_id=60, vision_end_token_id=61), 8
-        shape = f"Qwen ViT 4 x 32, {grid * 8} px; Qwen2 48 wide"
-    else:  # Qwen2-VL-7B / Qwen2.5-VL-7B
-        vc = dict(depth=32, num_heads=16, hidden_size=1280, out_hidden_size=3584, intermediate_size=3420,
-                  window_size=112, fullatt_block_indexes=[7, 15, 23, 31]) if qwen25 else dict(
-            depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, hidden_size=3584)
-        vc |= dict(patch_size=14, temporal_patch_size=2, spatial_merge_size=2, in_channels=3)
-        tc = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=lm_layers, num_attention_heads=28,
-                  num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
-                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
-        ids = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
-                   vision_end_token_id=151653)
-        grid = 24
-        shape = (f"{'Qwen2.5' if qwen25 else 'Qwen2'}-VL-7B: Qwen ViT 32 x 1280, {grid * 14} px, {grid * grid} "
-                 "tokens; Qwen2 3584 wide")
-    cfg = getattr(T, config_name)(vision_config=vc, text_config=tc, **ids)
-    model = getattr(T, cls_name)(cfg).to(dtype).eval()
-    dim = 3 * 2 * vc["patch_size"] ** 2
-    pixels = torch.randn(grid * grid, dim, generator=torch.Generator().manual_seed(1)).to(dtype)
-    return Built(model, {"pixel_values": pixels, "image_grid_thw": torch.tensor([[1, grid, grid]])},
-                 [ids["vision_start_token_id"]], [ids["vision_end_token_id"]], "mm_token_type_ids", shape)
-
-
-@dataclass(frozen=True)
-class Family:
-    """One benchmarked family: its short name and its builder ``(size, lm_layers, dtype) -> Built``."""
-
-    name: str
-    build: Callable[[str, int, torch.dtype], Built]
-
-
-#: One entry per family, keyed by the transformers class name (a new family plugs in here).
-FAMILIES: dict[str, Family] = {
-    "LlavaForConditionalGeneration": Family("llava", _llava),
-    "LlavaNextForConditionalGeneration": Family("llava-next", _llava_next),
-    "PaliGemmaForConditionalGeneration": Family("paligemma", _paligemma),
-    "Qwen2VLForConditionalGeneration": Family(
-        "qwen2-vl", lambda s, n, d: _qwen_vl("Qwen2VLForConditionalGeneration", "Qwen2VLConfig", s, n, d)),
-    "Qwen2_5_VLForConditionalGeneration": Family(
-        "qwen2.5-vl", lambda s, n, d: _qwen_vl("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig", s, n, d)),
-}
 
 
 def families() -> list[tuple[str, Family | None, bool]]:
@@ -219,7 +80,8 @@ def make_case(built: Built, answers: int) -> Case:
     n_img = sum(f.reshape(-1, f.shape[-1]).shape[0] for f in feats) if isinstance(feats, (list, tuple)) else \
         feats.reshape(-1, feats.shape[-1]).shape[0]
     image_token = int(model.config.image_token_id)
-    top = min(500, min([image_token, *built.before, *built.after]))
+    video = getattr(model.config, "video_token_id", None)
+    top = min(500, min([image_token, *built.before, *built.after, *([] if video is None else [int(video)])]))
     g = torch.Generator().manual_seed(1)
     words = torch.randint(3, top, (PROMPT_WORDS,), generator=g)
     prompt = torch.cat([torch.tensor([1, *built.before]), torch.full((n_img,), image_token),
@@ -232,12 +94,12 @@ def make_case(built: Built, answers: int) -> Case:
     for key, value in built.pixels.items():  # one image per sequence (Qwen: the images' patches concatenated)
         plain[key] = torch.cat([value] * answers) if "image_grid_thw" in built.pixels else \
             value.repeat_interleave(answers, 0)
-    if built.token_types == "mm_token_type_ids":
-        inputs[built.token_types] = (inputs["input_ids"] == image_token).long()
-        plain[built.token_types] = (full == image_token).long()
-    elif built.token_types == "token_type_ids":
+    if built.token_types is not None and built.types == "suffix":  # PaliGemma: the answer is the causal suffix
         inputs[built.token_types] = torch.zeros_like(inputs["input_ids"])
         plain[built.token_types] = (torch.arange(full.shape[1]) >= len(prompt)).long().expand_as(full).contiguous()
+    elif built.token_types is not None:  # 1 at the image tokens (Qwen's mm_token_type_ids, Gemma 3's token types)
+        inputs[built.token_types] = (inputs["input_ids"] == image_token).long()
+        plain[built.token_types] = (full == image_token).long()
     return Case(built, inputs, ans, plain)
 
 
@@ -255,7 +117,7 @@ def calls(case: Case, device: str, explain_tokens: int) -> tuple[dict[str, Calla
     inputs, plain = to_device(case.inputs, device), to_device(case.plain, device)
     ids = plain["input_ids"]
     image_token = int(model.config.image_token_id)
-    lm = model.model.language_model
+    lm = getattr(model.model, "language_model", None) or model.model.text_model  # Idefics3 / SmolVLM: text_model
     head = model.get_output_embeddings()
     target = ids[:, -ANSWER_TOKENS:]
 
@@ -397,7 +259,7 @@ def main() -> None:
         if args.families is not None and name not in args.families:
             continue
         if family is None or not supported:
-            why = "no builder in bench/bench_vlm.py" if family is None else "no legrad adapter in this checkout"
+            why = "no builder in bench/vlm_builders.py" if family is None else "no legrad adapter in this checkout"
             print(f"| {name} | not benchmarked: {why} |" + " |" * 14)
             continue
         for size in args.sizes:
