@@ -69,13 +69,14 @@ class Outputs:
         """One image's overlays ``OUT/<key>__<name>.png`` (maps ``[P, H, W]``) and their ``scores.csv`` rows."""
         for p, (name, label) in enumerate(zip(names, labels)):
             base = f"{key}__{name}"
-            # Never through a link planted in OUT (a sub-folder link would send the overlay elsewhere).
-            with write_in_folder(self.out_dir, f"{base}.png") as fh:
-                overlay(image, maps[p], alpha=self.args.alpha, colormap=self.args.colormap).save(fh, "PNG")
-            self.written += 1
+            # Never through a link planted in OUT (a sub-folder link would send the overlay elsewhere). The map
+            # first: the overlay marks the pair as done, so an interrupted run never leaves one without its map.
             if self.args.save_maps:
                 with write_in_folder(self.out_dir, f"{base}.npy") as fh:
                     np.save(fh, maps[p].astype(np.float32))
+            with write_in_folder(self.out_dir, f"{base}.png") as fh:
+                overlay(image, maps[p], alpha=self.args.alpha, colormap=self.args.colormap).save(fh, "PNG")
+            self.written += 1
             # Row per overlay as soon as it exists: scores.csv then describes every overlay.
             self.scores.add(source, label, float(similarity[p]), float(probability[p]), f"{base}.png")
 
