@@ -15,6 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("transformers.models.gemma3", reason="this transformers has no Gemma 3")
 
+from helpers import vlm_families  # noqa: E402
 from helpers import vlm_models as V  # noqa: E402
 from helpers.oracles import min_max  # noqa: E402
 from helpers.tiny_towers import same_bits  # noqa: E402
@@ -56,18 +57,7 @@ def _processor(path):
     return transformers.AutoProcessor.from_pretrained(path)
 
 
-def gemma3(seed: int = 0, softcap: float | None = 3.0):
-    """Gemma-3-shaped: SigLIP tower (4 x 4 patches), 2 x 2 pooling projector, a sliding-window and a global layer,
-    final logit soft-capping configured (the model's own head does not apply it)."""
-    vc = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                         num_attention_heads=4, image_size=32, patch_size=8)
-    tc = transformers.Gemma3TextConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                       num_key_value_heads=1, head_dim=12, vocab_size=V.VOCAB, pad_token_id=0,
-                                       sliding_window=4, layer_types=["sliding_attention", "full_attention"],
-                                       final_logit_softcapping=softcap)
-    cfg = transformers.Gemma3Config(vision_config=vc, text_config=tc, mm_tokens_per_image=TOKENS, boi_token_index=BOI,
-                                    eoi_token_index=EOI, image_token_index=V.IMAGE_TOKEN)
-    return V._init(transformers.Gemma3ForConditionalGeneration(cfg), seed)
+gemma3 = vlm_families.gemma3  # the shared builder (tests/helpers/vlm_families.py)
 
 
 def _image(seed: int, size=(40, 48)):

@@ -15,6 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("transformers.models.internvl")
 
+from helpers import vlm_families  # noqa: E402
 from helpers import vlm_models as V  # noqa: E402
 from helpers.oracles import min_max  # noqa: E402
 from helpers.tiny_towers import same_bits  # noqa: E402
@@ -43,15 +44,7 @@ CONFIGS = {
 }
 
 
-def internvl(case: str = "qk_rms_last", seed: int = 0):
-    spec = CONFIGS[case]
-    vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=SIZE,
-              patch_size=PATCH, **spec["vision"])
-    tc = dict(model_type="qwen2", hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, vocab_size=V.VOCAB, max_position_embeddings=256, pad_token_id=0)
-    cfg = transformers.InternVLConfig(vision_config=vc, text_config=tc, image_token_id=V.IMAGE_TOKEN,
-                                      vision_feature_layer=spec["layer"], attn_implementation="eager")
-    return V._init(transformers.InternVLForConditionalGeneration(cfg), seed)
+internvl = vlm_families.internvl  # the shared builder (tests/helpers/vlm_families.py)
 
 
 def _tokenizer():

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 M = pytest.importorskip("transformers.models.llava_onevision.modeling_llava_onevision")
 
+from helpers import vlm_families  # noqa: E402
 from helpers import vlm_models as V  # noqa: E402
 from helpers.oracles import min_max  # noqa: E402
 from helpers.tiny_towers import same_bits  # noqa: E402
@@ -29,17 +30,7 @@ TEXT = "<image> what is in the picture ?"
 ANSWERS = ["a cat", "two cats red"]
 
 
-def onevision(aspect: str = "anyres_max_9", seed: int = 0):
-    vc = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                         num_attention_heads=4, image_size=32, patch_size=8)
-    tc = transformers.Qwen2Config(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=2, vocab_size=V.VOCAB, max_position_embeddings=512,
-                                  pad_token_id=0)
-    cfg = transformers.LlavaOnevisionConfig(vision_config=vc, text_config=tc, image_token_id=V.IMAGE_TOKEN,
-                                            video_token_id=62, vision_feature_layer=-2,
-                                            vision_feature_select_strategy="full", image_grid_pinpoints=PINS,
-                                            vision_aspect_ratio=aspect)
-    return V._init(transformers.LlavaOnevisionForConditionalGeneration(cfg), seed)
+onevision = vlm_families.onevision  # the shared builder (tests/helpers/vlm_families.py)
 
 
 def _processor(path, aspect: str = "anyres_max_9"):

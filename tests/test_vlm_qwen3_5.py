@@ -13,6 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 M = pytest.importorskip("transformers.models.qwen3_5.modeling_qwen3_5")
 
+from helpers import qwen_vlm  # noqa: E402
 from helpers import vlm_models as V  # noqa: E402
 from helpers.oracles import min_max  # noqa: E402
 from helpers.qwen_vlm import processor_inputs, qwen_processor  # noqa: E402
@@ -32,14 +33,7 @@ VISION = dict(depth=3, hidden_size=32, num_heads=4, intermediate_size=48, out_hi
               temporal_patch_size=2, spatial_merge_size=2, in_channels=3, num_position_embeddings=16)
 
 
-def qwen3_5(seed: int = 0):
-    tc = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              head_dim=12, vocab_size=V.VOCAB, max_position_embeddings=256, pad_token_id=0,
-              layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4, linear_num_key_heads=2,
-              linear_key_head_dim=8, linear_value_head_dim=8)
-    cfg = transformers.Qwen3_5Config(vision_config=VISION, text_config=tc, image_token_id=V.IMAGE_TOKEN,
-                                     video_token_id=62, vision_start_token_id=START, vision_end_token_id=END)
-    return V._init(transformers.Qwen3_5ForConditionalGeneration(cfg), seed)
+qwen3_5 = qwen_vlm.qwen3_5  # the shared builder (tests/helpers/qwen_vlm.py)
 
 
 def _inputs(grid: tuple[int, int], words: list[int], seed: int = 0):

@@ -14,6 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 M = pytest.importorskip("transformers.models.qwen3_vl.modeling_qwen3_vl")
 
+from helpers import qwen_vlm  # noqa: E402
 from helpers import vlm_models as V  # noqa: E402
 from helpers.oracles import min_max  # noqa: E402
 from helpers.qwen_vlm import processor_inputs, qwen_processor  # noqa: E402
@@ -31,17 +32,7 @@ ANSWERS = [torch.tensor([12, 13]), torch.tensor([15, 16, 17])]
 TAPS = [0, 2]  # deepstack_visual_indexes
 
 
-def qwen3_vl(seed: int = 0):
-    vc = dict(depth=4, hidden_size=32, num_heads=4, intermediate_size=48, out_hidden_size=48, patch_size=8,
-              temporal_patch_size=2, spatial_merge_size=2, in_channels=3, num_position_embeddings=16,
-              deepstack_visual_indexes=TAPS)
-    tc = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-              head_dim=12, vocab_size=V.VOCAB, max_position_embeddings=256, pad_token_id=0,
-              rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2],
-                               "mrope_interleaved": True})
-    cfg = transformers.Qwen3VLConfig(vision_config=vc, text_config=tc, image_token_id=V.IMAGE_TOKEN, video_token_id=62,
-                                     vision_start_token_id=START, vision_end_token_id=END)
-    return V._init(transformers.Qwen3VLForConditionalGeneration(cfg), seed)
+qwen3_vl = qwen_vlm.qwen3_vl  # the shared builder (tests/helpers/qwen_vlm.py)
 
 
 def _inputs(grid: tuple[int, int], words: list[int], seed: int = 0):

@@ -14,8 +14,7 @@ from typing import Any
 import torch
 
 from ..engine.step import LayerStep
-from ..engine.validation import check_layer_index
-from .base import Method, Run
+from .base import BaselineMethod, Run
 from .targets import Target
 
 __all__ = ["RawAttention", "AttentionRollout", "patch_columns", "require_self_attention"]
@@ -44,13 +43,10 @@ def _attention_steps(run: Run, start: int) -> Iterator[LayerStep]:
     return run.adapter.steps(run.image, start, run.dtype)
 
 
-class RawAttention(Method):
+class RawAttention(BaselineMethod):
     """Raw attention: ``E_h A_L[cls, patches]`` of the last block (the pooler's attention for pooled towers)."""
 
     name = "raw_attention"
-
-    def wrap_options(self) -> dict[str, Any]:
-        return {"layer_index": -1}
 
     def maps(self, image: Any, target: Target, normalize: bool, **call_options: Any) -> torch.Tensor:
         self.no_call_options(call_options)
@@ -64,7 +60,7 @@ class RawAttention(Method):
             return run.finish(rel[:, None], normalize)
 
 
-class AttentionRollout(Method):
+class AttentionRollout(BaselineMethod):
     """Attention rollout (Abnar & Zuidema, 2020): ``R = prod_l (0.5 E_h A_l + 0.5 I)``, map ``R[cls, patches]``.
 
     Options:
@@ -75,14 +71,11 @@ class AttentionRollout(Method):
     options = {"start_layer": 0}
     first_block = "start_layer"
 
-    def wrap_options(self) -> dict[str, Any]:
-        return {"layer_index": -1}
-
     def maps(self, image: Any, target: Target, normalize: bool, **call_options: Any) -> torch.Tensor:
         self.no_call_options(call_options)
         run = Run(self.wrapper, image, target)
         depth = run.adapter.depth
-        start = check_layer_index(self.config["start_layer"], depth, "start_layer") % depth
+        start = self.start_block(depth)
         with torch.inference_mode(False), torch.no_grad():
             rollout, last = None, None
             for step in _attention_steps(run, start):

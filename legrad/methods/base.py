@@ -13,10 +13,11 @@ import torch
 
 from ..adapters.base import TowerAdapter
 from ..engine import pipeline
+from ..engine.validation import check_layer_index
 from ..wrapper import LeWrapper
 from .targets import ANSWERS, Target, as_target, target_kind
 
-__all__ = ["Method", "Run", "image_input"]
+__all__ = ["Method", "BaselineMethod", "Run", "image_input"]
 
 
 def image_input(inputs: Any) -> Any:
@@ -64,6 +65,14 @@ class Method:
     def wrap_options(self) -> dict[str, Any]:
         """``LeWrapper`` arguments used when the method wraps a bare model."""
         return {}
+
+    def start_block(self, depth: int) -> int:
+        """The ``start_layer`` option as a block index in ``[0, depth)`` (negative counts from the end).
+
+        Raises:
+            ValueError: if it is not a valid block index for ``depth`` blocks.
+        """
+        return check_layer_index(self.config["start_layer"], depth, "start_layer") % depth
 
     def attribute(self, inputs: Any, target: Any = None, *, normalize: bool = True, **call_options: Any
                   ) -> torch.Tensor | tuple[torch.Tensor]:
@@ -145,3 +154,11 @@ class Run:
         if maps.shape[1] != self.prompts:
             maps = maps.expand(-1, self.prompts, -1, -1).contiguous()
         return maps
+
+
+class BaselineMethod(Method):
+    """The comparison methods (raw attention, rollout, GradCAM, CheferCAM): they read the blocks themselves,
+    so the wrapper's own layer index only has to be valid (the last block)."""
+
+    def wrap_options(self) -> dict[str, Any]:
+        return {"layer_index": -1}

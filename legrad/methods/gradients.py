@@ -13,9 +13,8 @@ from typing import Any
 import torch
 
 from ..engine.step import LayerStep
-from ..engine.validation import check_layer_index
 from .attention import patch_columns, require_self_attention
-from .base import Method, Run
+from .base import BaselineMethod, Run
 from .targets import Target
 
 __all__ = ["GradCAM", "CheferCAM"]
@@ -37,14 +36,11 @@ def _traced_gradients(run: Run, wanted: Callable[[list[LayerStep]], list[torch.T
 
 
 
-class GradCAM(Method):
+class GradCAM(BaselineMethod):
     """GradCAM (Selvaraju et al., 2017) on the last block's tokens ``T`` ``[N, C]`` (its attention input,
     after the pre-norm): ``w_c = mean_n ds/dT[n, c]`` over patch tokens, ``map[n] = relu(sum_c w_c T[n, c])``."""
 
     name = "gradcam"
-
-    def wrap_options(self) -> dict[str, Any]:
-        return {"layer_index": -1}
 
     def maps(self, image: Any, target: Target, normalize: bool, **call_options: Any) -> torch.Tensor:
         self.no_call_options(call_options)
@@ -86,7 +82,7 @@ def _gradient_weighted_attention(step: LayerStep, d_out: torch.Tensor) -> torch.
     return out
 
 
-class CheferCAM(Method):
+class CheferCAM(BaselineMethod):
     """CheferCAM (Chefer, Gur & Wolf, 2021): ``R = I``; per block ``R <- R + E_h[relu(ds/dA_l * A_l)] R``;
     map ``R[cls, patches]``.
 
@@ -98,14 +94,11 @@ class CheferCAM(Method):
     options = {"start_layer": 0}
     first_block = "start_layer"
 
-    def wrap_options(self) -> dict[str, Any]:
-        return {"layer_index": -1}
-
     def maps(self, image: Any, target: Target, normalize: bool, **call_options: Any) -> torch.Tensor:
         self.no_call_options(call_options)
         run = Run(self.wrapper, image, target)
         depth = run.adapter.depth
-        start = check_layer_index(self.config["start_layer"], depth, "start_layer") % depth
+        start = self.start_block(depth)
         if run.adapter.uses_attention_pooler:
             raise NotImplementedError(
                 f"CheferCAM reads the pooled token's row of the rollout, which the {run.adapter.family} tower "

@@ -23,6 +23,7 @@ import torch
 from ...ops.functional import apply_module, layer_norm, linear
 from ..hf.common import activation
 from .base import VLMAdapter
+from .feature_layer import checked_feature_layer, feeding_blocks
 from .inputs import Packed, VLMInputs
 
 __all__ = ["InternVLAdapter"]
@@ -38,10 +39,7 @@ class InternVLAdapter(VLMAdapter):
 
     def _check(self) -> None:
         cfg = self.model.config
-        layer = cfg.vision_feature_layer
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise ValueError(f"vision_feature_layer={layer!r} is not supported: legrad explains InternVL models whose "
-                             "vision_feature_layer is one int")
+        checked_feature_layer(cfg, "InternVL")
         if cfg.vision_feature_select_strategy != "default":
             raise ValueError(f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r} is not supported "
                              "for InternVL (its feature path needs the class token dropped: 'default')")
@@ -61,11 +59,7 @@ class InternVLAdapter(VLMAdapter):
         k = self.model.config.vision_feature_layer
         if k == -1:  # last_hidden_state: every block, then the tower's final layernorm
             return layers
-        k = k if k >= 0 else layers + 1 + k
-        if not 1 <= k <= layers:
-            raise ValueError(f"vision_feature_layer={self.model.config.vision_feature_layer} selects no block output "
-                             f"of a {layers}-block tower")
-        return k
+        return feeding_blocks(k, layers)
 
     # ------------------------------------------------------------------ tower facts
     def _size(self) -> tuple[int, int]:

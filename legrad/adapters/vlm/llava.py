@@ -11,6 +11,7 @@ import torch
 from ...ops.functional import linear
 from ..hf.common import activation
 from .base import VLMAdapter
+from .feature_layer import checked_feature_layer, feeding_blocks
 
 __all__ = ["LlavaAdapter"]
 
@@ -26,10 +27,7 @@ class LlavaAdapter(VLMAdapter):
 
     def _check(self) -> None:
         cfg = self.model.config
-        layer = cfg.vision_feature_layer
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise ValueError(f"vision_feature_layer={layer!r} is not supported: legrad explains LLaVA models whose "
-                             "vision_feature_layer is one int (features of several layers concatenated are not)")
+        checked_feature_layer(cfg, "LLaVA")
         if cfg.vision_feature_select_strategy not in _STRATEGIES:
             raise ValueError(f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r} is not "
                              f"supported; supported: {_STRATEGIES}")
@@ -38,13 +36,7 @@ class LlavaAdapter(VLMAdapter):
             raise TypeError("this LLaVA's multi_modal_projector is not the linear-act-linear one legrad supports")
 
     def _feeding_blocks(self) -> int:
-        layers = len(self.visual.encoder.layers)
-        k = self.model.config.vision_feature_layer
-        k = k if k >= 0 else layers + 1 + k
-        if not 1 <= k <= layers:
-            raise ValueError(f"vision_feature_layer={self.model.config.vision_feature_layer} selects no block output "
-                             f"of a {layers}-block tower")
-        return k
+        return feeding_blocks(self.model.config.vision_feature_layer, len(self.visual.encoder.layers))
 
     def _num_image_tokens(self, call, row) -> int:
         gh, gw = self._grid()

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ...ops.functional import linear
 from ..hf.common import activation
 from .base import VLMAdapter
+from .feature_layer import checked_feature_layer, feeding_blocks
 from .inputs import Packed, VLMInputs
 from .towers import rms_norm_fn
 
@@ -35,11 +36,7 @@ class Mistral3Adapter(VLMAdapter):
     tower_kind = "Pixtral"
 
     def _check(self) -> None:
-        cfg = self.model.config
-        layer = cfg.vision_feature_layer
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise ValueError(f"vision_feature_layer={layer!r} is not supported: legrad explains Mistral 3 models whose "
-                             "vision_feature_layer is one int (features of several layers concatenated are not)")
+        checked_feature_layer(self.model.config, "Mistral 3")
         proj = self.model.model.multi_modal_projector
         merger = getattr(proj, "patch_merger", None)
         if not (all(hasattr(proj, a) for a in ("norm", "linear_1", "act", "linear_2"))
@@ -48,13 +45,7 @@ class Mistral3Adapter(VLMAdapter):
                             "linear_2 one legrad supports")
 
     def _feeding_blocks(self) -> int:
-        layers = len(self.tower.layers)
-        k = self.model.config.vision_feature_layer
-        k = k if k >= 0 else layers + 1 + k
-        if not 1 <= k <= layers:
-            raise ValueError(f"vision_feature_layer={self.model.config.vision_feature_layer} selects no block output "
-                             f"of a {layers}-block tower")
-        return k
+        return feeding_blocks(self.model.config.vision_feature_layer, len(self.tower.layers))
 
     # ------------------------------------------------------------------ tower facts
     @property
