@@ -17,6 +17,7 @@ import torch
 
 from .adapters.vlm.inputs import VIDEO_KEYS
 from .engine.deadline import check_deadline
+from .engine.targets import AnswerScores
 from .engine.validation import check_layer_index, check_output_size, check_prompt_chunk
 
 __all__ = ["AnswerExplanation", "MAX_NEW_TOKENS", "explain_answer"]
@@ -160,7 +161,7 @@ def explain_answer(wrapper: Any, inputs: Any, max_new_tokens: int = 32, *, layer
             model generated its own image placeholder token (it cannot be teacher-forced).
         legrad.engine.deadline.RequestTimeoutError: past the caller's deadline (checked between tokens).
     """
-    if getattr(wrapper.adapter, "scorer", None) != "answer":
+    if not isinstance(wrapper.adapter.readout_space, AnswerScores):
         raise TypeError(f"explain_answer applies to vision-language models (LLaVA, PaliGemma); this model's tower "
                         f"({wrapper.tower_family}) is explained with compute_legrad")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):

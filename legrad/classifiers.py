@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from .engine.targets import Logits
+
 __all__ = ["class_logits"]
 
 
@@ -46,7 +48,7 @@ def class_logits(wrapper: Any, image: Any) -> torch.Tensor:
         TypeError: if the wrapped model is not an image classifier.
     """
     adapter = wrapper.adapter
-    if adapter.scorer != "logit":
+    if not isinstance(adapter.readout_space, Logits):
         raise TypeError(f"class_logits needs an image classifier; this model's tower is {adapter.family}")
     batch = adapter.prepare_inputs(image)
     x = batch.pixels

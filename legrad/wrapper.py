@@ -18,6 +18,7 @@ from .adapters.registry import tower_adapter_for, unwrap_compiled
 from .engine import pipeline
 from .engine.budget import DEFAULT_MAX_TOKENS
 from .engine.scores import LeGradOutput
+from .engine.targets import Answers, Classes, Score, Target, Text
 from .engine.validation import check_layer_index
 
 __all__ = ["LeWrapper"]
@@ -238,9 +239,11 @@ class LeWrapper:
             text_embedding: ``[P, D]`` prompts shared by all images, or ``[B, P, D]`` per image;
                 normalised embeddings as ``encode_text(..., normalize=True)`` returns (used as given).
                 Not for image classifiers.
-            target: image classifiers only (instead of ``text_embedding``): class indices, an int, a
-                sequence of ints or a LongTensor ``[P]`` shared by the batch, or ``[B, P]`` per image;
-                each map explains that class's logit (see :mod:`legrad.classifiers`).
+            target: instead of ``text_embedding``: a target of :mod:`legrad.engine.targets` (``Text``,
+                ``Classes``, ``Answers``, ``Score``); a function of the readout returning ``[B, P]`` scores
+                (a ``Score``); or, for image classifiers, class indices: an int, a sequence of ints or a
+                LongTensor ``[P]`` shared by the batch, or ``[B, P]`` per image; each map explains that
+                class's logit (see :mod:`legrad.classifiers`).
             image: ``[B, C, H, W]`` float images, preprocessed; H and W multiples of the patch size.
             layer_index: overrides the wrapper's ``layer_index`` for this call.
             prompt_chunk: prompts per batched backward (bounds memory); default from a memory budget.
@@ -267,13 +270,17 @@ class LeWrapper:
         Raises:
             TypeError, ValueError: on invalid inputs, before any computation.
         """
-        if answers is not None or self._adapter.scorer == "answer":
+        goal = self._target(text_embedding, target, answers)
+        if isinstance(goal, Answers):
+            goal.check(self._adapter)
             if return_scores:
                 inputs = {**inputs, "return_scores": return_scores}
-            return self._explain_answers(text_embedding if target is None else target, image, answers, layer_index,
-                                         prompt_chunk, output_size, inputs)
+            return self._adapter.explain(image, goal.answers,
+                                         layer_index=self._layer_index if layer_index is None else layer_index,
+                                         output_size=output_size, prompt_chunk=prompt_chunk, tokenizer=self._tokenizer,
+                                         max_memory=self.max_memory, max_tokens=self.max_tokens, **inputs)
         return self._run(pipeline.Request(
-            image=image, text=text_embedding, target=target,
+            image=image, target=goal,
             layer_index=self._layer_index if layer_index is None else layer_index, prompt_chunk=prompt_chunk,
             output_size=output_size, inputs=inputs, return_scores=return_scores))
 
@@ -338,7 +345,8 @@ class LeWrapper:
         """
         self._require_entry_point("compute_legrad_siglip")
         return self._run(pipeline.Request(
-            image=image, text=text_embedding, layer_index=self._layer_index if layer_index is None else layer_index,
+            image=image, target=Text(text_embedding),
+            layer_index=self._layer_index if layer_index is None else layer_index,
             prompt_chunk=prompt_chunk, output_size=output_size, inputs=inputs, apply_correction=apply_correction,
             correction_threshold=correction_threshold))
 
@@ -373,18 +381,21 @@ class LeWrapper:
                 f"{name} does not apply to this model's image tower ({self._adapter.family}); use {valid}"
             )
 
-    def _explain_answers(self, text: Any, image: Any, answers: Any, layer_index: int | None,
-                         prompt_chunk: int | None, output_size: Any, inputs: dict[str, Any]) -> torch.Tensor:
-        explain = getattr(self._adapter, "explain", None)
-        if explain is None:
-            raise TypeError(f"answers= applies to vision-language models (LLaVA, PaliGemma); this model's tower "
-                            f"({self._adapter.family}) is explained against text_embedding")
-        if text is not None or answers is None:
-            raise TypeError("a vision-language model explains candidate answers: compute_legrad(image=processor_output, "
-                            "answers=['a cat', 'a dog'])")
-        return explain(image, answers, layer_index=self._layer_index if layer_index is None else layer_index,
-                       output_size=output_size, prompt_chunk=prompt_chunk, tokenizer=self._tokenizer,
-                       max_memory=self.max_memory, max_tokens=self.max_tokens, **inputs)
+    @staticmethod
+    def _target(text: Any, target: Any, answers: Any) -> Target:
+        """The call's target from compute_legrad's arguments (at most one of them)."""
+        given = [name for name, v in (("text_embedding", text), ("target", target), ("answers", answers))
+                 if v is not None]
+        if len(given) > 1:
+            raise TypeError(f"give one target, got {' and '.join(given)}: text_embedding (text), target (classes, "
+                            "a Target or a score function) or answers (a vision-language model's candidate answers)")
+        if answers is not None:
+            return Answers(answers)
+        if isinstance(target, Target):
+            return target
+        if target is not None:
+            return Score(target) if callable(target) else Classes(target)
+        return Text(text)
 
     def _run(self, request: pipeline.Request) -> torch.Tensor | LeGradOutput:
         return pipeline.run(self._adapter, self._model, request, self.settings())

@@ -267,8 +267,10 @@ def test_text_embedding_to_classifier_and_target_to_clip_are_refused():
     with pytest.raises(TypeError, match="unexpected keyword"):
         clf.compute_legrad(image=image, target=1, pixel_attention_mask=None)
     clip = LeWrapper(make_tiny_vit())
-    with pytest.raises(TypeError, match="target= selects classes"):
+    with pytest.raises(TypeError, match="give one target, got text_embedding and target"):
         clip.compute_legrad(unit_text(2), image=rand_image(1, 32, 32), target=1)
+    with pytest.raises(TypeError, match="target= selects classes"):
+        clip.compute_legrad(image=rand_image(1, 32, 32), target=1)
     with pytest.raises(TypeError, match="needs an image classifier"):
         class_logits(clip, rand_image(1, 32, 32))
 

@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from legrad import LeWrapper
 from legrad.adapters.drift import DriftError, check_drift, tolerance
+from legrad.engine.targets import Logits
 
 transformers = pytest.importorskip("transformers")
 from helpers import hf_models  # noqa: E402  (needs transformers)
@@ -58,7 +59,7 @@ UNMODIFIED = {
 
 def _explain(wrapper: LeWrapper) -> torch.Tensor:
     adapter = wrapper.adapter
-    if adapter.scorer == "logit":
+    if isinstance(adapter.readout_space, Logits):
         return wrapper.compute_legrad(image=rand_image(1, 32, 32), target=[1, 2])
     text = unit_text(2, adapter.embed_dim)
     if adapter.variable_grids:

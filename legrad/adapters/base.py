@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..engine.step import ImageBatch, LayerStep, ModelInput
+from ..engine.targets import Embedding, ReadoutSpace
 from ..engine.validation import check_image
 from .capabilities import Capabilities, MissingCapability, missing
 
@@ -38,8 +39,8 @@ class TowerAdapter(Capabilities):
     :class:`~legrad.adapters.capabilities.Capabilities`; a missing one raises :class:`MissingCapability`.
 
     Subclasses implement :meth:`matches` (or :meth:`from_model`), :attr:`depth`, :attr:`patch_size`,
-    :attr:`embed_dim` and :meth:`steps`; the rest has defaults for a ``[B, C, H, W]`` ViT scored by
-    cosine with text embeddings. :attr:`family` names the family in messages and tables.
+    :attr:`embed_dim` and :meth:`steps`; the rest has defaults for a ``[B, C, H, W]`` ViT whose readout is
+    an image embedding (:attr:`readout_space`). :attr:`family` names the family in messages and tables.
     """
 
     family: ClassVar[str] = "abstract"
@@ -56,9 +57,6 @@ class TowerAdapter(Capabilities):
         "or turn the correction off with apply_correction=False; open_clip.get_tokenizer(model_name) also works "
         "but downloads a SigLIP model's tokenizer from the Hugging Face Hub when it is not cached"
     )
-    #: What a layer's feature is scored against: ``"cosine"`` (text embeddings) or ``"logit"`` (class
-    #: indices of an image classifier, ``target=``); see :func:`legrad.engine.step.scorer_for`.
-    scorer: ClassVar[str] = "cosine"
     #: Whether images of one batch may have different grids (maps then come back as a list).
     variable_grids: ClassVar[bool] = False
     #: Whether maps are min-max normalised on the patch grid before upsampling (only legrad-torch 1.1's
@@ -93,6 +91,13 @@ class TowerAdapter(Capabilities):
     def patch_size(self) -> tuple[int, int]:
         """``(ph, pw)`` pixels per patch."""
         raise missing(self, "patch_size", "the pipeline")
+
+    @property
+    def readout_space(self) -> ReadoutSpace:
+        """What the tower's readout is (a type of :mod:`legrad.engine.targets`): by default an image
+        embedding of width :attr:`embed_dim` compared with text (classifiers: :class:`Logits`; VLMs:
+        :class:`AnswerScores`). The targets check themselves against it."""
+        return Embedding(self.embed_dim)
 
     @property
     def in_chans(self) -> int:

@@ -47,12 +47,6 @@ class Capabilities:
         """Whether the embedding is the average of the patch tokens (else: the first token's row)."""
         return False
 
-    @property
-    def num_classes(self) -> int:
-        """Classes of an image classifier (``scorer == "logit"``)."""
-        raise missing(self, "num_classes", "an image classifier's target check")
-
-
     def pooled_row(self, mat: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
         """The pooled token's row of a token-to-token matrix ``[B, Nq, Nk]`` -> ``[B, Nk]`` (baselines).
 

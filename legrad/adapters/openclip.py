@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engine.targets import Embedding
 from ..ops.attention import attention_ops_for
 from ..ops.functional import apply_module, param
 from ..ops.posembed import resampled_embedding
@@ -213,8 +214,11 @@ class CoCaReferenceAdapter(OpenClipCoCaAdapter):
     """
 
     family = "open_clip VisionTransformer + attentional pooler (CoCa), as legrad-torch 1.1 explains it"
-    scorer = "dot"
     reference_query_zero = True
+
+    @property
+    def readout_space(self) -> Embedding:
+        return Embedding(self.embed_dim, cosine=False)
 
     def for_reference(self, reference):
         return self

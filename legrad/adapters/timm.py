@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engine.targets import Embedding
 from ..ops.attention import LatentPoolOps
 from ..ops.functional import apply_module, eval_view, param
 from ..ops.posembed import resampled_embedding
@@ -311,7 +312,7 @@ class TimmMapAdapter(_TimmTowerAdapter):
     pooled_by_map = True
 
     def for_reference(self, reference):
-        if self.scorer != "cosine":  # timm classifiers share this class; the original never explained them
+        if not isinstance(self.readout_space, Embedding):  # timm classifiers share this class; never in the original
             return None
         problem = reference_problem(self.visual)
         if problem is not None:

@@ -6,8 +6,9 @@ baselines of :mod:`legrad.eval.baselines`).
 0. ``settings.reference`` (``"1.1"``) swaps in the adapter that computes the original package's maps
    (:func:`reference_adapter`);
 1. validation, before any work (:mod:`~legrad.engine.validation`): output size, the adapter's own
-   input preparation (``adapter.prepare_inputs``: image tensors, processor outputs, NaFlex masks), text
-   embeddings or class targets (by the adapter's ``scorer`` kind), prompt chunk, layer index;
+   input preparation (``adapter.prepare_inputs``: image tensors, processor outputs, NaFlex masks), the
+   target (:mod:`~legrad.engine.targets`: it checks it fits the tower's readout space and validates its
+   values), prompt chunk, layer index;
 2. the empty prompt of the correction (:mod:`~legrad.engine.correction`) when the family uses it;
 3. pre-flight token and memory bounds (:mod:`~legrad.engine.budget`);
 4. the prologue: inputs moved to the tower's device, the model's dtype for the pixels and a float32
@@ -25,7 +26,7 @@ imports no adapter module.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,9 +38,10 @@ from .correction import apply_empty_prompt_correction, resolve_empty_embedding
 from .deadline import check_deadline
 from .maps import grid_maps
 from .relevance import accumulate_relevance
-from .scores import LeGradOutput, capture_final_embedding, final_scores
-from .step import ImageBatch, ModelInput, Scorer, scorer_for
-from .validation import check_layer_index, check_output_size, check_prompt_chunk, check_targets, check_text
+from .scores import LeGradOutput, capture_final_embedding
+from .step import ImageBatch, ModelInput, Scorer, compute_dtype_for
+from .targets import Target
+from .validation import check_layer_index, check_output_size, check_prompt_chunk
 
 __all__ = ["Settings", "Request", "Prepared", "LeGradOutput", "REFERENCES", "REFERENCE_FAMILIES", "reference_adapter", "compute_dtype_for",
            "prepare", "relevance", "finish", "run"]
@@ -95,23 +97,19 @@ class Request:
 
     Attributes:
         image: image batch or processor output, whatever ``adapter.prepare_inputs`` accepts.
-        text: ``[P, D]`` / ``[B, P, D]`` text embeddings (``scorer == "cosine"`` families).
-        target: class indices (``scorer == "logit"`` families: image classifiers).
+        target: what the maps explain (:class:`~legrad.engine.targets.Target`: text, classes, a score
+            function of the readout).
         layer_index: first explained block, negative counts from the end.
         prompt_chunk: prompts per batched backward (None: from the memory budget).
         output_size: None, ``"grid"`` or ``(h, w)``.
         inputs: extra image inputs passed to ``adapter.prepare_inputs``.
         apply_correction, correction_threshold: per-call overrides of :class:`Settings`.
         return_scores: also return the image embeddings and image-prompt scores (:class:`LeGradOutput`).
-        score: instead of ``text``/``target``, a function of the tower's readout ``[B, E]`` (a layer's
-            un-normalised embedding; a classifier's logits ``[B, K]``) returning the ``[B, P]`` scores to
-            explain, differentiable (no empty-prompt correction: there is no empty prompt to score).
         normalize: min-max normalise each map (False: the raw relevance, summed over layers, upsampled).
     """
 
     image: Any
-    text: Any = None
-    target: Any = None
+    target: Target
     layer_index: int = -2
     prompt_chunk: int | None = None
     output_size: Any = None
@@ -119,7 +117,6 @@ class Request:
     apply_correction: bool | None = None
     correction_threshold: float | None = None
     return_scores: bool = False
-    score: Callable[[torch.Tensor], torch.Tensor] | None = None
     normalize: bool = True
 
 
@@ -130,15 +127,16 @@ class Prepared:
     Attributes:
         adapter: the tower adapter.
         batch: the image batch; ``batch.pixels`` on the device, pixels in the model's dtype.
-        prompts: ``[P(+1), D]`` / ``[B, P(+1), D]`` text in ``compute_dtype`` (the empty prompt last when
-            ``threshold`` is set), or class indices ``[P]`` / ``[B, P]``.
+        prompts: the target's prompts: ``[P(+1), D]`` / ``[B, P(+1), D]`` text in ``compute_dtype`` (the
+            empty prompt last when ``threshold`` is set), class indices ``[P]`` / ``[B, P]``, ...
         num_prompts: P, the caller's prompts.
         start: first explained block (0-based).
         compute_dtype: dtype of the explained layers' graph.
         out_device: where the maps go (the input image's device).
         threshold: the empty-prompt correction's threshold, None when it does not apply.
         output_size, prompt_chunk: as requested.
-        scorer: how a layer's feature is scored against ``prompts``.
+        scorer: how a layer's feature is scored against ``prompts`` (the target's).
+        target: the call's target.
         normalize_on_grid: min-max normalise on the patch grid before upsampling (legrad-torch 1.1's
             SigLIP maps, ``adapter.normalizes_on_grid``).
     """
@@ -154,36 +152,8 @@ class Prepared:
     output_size: str | tuple[int, int] | None
     prompt_chunk: int | None
     scorer: Scorer
+    target: Target
     normalize_on_grid: bool = False
-
-
-def compute_dtype_for(param_dtype: torch.dtype) -> torch.dtype:
-    """The explained layers' dtype: float32 for half-precision models, the model's dtype otherwise."""
-    return torch.float32 if param_dtype in (torch.float16, torch.bfloat16) else param_dtype
-
-
-def _check_kind(adapter: Any, request: Request) -> None:
-    if request.score is not None:
-        if not callable(request.score):
-            raise TypeError(f"score must be a function of the readout [B, E] returning [B, P], got "
-                            f"{type(request.score).__name__}")
-        if request.text is not None or request.target is not None:
-            raise TypeError("give one target: a score function, text embeddings or class indices, not several")
-        return
-    if adapter.scorer == "logit":
-        if request.text is not None:
-            hint = ""
-            if isinstance(request.text, torch.Tensor) and request.text.ndim == 4 and request.image is None:
-                hint = " (the image goes in image=...: compute_legrad(image=x, target=...))"
-            raise TypeError(
-                f"this model is an image classifier ({adapter.family}): it explains class logits, not text; pass "
-                f"target=class indices instead of text_embedding{hint}"
-            )
-    elif request.target is not None:
-        raise TypeError(
-            f"target= selects classes of an image classifier, but this model's tower ({adapter.family}) is "
-            "explained against text: pass text_embedding (e.g. model.encode_text(tokens, normalize=True))"
-        )
 
 
 def _to_device(x: ModelInput, device: torch.device, dtype: torch.dtype) -> ModelInput:
@@ -200,29 +170,6 @@ def _out_pixels(batch: ImageBatch, output_size: str | tuple[int, int] | None) ->
     if output_size is None:
         return max(h * w for h, w in batch.sizes)
     return output_size[0] * output_size[1]
-
-
-def _score_prompts(adapter: Any, score: Callable[[torch.Tensor], torch.Tensor], batch: int
-                   ) -> tuple[torch.Tensor, Scorer]:
-    """Placeholder prompts ``[P, 0]`` and the scorer of a score function, whose ``P`` a probe finds.
-
-    The probe (the function on a zero readout ``[B, E]`` on the tower's device, in the compute dtype)
-    checks the function's contract before any work: a floating ``[B, P]`` result.
-    """
-    width = adapter.num_classes if adapter.scorer == "logit" else adapter.embed_dim
-    with torch.no_grad():
-        probe = score(torch.zeros(batch, width, device=adapter.device(),
-                                  dtype=compute_dtype_for(adapter.param_dtype())))
-    if not isinstance(probe, torch.Tensor) or probe.ndim != 2 or probe.shape[0] != batch or probe.shape[1] < 1 \
-            or not probe.is_floating_point():
-        got = tuple(probe.shape) if isinstance(probe, torch.Tensor) else type(probe).__name__
-        raise ValueError(f"a score function must return floating scores [B, P] = [{batch}, P] for a readout "
-                         f"[{batch}, {width}], got {got}")
-
-    def scorer(feature: torch.Tensor, _prompts: torch.Tensor) -> torch.Tensor:
-        return score(feature)
-
-    return torch.zeros(probe.shape[1], 0), scorer
 
 
 def prepare(adapter: Any, model: nn.Module, request: Request, settings: Settings, *,
@@ -244,28 +191,24 @@ def prepare(adapter: Any, model: nn.Module, request: Request, settings: Settings
         legrad.engine.budget.MemoryBudgetError: if the call would not fit its memory budget.
     """
     adapter = reference_adapter(adapter, settings.reference)
-    _check_kind(adapter, request)
+    target = request.target
+    if not isinstance(target, Target):
+        raise TypeError(f"the target must be a legrad Target (Text, Classes, Answers, Score), got {type(target).__name__}")
+    target.check(adapter)
     output_size = check_output_size(request.output_size)
     check_deadline()
     batch = adapter.prepare_inputs(request.image, **request.inputs)
     check_deadline()
-    scorer = scorer_for(adapter.scorer)
-    if request.score is not None:
-        prompts, scorer = _score_prompts(adapter, request.score, batch.batch)
-        num_prompts = prompts.shape[0]
-    elif adapter.scorer == "logit":
-        prompts = check_targets(request.target, batch.batch, adapter.num_classes)
-        num_prompts = prompts.shape[-1]
-    else:
-        prompts = check_text(request.text, adapter.embed_dim, batch.batch)
-        num_prompts = prompts.shape[-2]
+    prompts, scorer = target.prompts(adapter, model, settings.tokenizer, batch.batch)
+    # Prompts are [P, ...] or [B, P, ...] after the batch; a row of class indices has nothing after.
+    num_prompts = prompts.shape[-1] if not prompts.is_floating_point() else prompts.shape[-2]
     prompt_chunk = check_prompt_chunk(request.prompt_chunk)
     start = check_layer_index(request.layer_index, adapter.depth) % adapter.depth
     correct = settings.apply_correction if request.apply_correction is None else bool(request.apply_correction)
     threshold = settings.correction_threshold if request.correction_threshold is None else float(
         request.correction_threshold)
     empty = None
-    if correct and adapter.uses_empty_prompt_correction and request.score is None:
+    if correct and adapter.uses_empty_prompt_correction and target.correctable:
         empty = resolve_empty_embedding(model, adapter, settings.tokenizer, settings.empty_text_embedding)
     device = adapter.device()
     param_dtype = adapter.param_dtype()
@@ -278,7 +221,7 @@ def prepare(adapter: Any, model: nn.Module, request: Request, settings: Settings
     out_device = batch.device
     with torch.inference_mode(False), torch.no_grad():
         pixels = _to_device(batch.pixels, device, param_dtype)
-        # Class indices (classifiers' scorer) keep their integer dtype.
+        # Class indices keep their integer dtype.
         txt = _to_device(prompts, device, dtype)
         if empty is not None:  # one extra prompt in the same batched backward
             e = _to_device(empty, device, dtype)
@@ -287,7 +230,7 @@ def prepare(adapter: Any, model: nn.Module, request: Request, settings: Settings
     return Prepared(adapter=adapter, batch=ImageBatch(pixels, batch.grids, batch.sizes, batch.tokens), prompts=txt,
                     num_prompts=num_prompts, start=start, compute_dtype=dtype, out_device=out_device,
                     threshold=threshold if empty is not None else None, output_size=output_size,
-                    prompt_chunk=prompt_chunk, scorer=scorer,
+                    prompt_chunk=prompt_chunk, scorer=scorer, target=target,
                     normalize_on_grid=bool(getattr(adapter, "normalizes_on_grid", False)))
 
 
@@ -355,7 +298,7 @@ def run(adapter: Any, model: nn.Module, request: Request, settings: Settings
         raise TypeError(f"return_scores must be True or False, got {type(request.return_scores).__name__}")
     if not isinstance(request.normalize, bool):
         raise TypeError(f"normalize must be True or False, got {type(request.normalize).__name__}")
-    if request.return_scores and request.score is not None:
+    if request.return_scores and not getattr(request.target, "returns_scores", True):
         raise ValueError("return_scores=True needs text embeddings or class indices; with a score function, "
                          "call it on the model's output yourself")
     if request.return_scores and settings.reference is not None and reference_adapter(adapter, settings.reference) is not adapter:
@@ -370,5 +313,5 @@ def run(adapter: Any, model: nn.Module, request: Request, settings: Settings
     maps = finish(call, relevance(call, final), normalize=request.normalize)
     if not final:
         raise NotImplementedError(f"the {adapter.family} adapter yielded no step for the tower's last block")
-    features, scores = final_scores(final[0], call.prompts, call.num_prompts, adapter.scorer)
+    features, scores = call.target.outputs(final[0], call.prompts, call.num_prompts)
     return LeGradOutput(maps, features.float().to(call.out_device), scores.float().to(call.out_device))

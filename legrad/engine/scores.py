@@ -16,11 +16,10 @@ from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
-from .step import LayerStep, cosine_scores, logit_scores
+from .step import LayerStep
 
-__all__ = ["LeGradOutput", "capture_final_embedding", "final_scores"]
+__all__ = ["LeGradOutput", "capture_final_embedding"]
 
 
 class LeGradOutput(NamedTuple):
@@ -53,20 +52,3 @@ def capture_final_embedding(adapter: Any, steps: Iterable[LayerStep], sink: list
                 sink.append(adapter.final_embedding(step).detach())
         yield step
         del step
-
-
-def final_scores(embedding: torch.Tensor, prompts: torch.Tensor, num_prompts: int, kind: str
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(image_features, scores)`` from the model's embedding ``[B, E]`` and the call's prompts.
-
-    Args:
-        embedding: ``[B, E]`` un-normalised embedding, or ``[B, K]`` logits (``kind == "logit"``).
-        prompts: the prepared ``[P(+1), D]`` / ``[B, P(+1), D]`` text, or class indices ``[P]`` / ``[B, P]``.
-        num_prompts: P (a trailing correction prompt beyond it is dropped).
-        kind: the adapter's scorer kind, ``"cosine"`` or ``"logit"``.
-    """
-    with torch.no_grad():
-        if kind == "logit":
-            return embedding, logit_scores(embedding, prompts)
-        text = prompts[..., :num_prompts, :]
-        return F.normalize(embedding, dim=-1), cosine_scores(embedding, text)

@@ -1,6 +1,7 @@
 """What an adapter hands to the engine: one :class:`LayerStep` per explained layer, the validated
 :class:`ImageBatch` of a call, and the scorers that turn a layer's feature into the scores LeGrad
-differentiates (cosine with text embeddings for vision-language towers, a class logit for classifiers).
+differentiates (cosine with text embeddings for vision-language towers, a class logit for classifiers;
+the targets of :mod:`~legrad.engine.targets` choose among them).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LayerStep", "ImageBatch", "Scorer", "cosine_scores", "dot_scores", "logit_scores", "scorer_for"]
+__all__ = ["LayerStep", "ImageBatch", "Scorer", "compute_dtype_for", "cosine_scores", "dot_scores", "logit_scores"]
 
 
 @dataclass
@@ -137,12 +138,7 @@ def logit_scores(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return logits.gather(1, target)
 
 
-_SCORERS: dict[str, Scorer] = {"cosine": cosine_scores, "dot": dot_scores, "logit": logit_scores}
 
-
-def scorer_for(kind: str) -> Scorer:
-    """The scorer of an adapter's ``scorer`` kind (``"cosine"``, ``"dot"`` or ``"logit"``)."""
-    try:
-        return _SCORERS[kind]
-    except KeyError:
-        raise ValueError(f"unknown scorer kind {kind!r}; expected one of {sorted(_SCORERS)}") from None
+def compute_dtype_for(param_dtype: torch.dtype) -> torch.dtype:
+    """The explained layers' dtype: float32 for half-precision models, the model's dtype otherwise."""
+    return torch.float32 if param_dtype in (torch.float16, torch.bfloat16) else param_dtype

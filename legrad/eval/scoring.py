@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..engine.targets import Logits
 from ..engine.validation import check_targets
 
 __all__ = ["Scorer", "class_scorer", "known_num_classes", "text_scorer"]
@@ -59,8 +60,9 @@ def text_scorer(model: Any, text_embedding: Any, b: int, p: int,
 def known_num_classes(model: Any) -> int | None:
     """The class count of a wrapped classifier (its adapter) or a model exposing ``num_classes``; else None."""
     adapter = getattr(model, "adapter", None)
-    if getattr(adapter, "scorer", None) == "logit":
-        return int(adapter.num_classes)
+    space = getattr(adapter, "readout_space", None)
+    if isinstance(space, Logits):
+        return space.classes
     n = getattr(model, "num_classes", None)
     return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 

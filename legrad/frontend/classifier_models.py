@@ -32,6 +32,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 from ..adapters.registry import tower_adapter_for
+from ..engine.targets import Logits
 from ..io.errors import ModelLoadError, one_line
 from .downloads import check_download_reachable, hub_cached, weights_cached
 from .hf_checks import NO_REMOTE_CODE, custom_code_error, refuse_custom_code, refuse_missing_weights
@@ -172,7 +173,7 @@ def _check_supported(model: torch.nn.Module, name: str) -> None:
         adapter = tower_adapter_for(model)
     except TypeError as exc:
         raise _error(f"{name} is not a ViT classifier LeGrad supports ({one_line(exc, 160)})") from exc
-    if adapter.scorer != "logit":
+    if not isinstance(adapter.readout_space, Logits):
         raise _error(f"{name} is not an image classifier")
 
 

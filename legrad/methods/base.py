@@ -15,7 +15,7 @@ from ..adapters.base import TowerAdapter
 from ..engine import pipeline
 from ..engine.validation import check_layer_index
 from ..wrapper import LeWrapper
-from .targets import ANSWERS, Target, as_target, target_kind
+from .targets import ANSWERS, Answers, Target, as_target, target_kind
 
 __all__ = ["Method", "BaselineMethod", "Run", "image_input"]
 
@@ -129,12 +129,12 @@ class Run:
     """
 
     def __init__(self, wrapper: LeWrapper, image: Any, target: Target):
-        fields = target.request(wrapper)
-        if "answers" in fields:
+        if isinstance(target, Answers):
             raise TypeError("answers are explained on vision-language models, by LeGrad only")
-        request = pipeline.Request(image=image, layer_index=-1, **fields)
+        request = pipeline.Request(image=image, target=target, layer_index=-1)
         self.call = pipeline.prepare(wrapper.adapter, wrapper.model, request,
-                                     pipeline.Settings(apply_correction=False), check_budget=False)
+                                     pipeline.Settings(tokenizer=wrapper.tokenizer, apply_correction=False),
+                                     check_budget=False)
         self.adapter: TowerAdapter = wrapper.adapter
         self.image = self.call.batch.pixels
         self.text = self.call.prompts

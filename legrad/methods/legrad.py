@@ -9,7 +9,7 @@ import torch
 
 from ..engine import pipeline
 from .base import Method
-from .targets import ANSWERS, Target, target_kind
+from .targets import Answers, Target
 
 __all__ = ["LeGrad"]
 
@@ -42,15 +42,11 @@ class LeGrad(Method):
             layer_index = self.config["layer_index"]
         if layer_index is None:
             layer_index = wrapper.layer_index
-        fields = target.request(wrapper)
-        if "answers" in fields or target_kind(wrapper.adapter) == ANSWERS:
-            if "answers" not in fields:
-                raise TypeError("a vision-language model explains candidate answers: "
-                                "target=Answers(['a cat', 'a dog']) (or a list of strings)")
+        if isinstance(target, Answers):
             if not normalize:
                 raise ValueError("normalize=False is not available for a vision-language model's answers")
-            return wrapper.compute_legrad(image=image, answers=fields["answers"], layer_index=layer_index,
+            return wrapper.compute_legrad(image=image, target=target, layer_index=layer_index,
                                           prompt_chunk=prompt_chunk, output_size=output_size, **inputs)
-        request = pipeline.Request(image=image, layer_index=layer_index, prompt_chunk=prompt_chunk,
-                                   output_size=output_size, inputs=inputs, normalize=normalize, **fields)
+        request = pipeline.Request(image=image, target=target, layer_index=layer_index, prompt_chunk=prompt_chunk,
+                                   output_size=output_size, inputs=inputs, normalize=normalize)
         return pipeline.run(wrapper.adapter, wrapper.model, request, wrapper.settings())

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ...engine.targets import Logits
 from ...engine.validation import check_image
 from ..base import ImageBatch, TowerAdapter
 
@@ -25,10 +26,9 @@ __all__ = ["ClassifierAdapter"]
 class ClassifierAdapter(TowerAdapter):
     """Base of the image-classifier adapters: the layer feature is the ``[B, num_classes]`` logits.
 
-    Its ``scorer`` is ``"logit"``: the pipeline takes class indices (``target=``), not text embeddings.
+    Its readout space is :class:`~legrad.engine.targets.Logits`: it explains class indices (``target=``), not text.
     """
 
-    scorer: ClassVar[str] = "logit"
     entry_points: ClassVar[tuple[str, ...]] = ("compute_legrad",)
     uses_empty_prompt_correction: ClassVar[bool] = False
 
@@ -39,6 +39,15 @@ class ClassifierAdapter(TowerAdapter):
     @property
     def embed_dim(self) -> int:
         return self.num_classes
+
+    @property
+    def num_classes(self) -> int:
+        """The classifier's class count."""
+        raise NotImplementedError
+
+    @property
+    def readout_space(self) -> Logits:
+        return Logits(self.num_classes)
 
     def logits(self, image: torch.Tensor) -> torch.Tensor:
         """The model's own eval-mode logits ``[B, K]`` recomputed statelessly (no grad): the re-run of the

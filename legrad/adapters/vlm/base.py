@@ -34,6 +34,7 @@ from ...engine.deadline import check_deadline
 from ...engine.maps import grid_maps
 from ...engine.relevance import NonFiniteError, layer_relevance
 from ...engine.step import LayerStep
+from ...engine.targets import AnswerScores
 from ...engine.validation import check_layer_index, check_output_size, check_prompt_chunk
 from ..runner import BlockTower, Run, after_attention, attention, plain_block
 from .inputs import Packed, VLMInputs, answer_logprobs, pack, read_inputs, tokenize_answers
@@ -56,7 +57,7 @@ class VLMAdapter(BlockTower):
     """
 
     entry_points = ("compute_legrad",)
-    scorer: ClassVar[str] = "answer"
+    readout_space: ClassVar[AnswerScores] = AnswerScores()
     #: The transformers class name this adapter handles.
     model_class: ClassVar[str] = ""
     #: The vision tower's kind, a key of :data:`~legrad.adapters.vlm.towers.TOWER_KINDS` (declared once, shared by
