@@ -83,7 +83,9 @@ def _child(family: str, size: int, p: int, device: str) -> None:
     pipeline.check_call = recording_check_call
     ph, pw = wrapper.adapter.patch_size
     image = torch.randn(1, 3, size, size, device=device)
-    if wrapper.adapter.scorer == "logit":
+    from legrad.engine.targets import Logits
+
+    if isinstance(wrapper.adapter.readout_space, Logits):
         prompts = {"target": torch.arange(p, device=device)}
         tiny = {"target": torch.arange(1, device=device)}
     else:
