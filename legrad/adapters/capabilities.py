@@ -79,7 +79,7 @@ class Capabilities:
         logits ``[B, K]`` for classifiers) from the step of the tower's last block (no second pass).
 
         Attention-pooled towers: the last step's feature (the pooler on the final tokens). Others: the
-        tower's own pooling and head (:meth:`pooled_output`) on ``step.block_output``.
+        tower's own pooling and head (:meth:`readout`) on ``step.block_output``.
 
         Raises:
             NotImplementedError: if the family's steps carry no ``block_output``.
@@ -88,7 +88,7 @@ class Capabilities:
             return step.feature.detach()
         if step.block_output is None:
             raise missing(self, "block_output in its steps", "return_scores")
-        return self.pooled_output(step.block_output)
+        return self.readout(step.block_output)
 
     def logits(self, image: torch.Tensor) -> torch.Tensor:
         """An image classifier's eval-mode logits ``[B, K]``, recomputed statelessly (no grad)."""
@@ -133,12 +133,12 @@ class Capabilities:
         """legrad's stateless re-run of what :meth:`own_output` returns, in the tower's dtype (no grad).
 
         The default runs the traced forward's blocks (:meth:`trace_tokens`, :meth:`trace_block`,
-        :meth:`pooled_output`) without building a graph.
+        :meth:`readout`) without building a graph.
         """
         x, context = self.trace_tokens(image, self.param_dtype())
         for i in range(self.depth):
             x, _ = self.trace_block(i, x, context)
-        return self.pooled_output(x)
+        return self.readout(x, context)
 
     # ------------------------------------------------------------------ traced forward (gradient baselines)
     def trace(self, image: ModelInput, compute_dtype: torch.dtype) -> tuple[list[LayerStep], torch.Tensor]:
@@ -147,7 +147,7 @@ class Capabilities:
         Unlike :meth:`steps`, later blocks depend on earlier ones in the graph, and the embedding is the
         model's own pooled output (what ``encode_image`` returns, un-normalised). Call it under
         ``torch.no_grad()``; the graph is built under ``enable_grad``. Families provide
-        :meth:`trace_tokens`, :meth:`trace_block` and :meth:`pooled_output`.
+        :meth:`trace_tokens`, :meth:`trace_block` and :meth:`readout`.
 
         Args:
             image: as for :meth:`steps`.
@@ -168,7 +168,7 @@ class Capabilities:
             for i in range(self.depth):
                 x, step = self.trace_block(i, x, context)
                 steps.append(step)
-            embedding = self.trace_output(x, context)
+            embedding = self.readout(x, context)
         for step in steps:
             step.feature = embedding
         return steps, embedding
@@ -183,10 +183,11 @@ class Capabilities:
         """Block ``layer`` in the traced graph: its output and its step (``out``, ``tokens`` in the graph)."""
         raise missing(self, "trace_block", "the gradient baselines")
 
-    def trace_output(self, x: torch.Tensor, context: Any) -> torch.Tensor:
-        """The traced graph's embedding from the last block's tokens (default: :meth:`pooled_output`)."""
-        return self.pooled_output(x)
+    def readout(self, x: torch.Tensor, context: Any = None) -> torch.Tensor:
+        """The model's own output from the last block's output tokens ``x`` ``[B, N, C]``: what ``encode_image``
+        returns (un-normalised), a classifier's logits ``[B, K]``. ``context``: the call's context (the
+        :class:`~legrad.adapters.runner.Run` of a block tower, :meth:`trace_tokens`'s second value), or None.
 
-    def pooled_output(self, x: torch.Tensor) -> torch.Tensor:
-        """The tower's own embedding ``[B, E]`` from the last block's tokens (what ``encode_image`` returns)."""
-        raise missing(self, "pooled_output", "return_scores, the gradient baselines and the drift guard")
+        The one readout of a tower: the traced forward ends in it, and :func:`~legrad.adapters.runner.rerun`
+        (the drift guard, ``class_logits``) and ``return_scores`` apply it to the last block's tokens."""
+        raise missing(self, "readout", "return_scores, the gradient baselines and the drift guard")

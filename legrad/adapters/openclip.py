@@ -11,7 +11,7 @@ from ..engine.targets import Embedding
 from ..ops.attention import attention_ops_for
 from ..ops.functional import apply_module, param
 from ..ops.posembed import resampled_embedding
-from .runner import Block, BlockTower, Pooler, Run, chain, pool
+from .runner import Block, BlockTower, Pooler, Run, chain
 
 __all__ = ["OpenClipViTAdapter", "OpenClipCoCaAdapter", "CoCaReferenceAdapter", "encode_image"]
 
@@ -123,7 +123,7 @@ class OpenClipViTAdapter(BlockTower):
     def pools_by_average(self):
         return self.visual.pool_type == "avg"
 
-    def pooled_output(self, x: torch.Tensor) -> torch.Tensor:
+    def readout(self, x: torch.Tensor, context: Run | None = None) -> torch.Tensor:
         # Mirrors VisionTransformer._pool for towers without attn_pool (the only ones this adapter matches).
         v = self.visual
         if v.pool_type not in ("tok", "avg"):
@@ -194,8 +194,8 @@ class OpenClipCoCaAdapter(OpenClipViTAdapter):
         return Pooler(attention_ops_for(pool_.attn), keys=lambda z: (apply_module(pool_.ln_k, z), 1),
                       queries=queries, finish=self._finish)
 
-    def pooled_output(self, x):
-        return pool(self.pooler(), x)  # the pooler's embedding, not the parent's token pooling
+    def readout(self, x, context=None):
+        return BlockTower.readout(self, x, context)  # the pooler's embedding, not the parent's token pooling
 
     def _finish(self, y: torch.Tensor) -> torch.Tensor:
         """From the pooler's projected output ``[B, L, C]`` to the image embedding."""

@@ -194,7 +194,7 @@ def pool(pooler: Pooler, z: torch.Tensor, key_mask: torch.Tensor | None = None) 
 class BlockTower(TowerAdapter):
     """A :class:`TowerAdapter` whose tower is declared: :meth:`declare` (tokens and blocks of one call),
     :meth:`head` (a layer's feature from its token mean) or :meth:`pooler` (attention-pooled towers), and
-    :meth:`pooled_output` (the model's own readout). ``steps``, ``trace`` and the drift guard's re-run
+    :meth:`readout` (the model's own output). ``steps``, ``trace`` and the drift guard's re-run
     come from the runner."""
 
     def declare(self, image: ModelInput, dtype: torch.dtype) -> Run:
@@ -229,12 +229,13 @@ class BlockTower(TowerAdapter):
                 yield step
                 del step  # free this layer's graph before building the next one
 
-    def pooled_output(self, x: torch.Tensor) -> torch.Tensor:
-        """The embedding of an attention-pooled tower (its pooler on the last block's output ``x``)."""
+    def readout(self, x: torch.Tensor, context: Run | None = None) -> torch.Tensor:
+        """The embedding of an attention-pooled tower: its pooler on the last block's output ``x`` (with the
+        context's key mask); towers without a pooler define their own."""
         pooler = self.pooler()
         if pooler is None:
-            raise missing(self, "pooled_output", "return_scores, the gradient baselines and the drift guard")
-        return pool(pooler, x)
+            raise missing(self, "readout", "return_scores, the gradient baselines and the drift guard")
+        return pool(pooler, x, None if context is None else context.key_mask)
 
     def rerun_output(self, image: ModelInput) -> torch.Tensor:
         """The model's own output (embedding, or a classifier's logits) recomputed by the plain runner,
@@ -243,11 +244,7 @@ class BlockTower(TowerAdapter):
         x = run.tokens
         for block in run.blocks:
             x = plain_block(block, x, run)
-        return self.trace_output(x, run)
-
-    def trace_output(self, x: torch.Tensor, context: Run) -> torch.Tensor:
-        pooler = self.pooler()
-        return self.pooled_output(x) if pooler is None else pool(pooler, x, context.key_mask)
+        return self.readout(x, run)
 
     def trace_tokens(self, image: ModelInput, compute_dtype: torch.dtype) -> tuple[torch.Tensor, Run]:
         run = self.declare(image, compute_dtype)

@@ -277,7 +277,7 @@ class TimmViTAdapter(_TimmTowerAdapter):
     entry_points = ("compute_legrad", "compute_legrad_clip")
     pooled_by_map = False
 
-    def pooled_output(self, x):
+    def readout(self, x, context=None):
         t = self.trunk
         x = apply_module(t.norm, x)
         npt = self.num_prefix_tokens

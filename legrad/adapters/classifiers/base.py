@@ -6,7 +6,7 @@ logits: the model's own final norm and classification head (with its ``fc_norm``
 path where it has one) applied to the **mean of all of block l's tokens**. See :mod:`legrad.classifiers`.
 
 The traced forward of the gradient baselines (:meth:`TowerAdapter.trace`) ends in the model's own logits
-(:meth:`pooled_output` is the eval-mode classification output), so GradCAM and CheferCAM differentiate the
+(:meth:`readout` is the eval-mode classification output), so GradCAM and CheferCAM differentiate the
 target's logit through the real head.
 """
 

@@ -122,7 +122,7 @@ class HFViTClassifierAdapter(ClassifierAdapter, BlockTower):
     def _two_heads(self) -> bool:
         return self._prefix == 2 and len(self.heads) == 2  # teacher-distilled: class + distillation token
 
-    def pooled_output(self, x):
+    def readout(self, x, context=None):
         if self._two_heads:
             y = layer_norm(self.visual.layernorm, x[:, :2])
             return 0.5 * (linear(self.heads[0], y[:, 0]) + linear(self.heads[1], y[:, 1]))

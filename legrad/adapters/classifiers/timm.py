@@ -89,7 +89,7 @@ class TimmDistilledClassifierAdapter(_TimmClassifier, TimmViTAdapter):
         t = self.trunk
         return 0.5 * (linear(t.head, y) + linear(t.head_dist, y))  # no fc_norm: timm's distilled head skips it
 
-    def pooled_output(self, x):
+    def readout(self, x, context=None):
         t = self.trunk
         x = apply_module(t.norm, x)
         return 0.5 * (linear(t.head, x[:, 0]) + linear(t.head_dist, x[:, 1]))

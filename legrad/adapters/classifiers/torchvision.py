@@ -99,5 +99,5 @@ class TorchvisionViTAdapter(ClassifierAdapter, BlockTower):
     def head(self, pooled: torch.Tensor) -> torch.Tensor:
         return apply_module(self.visual.heads, apply_module(self.visual.encoder.ln, pooled))
 
-    def pooled_output(self, x):
+    def readout(self, x, context=None):
         return self.head(x[:, 0])

@@ -31,6 +31,6 @@ class HFClipAdapter(HFAdapter):
     def head(self, pooled: torch.Tensor) -> torch.Tensor:
         return linear(self.model.visual_projection, layer_norm(self.visual.post_layernorm, pooled))
 
-    def pooled_output(self, x):
+    def readout(self, x, context=None):
         """``visual_projection(post_layernorm(CLS))``, what ``get_image_features`` returns."""
         return self.head(x[:, 0])
