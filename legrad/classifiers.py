@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from .adapters.runner import rerun
 from .engine.targets import Logits
 
 __all__ = ["class_logits"]
@@ -54,4 +55,4 @@ def class_logits(wrapper: Any, image: Any) -> torch.Tensor:
     x = batch.pixels
     with torch.inference_mode(False), torch.no_grad():
         x = x.to(device=adapter.device(), dtype=adapter.param_dtype())
-        return adapter.logits(x.clone() if x.is_inference() else x).float().to(batch.device)
+        return rerun(adapter, x.clone() if x.is_inference() else x).float().to(batch.device)

@@ -121,7 +121,7 @@ def test_families_without_own_output_are_not_checked(caplog):
     class Custom(TowerAdapter):  # a user family that declares no own_output
         family = "custom test family"
 
-        def rerun_output(self, image):
+        def trace_tokens(self, image, compute_dtype):  # where legrad's re-run of this family would start
             raise AssertionError("not called")
 
     model = make_tiny_vit()

@@ -82,7 +82,7 @@ def test_missing_capabilities_are_type_errors_naming_family_and_method():
     adapter = _Bare(nn.Identity())
     for call, method in [(lambda: adapter.trace(torch.zeros(1), torch.float32), "traced forward"),
                          (lambda: adapter.own_output(None, None), "own_output"),
-                         (lambda: adapter.logits(torch.zeros(1)), "logits"),
+                         (lambda: adapter.readout(torch.zeros(1, 2, 3)), "readout"),
                          (lambda: adapter.depth, "depth"),
                          (lambda: adapter.readout_space, "embed_dim")]:
         with pytest.raises(TypeError, match=rf"bare test family adapter has no {method}") as info:

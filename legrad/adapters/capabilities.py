@@ -1,5 +1,5 @@
 """The optional capabilities of a tower adapter: what the gradient baselines, perturbation metrics,
-``return_scores``, the drift guard, reference mode, ``class_logits`` and ``list_pretrained`` ask of a family, beyond the core
+``return_scores``, the drift guard, reference mode and ``list_pretrained`` ask of a family, beyond the core
 protocol of :class:`~legrad.adapters.base.TowerAdapter` that the pipeline needs. A family that lacks
 one raises :class:`MissingCapability` naming the family and the method.
 """
@@ -90,10 +90,6 @@ class Capabilities:
             raise missing(self, "block_output in its steps", "return_scores")
         return self.readout(step.block_output)
 
-    def logits(self, image: torch.Tensor) -> torch.Tensor:
-        """An image classifier's eval-mode logits ``[B, K]``, recomputed statelessly (no grad)."""
-        raise missing(self, "logits", "class_logits (image classifiers only)")
-
     # ------------------------------------------------------------------ drift guard (legrad.adapters.drift)
     @property
     def native_size(self) -> tuple[int, int]:
@@ -117,8 +113,8 @@ class Capabilities:
         return noise.to(self.device(), self.param_dtype())
 
     def own_output(self, model: nn.Module, image: ModelInput) -> torch.Tensor:
-        """The model's own output for ``image`` that :meth:`rerun_output` recomputes (open_clip's
-        ``encode_image``, a classifier's logits, Hugging Face image features), un-normalised.
+        """The model's own output for ``image`` that legrad's re-run (:func:`~legrad.adapters.runner.rerun`)
+        recomputes (open_clip's ``encode_image``, a classifier's logits, Hugging Face image features), un-normalised.
 
         Args:
             model: an eval-mode view of the wrapped model (never the model itself).
@@ -128,17 +124,6 @@ class Capabilities:
             TypeError: if the family does not declare it (its re-run then cannot be checked).
         """
         raise missing(self, "own_output", "the drift guard")
-
-    def rerun_output(self, image: ModelInput) -> torch.Tensor:
-        """legrad's stateless re-run of what :meth:`own_output` returns, in the tower's dtype (no grad).
-
-        The default runs the traced forward's blocks (:meth:`trace_tokens`, :meth:`trace_block`,
-        :meth:`readout`) without building a graph.
-        """
-        x, context = self.trace_tokens(image, self.param_dtype())
-        for i in range(self.depth):
-            x, _ = self.trace_block(i, x, context)
-        return self.readout(x, context)
 
     # ------------------------------------------------------------------ traced forward (gradient baselines)
     def trace(self, image: ModelInput, compute_dtype: torch.dtype) -> tuple[list[LayerStep], torch.Tensor]:

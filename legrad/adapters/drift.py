@@ -24,6 +24,7 @@ from torch import nn
 
 from ..ops.functional import eval_view
 from .base import TowerAdapter
+from .runner import rerun
 
 __all__ = ["DriftError", "check_drift", "tolerance", "library_versions"]
 
@@ -68,7 +69,8 @@ def library_versions(model: nn.Module) -> str:
 
 
 def check_drift(adapter: TowerAdapter, model: nn.Module) -> None:
-    """Compares ``adapter.rerun_output`` with ``adapter.own_output`` on a fixed-seed noise input (batch 1).
+    """Compares legrad's re-run (:func:`~legrad.adapters.runner.rerun`) with ``adapter.own_output`` on a
+    fixed-seed noise input (batch 1).
 
     Costs about two forwards of the image tower; builds no autograd graph beyond a transient one for an
     explained pooler, writes nothing and fires none of the model's hooks (both runs use an eval-mode view
@@ -100,11 +102,11 @@ def check_drift(adapter: TowerAdapter, model: nn.Module) -> None:
             checked = type(adapter).from_model(view) or adapter
             image = checked.probe_input()
             own = checked.own_output(view, image)
-            rerun = checked.rerun_output(image)
+            ours = rerun(checked, image)
     except Exception as exc:
         problem = f"could not be compared ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
         raise DriftError(_message(adapter, model, problem)) from exc
-    problem = _difference(own, rerun, tolerance(dtype, device), dtype)
+    problem = _difference(own, ours, tolerance(dtype, device), dtype)
     if problem:
         raise DriftError(_message(adapter, model, problem))
 

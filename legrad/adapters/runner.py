@@ -15,6 +15,7 @@ holds ``[B, C]`` there instead of ``[B, N, C]``) exists only in :func:`explained
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +30,7 @@ from .base import TowerAdapter
 from .capabilities import missing
 
 __all__ = ["Block", "Fn", "Pooler", "Run", "BlockTower", "identity", "chain", "pool", "attention", "after_attention", "plain_block",
-           "explained_block", "traced_block", "pooler_step"]
+           "explained_block", "traced_block", "pooler_step", "rerun"]
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -237,18 +238,34 @@ class BlockTower(TowerAdapter):
             raise missing(self, "readout", "return_scores, the gradient baselines and the drift guard")
         return pool(pooler, x, None if context is None else context.key_mask)
 
-    def rerun_output(self, image: ModelInput) -> torch.Tensor:
-        """The model's own output (embedding, or a classifier's logits) recomputed by the plain runner,
-        in the tower's dtype (call it under ``torch.no_grad()``)."""
-        run = self.declare(image, self.param_dtype())
-        x = run.tokens
-        for block in run.blocks:
-            x = plain_block(block, x, run)
-        return self.readout(x, run)
-
     def trace_tokens(self, image: ModelInput, compute_dtype: torch.dtype) -> tuple[torch.Tensor, Run]:
         run = self.declare(image, compute_dtype)
         return run.tokens, run
 
     def trace_block(self, layer: int, x: torch.Tensor, context: Run) -> tuple[torch.Tensor, LayerStep]:
         return traced_block(layer, context.blocks[layer], x, context)
+
+
+def rerun(adapter: TowerAdapter, image: ModelInput) -> torch.Tensor:
+    """legrad's stateless re-run of the model's own output for ``image`` (what ``adapter.own_output`` returns:
+    the un-normalised embedding, a classifier's logits, a VLM's image features), in the tower's dtype. Call it
+    under ``torch.no_grad()``; the drift guard compares it with the model's forward, ``class_logits`` returns it.
+
+    A :class:`BlockTower`: its declared blocks run plainly, then its :meth:`~BlockTower.readout`; a VLM: its
+    image features (``VLMAdapter.tower_features``); any other family: its traced forward's blocks
+    (``trace_tokens``, ``trace_block``) and ``readout``, without building a graph.
+    """
+    dtype = adapter.param_dtype()
+    vlm = sys.modules.get("legrad.adapters.vlm.base")  # no VLM adapter exists unless its module was imported
+    if vlm is not None and isinstance(adapter, vlm.VLMAdapter):
+        return adapter.tower_features(image)
+    if isinstance(adapter, BlockTower):
+        run = adapter.declare(image, dtype)
+        x = run.tokens
+        for block in run.blocks:
+            x = plain_block(block, x, run)
+        return adapter.readout(x, run)
+    x, context = adapter.trace_tokens(image, dtype)
+    for i in range(adapter.depth):
+        x, _ = adapter.trace_block(i, x, context)
+    return adapter.readout(x, context)

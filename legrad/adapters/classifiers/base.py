@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch
-
 from ...engine.targets import Logits
 from ...engine.validation import check_image
 from ..base import ImageBatch, TowerAdapter
@@ -48,11 +46,6 @@ class ClassifierAdapter(TowerAdapter):
     @property
     def readout_space(self) -> Logits:
         return Logits(self.num_classes)
-
-    def logits(self, image: torch.Tensor) -> torch.Tensor:
-        """The model's own eval-mode logits ``[B, K]`` recomputed statelessly (no grad): the re-run of the
-        model's own output (:meth:`rerun_output`), which for a classifier is its logits."""
-        return self.rerun_output(image)
 
     def own_output(self, model, image):
         out = model(image)

@@ -192,8 +192,9 @@ class VLMAdapter(BlockTower):
         return VLMInputs(image["pixel_values"], [torch.zeros(1, dtype=torch.long)], None, image.get("image_sizes"),
                          {k: image[k] for k in self.input_keys if k in image})
 
-    def rerun_output(self, image: Any) -> torch.Tensor:
-        """legrad's re-run of the same features: the declared tower, plainly, then the family's feature path."""
+    def tower_features(self, image: Any) -> torch.Tensor:
+        """legrad's re-run of what :meth:`own_output` returns (:func:`~legrad.adapters.runner.rerun`, the drift
+        guard): the declared tower on :meth:`probe_input`'s image, plainly, then the family's feature path."""
         call = self._probe_call(image)
         return self._plain_features(call, [0])
 
