@@ -74,22 +74,6 @@ class Capabilities:
         """
         return None
 
-    def final_embedding(self, step: LayerStep) -> torch.Tensor:
-        """The model's own image embedding ``[B, E]`` (what ``encode_image`` returns, un-normalised; the
-        logits ``[B, K]`` for classifiers) from the step of the tower's last block (no second pass).
-
-        Attention-pooled towers: the last step's feature (the pooler on the final tokens). Others: the
-        tower's own pooling and head (:meth:`readout`) on ``step.block_output``.
-
-        Raises:
-            NotImplementedError: if the family's steps carry no ``block_output``.
-        """
-        if self.uses_attention_pooler:
-            return step.feature.detach()
-        if step.block_output is None:
-            raise missing(self, "block_output in its steps", "return_scores")
-        return self.readout(step.block_output)
-
     # ------------------------------------------------------------------ drift guard (legrad.adapters.drift)
     @property
     def native_size(self) -> tuple[int, int]:

@@ -5,9 +5,9 @@ the first explained one without a graph, then every explained block up to the to
 (``layer_index`` only chooses where the explained layers start, they always run to the end). So the
 last step already sees the tower's final tokens, and the model's own image embedding (its real pooling
 and head, what ``encode_image`` returns; the logits for a classifier) comes from them with no second
-forward pass: :meth:`~legrad.adapters.base.TowerAdapter.final_embedding` applies the pooling and head
-to the last block's output, or, for attention-pooled towers, takes the last step's feature (the
-pooler on the final tokens *is* the model's embedding).
+forward pass: :func:`model_output` applies the adapter's readout (its pooling and head) to the last block's
+output, or, for attention-pooled towers, takes the last step's feature (the pooler on the final tokens *is*
+the model's embedding).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 
 from .step import LayerStep
 
-__all__ = ["LeGradOutput", "capture_final_embedding"]
+__all__ = ["LeGradOutput", "capture_final_embedding", "model_output"]
 
 
 class LeGradOutput(NamedTuple):
@@ -49,6 +49,23 @@ def capture_final_embedding(adapter: Any, steps: Iterable[LayerStep], sink: list
     for step in steps:
         if step.layer == last:
             with torch.no_grad():
-                sink.append(adapter.final_embedding(step).detach())
+                sink.append(model_output(adapter, step).detach())
         yield step
         del step
+
+
+def model_output(adapter: Any, step: LayerStep) -> torch.Tensor:
+    """The model's own output from the step of the tower's last block, with no second pass: its image
+    embedding ``[B, E]`` (what ``encode_image`` returns, un-normalised), a classifier's logits ``[B, K]``.
+
+    Attention-pooled towers (``adapter.uses_attention_pooler``): the step's feature (the pooler on the final
+    tokens). Others: ``adapter.readout`` on ``step.block_output``.
+
+    Raises:
+        TypeError: if the family's steps carry no ``block_output``.
+    """
+    if adapter.uses_attention_pooler:
+        return step.feature.detach()
+    if step.block_output is None:
+        raise TypeError(f"the {adapter.family} adapter has no block_output in its steps, which return_scores needs")
+    return adapter.readout(step.block_output)

@@ -36,7 +36,7 @@ class LayerStep:
             ``TowerAdapter.trace``, where they are part of the graph (GradCAM's activations).
         block_output: ``[B, N, C]`` the block's output tokens (no grad), set by towers whose layer
             feature is not the model's own pooling, so that the last step yields the model's embedding
-            (``TowerAdapter.final_embedding``, ``return_scores``).
+            (``TowerAdapter.readout``, ``return_scores``).
     """
 
     layer: int
