@@ -44,21 +44,15 @@ class Capabilities:
 
     @property
     def pools_by_average(self) -> bool:
-        """Whether the embedding is the average of the patch tokens (else: the first token's row)."""
+        """Whether the embedding is the average of the patch tokens (else: read from the leading tokens)."""
         return False
 
-    def pooled_row(self, mat: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
-        """The pooled token's row of a token-to-token matrix ``[B, Nq, Nk]`` -> ``[B, Nk]`` (baselines).
-
-        Attention poolers (``Nq != Nk``): the mean of their query rows; average pooling (or no prefix
-        token): the mean of the patch rows; otherwise the first (class) token's row.
-        """
-        nq, nk = mat.shape[-2:]
-        if nq != nk:
-            return mat.mean(1)
-        if self.pools_by_average or num_prefix_tokens == 0:
-            return mat[:, num_prefix_tokens:].mean(1)
-        return mat[:, 0]
+    @property
+    def readout_tokens(self) -> int:
+        """How many leading tokens the readout reads when it neither averages the patches nor pools with
+        attention: 1 (the class token), 2 for a distilled DeiT (one head on the class token, one on the
+        distillation token, averaged)."""
+        return 1
 
     def for_reference(self, reference: str) -> Any:
         """An adapter computing the original package's maps (``LeWrapper(reference=...)``) for this tower.

@@ -2,7 +2,7 @@
 
 Notation (as in :mod:`legrad.eval.baselines`): ``A_l`` is block ``l``'s post-softmax attention
 ``[heads, N, N]``, ``E_h`` the mean over heads, the "CLS row" the row of the token the model pools
-(:meth:`~legrad.adapters.base.TowerAdapter.pooled_row`). Prefix columns are dropped from every map.
+(:func:`readout_row`). Prefix columns are dropped from every map.
 The target only sets ``P``: the map is the same for every prompt.
 """
 
@@ -17,7 +17,25 @@ from ..engine.step import LayerStep
 from .base import BaselineMethod, Run
 from .targets import Target
 
-__all__ = ["RawAttention", "AttentionRollout", "patch_columns", "require_self_attention"]
+__all__ = ["RawAttention", "AttentionRollout", "patch_columns", "readout_row", "require_self_attention"]
+
+
+def readout_row(adapter: Any, mat: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """The row of the token(s) the model's readout pools, of a token-to-token matrix ``[B, Nq, Nk]`` -> ``[B, Nk]``,
+    from the tower's description (``readout_tokens``, ``pools_by_average``).
+
+    Attention poolers (``Nq != Nk``): the mean of their query rows; a readout of several leading tokens (distilled
+    DeiT): the mean of their rows; average pooling (or no prefix token): the mean of the patch rows; otherwise
+    the first (class) token's row.
+    """
+    nq, nk = mat.shape[-2:]
+    if nq != nk:
+        return mat.mean(1)
+    if adapter.readout_tokens > 1:
+        return mat[:, :adapter.readout_tokens].mean(1)
+    if adapter.pools_by_average or num_prefix_tokens == 0:
+        return mat[:, num_prefix_tokens:].mean(1)
+    return mat[:, 0]
 
 
 def patch_columns(step: LayerStep, rel: torch.Tensor) -> torch.Tensor:
@@ -56,7 +74,7 @@ class RawAttention(BaselineMethod):
             for step in _attention_steps(run, run.adapter.depth - 1):
                 last = step
             a = last.probs().mean(1)  # [B, Nq, Nk]
-            rel = patch_columns(last, run.adapter.pooled_row(a, last.num_prefix_tokens))
+            rel = patch_columns(last, readout_row(run.adapter, a, last.num_prefix_tokens))
             return run.finish(rel[:, None], normalize)
 
 
@@ -84,5 +102,5 @@ class AttentionRollout(BaselineMethod):
                 a = 0.5 * a + 0.5 * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
                 rollout = a if rollout is None else a @ rollout
                 last = step
-            rel = patch_columns(last, run.adapter.pooled_row(rollout, last.num_prefix_tokens))
+            rel = patch_columns(last, readout_row(run.adapter, rollout, last.num_prefix_tokens))
             return run.finish(rel[:, None], normalize)

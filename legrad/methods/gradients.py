@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..engine.step import LayerStep
-from .attention import patch_columns, require_self_attention
+from .attention import patch_columns, readout_row, require_self_attention
 from .base import BaselineMethod, Run
 from .targets import Target
 
@@ -116,5 +116,5 @@ class CheferCAM(BaselineMethod):
                     if r is None:
                         r = torch.eye(abar.shape[-1], dtype=abar.dtype, device=abar.device).expand(run.batch, -1, -1)
                     r = r + abar @ r
-                rel[:, p] = patch_columns(used[-1], run.adapter.pooled_row(r, used[-1].num_prefix_tokens))
+                rel[:, p] = patch_columns(used[-1], readout_row(run.adapter, r, used[-1].num_prefix_tokens))
         return run.finish(rel, normalize)

@@ -128,9 +128,8 @@ class HFViTClassifierAdapter(ClassifierAdapter, BlockTower):
             return 0.5 * (linear(self.heads[0], y[:, 0]) + linear(self.heads[1], y[:, 1]))
         return linear(self.heads[0], layer_norm(self.visual.layernorm, x[:, 0]))
 
-    def pooled_row(self, mat, num_prefix_tokens):
-        """The class token's row; for the teacher-distilled DeiT the mean of the class and distillation rows
-        (its logits average one head on each)."""
-        if self._two_heads and mat.shape[-2] == mat.shape[-1]:
-            return mat[:, :2].mean(1)
-        return super().pooled_row(mat, num_prefix_tokens)
+    @property
+    def readout_tokens(self):
+        """The class token; for the teacher-distilled DeiT the class and distillation tokens (its logits average
+        one head on each)."""
+        return 2 if self._two_heads else 1

@@ -94,8 +94,6 @@ class TimmDistilledClassifierAdapter(_TimmClassifier, TimmViTAdapter):
         x = apply_module(t.norm, x)
         return 0.5 * (linear(t.head, x[:, 0]) + linear(t.head_dist, x[:, 1]))
 
-    def pooled_row(self, mat, num_prefix_tokens):
-        """The mean of the class and distillation tokens' rows: the logits average one head on each."""
-        if mat.shape[-2] == mat.shape[-1]:
-            return mat[:, :2].mean(1)
-        return super().pooled_row(mat, num_prefix_tokens)
+    @property
+    def readout_tokens(self):
+        return 2  # the class and distillation tokens: the logits average one head on each
