@@ -68,7 +68,8 @@ class TowerAdapter(Capabilities):
 
     @classmethod
     def matches(cls, visual: nn.Module) -> bool:
-        """Whether this adapter handles the image tower ``visual``."""
+        """Whether this adapter handles the image tower ``visual`` (``model.visual``): what the default
+        :meth:`from_model` asks. A family found another way overrides :meth:`from_model` instead."""
         raise MissingCapability(f"the {cls.family} adapter defines neither matches nor from_model")
 
     @classmethod

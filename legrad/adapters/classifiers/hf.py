@@ -50,10 +50,6 @@ class HFViTClassifierAdapter(ClassifierAdapter, BlockTower):
     family = "transformers ViT / DeiT image classifier"
 
     @classmethod
-    def matches(cls, model):
-        return False  # recognised by from_model (the model, not a sub-tower)
-
-    @classmethod
     def from_model(cls, model):
         name = _hf_class_name(model)
         return None if name is None else cls(model, name)

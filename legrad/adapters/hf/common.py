@@ -188,10 +188,6 @@ class HFAdapter(BlockTower):
             )
 
     @classmethod
-    def matches(cls, visual: nn.Module) -> bool:
-        return False  # transformers models are recognised by from_model
-
-    @classmethod
     def from_model(cls, model: nn.Module) -> HFAdapter | None:
         return cls(model) if hf_family(model) == cls.hf_kind else None
 

@@ -79,10 +79,6 @@ class VLMAdapter(BlockTower):
             raise ValueError(f"{type(self.model).__name__}: no vision block feeds the image features")
 
     @classmethod
-    def matches(cls, visual: nn.Module) -> bool:
-        return False
-
-    @classmethod
     def from_model(cls, model: nn.Module) -> BlockTower | None:
         if not any(c.__name__ == cls.model_class and c.__module__.startswith("transformers.")
                    for c in type(model).__mro__):
