@@ -23,9 +23,9 @@ from torch import nn
 from ..engine.step import ImageBatch, LayerStep, ModelInput
 from ..engine.targets import Embedding, ReadoutSpace
 from ..engine.validation import check_image
-from .capabilities import Capabilities, MissingCapability, missing
+from .capabilities import Capabilities, MissingCapability, TracedStep, missing
 
-__all__ = ["TowerAdapter", "LayerStep", "ImageBatch", "UNSUPPORTED_HINT", "MissingCapability"]
+__all__ = ["TowerAdapter", "LayerStep", "TracedStep", "ImageBatch", "UNSUPPORTED_HINT", "MissingCapability"]
 
 UNSUPPORTED_HINT = (
     "LeGrad needs a Vision Transformer image tower with self-attention blocks; ModifiedResNet (RN50...), "

@@ -6,6 +6,7 @@ one raises :class:`MissingCapability` naming the family and the method.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 
 from ..engine.step import LayerStep, ModelInput
 
-__all__ = ["Capabilities", "MissingCapability", "missing"]
+__all__ = ["Capabilities", "MissingCapability", "TracedStep", "missing"]
 
 
 class MissingCapability(TypeError, NotImplementedError):
@@ -24,6 +25,19 @@ class MissingCapability(TypeError, NotImplementedError):
 def missing(adapter: Any, method: str, needed_by: str) -> MissingCapability:
     """The error for ``adapter`` lacking ``method``, which ``needed_by`` needs."""
     return MissingCapability(f"the {adapter.family} adapter has no {method}, which {needed_by} needs")
+
+
+@dataclass
+class TracedStep(LayerStep):
+    """A block's step in the traced forward (:meth:`Capabilities.trace`, for the gradient baselines): ``out`` is
+    a non-leaf tensor of the one graph of the whole tower, ``feature`` the model's readout.
+
+    Attributes:
+        tokens: ``[B, Nk, C]`` the explained attention's (pre-normed) input tokens, part of the graph
+            (GradCAM's activations); None if the family does not give them.
+    """
+
+    tokens: torch.Tensor | None = None
 
 
 class Capabilities:
@@ -104,7 +118,7 @@ class Capabilities:
         raise missing(self, "own_output", "the drift guard")
 
     # ------------------------------------------------------------------ traced forward (gradient baselines)
-    def trace(self, image: ModelInput, compute_dtype: torch.dtype) -> tuple[list[LayerStep], torch.Tensor]:
+    def trace(self, image: ModelInput, compute_dtype: torch.dtype) -> tuple[list[TracedStep], torch.Tensor]:
         """Runs the whole tower as ONE differentiable graph (for gradient baselines: GradCAM, CheferCAM).
 
         Unlike :meth:`steps`, later blocks depend on earlier ones in the graph, and the embedding is the
@@ -117,7 +131,7 @@ class Capabilities:
             compute_dtype: dtype of the graph.
 
         Returns:
-            ``(steps, embedding)``: one :class:`LayerStep` per block (``out`` and ``tokens`` are non-leaf
+            ``(steps, embedding)``: one :class:`TracedStep` per block (``out`` and ``tokens`` are non-leaf
             tensors of the graph, ``feature`` is the embedding) and the ``[B, E]`` embedding.
 
         Raises:
@@ -142,8 +156,9 @@ class Capabilities:
         raise missing(self, "traced forward (trace_tokens, trace_block)",
                       "the gradient baselines (GradCAM, CheferCAM; LeGrad and raw attention still work)")
 
-    def trace_block(self, layer: int, x: torch.Tensor, context: Any) -> tuple[torch.Tensor, LayerStep]:
-        """Block ``layer`` in the traced graph: its output and its step (``out``, ``tokens`` in the graph)."""
+    def trace_block(self, layer: int, x: torch.Tensor, context: Any) -> tuple[torch.Tensor, TracedStep]:
+        """Block ``layer`` in the traced graph: its output and its :class:`TracedStep` (``out``, ``tokens`` in
+        the graph)."""
         raise missing(self, "trace_block", "the gradient baselines")
 
     def readout(self, x: torch.Tensor, context: Any = None) -> torch.Tensor:

@@ -27,7 +27,7 @@ from ..engine.step import LayerStep, ModelInput
 from ..ops.attention import AttentionOps
 from ..ops.functional import apply_module
 from .base import TowerAdapter
-from .capabilities import missing
+from .capabilities import TracedStep, missing
 
 __all__ = ["Block", "Fn", "Pooler", "Run", "BlockTower", "identity", "chain", "pool", "attention", "after_attention", "plain_block",
            "explained_block", "traced_block", "pooler_step", "rerun"]
@@ -137,9 +137,9 @@ def plain_block(block: Block, x: torch.Tensor, run: Run | None = None) -> torch.
 
 
 def _step(layer: int, run: Run, block: Block | None, attn: AttentionOps, feature, o, v, q, k, prefix: int,
-          **kw: Any) -> LayerStep:
-    return LayerStep(layer=layer, feature=feature, out=o, value=v, num_prefix_tokens=prefix, query=q, key=k,
-                     scale=attn.scale, attn_bias=None if block is None else block.bias, key_mask=run.key_mask, **kw)
+          kind: type[LayerStep] = LayerStep, **kw: Any) -> LayerStep:
+    return kind(layer=layer, feature=feature, out=o, value=v, num_prefix_tokens=prefix, query=q, key=k,
+                scale=attn.scale, attn_bias=None if block is None else block.bias, key_mask=run.key_mask, **kw)
 
 
 def explained_block(layer: int, block: Block, x: torch.Tensor, run: Run, head: Fn) -> tuple[LayerStep, torch.Tensor]:
@@ -164,11 +164,13 @@ def explained_block(layer: int, block: Block, x: torch.Tensor, run: Run, head: F
     return _step(layer, run, block, block.attn, feature, o, v, q, k, run.prefix, block_output=x_next), x_next
 
 
-def traced_block(layer: int, block: Block, x: torch.Tensor, run: Run) -> tuple[torch.Tensor, LayerStep]:
-    """Block ``layer`` in one differentiable graph (``out`` and ``tokens`` are graph tensors)."""
+def traced_block(layer: int, block: Block, x: torch.Tensor, run: Run) -> tuple[torch.Tensor, TracedStep]:
+    """Block ``layer`` in one differentiable graph (its :class:`TracedStep`'s ``out`` and ``tokens`` are graph
+    tensors)."""
     h, q, k, v, o = attention(block, x, run)
     x = after_attention(block, x, h, o)
-    return x, _step(layer, run, block, block.attn, x, o, v.detach(), q.detach(), k.detach(), run.prefix, tokens=h)
+    return x, _step(layer, run, block, block.attn, x, o, v.detach(), q.detach(), k.detach(), run.prefix,
+                    kind=TracedStep, tokens=h)
 
 
 def _pool_attention(pooler: Pooler, z: torch.Tensor):
@@ -242,7 +244,7 @@ class BlockTower(TowerAdapter):
         run = self.declare(image, compute_dtype)
         return run.tokens, run
 
-    def trace_block(self, layer: int, x: torch.Tensor, context: Run) -> tuple[torch.Tensor, LayerStep]:
+    def trace_block(self, layer: int, x: torch.Tensor, context: Run) -> tuple[torch.Tensor, TracedStep]:
         return traced_block(layer, context.blocks[layer], x, context)
 
 

@@ -32,8 +32,6 @@ class LayerStep:
         key: ``[B, H, Nk, hd]`` keys, likewise.
         scale: softmax temperature applied to ``query @ key^T`` (default ``hd ** -0.5``).
         attn_bias: optional additive logit bias broadcastable to ``[B, H, Nq, Nk]`` (relative positions).
-        tokens: ``[B, Nk, C]`` the explained attention's (pre-normed) input tokens; only set by
-            ``TowerAdapter.trace``, where they are part of the graph (GradCAM's activations).
         block_output: ``[B, N, C]`` the block's output tokens (no grad), set by towers whose layer
             feature is not the model's own pooling, so that the last step yields the model's embedding
             (``TowerAdapter.readout``, ``return_scores``).
@@ -48,7 +46,6 @@ class LayerStep:
     query: torch.Tensor | None = None
     key: torch.Tensor | None = None
     scale: float | None = None
-    tokens: torch.Tensor | None = None
     attn_bias: torch.Tensor | None = None
     block_output: torch.Tensor | None = None
 

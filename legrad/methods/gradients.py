@@ -49,7 +49,7 @@ class GradCAM(BaselineMethod):
                           device=run.image.device)
         with torch.inference_mode(False), torch.no_grad():
             def last_block_tokens(steps):
-                if steps[-1].tokens is None:
+                if getattr(steps[-1], "tokens", None) is None:  # a TracedStep's, where the family gives them
                     raise NotImplementedError(f"the {run.adapter.family} adapter's trace gives no block tokens")
                 return [steps[-1].tokens]
 
