@@ -6,7 +6,11 @@ a sequence of :class:`~legrad.engine.step.LayerStep` objects, one per explained 
 LeGrad differentiates (a leaf tensor that requires grad), the values ``V`` of that attention, and the
 tower's embedding for that layer computed from ``O`` (the autograd graph between the two is the only
 graph built). The engine (:mod:`legrad.engine`) needs nothing else, so a new model family is one new
-class registered with :func:`legrad.adapters.registry.register_tower`.
+class registered with :func:`legrad.adapters.registry.register_tower`; most families declare their tower
+for the block runner instead (:class:`~legrad.adapters.runner.BlockTower`), which gives ``steps``.
+
+An adapter describes a tower; what legrad does with that description (the drift guard's re-run,
+``return_scores``' model output, the baselines' pooled rows) lives with the code that does it.
 
 All towers are run statelessly from their modules' weights: no hooks, no ``forward`` rebinding, no
 writes, eval semantics whatever the module mode.
@@ -35,8 +39,9 @@ UNSUPPORTED_HINT = (
 
 class TowerAdapter(Capabilities):
     """Base class and core protocol of the per-family adapters: what the engine and the wrapper need.
-    The optional capabilities (traced forward, drift guard, reference mode, classifier logits) are in
-    :class:`~legrad.adapters.capabilities.Capabilities`; a missing one raises :class:`MissingCapability`.
+    The optional part (how the tower pools, its readout, the traced forward, the drift guard's reference,
+    reference mode) is in :class:`~legrad.adapters.capabilities.Capabilities`; a missing member raises
+    :class:`MissingCapability`.
 
     Subclasses implement :meth:`matches` (or :meth:`from_model`), :attr:`depth`, :attr:`patch_size`,
     :attr:`embed_dim` and :meth:`steps`; the rest has defaults for a ``[B, C, H, W]`` ViT whose readout is

@@ -1,7 +1,19 @@
-"""The optional capabilities of a tower adapter: what the gradient baselines, perturbation metrics,
-``return_scores``, the drift guard, reference mode and ``list_pretrained`` ask of a family, beyond the core
-protocol of :class:`~legrad.adapters.base.TowerAdapter` that the pipeline needs. A family that lacks
-one raises :class:`MissingCapability` naming the family and the method.
+"""The optional part of the tower-adapter protocol: what a family may describe beyond the core of
+:class:`~legrad.adapters.base.TowerAdapter` that the pipeline needs. Each member has a default, or raises
+:class:`MissingCapability` (a ``TypeError`` naming the family and the member):
+
+* how the tower pools: :attr:`~Capabilities.uses_attention_pooler`, :attr:`~Capabilities.pools_by_average`,
+  :attr:`~Capabilities.readout_tokens`; and :meth:`~Capabilities.supports_config` (``list_pretrained``);
+* the one readout, :meth:`~Capabilities.readout`: the model's own output from the last block's tokens;
+* the traced forward of the gradient baselines: :meth:`~Capabilities.trace` from
+  :meth:`~Capabilities.trace_tokens` and :meth:`~Capabilities.trace_block` (the block runner gives all three);
+* the drift guard's reference: :meth:`~Capabilities.own_output` (the model's own forward),
+  :meth:`~Capabilities.probe_input`, :attr:`~Capabilities.native_size`;
+* reference mode: :meth:`~Capabilities.for_reference`.
+
+What the rest of legrad does with them lives there, not in the adapters: the drift guard's and
+``class_logits``' re-run (:func:`legrad.adapters.runner.rerun`), ``return_scores``' model output
+(:func:`legrad.engine.scores.model_output`), the baselines' pooled row (:func:`legrad.methods.attention.readout_row`).
 """
 
 from __future__ import annotations

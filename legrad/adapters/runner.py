@@ -5,7 +5,10 @@ runs it from that one description:
 * **plain** (:func:`plain_block`): the blocks below the explained layers, no graph;
 * **explained** (:func:`explained_block`, :func:`pooler_step`): one :class:`LayerStep` per layer, the
   attention output ``O`` as the only leaf;
-* **traced** (:func:`traced_block`): the whole tower as one graph, for the gradient baselines.
+* **traced** (:func:`traced_block`): the whole tower as one graph, for the gradient baselines;
+
+and, with the family's :meth:`BlockTower.readout` (the model's own output from the last block's tokens), the
+plain run of every block that the drift guard and ``class_logits`` compute (:func:`rerun`).
 
 A block is ``x + scale1(attn(norm1(x)))`` then ``x + scale2(mlp_out(mlp_in(norm2(x))))``; post-norm
 blocks put their norms in ``scale1``/``scale2`` (``post_norm=True``). The pooled-gradient step (the
@@ -197,8 +200,8 @@ def pool(pooler: Pooler, z: torch.Tensor, key_mask: torch.Tensor | None = None) 
 class BlockTower(TowerAdapter):
     """A :class:`TowerAdapter` whose tower is declared: :meth:`declare` (tokens and blocks of one call),
     :meth:`head` (a layer's feature from its token mean) or :meth:`pooler` (attention-pooled towers), and
-    :meth:`readout` (the model's own output). ``steps``, ``trace`` and the drift guard's re-run
-    come from the runner."""
+    :meth:`readout` (the model's own output; the pooler's by default). ``steps``, ``trace`` and the drift
+    guard's re-run (:func:`rerun`) come from the runner."""
 
     def declare(self, image: ModelInput, dtype: torch.dtype) -> Run:
         """The call's :class:`Run`: tokens in ``dtype`` entering block 0, and every block."""
