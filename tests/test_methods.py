@@ -154,7 +154,7 @@ def test_string_prompts_with_a_tokenizer(clip):
     image, _ = _clip_inputs()
     prompts = ["a cat", "a dog"]
     with torch.no_grad():
-        text = clip.encode_text(tokenizer(prompts), normalize=True).float()
+        text = clip.encode_text(tokenizer(prompts), normalize=True)
     want = LeGrad(clip).attribute(image, target=text)
     assert same_bits(LeGrad(clip).attribute(image, target=Text(prompts, tokenizer=tokenizer)), want)
 
