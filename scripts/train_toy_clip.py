@@ -58,6 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("legrad/assets/toy_clip.pt"))
     p.add_argument("--snapshots", type=Path, default=None, help="also keep a checkpoint per eval here")
+    p.add_argument("--state", type=Path, default=None,
+                   help="write the full training state (weights, optimizer, step, random streams) here at each eval")
+    p.add_argument("--resume", type=Path, default=None,
+                   help="continue a run from its --state file (same options): bit-identical to an uninterrupted run")
     p.add_argument("--vision-width", type=int, default=None)
     p.add_argument("--vision-layers", type=int, default=None)
     p.add_argument("--vision-head-width", type=int, default=None, help="width per image attention head")
@@ -231,6 +235,35 @@ def evaluate(model: torch.nn.Module, cfg: ToyConfig, vocab_tokens: torch.Tensor,
     return out
 
 
+def save_state(path: Path, step: int, model: torch.nn.Module, bg_embed: torch.Tensor, opt: torch.optim.Optimizer,
+               scene_rng: np.random.Generator) -> None:
+    """Everything a run needs to continue exactly: weights (training form), optimizer, next step, random streams.
+
+    Written to a temporary file first, so an interrupted write never replaces a good state.
+    """
+    state = {"step": step, "model": model.state_dict(), "bg_embed": bg_embed.detach().clone(),
+             "opt": opt.state_dict(), "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+             "scene_rng": scene_rng.bit_generator.state}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: Path, model: torch.nn.Module, bg_embed: torch.Tensor, opt: torch.optim.Optimizer,
+               scene_rng: np.random.Generator) -> int:
+    """Restores :func:`save_state`'s file into a freshly built run; returns the step to continue from."""
+    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states are not tensors
+    model.load_state_dict(state["model"])
+    with torch.no_grad():
+        bg_embed.copy_(state["bg_embed"])
+    opt.load_state_dict(state["opt"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+    scene_rng.bit_generator.state = state["scene_rng"]
+    return int(state["step"])
+
+
 def main(argv: list[str] | None = None) -> None:
     """Train and save the demo checkpoint."""
     args = parse_args(argv)
@@ -311,6 +344,10 @@ def main(argv: list[str] | None = None) -> None:
         return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * t))
 
     scene_rng = np.random.default_rng([args.seed, 1])
+    first = 0
+    if args.resume is not None:
+        first = load_state(args.resume, model, bg_embed, opt, scene_rng)
+        print(f"resumed {args.resume} at step {first}", flush=True)
     vocab_index = {p: i for i, p in enumerate(VOCABULARY)}
     meta_base = {
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
@@ -332,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     run_loss = None
     n_run = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
-    for step in range(n_run):
+    for step in range(first, n_run):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         images, pos = [], torch.zeros(args.batch_size, len(VOCABULARY), dtype=torch.bool)
@@ -384,6 +421,8 @@ def main(argv: list[str] | None = None) -> None:
             save_checkpoint(model, cfg, args.out, token_ids, meta=meta)
             if args.snapshots is not None:
                 save_checkpoint(model, cfg, args.snapshots / f"step{step + 1:05d}.pt", token_ids, meta=meta)
+            if args.state is not None:
+                save_state(args.state, step + 1, model, bg_embed, opt, scene_rng)
     print(f"saved {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB) after {time.time() - t0:.0f}s", flush=True)
 
 
