@@ -32,10 +32,9 @@ import copy
 import json
 import platform
 import statistics
-from collections.abc import Callable
 
 import torch
-from common import timed
+from common import time_rounds
 
 ATOL = 1e-4  # tests/test_classifiers.py's tolerance against torchcam
 
@@ -103,17 +102,6 @@ def check_same_maps(wrapper, cam: TorchcamRunner, image: torch.Tensor, classes: 
         diffs[name] = (ours - theirs).abs().max().item()
     return {"P": len(classes), "shape": list(ours.shape), "atol": ATOL, "max_abs_diff": diffs,
             "maps_equal": all(d <= ATOL for d in diffs.values())}
-
-
-def time_rounds(fns: dict[str, Callable[[], object]], reps: int, device: str) -> dict[str, list[float]]:
-    """Wall times of each of ``fns`` in ``reps`` rounds (every function once per round, in order), after a warm-up round."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(max(reps, 1)):
-        for name, fn in fns.items():
-            times[name].append(timed(fn, device))
-    return times
 
 
 def time_class_counts(model, wrapper, cam: TorchcamRunner, image: torch.Tensor, counts: list[int], reps: int,

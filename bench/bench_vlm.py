@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from common import peak_extra_bytes, sync, timed
+from common import peak_extra_bytes, sync, time_rounds
 from vlm_builders import FAMILIES, Built, Family, _llava  # noqa: F401  (_llava: the tests' stand-in family)
 
 PROMPT_WORDS = 20  # words of the question after the image
@@ -160,18 +160,6 @@ class _IdTokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return " ".join(str(i) for i in ids)
-
-
-def time_rounds(fns: dict[str, Callable[[], Any]], reps: int, device: str) -> dict[str, list[float]]:
-    """Times every call once per round, ``reps`` rounds after one warm-up round (drifts of machine load hit every
-    call of a round alike)."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(max(reps, 1)):
-        for name, fn in fns.items():
-            times[name].append(timed(fn, device))
-    return times
 
 
 def build_case(args: argparse.Namespace, family: Family, size: str) -> Case:

@@ -30,6 +30,18 @@ def timed(fn: Callable[[], object], device: str) -> float:
     return time.perf_counter() - t0
 
 
+def time_rounds(fns: dict[str, Callable[[], object]], reps: int, device: str) -> dict[str, list[float]]:
+    """Times every call once per round, ``reps`` rounds after one warm-up round (drifts of machine load hit every
+    call of a round alike)."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(max(reps, 1)):
+        for name, fn in fns.items():
+            times[name].append(timed(fn, device))
+    return times
+
+
 def time_pairs(plain: Callable[[], object], explain: Callable[[], object], reps: int, device: str) -> dict:
     """Times ``plain`` and ``explain`` in ``reps`` interleaved pairs, after one warm-up pair.
 
