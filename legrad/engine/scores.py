@@ -7,7 +7,8 @@ last step already sees the tower's final tokens, and the model's own image embed
 and head, what ``encode_image`` returns; the logits for a classifier) comes from them with no second
 forward pass: :func:`model_output` applies the adapter's readout (its pooling and head) to the last block's
 output, or, for attention-pooled towers, takes the last step's feature (the pooler on the final tokens *is*
-the model's embedding).
+the model's embedding). The call's target turns it into ``(image_features, scores)``
+(:meth:`legrad.engine.targets.Target.outputs`).
 """
 
 from __future__ import annotations
