@@ -80,6 +80,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dense-weight", type=float, default=0.0,
                    help="weight of the dense loss: each patch mostly covered by an object must score its "
                         "object's phrase above every other phrase and a learned background embedding")
+    p.add_argument("--map-layers", type=str, default="",
+                   help="blocks whose LeGrad maps are trained to point: per scene one object's phrase, "
+                        "its map (summed over these blocks, as LeGrad sums them) must peak on the object")
+    p.add_argument("--map-weight", type=float, default=0.0, help="weight of the map loss")
+    p.add_argument("--map-temp", type=float, default=0.1,
+                   help="temperature of the softmax over patches of the max-normalised map")
+    p.add_argument("--map-shared-prob", type=float, default=0.5,
+                   help="chance that the map loss's object is one sharing its colour with another (if any)")
     return p.parse_args(argv)
 
 
@@ -145,6 +153,58 @@ def dense_loss(
     return F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
 
 
+def block_with_probs(blk: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An open_clip ``ResidualAttentionBlock`` (batch first, no mask) with its attention probabilities
+    ``[B, H, N, N]`` as a tensor of the graph, so that LeGrad's gradient w.r.t. them can itself be trained.
+    ``main`` checks it against the block's own forward before training."""
+    attn = blk.attn
+    b, n, d = x.shape
+    h = attn.num_heads
+    q, k, v = F.linear(blk.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = (t.reshape(b, n, h, d // h).transpose(1, 2) for t in (q, k, v))
+    probs = torch.softmax((q * (d // h) ** -0.5) @ k.transpose(-1, -2), dim=-1)
+    o = (probs @ v).transpose(1, 2).reshape(b, n, d)
+    x = x + blk.ls_1(attn.out_proj(o))
+    x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+    return x, probs
+
+
+def legrad_patch_map(visual: torch.nn.Module, traced: list[tuple[torch.Tensor, torch.Tensor]],
+                     txt: torch.Tensor) -> torch.Tensor:
+    """LeGrad's patch relevance ``[B, N - 1]`` for one phrase per image (``txt`` ``[B, E]``, normalised),
+    summed over the ``(block output, attention probabilities)`` pairs in ``traced``, differentiable
+    (the gradient is taken with ``create_graph``): the positive part of d cos(feature_l, text) /
+    d probs_l averaged over heads and query rows, the class column dropped. The feature is the block's
+    token mean through ``ln_post`` and ``proj``, as legrad's open_clip adapter reads it out."""
+    rel = 0
+    for tokens, probs in traced:
+        feat = F.normalize(visual.ln_post(tokens.mean(dim=1)) @ visual.proj, dim=-1)
+        (grad,) = torch.autograd.grad((feat * txt).sum(), probs, create_graph=True)
+        rel = rel + grad.clamp(min=0).mean(dim=(1, 2))[:, 1:]
+    return rel
+
+
+def map_loss(rel: torch.Tensor, cover: torch.Tensor, temp: float) -> torch.Tensor:
+    """The max-normalised map ``[B, N]``, as a softmax over patches at ``temp``, must put its mass on the
+    patches the object covers most (at least half its best patch's coverage; ``cover`` ``[B, N]``)."""
+    z = rel / (rel.amax(dim=1, keepdim=True) + 1e-12)
+    logp = F.log_softmax(z / temp, dim=1)
+    target = cover >= 0.5 * cover.amax(dim=1, keepdim=True)
+    return -torch.logsumexp(logp.masked_fill(~target, float("-inf")), dim=1).mean()
+
+
+def pick_map_objects(pos_ids: list[list[int]], rng: np.random.Generator, shared_prob: float) -> list[int]:
+    """One object per scene for the map loss: with ``shared_prob`` one whose colour another object of the
+    scene has (where there is one), otherwise any."""
+    picks = []
+    for ids in pos_ids:
+        colours = [VOCABULARY[i].split()[1] for i in ids]
+        shared = [j for j, c in enumerate(colours) if colours.count(c) > 1]
+        pool = shared if shared and rng.random() < shared_prob else list(range(len(ids)))
+        picks.append(int(pool[rng.integers(len(pool))]))
+    return picks
+
+
 def to_tensor(images: list[Image.Image], cfg: ToyConfig) -> torch.Tensor:
     """Stack PIL images into a normalised batch (same maths as the inference preprocess)."""
     arr = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 255.0
@@ -174,19 +234,25 @@ def multi_positive_loss(logits: torch.Tensor, pos: torch.Tensor) -> tuple[torch.
 
 
 def encode_image_all(
-    model: torch.nn.Module, x: torch.Tensor, deep_layers: tuple[int, ...] = (), dense_layers: tuple[int, ...] = ()
+    model: torch.nn.Module, x: torch.Tensor, deep_layers: tuple[int, ...] = (), dense_layers: tuple[int, ...] = (),
+    map_layers: tuple[int, ...] = (), traced: list | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """The model's image embedding (its own pooling), the embedding of the mean of all final tokens,
     the mean-token embeddings after the blocks in ``deep_layers`` and the patch-token embeddings
     ``[B, N, E]`` after the blocks in ``dense_layers`` (all through ``ln_post`` and ``proj``).
 
-    The first equals ``model.encode_image(x)``.
+    The first equals ``model.encode_image(x)``. Blocks in ``map_layers`` append ``(output, attention
+    probabilities)`` to ``traced``.
     """
     visual = model.visual
     tokens = visual._embeds(x)
     deep, dense = [], []
     for i, blk in enumerate(visual.transformer.resblocks):
-        tokens = blk(tokens)
+        if i in map_layers:
+            tokens, probs = block_with_probs(blk, tokens)
+            traced.append((tokens, probs))
+        else:
+            tokens = blk(tokens)
         if i in deep_layers:
             deep.append(visual.ln_post(tokens.mean(dim=1)) @ visual.proj)
         if i in dense_layers:
@@ -319,9 +385,18 @@ def main(argv: list[str] | None = None) -> None:
     curriculum_radius = tuple(float(v) for v in args.curriculum_radius.split(","))
     deep_layers = tuple(int(i) for i in args.deep_layers.split(",") if i.strip())
     dense_layers = tuple(int(i) % cfg.vision_layers for i in args.dense_layers.split(",") if i.strip())
-    grid = cfg.image_size // cfg.patch_size if dense_layers and args.dense_weight > 0 else 0
+    map_layers = tuple(int(i) % cfg.vision_layers for i in args.map_layers.split(",") if i.strip())
+    if not args.map_weight > 0:
+        map_layers = ()
+    grid = cfg.image_size // cfg.patch_size if (dense_layers and args.dense_weight > 0) or map_layers else 0
     # Training-only: the background class of the dense loss (not part of the saved model).
     bg_embed = torch.nn.Parameter(torch.randn(cfg.embed_dim) * 0.02)
+    if map_layers:  # the map loss re-implements the block: it must be the block
+        with torch.no_grad():
+            t = model.visual._embeds(torch.randn(2, 3, cfg.image_size, cfg.image_size))
+            blk = model.visual.transformer.resblocks[0]
+            if not torch.allclose(block_with_probs(blk, t)[0], blk(t), atol=1e-5):
+                raise SystemExit("block_with_probs differs from the model's own block forward")
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"config {cfg}\nparams {n_params / 1e6:.2f}M, kept token rows {len(token_ids)}", flush=True)
@@ -365,6 +440,10 @@ def main(argv: list[str] | None = None) -> None:
         "hard_prob": args.hard_prob,
         "dense_layers": list(dense_layers),
         "dense_weight": args.dense_weight,
+        "map_layers": list(map_layers),
+        "map_weight": args.map_weight,
+        "map_temp": args.map_temp,
+        "map_shared_prob": args.map_shared_prob,
     }
     t0 = time.time()
     run_loss = None
@@ -383,7 +462,10 @@ def main(argv: list[str] | None = None) -> None:
             pos[b, pos_ids[-1]] = True
             covers.append(cover)
         x = to_tensor(images, cfg)
-        cls_f, mean_f, deep_f, dense_f = encode_image_all(model, x, deep_layers, dense_layers if grid else ())
+        traced: list[tuple[torch.Tensor, torch.Tensor]] = []
+        cls_f, mean_f, deep_f, dense_f = encode_image_all(model, x, deep_layers,
+                                                          dense_layers if args.dense_weight > 0 else (),
+                                                          map_layers, traced)
         txt_f = F.normalize(model.encode_text(vocab_tokens), dim=-1)
         scale = model.logit_scale.exp()
         l_i2t, l_t2i = multi_positive_loss(scale * F.normalize(cls_f, dim=-1) @ txt_f.T, pos)
@@ -398,6 +480,14 @@ def main(argv: list[str] | None = None) -> None:
             target = dense_targets(covers, pos_ids, len(VOCABULARY))
             l_dense = sum(dense_loss(f, txt_f, bg_embed, scale, target) for f in dense_f) / len(dense_f)
             loss = loss + args.dense_weight * l_dense
+        l_map = None
+        if traced:
+            # Its own stream per step, so that a resumed run picks the same objects.
+            picks = pick_map_objects(pos_ids, np.random.default_rng([args.seed, 3, step]), args.map_shared_prob)
+            sel = torch.tensor([ids[j] for ids, j in zip(pos_ids, picks)])
+            cover = torch.stack([c[j].flatten() for c, j in zip(covers, picks)])
+            l_map = map_loss(legrad_patch_map(model.visual, traced, txt_f[sel]), cover, args.map_temp)
+            loss = loss + args.map_weight * l_map
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -407,7 +497,8 @@ def main(argv: list[str] | None = None) -> None:
         run_loss = loss.item() if run_loss is None else 0.95 * run_loss + 0.05 * loss.item()
         if step % 20 == 0:
             print(
-                f"step {step:5d} loss {run_loss:.4f} (i2t {l_i2t.item():.3f} t2i {l_t2i.item():.3f}) "
+                f"step {step:5d} loss {run_loss:.4f} (i2t {l_i2t.item():.3f} t2i {l_t2i.item():.3f}"
+                + ("" if l_map is None else f" map {l_map.item():.3f}") + ") "
                 f"scale {model.logit_scale.exp().item():.1f} lr {lr_at(step):.2e} {time.time() - t0:.0f}s",
                 flush=True,
             )
