@@ -80,6 +80,8 @@ def test_trained_map_is_legrads_map(pool_type):
     with torch.no_grad():
         torch.testing.assert_close(own, model.encode_image(x), rtol=0, atol=1e-5)  # the re-implemented blocks
     rel = legrad_patch_map(model.visual, traced, txt)
+    with pytest.raises(ValueError, match="traced"):
+        encode_image_all(model, x, map_layers=(1,))
     torch.testing.assert_close(rel, _legrad_oracle(model, x, txt, (1, 2)), rtol=1e-4, atol=1e-7)
     # ... which is legrad's own LeGrad map before upsampling and min-max normalisation.
     up = torch.nn.functional.interpolate(rel.detach().view(2, 1, 8, 8), size=64, mode="bilinear")[:, 0]

@@ -85,7 +85,13 @@ def encode_image_all(
 
     The first equals ``model.encode_image(x)``. Blocks in ``map_layers`` append ``(output, attention
     probabilities)`` to ``traced``.
+
+    Raises:
+        ValueError: if ``map_layers`` is given without a ``traced`` list to fill.
     """
+    if map_layers and traced is None:
+        raise ValueError("encode_image_all: map_layers needs a list passed as traced to receive the blocks' "
+                         "(output, attention probabilities)")
     visual = model.visual
     tokens = visual._embeds(x)
     deep, dense = [], []
